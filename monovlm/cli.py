@@ -1,0 +1,94 @@
+"""`monovlm <verb>`: each verb is a typed function; its signature and docstring are the command-line interface.
+
+litgpt-style: the function is the source of truth, so the CLI and the Python API cannot drift apart. Parameters
+without defaults become positional arguments, the rest `--flags`; `bool` defaults become `--flag/--no-flag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+COMMANDS: dict[str, Callable] = {}
+
+
+def command(name: str):
+    def register(function: Callable) -> Callable:
+        COMMANDS[name] = function
+        return function
+
+    return register
+
+
+def _parse_docstring(function: Callable) -> tuple[str, dict[str, str]]:
+    """(summary, {param: help}) from a docstring whose `Args:` lines read `name: help`."""
+    doc = inspect.getdoc(function) or ""
+    summary, _, rest = doc.partition("\nArgs:\n")
+    helps = {}
+    for line in rest.splitlines():
+        name, sep, text = line.strip().partition(": ")
+        if sep:
+            helps[name] = text
+    return summary.strip(), helps
+
+
+def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hint, help_text: str) -> None:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else hint
+    is_list = typing.get_origin(base) in (list, tuple)
+    element = typing.get_args(base)[0] if is_list else base
+    converter = element if element in (int, float, str, Path) else str
+    flag = "--" + param.name.replace("_", "-")
+    if param.default is inspect.Parameter.empty:
+        parser.add_argument(param.name, type=converter, nargs="+" if is_list else None, help=help_text)
+    elif base is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_text)
+    else:
+        parser.add_argument(flag, dest=param.name, type=converter, nargs="+" if is_list else None,
+                            default=param.default, help=f"{help_text} (default: {param.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from monovlm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="monovlm",
+        description="Encoder-free vision-language models: build, train, speed up, evaluate and serve them.",
+    )
+    parser.add_argument("--version", action="version", version=f"monovlm {__version__}")
+    verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, function in COMMANDS.items():
+        summary, helps = _parse_docstring(function)
+        sub = verbs.add_parser(name, help=summary.splitlines()[0] if summary else "", description=summary)
+        hints = typing.get_type_hints(function)
+        for param in inspect.signature(function).parameters.values():
+            _add_parameter(sub, param, hints.get(param.name, str), helps.get(param.name, ""))
+        sub.set_defaults(_function=function)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from monovlm import commands  # noqa: F401  (registers the verbs)
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    function = args._function
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_function")}
+    try:
+        function(**kwargs)
+    except (ValueError, FileNotFoundError) as error:  # our errors name the thing and the reason; no traceback needed
+        print(f"monovlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

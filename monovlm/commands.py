@@ -1,0 +1,95 @@
+"""The verbs of the `monovlm` command line. Each is a typed function (see cli.py); imports are local so that
+`monovlm --help` stays fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from monovlm.cli import command
+
+
+@command("generate")
+def generate_text(
+    model: Path,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    chat: bool = True,
+    dtype: str = "float32",
+) -> None:
+    """Continue a text prompt with a local HF-format language model (tokenizer files in the same folder).
+
+    Args:
+        model: folder with config.json, model.safetensors and tokenizer.json
+        prompt: the prompt text
+        max_new_tokens: most tokens to generate
+        temperature: 0 for greedy decoding, > 0 to sample
+        top_k: sample only among the k most likely tokens
+        top_p: sample only among the most likely tokens reaching this probability mass
+        seed: seed for sampling (same seed, same output)
+        stop: stop strings that end generation
+        chat: wrap the prompt in the tokenizer's chat template when it has one
+        dtype: float32 or bfloat16
+    """
+    import torch
+
+    from monovlm.infer.generate import GenerationConfig, stream_text
+    from monovlm.model.hf import load_hf_decoder
+    from monovlm.tokenizer import Tokenizer, TokenizerError
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"--dtype {dtype!r} is not supported; use float32 or bfloat16")
+    tokenizer = Tokenizer.from_folder(model)
+    decoder = load_hf_decoder(model, dtype=torch_dtype).eval()
+    text = prompt
+    if chat:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        except TokenizerError:
+            pass  # no chat template: a base model continues the raw prompt
+    prompt_ids = tokenizer.encode(text)
+    eos = decoder.config.eos_token_id
+    stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_id is not None and tokenizer.eos_id not in stop_ids:
+        stop_ids.append(tokenizer.eos_id)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              stop_ids=stop_ids, stop_strings=stop or (), seed=seed)
+    for deltas in stream_text(decoder, [prompt_ids], tokenizer, config, pad_id=tokenizer.pad_id or 0):
+        sys.stdout.write(deltas[0])
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@command("train-tokenizer")
+def train_tokenizer(
+    texts: list[Path],
+    out: Path,
+    vocab_size: int = 4096,
+) -> None:
+    """Train a byte-level BPE tokenizer (with monovlm's image special tokens) on local text files.
+
+    Args:
+        texts: one or more UTF-8 text files
+        out: folder to write tokenizer.json and tokenizer_config.json into
+        vocab_size: size of the vocabulary, special tokens included
+    """
+    from monovlm.tokenizer import train_bpe_tokenizer
+
+    for path in texts:
+        if not path.is_file():
+            raise FileNotFoundError(f"text file {path} does not exist")
+
+    def lines():
+        for path in texts:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield from f
+
+    tokenizer = train_bpe_tokenizer(lines(), vocab_size=vocab_size)
+    tokenizer.save(out)
+    print(f"wrote a {tokenizer.vocab_size}-token tokenizer to {out}")

@@ -1,0 +1,97 @@
+"""Model settings as plain dataclasses, saved into every checkpoint.
+
+`DecoderConfig` describes a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2). It is the single source of
+truth for building the model; `monovlm.model.hf` converts it to and from HF `config.json` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# The model families whose HF checkpoints we read and write. SmolLM2 ships as model_type "llama".
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+# RoPE variants we implement exactly as HF does. "default" means plain RoPE with rope_theta.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class ConfigError(ValueError):
+    """An inconsistent or unsupported configuration; the message names the field and the reason."""
+
+
+@dataclass
+class DecoderConfig:
+    architecture: str = "llama"
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None -> hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF-style scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, ...}; None = plain RoPE
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 when attention_bias=true)
+    o_proj_bias: bool = False  # bias on the attention output projection (Llama/Qwen3 when attention_bias=true)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # Mistral: each query sees at most this many most recent keys
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    # Special tokens added by monovlm (name -> id), e.g. {"image": 32000, "image_start": 32001}. Recorded so a saved
+    # model knows which rows of its embedding were grown and what they mean.
+    special_tokens: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture={self.architecture!r} is not supported; choose one of {SUPPORTED_ARCHITECTURES}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ConfigError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (grouped-query "
+                "attention shares each key/value head among a whole number of query heads)"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads != 0:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim explicitly"
+            )
+        if self.resolved_head_dim % 2 != 0:
+            raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ConfigError(
+                    f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+                )
+        for name, token_id in self.special_tokens.items():
+            if not 0 <= token_id < self.vocab_size:
+                raise ConfigError(f"special token {name!r} has id {token_id}, outside vocab_size={self.vocab_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DecoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown DecoderConfig field(s): {unknown}")
+        return cls(**values)

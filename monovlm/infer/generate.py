@@ -1,0 +1,221 @@
+"""Batched generation with a preallocated KV cache: left padding, samplers, stop ids and strings, streaming.
+
+The loop is deliberately plain: one prefill forward over the (left-padded) prompts, then one single-token forward per
+step. Everything that would cost a device sync or an allocation per step is kept out of it, because at small sizes
+the decode loop is bound by Python overhead, not arithmetic.
+
+Any model with `forward(input_ids=|inputs_embeds=, attention_mask=, cache=, last_only=True) -> logits` and a
+`config` with `num_layers`, `num_kv_heads`, `resolved_head_dim` works — the language decoder and, later, the VLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from monovlm.infer.sampling import SamplingSettings, sample_next
+from monovlm.model.kv_cache import KVCache
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_ids: Sequence[int] = ()  # generation of a row ends after it emits one of these (e.g. eos)
+    stop_strings: Sequence[str] = ()  # ...or once its decoded text contains one of these (needs a tokenizer)
+    seed: int | None = None  # seeds the sampler's own generator; the global RNG is never touched
+    sampling: SamplingSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        self.sampling = SamplingSettings(self.temperature, self.top_k, self.top_p)
+        self.stop_ids = tuple(self.stop_ids)
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated tokens (a final stop id included)
+    text: str | None  # decoded text, cut before any stop string; None without a tokenizer
+    finish_reason: str  # "stop" (stop id or string) or "length" (max_new_tokens)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> input_ids (B, T) and attention_mask (B, T), right-aligned so all rows end together."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, longest - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+class _StopStrings:
+    """Tracks, per row, whether the decoded continuation contains a stop string (which may span several tokens)."""
+
+    def __init__(self, stop_strings: Sequence[str], tokenizer, batch_size: int):
+        self.stop_strings = tuple(stop_strings)
+        self.tokenizer = tokenizer
+        # enough recent tokens to hold the longest stop string even if every token were one byte
+        self.tail_tokens = max((len(s.encode()) for s in self.stop_strings), default=0) + 2
+        if self.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text")
+
+    def hit(self, generated: list[int]) -> bool:
+        if not self.stop_strings:
+            return False
+        tail = self.tokenizer.decode(generated[-self.tail_tokens :])
+        return any(s in tail for s in self.stop_strings)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+@torch.inference_mode()
+def token_steps(
+    model,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    config: GenerationConfig,
+    tokenizer=None,
+    inputs_embeds: torch.Tensor | None = None,
+    pad_id: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (next_tokens (B,), active (B,) bool) per step; inactive rows (already stopped) carry pad_id.
+
+    A row becomes inactive after the step in which it emits a stop id or completes a stop string.
+    """
+    prompt = input_ids if inputs_embeds is None else inputs_embeds
+    batch, prompt_len = prompt.shape[:2]
+    device = prompt.device
+    if config.max_new_tokens == 0:
+        return
+    cache = KVCache.for_model(model, batch, prompt_len + config.max_new_tokens)
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    stop_ids = torch.tensor(config.stop_ids, dtype=torch.long, device=device)
+    stop_strings = _StopStrings(config.stop_strings, tokenizer, batch)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                   last_only=True)[:, -1]  # (B, V)
+    for step in range(config.max_new_tokens):
+        next_tokens = sample_next(logits, config.sampling, generator)  # (B,)
+        next_tokens = torch.where(active, next_tokens, torch.full_like(next_tokens, pad_id))
+        yield next_tokens, active.clone()
+        if stop_ids.numel():
+            active &= ~torch.isin(next_tokens, stop_ids)
+        if stop_strings.stop_strings:
+            for row, token in enumerate(next_tokens.tolist()):
+                if active[row]:
+                    generated[row].append(token)
+                    if stop_strings.hit(generated[row]):
+                        active[row] = False
+        if step + 1 == config.max_new_tokens or not bool(active.any()):
+            return
+        logits = model(input_ids=next_tokens[:, None], cache=cache, last_only=True)[:, -1]
+
+
+def _prepare(prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(prompts, torch.Tensor):
+        return prompts, None
+    return left_pad(prompts, pad_id)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    config: GenerationConfig | None = None,
+    tokenizer=None,
+    pad_id: int = 0,
+) -> list[Generation]:
+    """Generate a continuation for each prompt (token lists of any lengths, or an unpadded (B, T) tensor)."""
+    config = config or GenerationConfig()
+    input_ids, attention_mask = _prepare(prompts, pad_id)
+    device = _device_of(model)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    batch = input_ids.shape[0]
+    steps = [(tokens, active) for tokens, active in token_steps(model, input_ids, attention_mask, config, tokenizer, pad_id=pad_id)]
+    results = []
+    for row in range(batch):
+        ids = [int(tokens[row]) for tokens, active in steps if active[row]]
+        stopped = len(ids) < config.max_new_tokens or (ids and ids[-1] in config.stop_ids)
+        text = None
+        if tokenizer is not None:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if config.stop_strings:
+                cut = cut_at_stop(text, config.stop_strings)
+                stopped = stopped or cut != text
+                text = cut
+        results.append(Generation(ids, text, "stop" if stopped else "length"))
+    return results
+
+
+def stream_text(
+    model,
+    prompts: Sequence[Sequence[int]],
+    tokenizer,
+    config: GenerationConfig | None = None,
+    pad_id: int = 0,
+) -> Iterator[list[str]]:
+    """Yield, per decode step, the new text of each row ("" when a row has nothing new to show).
+
+    Text is held back while it could still turn into a stop string or ends in an incomplete UTF-8 character, so the
+    concatenated deltas equal the final text of `generate` exactly.
+    """
+    config = config or GenerationConfig()
+    input_ids, attention_mask = _prepare(prompts, pad_id)
+    device = _device_of(model)
+    generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    shown = [0] * len(generated)
+    rows = range(len(generated))
+    for tokens, active in token_steps(model, input_ids.to(device), attention_mask.to(device) if attention_mask is not None else None, config, tokenizer, pad_id=pad_id):
+        for row in rows:
+            if active[row]:
+                generated[row].append(int(tokens[row]))
+        deltas = []
+        for row in rows:
+            text = tokenizer.decode(generated[row], skip_special_tokens=True)
+            safe = _safe_prefix(text, config.stop_strings)
+            deltas.append(safe[shown[row] :] if len(safe) > shown[row] else "")
+            shown[row] = max(shown[row], len(safe))
+        yield deltas
+    # flush what was held back as a possible stop-string prefix once generation is over
+    final = []
+    for row in rows:
+        text = cut_at_stop(tokenizer.decode(generated[row], skip_special_tokens=True), config.stop_strings)
+        final.append(text[shown[row] :])
+    if any(final):
+        yield final
+
+
+def _safe_prefix(text: str, stop_strings: Sequence[str]) -> str:
+    """The part of `text` that can be shown now: cut at a complete stop string, hold back a partial one at the end
+    and a trailing replacement character (an incomplete multi-byte character)."""
+    text = cut_at_stop(text, stop_strings)
+    hold = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    text = text[: len(text) - hold]
+    return text.rstrip("\ufffd")

@@ -1,0 +1,232 @@
+"""A Llama-family decoder: token embedding, RMSNorm, RoPE, grouped-query attention through SDPA, SwiGLU MLP.
+
+Config switches cover the checkpoints we load: q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), a sliding window
+(Mistral), tied or untied output head. The forward pass takes token ids or `inputs_embeds` (the VLM scatters image
+embeddings into those), explicit `position_ids`, and a segment-id attention mask (see `masks.py`) that expresses left
+padding and packed documents. An optional `KVCache` makes decoding incremental.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monovlm.config import DecoderConfig
+from monovlm.model.kv_cache import KVCache
+from monovlm.model.masks import build_attention_mask, position_ids_from_segments
+from monovlm.model.rope import RotaryTable, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 (bf16 squares lose too much), then scale in the input dtype — HF's order of operations
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        v = v.transpose(1, 2)  # (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.write(self.layer_index, k, v)  # (B, Hkv, S, D) with S = cached + T
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_index: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _grown_embedding(embedding: nn.Embedding, new_rows: int) -> nn.Embedding:
+    old = embedding.weight
+    grown = nn.Embedding(new_rows, old.shape[1], device=old.device, dtype=old.dtype)
+    grown.weight[: old.shape[0]] = old
+    grown.weight[old.shape[0] :] = old.mean(dim=0, keepdim=True)
+    return grown
+
+
+class Decoder(nn.Module):
+    """The language model. `forward` returns logits (B, T, V), or only the last position's with `last_only=True`."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryTable(config)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    @torch.no_grad()
+    def resize_vocab(self, new_vocab_size: int) -> None:
+        """Grow the embedding (and an untied head) to new_vocab_size rows for added special tokens.
+
+        New rows start at the mean of the existing rows: a new token then looks like an "average" token to every
+        layer, so the model's outputs on old text are unchanged and the new rows start near the data, not at noise
+        (the choice HF and nanoVLM-style recipes make too). Shrinking is refused: it would silently cut token ids.
+        """
+        old_vocab_size = self.config.vocab_size
+        if new_vocab_size < old_vocab_size:
+            raise ValueError(f"cannot shrink the vocabulary from {old_vocab_size} to {new_vocab_size} rows")
+        if new_vocab_size == old_vocab_size:
+            return
+        self.embed_tokens = _grown_embedding(self.embed_tokens, new_vocab_size)
+        if self.lm_head is not None:
+            old_head = self.lm_head.weight
+            head = nn.Linear(old_head.shape[1], new_vocab_size, bias=False, device=old_head.device, dtype=old_head.dtype)
+            head.weight[:old_vocab_size] = old_head
+            head.weight[old_vocab_size:] = old_head.mean(dim=0, keepdim=True)
+            self.lm_head = head
+        self.config.vocab_size = new_vocab_size
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T) segment ids (0 = padding; 1/0 padding
+        masks are one segment per row) or a ready boolean mask (B, 1, T, S); position_ids (B, T)."""
+        hidden = self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return F.linear(hidden, self.output_weight)  # (B, T, V)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states (B, T, C) before the output head."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        batch, length = x.shape[:2]
+        if cache is not None:
+            cache.check_room(length)
+        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, cache, x.device)
+        if position_ids is None:
+            start = cache.next_position if cache is not None and cache.length > 0 else None
+            if segment_ids is None:
+                base = torch.arange(length, device=x.device)[None].expand(batch, length)
+                position_ids = base if start is None else base + start[:, None]
+            else:
+                position_ids = position_ids_from_segments(segment_ids, start)
+        cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
+        for block in self.layers:
+            x = block(x, cos, sin, attn_mask, is_causal, cache)
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)
+            cache.advance(segment_ids, position_ids)
+        return self.norm(x)
+
+    def _attention_mask(self, attention_mask, batch, length, cache, device):
+        """Pick the cheapest correct SDPA arguments: (attn_mask, is_causal, segment_ids or None)."""
+        past = cache.length if cache is not None else 0
+        window = self.config.sliding_window
+        window_matters = window is not None and past + length > window
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask.to(torch.bool), False, None
+        segment_ids = None
+        trivial = True  # every token real and in one document per row
+        if attention_mask is not None:
+            segment_ids = attention_mask.long()
+            trivial = not bool((segment_ids != 1).any())
+            if cache is not None and bool((segment_ids == 0).any()):
+                cache.has_padding = True
+        has_padding = cache.has_padding if cache is not None else False
+        if trivial and not has_padding and not window_matters:
+            if past == 0:
+                return None, length > 1, segment_ids
+            if length == 1:
+                return None, False, segment_ids  # one new query may see every cached key
+        if segment_ids is None:
+            segment_ids = torch.ones(batch, length, dtype=torch.long, device=device)
+        if cache is not None and past > 0:
+            key_segments = torch.cat([cache.segment_ids[:, :past], segment_ids], dim=1)
+        else:
+            key_segments = segment_ids
+        mask = build_attention_mask(segment_ids, key_segments, past, window if window_matters else None)
+        return mask, False, segment_ids

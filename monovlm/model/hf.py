@@ -1,0 +1,296 @@
+"""HF checkpoints in and out: config.json <-> DecoderConfig, and an explicit, strict weight map.
+
+Reads a local folder holding `config.json` and `model.safetensors` (or shards listed in
+`model.safetensors.index.json`) for Llama, Mistral, Qwen2, Qwen3 and SmolLM2 (a Llama). Every checkpoint tensor must
+map to exactly one monovlm parameter with the same shape, and every parameter must be filled: anything else is a
+`CheckpointError` naming the key and the file. Writes the same layout back, so `transformers` loads what we save.
+No network access: paths only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from monovlm.config import SUPPORTED_ARCHITECTURES, ConfigError, DecoderConfig
+from monovlm.model.decoder import Decoder
+from monovlm.model.rope import RotaryTable
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HF_CLASS_NAMES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the path, file and key involved."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json <-> DecoderConfig
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+
+
+def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict or None) from either the transformers-4 (`rope_theta` + `rope_scaling`) or the
+    transformers-5 (`rope_parameters`) spelling."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy_scaling = hf.get("rope_scaling")
+    if legacy_scaling:
+        params.update(legacy_scaling)
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in params:
+        params["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    return float(theta), {"rope_type": rope_type, **params}
+
+
+def config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
+    """Translate an HF config.json dict. Unsupported features are refused by name rather than silently ignored."""
+    arch = hf.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"model_type={arch!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act={hf['hidden_act']!r} is not supported (only silu / SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise ConfigError("mlp_bias=true is not supported")
+    if arch in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise ConfigError(f"{arch} with use_sliding_window=true (per-layer sliding windows) is not supported")
+    theta, scaling = _rope_settings(hf)
+    num_heads = hf["num_attention_heads"]
+    attention_bias = bool(hf.get("attention_bias", False))
+    extra = hf.get("monovlm", {})
+    return DecoderConfig(
+        architecture=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        attention_bias=True if arch == "qwen2" else attention_bias,
+        o_proj_bias=attention_bias if arch in ("llama", "qwen3") else False,
+        qk_norm=arch == "qwen3",
+        sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        initializer_range=hf.get("initializer_range", 0.02),
+        special_tokens=dict(extra.get("special_tokens", {})),
+    )
+
+
+def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    arch = config.architecture
+    if arch == "qwen2" and (not config.attention_bias or config.o_proj_bias):
+        raise ConfigError("a qwen2 checkpoint always has q/k/v bias and no o_proj bias; this config differs")
+    if arch in ("llama", "qwen3") and config.attention_bias != config.o_proj_bias:
+        raise ConfigError(f"{arch} uses one attention_bias flag for q/k/v and o_proj; this config sets them apart")
+    if arch == "mistral" and (config.attention_bias or config.o_proj_bias):
+        raise ConfigError("mistral has no attention biases")
+    if config.qk_norm != (arch == "qwen3"):
+        raise ConfigError(f"qk_norm={config.qk_norm} cannot be saved as {arch} (only qwen3 has q/k norms)")
+    hf: dict[str, Any] = {
+        "architectures": [HF_CLASS_NAMES[arch]],
+        "model_type": arch,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "initializer_range": config.initializer_range,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "monovlm": {"special_tokens": config.special_tokens},
+    }
+    if arch in ("llama", "qwen3"):
+        hf["attention_bias"] = config.attention_bias
+    if arch == "llama":
+        hf["mlp_bias"] = False
+    if arch == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    if arch in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = False
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight map
+
+
+def weight_map(config: DecoderConfig) -> dict[str, str]:
+    """HF tensor name -> monovlm parameter name, for every tensor a checkpoint of this config holds."""
+    names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        names[hf + "input_layernorm.weight"] = ours + "attn_norm.weight"
+        names[hf + "post_attention_layernorm.weight"] = ours + "mlp_norm.weight"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names[f"{hf}self_attn.{proj}.weight"] = f"{ours}attn.{proj}.weight"
+        if config.attention_bias:
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                names[f"{hf}self_attn.{proj}.bias"] = f"{ours}attn.{proj}.bias"
+        if config.o_proj_bias:
+            names[f"{hf}self_attn.o_proj.bias"] = f"{ours}attn.o_proj.bias"
+        if config.qk_norm:
+            names[f"{hf}self_attn.q_norm.weight"] = f"{ours}attn.q_norm.weight"
+            names[f"{hf}self_attn.k_norm.weight"] = f"{ours}attn.k_norm.weight"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names[f"{hf}mlp.{proj}.weight"] = f"{ours}mlp.{proj}.weight"
+    return names
+
+
+def _is_ignorable(hf_name: str, config: DecoderConfig) -> bool:
+    # Old checkpoints stored RoPE's inverse frequencies (recomputed from the config), and some tied models still
+    # carry a copy of the output head that the tie makes redundant.
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return True
+    return config.tie_word_embeddings and hf_name == "lm_head.weight"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index_path, single_path = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index_path.exists():
+        index = read_json(index_path)
+        if "weight_map" not in index:
+            raise CheckpointError(f"{index_path} has no 'weight_map'")
+        files = {name: folder / file for name, file in index["weight_map"].items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise CheckpointError(f"{index_path} lists shard {file.name}, which does not exist in {folder}")
+        return files
+    if single_path.is_file():
+        with safe_open(str(single_path), framework="pt") as f:
+            return {name: single_path for name in f.keys()}
+    raise CheckpointError(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _check_folder(path: str | os.PathLike) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist (monovlm loads local paths only)")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint path {folder} is not a folder")
+    return folder
+
+
+def load_config(path: str | os.PathLike) -> DecoderConfig:
+    return config_from_hf(read_json(_check_folder(path) / "config.json"))
+
+
+def load_hf_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Decoder:
+    """Build a Decoder from an HF folder, strictly: every tensor mapped, every parameter filled, every shape equal."""
+    folder = _check_folder(path)
+    config = load_config(folder)
+    with torch.device("meta"):
+        model = Decoder(config)
+    expected = dict(model.named_parameters())
+    names = weight_map(config)
+    files = checkpoint_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for hf_name, file in files.items():
+        by_file.setdefault(file, []).append(hf_name)
+    for file, hf_names in by_file.items():
+        with safe_open(str(file), framework="pt", device=device) as f:
+            for hf_name in hf_names:
+                if hf_name not in names:
+                    if _is_ignorable(hf_name, config):
+                        continue
+                    raise CheckpointError(f"unexpected tensor {hf_name!r} in {file} (no monovlm parameter maps to it)")
+                tensor = f.get_tensor(hf_name)
+                ours = names[hf_name]
+                if tuple(tensor.shape) != tuple(expected[ours].shape):
+                    raise CheckpointError(
+                        f"tensor {hf_name!r} in {file} has shape {tuple(tensor.shape)}, but the config "
+                        f"({folder / 'config.json'}) implies {tuple(expected[ours].shape)}"
+                    )
+                state[ours] = tensor.to(dtype)
+    missing = [hf for hf, ours in names.items() if ours not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is missing tensor(s): {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
+    model.load_state_dict(state, strict=True, assign=True)  # the meta tensors are replaced by the loaded ones
+    model.rotary = RotaryTable(config).to(device)  # buffers were on meta too; recompute them (fp32)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving
+
+
+def save_hf_decoder(model: Decoder, path: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
+    """Write config.json + model.safetensors (or shards + index when larger than max_shard_bytes)."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    params = dict(model.named_parameters())
+    tensors = {hf: params[ours].detach().contiguous().cpu() for hf, ours in weight_map(config).items()}
+    dtype = model.embed_tokens.weight.dtype
+    (folder / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+    metadata = {"format": "pt"}
+    for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # a previous save's shards must not mix with this one's
+    if max_shard_bytes is None or sum(t.numel() * t.element_size() for t in tensors.values()) <= max_shard_bytes:
+        save_file(tensors, str(folder / SINGLE_FILE), metadata=metadata)
+        return folder
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    index: dict[str, Any] = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {}}
+    for number, shard in enumerate(shards, start=1):
+        file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file_name), metadata=metadata)
+        index["weight_map"].update({name: file_name for name in shard})
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return folder

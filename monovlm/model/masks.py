@@ -1,0 +1,55 @@
+"""Attention masks from segment ids: left padding, packed documents and sliding windows in one rule.
+
+A segment-id tensor (B, T) says, for every token, which document it belongs to: 0 is padding, equal positive ids are
+one document. A query may attend to a key when the key is not padding, both are in the same document, the key is not
+in the future, and (for sliding-window models) the key is within the window. A plain padding mask (1 = token,
+0 = pad) is the special case of one document per row, so callers can pass HF-style masks unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_ids_from_segments(segment_ids: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions that count tokens within each document, restarting at 0 for each new one. (B, T) -> (B, T).
+
+    Padding gets position 0 (it is never attended, the value only has to be a valid index). `start` (B,) offsets
+    each row, for tokens that continue a cached sequence.
+    """
+    is_token = segment_ids != 0
+    # a document starts where the id changes from the previous token's id
+    previous = torch.nn.functional.pad(segment_ids[:, :-1], (1, 0), value=-1)
+    starts_doc = is_token & (segment_ids != previous)
+    counts = is_token.long().cumsum(dim=1)  # (B, T) running token count
+    doc_start_count = torch.where(starts_doc, counts, torch.zeros_like(counts)).cummax(dim=1).values
+    positions = (counts - doc_start_count).clamp(min=0)
+    if start is not None:
+        positions = positions + start[:, None]
+    return torch.where(is_token, positions, torch.zeros_like(positions))
+
+
+def build_attention_mask(
+    query_segments: torch.Tensor,
+    key_segments: torch.Tensor,
+    query_offset: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean mask (B, 1, Tq, Tk), True = may attend.
+
+    query_segments (B, Tq) are the new tokens, which sit at cache slots [query_offset, query_offset + Tq);
+    key_segments (B, Tk) cover slots [0, Tk).
+    """
+    num_queries, num_keys = query_segments.shape[1], key_segments.shape[1]
+    device = query_segments.device
+    query_slots = torch.arange(query_offset, query_offset + num_queries, device=device)[:, None]  # (Tq, 1)
+    key_slots = torch.arange(num_keys, device=device)[None, :]  # (1, Tk)
+    allowed = key_slots <= query_slots  # (Tq, Tk) causal
+    if sliding_window is not None:
+        allowed = allowed & (key_slots > query_slots - sliding_window)
+    same_doc = query_segments[:, :, None] == key_segments[:, None, :]  # (B, Tq, Tk)
+    mask = allowed[None] & same_doc & (key_segments[:, None, :] != 0)
+    # A padding query would see nothing, and an all-False row makes softmax NaN; let it see itself. Its output is
+    # never used (no loss, never attended), it only has to stay finite.
+    mask = mask | (key_slots == query_slots)[None]
+    return mask[:, None]  # (B, 1, Tq, Tk)
