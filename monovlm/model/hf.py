@@ -78,6 +78,10 @@ def config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         raise ConfigError("mlp_bias=true is not supported")
     if arch in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         raise ConfigError(f"{arch} with use_sliding_window=true (per-layer sliding windows) is not supported")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise ConfigError(f"config is missing required field(s) {missing}")
     theta, scaling = _rope_settings(hf)
     num_heads = hf["num_attention_heads"]
     attention_bias = bool(hf.get("attention_bias", False))
@@ -220,7 +224,11 @@ def _check_folder(path: str | os.PathLike) -> Path:
 
 
 def load_config(path: str | os.PathLike) -> DecoderConfig:
-    return config_from_hf(read_json(_check_folder(path) / "config.json"))
+    config_path = _check_folder(path) / "config.json"
+    try:
+        return config_from_hf(read_json(config_path))
+    except ConfigError as error:
+        raise ConfigError(f"{config_path}: {error}") from error
 
 
 def load_hf_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Decoder:
