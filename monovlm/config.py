@@ -95,3 +95,67 @@ class DecoderConfig:
         if unknown:
             raise ConfigError(f"unknown DecoderConfig field(s): {unknown}")
         return cls(**values)
+
+
+EMBEDDER_KINDS = ("linear", "eve", "conv")
+
+
+@dataclass
+class VisionConfig:
+    """How pixels become visual tokens: the resize policy and the embedder (no vision encoder).
+
+    Each visual token covers `pixels_per_token` × `pixels_per_token` pixels: `patch_size` for the linear embedder
+    (Fuyu 30, SOLO 32), `patch_size * merge` for `eve` (conv stem then 2×2 local attention) and `conv` (conv, GELU,
+    2×2 strided conv, as EVEv2/NEO). The embedder may add a learned CLS token before the grid and a learned
+    row-separator token after each row; every one of these occupies one placeholder position in `input_ids`.
+    """
+
+    embedder: str = "conv"
+    patch_size: int = 16
+    merge: int = 2  # 1 for linear; the 2×2 merge of eve/conv
+    embedder_width: int = 256  # channels of the eve/conv stem
+    embedder_heads: int = 4  # heads of eve's local/global attention
+    patch_bias: bool = True  # bias of the linear embedder (Fuyu: yes, SOLO: no)
+    use_cls: bool = True
+    use_row_separator: bool = True
+    min_pixels: int = 32 * 32
+    max_pixels: int = 256 * 256  # area budget after resizing (native aspect ratio, no padding)
+    max_source_pixels: int = 64_000_000  # refuse larger images before decoding them (decompression bombs)
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        self.validate()
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.patch_size * self.merge
+
+    def validate(self) -> None:
+        if self.embedder not in EMBEDDER_KINDS:
+            raise ConfigError(f"embedder={self.embedder!r} is not one of {EMBEDDER_KINDS}")
+        if self.embedder == "linear" and self.merge != 1:
+            raise ConfigError("the linear embedder has no merge step; set merge=1")
+        if self.embedder in ("eve", "conv") and self.merge < 1:
+            raise ConfigError(f"merge={self.merge} must be >= 1")
+        if self.patch_size <= 0:
+            raise ConfigError(f"patch_size={self.patch_size} must be positive")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
+        if self.max_pixels < self.pixels_per_token**2:
+            raise ConfigError(
+                f"max_pixels={self.max_pixels} is smaller than one token's area ({self.pixels_per_token}² pixels)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VisionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown VisionConfig field(s): {unknown}")
+        return cls(**values)

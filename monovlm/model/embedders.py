@@ -1,0 +1,179 @@
+"""Pixels -> visual tokens with no vision encoder: the three embedders of the EVE family.
+
+- `linear` (Fuyu, SOLO): each raw patch, flattened, goes through one Linear into the decoder width.
+- `eve` (EVE v1's patch embedding layer): a conv stem; local attention inside each merge×merge window with the
+  average-pooled patch as the query; a learned CLS token that attends to every patch; an MLP into the decoder width.
+- `conv` (EVEv2, NEO): conv (patch_size stride) -> GELU -> conv (merge stride), so one token covers
+  (patch_size·merge)² pixels.
+
+Every embedder returns, per image, the token sequence the decoder sees: [CLS] row 1, SEP, row 2, SEP, ... — CLS and
+the row separator are learned vectors, included when the config asks for them. The length always equals
+`monovlm.data.images.num_image_tokens` for that image, because both follow `VisionConfig`.
+
+Images of the same size are embedded together in one batch; different sizes go in separate groups (no padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monovlm.config import VisionConfig
+
+
+def _group_by_size(images: list[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+    return groups
+
+
+class Embedder(nn.Module):
+    """Shared layout logic: subclasses turn a batch of same-size images into a token grid (B, rows, cols, C)."""
+
+    def __init__(self, config: VisionConfig, hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        token_width = self.layout_width()
+        self.cls_token = nn.Parameter(torch.randn(token_width) * 0.02) if config.use_cls else None
+        self.row_separator = nn.Parameter(torch.randn(token_width) * 0.02) if config.use_row_separator else None
+
+    def layout_width(self) -> int:
+        """Width of the grid tokens when CLS/separator are attached (the decoder width unless overridden)."""
+        return self.hidden_size
+
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) -> grid tokens (B, rows, cols, C)."""
+        raise NotImplementedError
+
+    def cls(self, grid: torch.Tensor) -> torch.Tensor:
+        """The CLS token for each image (B, C); a learned constant unless a subclass lets it look at the image."""
+        return self.cls_token.to(grid.dtype).expand(grid.shape[0], -1)
+
+    def finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Applied to the laid-out sequence (B, N, C_layout) -> (B, N, hidden). Identity unless overridden."""
+        return tokens
+
+    def layout(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (B, rows, cols, C) -> sequence (B, [1 +] rows·(cols [+ 1]), C)."""
+        batch, rows, cols, width = grid.shape
+        if self.row_separator is not None:
+            separator = self.row_separator.to(grid.dtype).expand(batch, rows, 1, width)
+            grid = torch.cat([grid, separator], dim=2)  # (B, rows, cols + 1, C)
+        tokens = grid.reshape(batch, -1, width)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls(grid[:, :, :cols])[:, None], tokens], dim=1)
+        return tokens
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """images: list of (3, H, W), sides multiples of pixels_per_token -> list of (N_i, hidden) token tensors."""
+        outputs: list[torch.Tensor | None] = [None] * len(images)
+        ppt = self.config.pixels_per_token
+        for (height, width), indices in _group_by_size(images).items():
+            if height % ppt or width % ppt:
+                raise ValueError(f"image of size {height}x{width} is not a multiple of {ppt} pixels per token")
+            pixels = torch.stack([images[i] for i in indices])  # (B, 3, H, W)
+            tokens = self.finish(self.layout(self.grid(pixels)))  # (B, N, hidden)
+            for row, index in enumerate(indices):
+                outputs[index] = tokens[row]
+        return outputs  # type: ignore[return-value]
+
+
+class LinearEmbedder(Embedder):
+    """Fuyu / SOLO: one Linear over each flattened raw patch."""
+
+    def __init__(self, config: VisionConfig, hidden_size: int):
+        super().__init__(config, hidden_size)
+        patch = config.patch_size
+        self.proj = nn.Linear(3 * patch * patch, hidden_size, bias=config.patch_bias)
+
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        patch = self.config.patch_size
+        batch, channels, height, width = pixels.shape
+        patches = pixels.reshape(batch, channels, height // patch, patch, width // patch, patch)
+        patches = patches.permute(0, 2, 4, 3, 5, 1)  # (B, rows, cols, ph, pw, C): Fuyu's (ph, pw, C) order
+        patches = patches.reshape(batch, height // patch, width // patch, patch * patch * channels)
+        return self.proj(patches)  # (B, rows, cols, hidden)
+
+
+class ConvEmbedder(Embedder):
+    """EVEv2 / NEO: conv (patch_size stride) -> GELU -> conv (merge stride)."""
+
+    def __init__(self, config: VisionConfig, hidden_size: int):
+        super().__init__(config, hidden_size)
+        self.patch_conv = nn.Conv2d(3, config.embedder_width, config.patch_size, stride=config.patch_size)
+        self.merge_conv = nn.Conv2d(config.embedder_width, hidden_size, config.merge, stride=config.merge)
+
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.merge_conv(F.gelu(self.patch_conv(pixels)))  # (B, hidden, rows, cols)
+        return features.permute(0, 2, 3, 1)  # (B, rows, cols, hidden)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head attention of a few queries over a few keys, batched over windows: q (N, Q, C), kv (N, K, C)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"embedder_width={width} must be divisible by embedder_heads={heads}")
+        self.heads = heads
+        self.query_norm = nn.LayerNorm(width)
+        self.key_value_norm = nn.LayerNorm(width)
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        windows, num_queries, width = queries.shape
+        head_dim = width // self.heads
+        q = self.query(self.query_norm(queries)).view(windows, num_queries, self.heads, head_dim).transpose(1, 2)
+        k, v = self.key_value(self.key_value_norm(keys)).chunk(2, dim=-1)
+        k = k.reshape(windows, -1, self.heads, head_dim).transpose(1, 2)  # (N, heads, K, d)
+        v = v.reshape(windows, -1, self.heads, head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (N, heads, Q, d)
+        return self.out(attended.transpose(1, 2).reshape(windows, num_queries, width))
+
+
+class EVEEmbedder(Embedder):
+    """EVE v1's patch embedding layer (PEL): conv stem, local window attention, CLS global attention, MLP."""
+
+    def __init__(self, config: VisionConfig, hidden_size: int):
+        super().__init__(config, hidden_size)
+        width = config.embedder_width
+        self.stem = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size, bias=False)
+        self.local_attention = WindowAttention(width, config.embedder_heads)
+        self.global_attention = WindowAttention(width, config.embedder_heads) if config.use_cls else None
+        self.mlp = nn.Sequential(nn.Linear(width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    def layout_width(self) -> int:
+        return self.config.embedder_width  # CLS and SEP live in the stem's width and go through the MLP, as in EVE
+
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        merge = self.config.merge
+        stem = self.stem(pixels)  # (B, C, rows·m, cols·m)
+        batch, width, height, width_px = stem.shape
+        rows, cols = height // merge, width_px // merge
+        pooled = F.avg_pool2d(stem, merge)  # (B, C, rows, cols): the query of each window
+        queries = pooled.permute(0, 2, 3, 1).reshape(batch * rows * cols, 1, width)  # (N, 1, C)
+        windows = stem.reshape(batch, width, rows, merge, cols, merge).permute(0, 2, 4, 3, 5, 1)
+        keys = windows.reshape(batch * rows * cols, merge * merge, width)  # (N, m², C) the window's patches
+        local = queries + self.local_attention(queries, keys)  # residual on the pooled patch
+        return local.view(batch, rows, cols, width)
+
+    def cls(self, grid: torch.Tensor) -> torch.Tensor:
+        batch, rows, cols, width = grid.shape
+        query = self.cls_token.to(grid.dtype).expand(batch, 1, width)  # (B, 1, C)
+        attended = self.global_attention(query, grid.reshape(batch, rows * cols, width))  # (B, 1, C)
+        return (query + attended)[:, 0]
+
+    def finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(tokens)  # (B, N, hidden)
+
+
+EMBEDDERS = {"linear": LinearEmbedder, "eve": EVEEmbedder, "conv": ConvEmbedder}
+
+
+def build_embedder(config: VisionConfig, hidden_size: int) -> Embedder:
+    return EMBEDDERS[config.embedder](config, hidden_size)
