@@ -45,12 +45,21 @@ class DecoderConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+    # Modality experts (EVEv2 "divide and conquer", Mono-InternVL/BREEN image experts): each layer holds a vision copy
+    # of the chosen parts, and visual tokens take the vision copy. All False = one shared decoder (EVE, Fuyu, SOLO).
+    expert_norms: bool = False  # the two pre-norms of each block
+    expert_attention: bool = False  # q/k/v/o projections (and q/k norms where present); attention itself is shared
+    expert_mlp: bool = False
     # Special tokens added by monovlm (name -> id), e.g. {"image": 32000, "image_start": 32001}. Recorded so a saved
     # model knows which rows of its embedding were grown and what they mean.
     special_tokens: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def has_experts(self) -> bool:
+        return self.expert_norms or self.expert_attention or self.expert_mlp
 
     @property
     def resolved_head_dim(self) -> int:
@@ -159,3 +168,64 @@ class VisionConfig:
         if unknown:
             raise ConfigError(f"unknown VisionConfig field(s): {unknown}")
         return cls(**values)
+
+
+TEMPLATES = ("plain", "chatml")
+
+
+@dataclass
+class ProcessorConfig:
+    """How conversations become token ids; saved with every model so training and inference agree."""
+
+    template: str = "chatml"  # "plain": image then caption (pre-training); "chatml": <|im_start|>role ... turns
+    system_prompt: str | None = None
+    max_length: int = 2048  # longer samples are skipped and counted, never truncated through an image
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"template={self.template!r} is not one of {TEMPLATES}")
+        if self.max_length <= 0:
+            raise ConfigError(f"max_length={self.max_length} must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ProcessorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown ProcessorConfig field(s): {unknown}")
+        return cls(**values)
+
+
+@dataclass
+class VLMConfig:
+    """An encoder-free VLM: the decoder, the pixel embedder, and the processor settings."""
+
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+
+    def __post_init__(self) -> None:
+        if "image" not in self.decoder.special_tokens:
+            raise ConfigError("decoder.special_tokens has no 'image' placeholder id; add the image special tokens "
+                              "to the tokenizer and model first (monovlm.tokenizer.add_image_special_tokens)")
+
+    @property
+    def image_token_id(self) -> int:
+        return self.decoder.special_tokens["image"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"decoder": self.decoder.to_dict(), "vision": self.vision.to_dict(), "processor": self.processor.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VLMConfig":
+        unknown = sorted(set(values) - {"decoder", "vision", "processor"})
+        if unknown:
+            raise ConfigError(f"unknown VLMConfig field(s): {unknown}")
+        return cls(
+            decoder=DecoderConfig.from_dict(values["decoder"]),
+            vision=VisionConfig.from_dict(values.get("vision", {})),
+            processor=ProcessorConfig.from_dict(values.get("processor", {})),
+        )

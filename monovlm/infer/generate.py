@@ -4,8 +4,8 @@ The loop is deliberately plain: one prefill forward over the (left-padded) promp
 step. Everything that would cost a device sync or an allocation per step is kept out of it, because at small sizes
 the decode loop is bound by Python overhead, not arithmetic.
 
-Any model with `forward(input_ids=|inputs_embeds=, attention_mask=, cache=, last_only=True) -> logits` and a
-`config` with `num_layers`, `num_kv_heads`, `resolved_head_dim` works — the language decoder and, later, the VLM.
+Any model with `forward(input_ids=, attention_mask=, cache=, last_only=True, **prefill_inputs) -> logits` whose
+cache `KVCache.for_model` can size works: the language decoder, and the VLM (`prefill_inputs={"images": [...]}`).
 """
 
 from __future__ import annotations
@@ -90,16 +90,16 @@ def token_steps(
     attention_mask: torch.Tensor | None,
     config: GenerationConfig,
     tokenizer=None,
-    inputs_embeds: torch.Tensor | None = None,
     pad_id: int = 0,
+    prefill_inputs: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next_tokens (B,), active (B,) bool) per step; inactive rows (already stopped) carry pad_id.
 
-    A row becomes inactive after the step in which it emits a stop id or completes a stop string.
+    A row becomes inactive after the step in which it emits a stop id or completes a stop string. `prefill_inputs`
+    go to the first forward only (e.g. the images of a VLM prompt).
     """
-    prompt = input_ids if inputs_embeds is None else inputs_embeds
-    batch, prompt_len = prompt.shape[:2]
-    device = prompt.device
+    batch, prompt_len = input_ids.shape[:2]
+    device = input_ids.device
     if config.max_new_tokens == 0:
         return
     cache = KVCache.for_model(model, batch, prompt_len + config.max_new_tokens)
@@ -110,8 +110,8 @@ def token_steps(
     stop_strings = _StopStrings(config.stop_strings, tokenizer, batch)
     generated: list[list[int]] = [[] for _ in range(batch)]
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    logits = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-                   last_only=True)[:, -1]  # (B, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, last_only=True,
+                   **(prefill_inputs or {}))[:, -1]  # (B, V)
     for step in range(config.max_new_tokens):
         next_tokens = sample_next(logits, config.sampling, generator)  # (B,)
         next_tokens = torch.where(active, next_tokens, torch.full_like(next_tokens, pad_id))
@@ -145,15 +145,17 @@ def generate(
     config: GenerationConfig | None = None,
     tokenizer=None,
     pad_id: int = 0,
+    prefill_inputs: dict | None = None,
 ) -> list[Generation]:
-    """Generate a continuation for each prompt (token lists of any lengths, or an unpadded (B, T) tensor)."""
+    """Generate a continuation for each prompt (token lists of any lengths, or an unpadded (B, T) tensor).
+    `prefill_inputs` go to the prompt's forward, e.g. {"images": [...]} for a VLM."""
     config = config or GenerationConfig()
     input_ids, attention_mask = _prepare(prompts, pad_id)
     device = _device_of(model)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
     batch = input_ids.shape[0]
-    steps = [(tokens, active) for tokens, active in token_steps(model, input_ids, attention_mask, config, tokenizer, pad_id=pad_id)]
+    steps = list(token_steps(model, input_ids, attention_mask, config, tokenizer, pad_id, prefill_inputs))
     results = []
     for row in range(batch):
         ids = [int(tokens[row]) for tokens, active in steps if active[row]]
@@ -175,6 +177,7 @@ def stream_text(
     tokenizer,
     config: GenerationConfig | None = None,
     pad_id: int = 0,
+    prefill_inputs: dict | None = None,
 ) -> Iterator[list[str]]:
     """Yield, per decode step, the new text of each row ("" when a row has nothing new to show).
 
@@ -187,7 +190,9 @@ def stream_text(
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     shown = [0] * len(generated)
     rows = range(len(generated))
-    for tokens, active in token_steps(model, input_ids.to(device), attention_mask.to(device) if attention_mask is not None else None, config, tokenizer, pad_id=pad_id):
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    for tokens, active in token_steps(model, input_ids.to(device), attention_mask, config, tokenizer, pad_id,
+                                      prefill_inputs):
         for row in rows:
             if active[row]:
                 generated[row].append(int(tokens[row]))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monovlm.config import DecoderConfig
+from monovlm.model.experts import Routing, route
 from monovlm.model.kv_cache import KVCache
 from monovlm.model.masks import build_attention_mask, position_ids_from_segments
 from monovlm.model.rope import RotaryTable, apply_rotary
@@ -31,6 +32,36 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+def _project(owner, x: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    q = owner.q_proj(x)
+    k = owner.k_proj(x)
+    if owner.q_norm is not None:
+        q = owner.q_norm(q.view(-1, num_heads, head_dim)).view(q.shape)
+        k = owner.k_norm(k.view(-1, num_kv_heads, head_dim)).view(k.shape)
+    return torch.cat([q, k, owner.v_proj(x)], dim=-1)
+
+
+class VisionProjections(nn.Module):
+    """The attention projections of a layer's vision expert: same shapes as the language ones."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        head_dim = config.resolved_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * head_dim, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return _project(self, x, self.num_heads, self.num_kv_heads, self.head_dim)
+
+
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer_index: int):
         super().__init__()
@@ -47,6 +78,12 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # the vision expert: its own projections (and q/k norms); attention over all tokens stays shared
+        self.vision = VisionProjections(config) if config.expert_attention else None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C) -> q, k, v concatenated (N, (H + 2·Hkv)·D), q and k normed where the model has q/k norms."""
+        return _project(self, x, self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(
         self,
@@ -56,13 +93,22 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
+        routing: Routing | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if routing is None or self.vision is None:
+            q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, D)
+            k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+            v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+        else:
+            qkv = route(x, routing, self.project, self.vision.project)  # (B, T, (H + 2·Hkv)·D)
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(batch, length, self.num_heads, self.head_dim)
+            k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+            v = v.view(batch, length, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
         v = v.transpose(1, 2)  # (B, Hkv, T, D)
@@ -71,7 +117,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return route(out, routing, self.o_proj, self.vision.o_proj if self.vision is not None else None)
 
 
 class MLP(nn.Module):
@@ -92,10 +139,25 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_index)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        # vision experts of the norms and the MLP (the attention's live inside Attention)
+        self.vision_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.expert_norms else None
+        self.vision_mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.expert_norms else None
+        self.vision_mlp = MLP(config) if config.expert_mlp else None
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache, routing: Routing | None = None):
+        if routing is None:  # text only: the plain path, no gathers
+            x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache)
+            return x + self.mlp(self.mlp_norm(x))
+        normed = route(x, routing, self.attn_norm, self.vision_attn_norm)
+        x = x + self.attn(normed, cos, sin, attn_mask, is_causal, cache, routing)
+        if self.vision_mlp_norm is not None and self.vision_mlp is not None:
+            # both parts routed: one gather/scatter for norm + MLP together
+            mlp_out = route(x, routing, lambda h: self.mlp(self.mlp_norm(h)),
+                            lambda h: self.vision_mlp(self.vision_mlp_norm(h)))
+        else:
+            normed = route(x, routing, self.mlp_norm, self.vision_mlp_norm)
+            mlp_out = route(normed, routing, self.mlp, self.vision_mlp)
+        return x + mlp_out
 
 
 def _grown_embedding(embedding: nn.Embedding, new_rows: int) -> nn.Embedding:
@@ -150,6 +212,21 @@ class Decoder(nn.Module):
             self.lm_head = head
         self.config.vocab_size = new_vocab_size
 
+    @torch.no_grad()
+    def init_experts_from_text(self) -> None:
+        """Copy every language weight into its vision expert (EVEv2 initialises its experts this way), so a freshly
+        expert-ised model computes exactly what the original did until training moves the experts apart."""
+        for block in self.layers:
+            pairs = [(block.attn_norm, block.vision_attn_norm), (block.mlp_norm, block.vision_mlp_norm),
+                     (block.mlp, block.vision_mlp)]
+            attn = block.attn
+            if attn.vision is not None:
+                pairs += [(getattr(attn, name), getattr(attn.vision, name))
+                          for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+            for text_part, vision_part in pairs:
+                if text_part is not None and vision_part is not None:
+                    vision_part.load_state_dict(text_part.state_dict())
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -162,10 +239,12 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        vision_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T) segment ids (0 = padding; 1/0 padding
-        masks are one segment per row) or a ready boolean mask (B, 1, T, S); position_ids (B, T)."""
-        hidden = self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        masks are one segment per row) or a ready boolean mask (B, 1, T, S); position_ids (B, T); vision_mask (B, T)
+        True at visual tokens, which then take the vision experts (when the config has any)."""
+        hidden = self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, cache, vision_mask)
         if last_only:
             hidden = hidden[:, -1:]
         return F.linear(hidden, self.output_weight)  # (B, T, V)
@@ -177,6 +256,7 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        vision_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states (B, T, C) before the output head."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -194,8 +274,9 @@ class Decoder(nn.Module):
             else:
                 position_ids = position_ids_from_segments(segment_ids, start)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
+        routing = Routing.from_mask(vision_mask) if self.config.has_experts else None
         for block in self.layers:
-            x = block(x, cos, sin, attn_mask, is_causal, cache)
+            x = block(x, cos, sin, attn_mask, is_causal, cache, routing)
         if cache is not None:
             if segment_ids is None:
                 segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)

@@ -114,6 +114,8 @@ def config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
 
 def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     arch = config.architecture
+    if config.has_experts:
+        raise ConfigError("a decoder with modality experts has no HF equivalent; save the whole VLM instead")
     if arch == "qwen2" and (not config.attention_bias or config.o_proj_bias):
         raise ConfigError("a qwen2 checkpoint always has q/k/v bias and no o_proj bias; this config differs")
     if arch in ("llama", "qwen3") and config.attention_bias != config.o_proj_bias:

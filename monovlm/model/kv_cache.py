@@ -37,8 +37,9 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> "KVCache":
-        config = model.config
-        weight = model.embed_tokens.weight
+        decoder = getattr(model, "decoder", model)  # a VLM caches its decoder's keys and values
+        config = decoder.config
+        weight = decoder.embed_tokens.weight
         return cls(
             config.num_layers,
             batch_size,

@@ -1,0 +1,230 @@
+"""Conversations -> token ids, labels and image tensors: the one place that decides what the model reads.
+
+A LLaVA-format sample (`{"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."}, ...]}`) becomes:
+- `input_ids` where each `<image>` marker is replaced by image_start, one placeholder id per visual token
+  (`num_image_tokens`: CLS, grid and row separators), image_end;
+- `labels` equal to the token where the loss applies (assistant replies and their end token, or the caption in the
+  `plain` pre-training template) and IGNORE_INDEX elsewhere;
+- the image tensors, in order of appearance.
+
+Text is encoded piece by piece between fixed template tokens, and inference prompts are built by the same code, so
+training and serving see identical token sequences.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from monovlm.config import ConfigError, ProcessorConfig, VisionConfig
+from monovlm.data.images import ImageLoadError, image_to_tensor, load_image, num_image_tokens
+
+IGNORE_INDEX = -100
+IMAGE_MARKER = "<image>"
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SampleError(ValueError):
+    """A sample that cannot be turned into model inputs; datasets skip it and count the reason."""
+
+
+@dataclass
+class ProcessedSample:
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor]  # (3, H, W) each, in order of appearance
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Processor:
+    def __init__(self, tokenizer, vision: VisionConfig, config: ProcessorConfig | None = None):
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.config = config or ProcessorConfig()
+        ids = tokenizer.special_ids
+        for name in ("image", "image_start", "image_end"):
+            if name not in ids:
+                raise ConfigError(f"the tokenizer has no {name!r} special token; call add_image_special_tokens first")
+        self.image_id, self.image_start_id, self.image_end_id = ids["image"], ids["image_start"], ids["image_end"]
+        self.eos_id = tokenizer.eos_id
+        if self.config.template == "chatml":
+            for token in ("<|im_start|>", "<|im_end|>"):
+                if tokenizer.token_to_id(token) is None:
+                    raise ConfigError(f"template 'chatml' needs the special token {token} in the tokenizer")
+            self.im_start = [tokenizer.token_to_id("<|im_start|>")]
+            self.im_end = [tokenizer.token_to_id("<|im_end|>")]
+        elif self.eos_id is None:
+            raise ConfigError("template 'plain' ends each caption with eos, but the tokenizer has no eos token")
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # images
+
+    def load(self, source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+        return load_image(source, max_source_pixels=self.vision.max_source_pixels)
+
+    def image_block(self, image: Image.Image) -> tuple[list[int], torch.Tensor]:
+        """Token ids of one image (start, placeholders, end) and its pixel tensor (3, H, W)."""
+        count = num_image_tokens(image.height, image.width, self.vision)
+        return [self.image_start_id] + [self.image_id] * count + [self.image_end_id], image_to_tensor(image, self.vision)
+
+    def _encode_with_images(self, text: str, images: list[Image.Image], next_image: int) -> tuple[list[int], list[torch.Tensor], int]:
+        ids: list[int] = []
+        tensors: list[torch.Tensor] = []
+        pieces = text.split(IMAGE_MARKER)
+        for position, piece in enumerate(pieces):
+            if position > 0:
+                block, tensor = self.image_block(images[next_image])
+                ids += block
+                tensors.append(tensor)
+                next_image += 1
+            if piece:
+                ids += self.tokenizer.encode(piece)
+        return ids, tensors, next_image
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # training samples
+
+    def process(self, sample: dict[str, Any], image_root: str | os.PathLike | None = None,
+                images: Sequence[Image.Image] | None = None) -> ProcessedSample:
+        """One LLaVA-format sample -> ProcessedSample. Raises SampleError (or ImageLoadError) for unusable samples."""
+        turns = _turns(sample)
+        if images is None:
+            images = [self.load(path) for path in _image_paths(sample, image_root)]
+        turns = _place_image_markers(turns, len(images))
+        if self.config.template == "plain":
+            result = self._plain(turns, list(images))
+        else:
+            result = self._chatml(turns, list(images))
+        if len(result) > self.config.max_length:
+            raise SampleError(f"sample has {len(result)} tokens, over max_length={self.config.max_length}")
+        if all(label == IGNORE_INDEX for label in result.labels):
+            raise SampleError("sample has no answer tokens to learn from")
+        return result
+
+    def _plain(self, turns: list[tuple[str, str]], images: list[Image.Image]) -> ProcessedSample:
+        # Pre-training: the image(s), then the caption (the last reply) and eos; only the caption carries loss.
+        prompt_text = "".join(IMAGE_MARKER for _ in images)
+        ids, tensors, _ = self._encode_with_images(prompt_text, images, 0)
+        caption = [text for role, text in turns if role == "assistant"]
+        if not caption:
+            raise SampleError("plain template needs a caption (a gpt/assistant turn)")
+        target = self.tokenizer.encode(caption[-1].replace(IMAGE_MARKER, "").strip()) + [self.eos_id]
+        return ProcessedSample(ids + target, [IGNORE_INDEX] * len(ids) + target, tensors)
+
+    def _chatml(self, turns: list[tuple[str, str]], images: list[Image.Image]) -> ProcessedSample:
+        ids: list[int] = []
+        labels: list[int] = []
+        tensors: list[torch.Tensor] = []
+        next_image = 0
+        if self.config.system_prompt and not any(role == "system" for role, _ in turns):
+            turns = [("system", self.config.system_prompt)] + turns
+        newline = self.tokenizer.encode("\n")
+        for role, text in turns:
+            header = self.im_start + self.tokenizer.encode(role + "\n")
+            body, body_images, next_image = self._encode_with_images(text, images, next_image)
+            tensors += body_images
+            if role == "assistant":
+                ids += header + body + self.im_end + newline
+                labels += [IGNORE_INDEX] * len(header) + body + self.im_end + [IGNORE_INDEX] * len(newline)
+            else:
+                turn = header + body + self.im_end + newline
+                ids += turn
+                labels += [IGNORE_INDEX] * len(turn)
+        return ProcessedSample(ids, labels, tensors)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # inference prompts
+
+    def prompt(self, question: str, images: Sequence[Image.Image] = ()) -> tuple[list[int], list[torch.Tensor]]:
+        """Token ids ending where the model should start answering, and the image tensors, for generation.
+
+        Images without an `<image>` marker in the question go before it, as in training data."""
+        images = list(images)
+        text = question
+        if IMAGE_MARKER not in text and images:
+            text = IMAGE_MARKER * len(images) + ("\n" + text if text else "")
+        if text.count(IMAGE_MARKER) != len(images):
+            raise SampleError(f"the question has {text.count(IMAGE_MARKER)} <image> markers for {len(images)} images")
+        if self.config.template == "plain":
+            ids, tensors, _ = self._encode_with_images(text, images, 0)
+            return ids, tensors
+        ids: list[int] = []
+        if self.config.system_prompt:
+            ids += self.im_start + self.tokenizer.encode("system\n" + self.config.system_prompt) + self.im_end
+            ids += self.tokenizer.encode("\n")
+        body, tensors, _ = self._encode_with_images(text, images, 0)
+        ids += self.im_start + self.tokenizer.encode("user\n") + body + self.im_end + self.tokenizer.encode("\n")
+        ids += self.im_start + self.tokenizer.encode("assistant\n")
+        return ids, tensors
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer: <|im_end|> for chatml, eos for both."""
+        stops = list(self.im_end) if self.config.template == "chatml" else []
+        if self.eos_id is not None and self.eos_id not in stops:
+            stops.append(self.eos_id)
+        return stops
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# sample parsing helpers
+
+
+def _turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
+    conversations = sample.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError("sample has no 'conversations' list")
+    turns = []
+    for number, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise SampleError(f"conversation turn {number} is not an object with a string 'value'")
+        role = ROLE_NAMES.get(turn.get("from", ""))
+        if role is None:
+            raise SampleError(f"conversation turn {number} has unknown speaker {turn.get('from')!r}")
+        turns.append((role, turn["value"]))
+    return turns
+
+
+def _image_paths(sample: dict[str, Any], image_root: str | os.PathLike | None) -> list[Path]:
+    """The sample's image paths resolved under image_root; a path that escapes the root is refused."""
+    entry = sample.get("image", sample.get("images"))
+    if entry is None:
+        return []
+    names = [entry] if isinstance(entry, str) else entry
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise SampleError("'image' must be a path string or a list of path strings")
+    root = Path(image_root).resolve() if image_root is not None else None
+    paths = []
+    for name in names:
+        path = Path(name)
+        if root is not None:
+            path = (root / path).resolve()
+            if not path.is_relative_to(root):
+                raise SampleError(f"image path {name!r} escapes the image root {root}")
+        paths.append(path)
+    return paths
+
+
+def _place_image_markers(turns: list[tuple[str, str]], num_images: int) -> list[tuple[str, str]]:
+    markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
+    if markers == num_images:
+        return turns
+    if markers == 0 and num_images > 0:
+        # LLaVA data normally carries the marker; when it doesn't, the images go before the first user message
+        for index, (role, text) in enumerate(turns):
+            if role == "user":
+                turns = list(turns)
+                turns[index] = (role, IMAGE_MARKER * num_images + "\n" + text)
+                return turns
+    raise SampleError(f"sample has {markers} <image> markers but {num_images} image(s)")
+
+
+__all__ = ["IGNORE_INDEX", "ImageLoadError", "ProcessedSample", "Processor", "SampleError"]

@@ -1,0 +1,143 @@
+"""The encoder-free VLM: an embedder turns pixels into tokens, which are scattered into the decoder's token
+embeddings at the image placeholder positions; one decoder does the rest.
+
+`input_ids` hold one placeholder id per visual token (CLS and row separators included), so masks, positions, labels
+and KV-cache lengths are the same arithmetic for text and images. The scatter is one vectorised `masked_scatter`:
+the i-th placeholder of the batch (in row-major order) receives the i-th visual token of the images taken in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from monovlm.config import VLMConfig
+from monovlm.model.decoder import Decoder
+from monovlm.model.embedders import build_embedder
+from monovlm.model.kv_cache import KVCache
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, images, padding)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "monovlm-encoder-free"
+
+
+class EncoderFreeVLM(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder(config.decoder)
+        self.embedder = build_embedder(config.vision, config.decoder.hidden_size)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        return KVCache.for_model(self.decoder, batch_size, max_length)
+
+    def embed(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids (B, T) + images [(3, H, W), ...] in order of appearance -> (inputs_embeds (B, T, C), vision_mask)."""
+        embeds = self.decoder.embed_tokens(input_ids)  # (B, T, C)
+        if not images:
+            return embeds, None
+        vision_mask = input_ids == self.image_token_id  # (B, T)
+        visual = torch.cat(self.embedder(images), dim=0).to(embeds.dtype)  # (N_visual, C)
+        num_placeholders = int(vision_mask.sum())
+        if visual.shape[0] != num_placeholders:
+            raise ValueError(
+                f"the batch has {num_placeholders} image placeholder tokens but its {len(images)} image(s) give "
+                f"{visual.shape[0]} visual tokens; build input_ids with the processor of this model"
+            )
+        embeds = embeds.masked_scatter(vision_mask.unsqueeze(-1), visual)
+        return embeds, vision_mask
+
+    def hidden_states(self, input_ids, images=None, attention_mask=None, position_ids=None, cache=None):
+        embeds, vision_mask = self.embed(input_ids, images)
+        return self.decoder.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
+                                          position_ids=position_ids, cache=cache, vision_mask=vision_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with last_only. Decode steps pass only input_ids (and the cache)."""
+        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return F.linear(hidden, self.decoder.output_weight)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        images: list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled positions. labels (B, T) are aligned with input_ids (the
+        shift happens here); the output head runs only where there is a label, which skips every image position."""
+        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids)  # (B, T, C)
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        selected = targets != IGNORE_INDEX
+        logits = F.linear(hidden[:, :-1][selected], self.decoder.output_weight)  # (N_labelled, V)
+        if logits.shape[0] == 0:
+            return hidden.sum() * 0.0  # no labels in this batch: a zero that keeps the graph connected
+        return F.cross_entropy(logits.float(), targets[selected])
+
+    # -----------------------------------------------------------------------------------------------------------
+    # saving and loading (a monovlm folder: config.json, model.safetensors, tokenizer files)
+
+    def save(self, path: str | os.PathLike, tokenizer=None) -> Path:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(folder)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "EncoderFreeVLM":
+        from monovlm.model.hf import CheckpointError, read_json
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise CheckpointError(f"model folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+        values = read_json(folder / CONFIG_FILE)
+        if values.pop("model_type", None) != MODEL_TYPE:
+            raise CheckpointError(f"{folder / CONFIG_FILE} is not a monovlm encoder-free VLM config (model_type)")
+        model = cls(VLMConfig.from_dict(values))
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+        expected = model.state_dict()
+        state = {}
+        with safe_open(str(weights), framework="pt", device=device) as f:
+            for name in f.keys():
+                if name not in expected:
+                    raise CheckpointError(f"unexpected tensor {name!r} in {weights}")
+                tensor = f.get_tensor(name)
+                if tensor.shape != expected[name].shape:
+                    raise CheckpointError(f"tensor {name!r} in {weights} has shape {tuple(tensor.shape)}, expected "
+                                          f"{tuple(expected[name].shape)}")
+                state[name] = tensor
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CheckpointError(f"{weights} is missing tensor(s): {missing[:10]}")
+        model.load_state_dict(state, strict=True)
+        return model.to(device=device, dtype=dtype)

@@ -1,0 +1,177 @@
+"""The encoder-free VLM: token counts agree between processor and model, packed == unpacked, experts route by
+modality, the scatter places each visual token, save/load round trip, generation with images."""
+
+import pytest
+import torch
+from PIL import Image
+
+from monovlm.config import DecoderConfig, ProcessorConfig, VisionConfig, VLMConfig
+from monovlm.data.collate import collate, collate_packed, length_grouped_batches, pack
+from monovlm.data.images import num_image_tokens
+from monovlm.data.processor import IGNORE_INDEX, Processor, SampleError
+from monovlm.infer.generate import GenerationConfig, generate
+from monovlm.model.decoder import Decoder
+from monovlm.model.vlm import EncoderFreeVLM
+from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
+
+VISION_SETTINGS = {
+    "linear": VisionConfig(embedder="linear", patch_size=8, merge=1, use_cls=False, max_pixels=64 * 64),
+    "eve": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64),
+    "conv": VisionConfig(embedder="conv", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = ["red circle", "blue square", "what colour is it", "how many shapes", "green", "two", "yes", "no"]
+    return train_bpe_tokenizer([" ".join(words)] * 20, vocab_size=400)
+
+
+def build(tokenizer, vision: VisionConfig, template="chatml", **decoder_overrides):
+    decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                                    num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.1,
+                                    **decoder_overrides))
+    add_image_special_tokens(tokenizer, decoder)
+    config = VLMConfig(decoder=decoder.config, vision=vision, processor=ProcessorConfig(template=template))
+    model = EncoderFreeVLM(config).eval()
+    model.decoder.load_state_dict(decoder.state_dict())
+    return model, Processor(tokenizer, vision, config.processor)
+
+
+def image(height, width, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def sample(question="what colour is it", answer="red"):
+    return {"conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+
+
+@pytest.mark.parametrize("kind", list(VISION_SETTINGS))
+@pytest.mark.parametrize("size", [(1, 4000), (4000, 1), (7, 7), (4000, 3000), (33, 65)])
+def test_processor_and_model_agree_on_token_counts(tokenizer, kind, size):
+    model, processor = build(tokenizer, VISION_SETTINGS[kind])
+    picture = Image.new("RGB", (size[1], size[0]), (200, 10, 10))
+    processed = processor.process(sample(), images=[picture])
+    placeholders = processed.input_ids.count(processor.image_id)
+    assert placeholders == num_image_tokens(size[0], size[1], VISION_SETTINGS[kind])
+    with torch.no_grad():
+        produced = model.embedder(processed.images)[0].shape[0]
+    assert produced == placeholders
+    logits = model(torch.tensor([processed.input_ids]), processed.images)  # the scatter accepts it
+    assert logits.shape[1] == len(processed.input_ids)
+
+
+def test_labels_cover_only_the_answer(tokenizer):
+    _, processor = build(tokenizer, VISION_SETTINGS["conv"])
+    processed = processor.process(sample(answer="green"), images=[image(16, 24)])
+    labelled = [t for t, label in zip(processed.input_ids, processed.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "green<|im_end|>"
+    assert all(label == IGNORE_INDEX for t, label in zip(processed.input_ids, processed.labels) if t == processor.image_id)
+
+
+def test_plain_template_labels_the_caption(tokenizer):
+    _, processor = build(tokenizer, VISION_SETTINGS["conv"], template="plain")
+    caption = {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red circle"}]}
+    processed = processor.process(caption, images=[image(16, 16)])
+    labelled = [t for t, label in zip(processed.input_ids, processed.labels) if label != IGNORE_INDEX]
+    assert labelled[-1] == tokenizer.eos_id and tokenizer.decode(labelled[:-1]) == "a red circle"
+    assert processed.input_ids[0] == processor.image_start_id
+
+
+def test_bad_samples_raise_sample_error(tokenizer):
+    _, processor = build(tokenizer, VISION_SETTINGS["conv"])
+    with pytest.raises(SampleError, match="markers"):
+        processor.process(sample(question="<image> <image> two?"), images=[image(16, 16)])
+    with pytest.raises(SampleError, match="speaker"):
+        processor.process({"conversations": [{"from": "robot", "value": "hi"}]})
+    with pytest.raises(SampleError, match="escapes"):
+        processor.process({"image": "../../etc/passwd", **sample()}, image_root="/tmp/root")
+
+
+@pytest.mark.parametrize("kind", ["conv", "eve"])
+def test_packed_logits_equal_unpacked(tokenizer, kind):
+    model, processor = build(tokenizer, VISION_SETTINGS[kind])
+    samples = [
+        processor.process(sample("what colour is it", "red"), images=[image(16, 24, seed=1)]),
+        processor.process({"conversations": [{"from": "human", "value": "how many shapes"},
+                                             {"from": "gpt", "value": "two"}]}),  # text only
+        processor.process(sample("how many shapes", "two"), images=[image(24, 16, seed=2)]),
+    ]
+    packed = collate_packed([samples], pad_id=0)
+    with torch.no_grad():
+        packed_logits = model(packed.input_ids, packed.images, attention_mask=packed.attention_mask)[0]
+        start = 0
+        for s in samples:
+            alone = model(torch.tensor([s.input_ids]), s.images)[0]
+            assert (packed_logits[start : start + len(s)] - alone).abs().max().item() <= 1e-5
+            start += len(s)
+        # and the losses agree: padded batch vs packed row
+        padded = collate(samples, pad_id=0)
+        loss_padded = model.loss(padded.input_ids, padded.labels, padded.images, padded.attention_mask)
+        loss_packed = model.loss(packed.input_ids, packed.labels, packed.images, packed.attention_mask)
+    assert abs(loss_padded.item() - loss_packed.item()) <= 1e-5
+
+
+def test_scatter_puts_each_visual_token_at_its_placeholder(tokenizer):
+    model, processor = build(tokenizer, VISION_SETTINGS["conv"])
+    first = processor.process(sample(), images=[image(16, 16, seed=3)])
+    second = processor.process(sample(), images=[image(24, 16, seed=4)])
+    batch = collate([first, second], pad_id=0)
+    with torch.no_grad():
+        embeds, vision_mask = model.embed(batch.input_ids, batch.images)
+        expected = model.embedder(batch.images)
+    assert torch.equal(embeds[1][vision_mask[1]], expected[1])
+    assert torch.equal(embeds[0][vision_mask[0]], expected[0])
+    text = ~vision_mask
+    assert torch.equal(embeds[text], model.decoder.embed_tokens(batch.input_ids)[text])
+
+
+def test_experts_copied_from_text_change_nothing_on_text(tokenizer):
+    plain, processor = build(tokenizer, VISION_SETTINGS["conv"])
+    experts, _ = build(tokenizer, VISION_SETTINGS["conv"], expert_norms=True, expert_attention=True, expert_mlp=True)
+    experts.load_state_dict(plain.state_dict(), strict=False)
+    experts.decoder.init_experts_from_text()
+    processed = processor.process(sample(), images=[image(16, 16)])
+    ids = torch.tensor([processed.input_ids])
+    with torch.no_grad():
+        assert (plain(ids, processed.images) - experts(ids, processed.images)).abs().max().item() <= 1e-5
+        # the experts route by modality: moving only the vision MLP changes visual positions' outputs ...
+        for block in experts.decoder.layers:
+            block.vision_mlp.down_proj.weight.add_(0.5)
+        hidden_plain = plain.hidden_states(ids, processed.images)
+        hidden_experts = experts.hidden_states(ids, processed.images)
+        # ... and nothing before the first visual token (causal attention: text before the image is untouched)
+        first_visual = processed.input_ids.index(processor.image_id)
+        assert torch.equal(hidden_plain[0, :first_visual], hidden_experts[0, :first_visual])
+        assert (hidden_plain[0, first_visual] - hidden_experts[0, first_visual]).abs().max() > 1e-3
+        # text-only input takes the text path everywhere
+        text_ids = torch.tensor([tokenizer.encode("how many shapes")])
+        assert torch.equal(plain(text_ids), experts(text_ids))
+
+
+def test_save_load_round_trip_and_generation(tokenizer, tmp_path):
+    model, processor = build(tokenizer, VISION_SETTINGS["eve"], expert_mlp=True)
+    model.save(tmp_path, tokenizer)
+    loaded = EncoderFreeVLM.load(tmp_path)
+    ids, tensors = processor.prompt("what colour is it", [image(16, 16)])
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([ids]), tensors), loaded(torch.tensor([ids]), tensors))
+    # cached generation with an image equals greedy re-computation of full forwards
+    result = generate(loaded, [ids], GenerationConfig(max_new_tokens=6), prefill_inputs={"images": tensors})[0]
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            sequence.append(int(loaded(torch.tensor([sequence]), tensors)[0, -1].argmax()))
+    assert result.token_ids == sequence[len(ids):]
+
+
+def test_pack_and_length_groups_keep_every_sample():
+    lengths = [5, 17, 9, 3, 30, 12, 8, 1]
+    rows = pack(lengths, max_length=30)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 30 for row in rows)
+    batches = length_grouped_batches(lengths, batch_size=3, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches == length_grouped_batches(lengths, batch_size=3, seed=0)
