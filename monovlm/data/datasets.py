@@ -1,0 +1,158 @@
+"""LLaVA-format JSON / JSONL datasets that never stop a run for a bad sample and never lose one silently.
+
+A record that cannot be used (malformed line, missing or corrupt image, image path escaping the root, too long, no
+answer) becomes a `SkippedSample` naming the record and the reason. Collation drops skipped items and counts them in
+a `SkipReport` that lives in the main process (so counts stay right with DataLoader workers), and the report's
+`summary()` is printed at the end of every pass over the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monovlm.data.images import ImageLoadError
+from monovlm.data.processor import ProcessedSample, Processor, SampleError
+
+
+class DatasetError(ValueError):
+    """The dataset file itself is unusable (missing, or not JSON at all): that does stop the run, by name."""
+
+
+@dataclass
+class SkippedSample:
+    where: str  # "record 12 (id=abc)" or "line 7"
+    reason: str  # a short category, e.g. "image unreadable"
+    detail: str  # the full message
+
+
+@dataclass
+class SkipReport:
+    total: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[SkippedSample] = field(default_factory=list)
+    max_examples: int = 20
+
+    def record(self, item: "ProcessedSample | SkippedSample") -> bool:
+        """Count one item; True if it is usable."""
+        self.total += 1
+        if isinstance(item, SkippedSample):
+            self.reasons[item.reason] += 1
+            if len(self.examples) < self.max_examples:
+                self.examples.append(item)
+            return False
+        return True
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"used all {self.total} samples"
+        lines = [f"skipped {self.skipped} of {self.total} samples:"]
+        lines += [f"  {count} × {reason}" for reason, count in self.reasons.most_common()]
+        lines += [f"  - {item.where}: {item.detail}" for item in self.examples]
+        if self.skipped > len(self.examples):
+            lines.append(f"  ... and {self.skipped - len(self.examples)} more")
+        return "\n".join(lines)
+
+
+def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[SkippedSample]]:
+    """Records of a .json (a list) or .jsonl (one object per line) file, and the malformed ones as skips."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    records: list[dict[str, Any]] = []
+    skipped: list[SkippedSample] = []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                skipped.append(SkippedSample(f"{path.name} line {number}", "malformed line", str(error)))
+                continue
+            if not isinstance(record, dict):
+                skipped.append(SkippedSample(f"{path.name} line {number}", "malformed line", "not a JSON object"))
+                continue
+            records.append(record)
+        return records, skipped
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path} is not valid JSON ({error}); use .jsonl for line-by-line tolerance") from error
+    if not isinstance(data, list):
+        raise DatasetError(f"{path} must hold a JSON list of samples")
+    for number, record in enumerate(data):
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped.append(SkippedSample(f"{path.name} record {number}", "malformed record", "not a JSON object"))
+    return records, skipped
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ImageLoadError):
+        return "image unreadable"
+    message = str(error)
+    if "escapes the image root" in message:
+        return "image path escapes root"
+    if "max_length" in message:
+        return "too long"
+    return "invalid sample"
+
+
+class LlavaDataset:
+    """Map-style dataset: item i is the processed record i, or a SkippedSample saying why it cannot be used."""
+
+    def __init__(self, path: str | os.PathLike, processor: Processor, image_root: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.processor = processor
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.records, self.malformed = read_records(self.path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def describe(self, index: int) -> str:
+        record_id = self.records[index].get("id")
+        return f"{self.path.name} record {index}" + (f" (id={record_id})" if record_id is not None else "")
+
+    def __getitem__(self, index: int) -> ProcessedSample | SkippedSample:
+        try:
+            return self.processor.process(self.records[index], image_root=self.image_root)
+        except (SampleError, ImageLoadError) as error:
+            return SkippedSample(self.describe(index), _reason(error), str(error))
+
+    def new_report(self) -> SkipReport:
+        """A report that already counts the file's malformed lines."""
+        report = SkipReport()
+        for item in self.malformed:
+            report.record(item)
+        return report
+
+    def processed(self, report: SkipReport | None = None, indices: Sequence[int] | None = None) -> Iterator[ProcessedSample]:
+        """Usable samples in order (or in the order of `indices`), counting skips into report."""
+        report = report if report is not None else self.new_report()
+        for index in indices if indices is not None else range(len(self)):
+            item = self[index]
+            if report.record(item):
+                yield item  # type: ignore[misc]
+
+
+def skipping_collate(collate_fn: Callable, report: SkipReport) -> Callable:
+    """Wrap a collate function: drop and count SkippedSamples (runs in the main process), collate the rest."""
+
+    def collate(items: list) -> Any:
+        usable = [item for item in items if report.record(item)]
+        return collate_fn(usable) if usable else None
+
+    return collate

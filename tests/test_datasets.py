@@ -1,0 +1,85 @@
+"""Dataset readers skip bad samples, count them, and name them in the summary; good samples all come through."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from monovlm.config import ProcessorConfig, VisionConfig
+from monovlm.data.collate import collate
+from monovlm.data.datasets import DatasetError, LlavaDataset, skipping_collate
+from monovlm.data.processor import Processor
+from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def processor():
+    tokenizer = train_bpe_tokenizer(["a red circle and a blue square"] * 10, vocab_size=300)
+    add_image_special_tokens(tokenizer)
+    vision = VisionConfig(embedder="conv", patch_size=4, merge=2, embedder_width=16, max_pixels=32 * 32)
+    return Processor(tokenizer, vision, ProcessorConfig(template="chatml", max_length=200))
+
+
+def record(image, answer="red", record_id=None):
+    entry = {"conversations": [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": answer}]}
+    if image is not None:
+        entry["image"] = image
+    if record_id is not None:
+        entry["id"] = record_id
+    return entry
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (20, 12), (255, 0, 0)).save(images / "good.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "outside.png").write_bytes(b"")
+    return tmp_path
+
+
+def test_jsonl_reader_skips_and_counts_every_kind_of_bad_sample(processor, data_dir):
+    lines = [
+        json.dumps(record("images/good.png", record_id="ok-1")),
+        "{this is not json",
+        json.dumps(record("images/missing.png", record_id="gone")),
+        json.dumps(record("images/corrupt.png", record_id="broken")),
+        json.dumps(record("../outside.png", record_id="escape")),
+        json.dumps(record(None, record_id="text-only")),  # no image, no marker problem: the marker is unmatched
+        json.dumps(record("images/good.png", answer="long " * 300, record_id="too-long")),
+        json.dumps(record("images/good.png", record_id="ok-2")),
+        "[1, 2]",
+    ]
+    path = data_dir / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    dataset = LlavaDataset(path, processor)
+    report = dataset.new_report()
+    good = list(dataset.processed(report))
+    assert len(good) == 2  # both good samples, none lost
+    assert report.total == 9 and report.skipped == 7
+    assert report.reasons["malformed line"] == 2
+    assert report.reasons["image unreadable"] == 2
+    assert report.reasons["image path escapes root"] == 1
+    assert report.reasons["too long"] == 1
+    summary = report.summary()
+    for name in ("line 2", "id=gone", "id=broken", "id=escape", "id=too-long", "missing.png"):
+        assert name in summary
+
+
+def test_collate_wrapper_counts_skips_in_the_main_process(processor, data_dir):
+    path = data_dir / "train.json"
+    path.write_text(json.dumps([record("images/good.png"), record("images/missing.png"), record("images/good.png")]))
+    dataset = LlavaDataset(path, processor)
+    report = dataset.new_report()
+    batch = skipping_collate(lambda items: collate(items, pad_id=0), report)([dataset[i] for i in range(3)])
+    assert batch.num_samples == 2 and len(batch.images) == 2
+    assert report.skipped == 1 and "missing.png" in report.summary()
+
+
+def test_unreadable_dataset_file_is_a_clear_error(processor, tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        LlavaDataset(tmp_path / "nope.json", processor)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        LlavaDataset(tmp_path / "bad.json", processor)
