@@ -1,7 +1,8 @@
 """`monovlm <verb>`: each verb is a typed function; its signature and docstring are the command-line interface.
 
 litgpt-style: the function is the source of truth, so the CLI and the Python API cannot drift apart. Parameters
-without defaults become positional arguments, the rest `--flags`; `bool` defaults become `--flag/--no-flag`.
+without defaults become positional arguments (required `--flags` when keyword-only), the rest `--flags`; `bool`
+defaults become `--flag/--no-flag`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
     element = typing.get_args(base)[0] if is_list else base
     converter = element if element in (int, float, str, Path) else str
     flag = "--" + param.name.replace("_", "-")
-    if param.default is inspect.Parameter.empty:
+    if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.KEYWORD_ONLY:
+        parser.add_argument(flag, dest=param.name, type=converter, nargs="+" if is_list else None, required=True,
+                            help=help_text)
+    elif param.default is inspect.Parameter.empty:
         parser.add_argument(param.name, type=converter, nargs="+" if is_list else None, help=help_text)
     elif base is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_text)
@@ -62,13 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"monovlm {__version__}")
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, function in COMMANDS.items():
         summary, helps = _parse_docstring(function)
-        sub = verbs.add_parser(name, help=summary.splitlines()[0] if summary else "", description=summary)
+        first_line = summary.splitlines()[0] if summary else ""
+        group_name, _, verb = name.rpartition(" ")  # "data synth" -> a "data" group holding "synth"
+        if group_name:
+            if group_name not in groups:
+                group = verbs.add_parser(group_name, help=f"{group_name} commands")
+                groups[group_name] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            sub = groups[group_name].add_parser(verb, help=first_line, description=summary)
+        else:
+            sub = verbs.add_parser(name, help=first_line, description=summary)
         hints = typing.get_type_hints(function)
         for param in inspect.signature(function).parameters.values():
             _add_parameter(sub, param, hints.get(param.name, str), helps.get(param.name, ""))
-        sub.set_defaults(_function=function)
+        sub.set_defaults(_function=function, _name=name)
     return parser
 
 
@@ -81,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     function = args._function
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_function")}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "subcommand", "_function", "_name")}
     try:
         function(**kwargs)
     except (ValueError, FileNotFoundError) as error:  # our errors name the thing and the reason; no traceback needed
-        print(f"monovlm {args.command}: error: {error}", file=sys.stderr)
+        print(f"monovlm {args._name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as `python -m monovlm.cli`: use the registry of the importable module
+    from monovlm.cli import main as registered_main
+
+    sys.exit(registered_main())

@@ -69,6 +69,7 @@ def generate_text(
 @command("train-tokenizer")
 def train_tokenizer(
     texts: list[Path],
+    *,
     out: Path,
     vocab_size: int = 4096,
 ) -> None:

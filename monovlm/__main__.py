@@ -1,0 +1,5 @@
+import sys
+
+from monovlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""The command line: help lists the verbs, tokenizer training and text generation run end to end, errors are plain."""
+
+import subprocess
+import sys
+
+import pytest
+
+from monovlm.cli import main
+from monovlm.config import DecoderConfig
+from monovlm.model.decoder import Decoder
+from monovlm.model.hf import save_hf_decoder
+from monovlm.tokenizer import Tokenizer
+
+
+def test_help_lists_every_verb():
+    out = subprocess.run([sys.executable, "-m", "monovlm", "--help"], capture_output=True, text=True, check=True)
+    for verb in ("generate", "train-tokenizer"):
+        assert verb in out.stdout
+
+
+def test_train_tokenizer_then_generate(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the red circle is left of the blue square.\n" * 50 + "héllo wörld ✓\n" * 10)
+    model_dir = tmp_path / "model"
+    assert main(["train-tokenizer", str(text), "--out", str(model_dir), "--vocab-size", "300"]) == 0
+    tokenizer = Tokenizer.from_folder(model_dir)
+    assert tokenizer.decode(tokenizer.encode("héllo wörld ✓")) == "héllo wörld ✓"
+    decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id))
+    save_hf_decoder(decoder, model_dir)
+    capsys.readouterr()
+    assert main(["generate", str(model_dir), "the red", "--max-new-tokens", "5", "--no-chat"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    # seeded sampling is reproducible through the CLI
+    outputs = []
+    for _ in range(2):
+        main(["generate", str(model_dir), "the red", "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "3"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+def test_wrong_model_path_is_a_plain_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "missing" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["generate"], ["no-such-verb"]])
+def test_bad_usage_exits_nonzero(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code != 0
