@@ -200,12 +200,40 @@ class ProcessorConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """The vision encoder of the encoder-based (LLaVA-style) baseline: a small ViT over the same patches.
+
+    It reads patches of `VisionConfig.patch_size`, runs `depth` bidirectional transformer layers inside each image,
+    then a `merge`×`merge` pixel-shuffle + MLP projector maps to the decoder width — so the baseline produces exactly
+    as many visual tokens as the encoder-free `conv` embedder with the same VisionConfig, and the two models differ
+    only in having a vision encoder.
+    """
+
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"encoder width={self.width} must be divisible by heads={self.heads}")
+        if self.depth < 1:
+            raise ConfigError(f"encoder depth={self.depth} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class VLMConfig:
-    """An encoder-free VLM: the decoder, the pixel embedder, and the processor settings."""
+    """A VLM: the decoder, the pixel embedder (or, for the baseline, a vision encoder), the processor settings.
+
+    `encoder=None` is the encoder-free model; an EncoderConfig makes the encoder-based baseline."""
 
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    encoder: EncoderConfig | None = None
 
     def __post_init__(self) -> None:
         if "image" not in self.decoder.special_tokens:
@@ -217,15 +245,18 @@ class VLMConfig:
         return self.decoder.special_tokens["image"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"decoder": self.decoder.to_dict(), "vision": self.vision.to_dict(), "processor": self.processor.to_dict()}
+        return {"decoder": self.decoder.to_dict(), "vision": self.vision.to_dict(), "processor": self.processor.to_dict(),
+                "encoder": self.encoder.to_dict() if self.encoder is not None else None}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VLMConfig":
-        unknown = sorted(set(values) - {"decoder", "vision", "processor"})
+        unknown = sorted(set(values) - {"decoder", "vision", "processor", "encoder"})
         if unknown:
             raise ConfigError(f"unknown VLMConfig field(s): {unknown}")
+        encoder = values.get("encoder")
         return cls(
             decoder=DecoderConfig.from_dict(values["decoder"]),
             vision=VisionConfig.from_dict(values.get("vision", {})),
             processor=ProcessorConfig.from_dict(values.get("processor", {})),
+            encoder=EncoderConfig(**encoder) if encoder is not None else None,
         )

@@ -49,3 +49,16 @@ def test_bad_usage_exits_nonzero(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code != 0
+
+
+def test_data_synth_twice_gives_identical_files(tmp_path):
+    import hashlib
+
+    def digest(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    for name in ("a", "b"):
+        assert main(["data", "synth", "--out", str(tmp_path / name), "--n", "40", "--seed", "0", "--no-progress"]) == 0
+    first, second = digest(tmp_path / "a"), digest(tmp_path / "b")
+    assert first == second and "instruct_test.json" in first and len(first) > 40

@@ -1,0 +1,276 @@
+"""Synthetic data: determinism, split hygiene, balance, and answers that agree with the pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from monovlm.data import synthetic as syn
+
+N = 60
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _load(root: Path, name: str):
+    return json.loads((root / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic_seed0")
+    syn.synthesize(root, n=N, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def records(data):
+    return {r["id"]: r for r in _load(data, "scenes.json")}
+
+
+@pytest.fixture(scope="module")
+def questions(data):
+    return _load(data, "instruct_train.json") + _load(data, "instruct_test.json")
+
+
+def test_same_seed_gives_identical_bytes(data, tmp_path):
+    syn.synthesize(tmp_path, n=N, seed=0, progress=False)
+    first, second = _hashes(data), _hashes(tmp_path)
+    assert len(first) == N + 5  # images + pretrain, instruct_train, instruct_test, scenes, summary
+    assert first == second
+
+
+def test_different_seed_differs(data, tmp_path):
+    syn.synthesize(tmp_path, n=N, seed=1, progress=False)
+    first, second = _hashes(data), _hashes(tmp_path)
+    assert first.keys() == second.keys()
+    images_differ = sum(first[k] != second[k] for k in first if k.startswith("images/"))
+    assert images_differ > N * 0.9
+    assert first["instruct_train.json"] != second["instruct_train.json"]
+
+
+def test_prefix_does_not_depend_on_n(data, tmp_path):
+    syn.synthesize(tmp_path, n=N // 2, seed=0, progress=False)
+    short = _hashes(tmp_path)
+    full = _hashes(data)
+    for key in short:
+        if key.startswith("images/"):
+            assert short[key] == full[key], key
+    assert _load(tmp_path, "pretrain.json") == _load(data, "pretrain.json")[: len(_load(tmp_path, "pretrain.json"))]
+
+
+def test_train_and_test_images_are_disjoint(data, records):
+    train = {e["image"] for name in ("pretrain.json", "instruct_train.json") for e in _load(data, name)}
+    test = {e["image"] for e in _load(data, "instruct_test.json")}
+    assert train and test
+    assert not train & test
+    split_of = {r["image"]: r["split"] for r in records.values()}
+    assert all(split_of[i] == "train" for i in train) and all(split_of[i] == "test" for i in test)
+    assert abs(sum(r["split"] == "test" for r in records.values()) - 0.2 * N) <= 3
+
+
+def test_llava_schema_and_summary(data, questions):
+    for entry in _load(data, "pretrain.json"):
+        assert set(entry) == {"id", "image", "conversations"}
+        assert entry["conversations"][0] == {"from": "human", "value": "<image>"}
+        assert entry["conversations"][1]["from"] == "gpt" and entry["conversations"][1]["value"].endswith(".")
+    ids = [q["id"] for q in questions]
+    assert len(ids) == len(set(ids))
+    for q in questions:
+        assert q["category"] in syn.CATEGORIES
+        assert q["conversations"] == [
+            {"from": "human", "value": "<image>\n" + q["question"]},
+            {"from": "gpt", "value": q["answer"]},
+        ]
+        assert ("pope_split" in q) == (q["category"] == "existence")
+        assert q["answer"] == q["answer"].lower() and 1 <= len(q["answer"].split()) <= 2
+    summary = _load(data, "summary.json")
+    for split in ("train", "test"):
+        entries = _load(data, f"instruct_{split}.json")
+        counts = summary[f"instruct_{split}"]["categories"]
+        assert counts == {c: sum(e["category"] == c for e in entries) for c in syn.CATEGORIES}
+
+
+def test_every_category_appears(data):
+    categories = {q["category"] for q in _load(data, "instruct_train.json")}
+    assert categories == set(syn.CATEGORIES)
+
+
+def test_yes_no_balanced_and_all_pope_splits(questions):
+    existence = [q for q in questions if q["category"] == "existence"]
+    assert {q["pope_split"] for q in existence} == set(syn.POPE_SPLITS)
+    for split in syn.POPE_SPLITS:
+        answers = [q["answer"] for q in existence if q["pope_split"] == split]
+        assert answers.count("yes") == answers.count("no") > 0
+    mazes = [q["answer"] for q in questions if q["category"] == "maze"]
+    assert abs(mazes.count("yes") - mazes.count("no")) <= 2 and mazes.count("yes") > 0
+
+
+def _shapes_matching(shapes: list[dict], phrase: str) -> list[dict]:
+    words = phrase.split()
+    *modifiers, noun = words
+    wanted = {}
+    for w in modifiers:
+        wanted["size" if w in syn.SIZES else "color"] = w
+    if noun != "object":
+        wanted["kind"] = noun
+    return [s for s in shapes if all(s[k] == v for k, v in wanted.items())]
+
+
+def _the_shape(shapes: list[dict], phrase: str) -> dict:
+    matching = _shapes_matching(shapes, phrase)
+    assert len(matching) == 1, f"ambiguous or absent: the {phrase!r} in {shapes}"  # only unambiguous questions
+    return matching[0]
+
+
+def test_answers_agree_with_scene_and_pixels(data, records, questions):
+    checked = set()
+    for q in questions:
+        record = records[q["id"].split("_")[0]]
+        question, answer = q["question"], q["answer"]
+        if q["category"] == "maze":
+            continue
+        shapes = record["shapes"]
+        image = np.asarray(Image.open(data / record["image"]).convert("RGB"))
+        if m := re.fullmatch(r"What color is the (.+)\?", question):
+            shape = _the_shape(shapes, m[1])
+            assert answer == shape["color"] == syn.nearest_color(image[shape["cy"], shape["cx"]])
+        elif m := re.fullmatch(r"What (shape|size) is the (.+)\?", question):
+            assert answer == _the_shape(shapes, m[2])["kind" if m[1] == "shape" else "size"]
+        elif question == "How many shapes are there?":
+            assert answer == str(len(shapes))
+        elif m := re.fullmatch(r"How many (\w+) (?:shapes )?are there\?", question):
+            kind = {v: k for k, v in syn.PLURALS.items()}.get(m[1])
+            count = sum(s["kind"] == kind if kind else s["color"] == m[1] for s in shapes)
+            assert answer == str(count)
+        elif m := re.fullmatch(r"Where is the (.+)\?", question):
+            assert answer == _the_shape(shapes, m[1])["position"]
+        elif m := re.fullmatch(r"Is the (.+) (to the left of|to the right of|above|below) the (.+)\?", question):
+            a, b = _the_shape(shapes, m[1]), _the_shape(shapes, m[3])
+            truth = {
+                "to the left of": a["col"] < b["col"], "to the right of": a["col"] > b["col"],
+                "above": a["row"] < b["row"], "below": a["row"] > b["row"],
+            }[m[2]]
+            assert answer == ("yes" if truth else "no")
+        elif question == "What word is written in the image?":
+            assert answer == record["word"].lower()
+        elif m := re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", question):
+            present = any(s["color"] == m[1] and s["kind"] == m[2] for s in shapes)
+            assert answer == ("yes" if present else "no")
+        else:
+            raise AssertionError(f"unrecognised question {question!r}")
+        checked.add(q["category"])
+    assert checked == set(syn.CATEGORIES) - {"maze"}
+
+
+def test_every_shape_centre_has_its_colour(data, records):
+    for record in records.values():
+        if record["type"] != "scene":
+            continue
+        image = np.asarray(Image.open(data / record["image"]).convert("RGB"))
+        for s in record["shapes"]:
+            assert tuple(image[s["cy"], s["cx"]]) == syn.COLORS[s["color"]]
+
+
+def test_images_open_with_configured_size(data, records, tmp_path):
+    for record in records.values():
+        with Image.open(data / record["image"]) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+    syn.synthesize(tmp_path, n=8, seed=3, image_size=96, progress=False)
+    sizes = {Image.open(p).size for p in (tmp_path / "images").glob("*.png")}
+    assert sizes == {(96, 96)}
+
+
+def test_maze_pixel_label_agrees_with_construction():
+    for image_size in (32, 64, 96):
+        for index in range(40):
+            maze = syn.sample_maze(seed=7, index=index, image_size=image_size, loops=index % 2 == 1)
+            topology = syn.maze_topology(syn.render_maze(maze), maze.cells)
+            assert topology.nodes == maze.cells**2 and topology.components == 1
+            assert topology.loops == maze.built_loops
+            assert (topology.loops > 0) == (index % 2 == 1)
+
+
+def test_maze_answers_come_from_pixels(data, records, questions):
+    for q in questions:
+        if q["category"] != "maze":
+            continue
+        record = records[q["id"].split("_")[0]]
+        topology = syn.maze_topology(Image.open(data / record["image"]), record["cells"])
+        assert q["answer"] == ("yes" if topology.loops > 0 else "no") == ("yes" if record["built_loops"] else "no")
+
+
+def _paint_block(image: Image.Image, cells: int, unit_row: int, unit_col: int, color) -> Image.Image:
+    unit, margin = syn.maze_geometry(image.size[0], cells)
+    painted = image.copy()
+    x0, y0 = margin + unit_col * unit, margin + unit_row * unit
+    ImageDraw.Draw(painted).rectangle((x0, y0, x0 + unit - 1, y0 + unit - 1), fill=color)
+    return painted
+
+
+def test_painting_over_a_wall_changes_the_label():
+    maze = syn.sample_maze(seed=0, index=3, image_size=64, loops=False)
+    image = syn.render_maze(maze)
+    assert syn.maze_topology(image, maze.cells).loops == 0
+    closed = next(w for w in syn._interior_walls(maze.cells) if w not in maze.passages)
+    r1, c1, r2, c2 = closed
+    opened = _paint_block(image, maze.cells, r1 + r2 + 1, c1 + c2 + 1, maze.floor)  # erase one wall
+    assert syn.maze_topology(opened, maze.cells).loops == 1
+    # and back: painting a wall over that passage removes the loop again
+    reclosed = _paint_block(opened, maze.cells, r1 + r2 + 1, c1 + c2 + 1, maze.wall)
+    assert syn.maze_topology(reclosed, maze.cells).loops == 0
+
+
+def test_invalid_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="test_fraction"):
+        syn.synthesize(tmp_path, n=4, test_fraction=1.0, progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        syn.synthesize(tmp_path, n=4, image_size=16, progress=False)
+
+
+def _scene(*objects: str, word: str | None = None) -> syn.Scene:
+    shapes = []
+    for i, obj in enumerate(objects):
+        size, color, kind = obj.split()
+        row, col = divmod(i * 8 if len(objects) == 2 else i, 3)  # two shapes: top left and bottom right
+        shapes.append(syn.Shape(kind=kind, color=color, size=size, row=row, col=col, cx=0, cy=0, r=1))
+    return syn.Scene(64, syn.Background("plain", "white"), tuple(shapes), word, 1 if word else None)
+
+
+def test_caption_wording_and_order():
+    scene = _scene("large red circle", "small blue square")
+    assert syn.scene_caption(scene) == "a large red circle at the top left and a small blue square at the bottom right."
+    scene = _scene("small orange cross", "large green triangle", "small red circle", word="CAT")
+    assert syn.scene_caption(scene) == (
+        "a small orange cross at the top left, a large green triangle at the top and a small red circle at the top "
+        'right. the word "cat" is written in the middle.'
+    )
+
+
+def test_pope_negative_samplers():
+    stats = syn.pope_statistics([
+        _scene("large red circle", "large blue square"),
+        _scene("large red circle", "large blue square"),
+        _scene("large red circle", "large green triangle"),
+        _scene("large green triangle", "large purple cross"),
+        _scene("large green triangle", "large purple cross"),
+    ])
+    assert stats.frequency["red circle"] == 3 and stats.co_occurrence["green triangle"]["purple cross"] == 2
+    query = _scene("small green triangle")
+    rng = np.random.default_rng(0)
+    by_split = {s: syn.existence_questions(query, stats, s, rng) for s in syn.POPE_SPLITS}
+    for split, qs in by_split.items():
+        assert [q["answer"] for q in qs] == ["yes", "no"] and {q["pope_split"] for q in qs} == {split}
+        assert qs[0]["question"] == "Is there a green triangle in the image?"
+    assert by_split["popular"][1]["question"] == "Is there a red circle in the image?"  # most frequent absent
+    assert by_split["adversarial"][1]["question"] == "Is there a purple cross in the image?"  # co-occurs most
+    assert by_split["random"][1]["question"] != by_split["random"][0]["question"]
