@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monovlm.config import VisionConfig
+from monovlm.config import EncoderConfig, VisionConfig
 
 
 def _group_by_size(images: list[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
@@ -175,5 +175,10 @@ class EVEEmbedder(Embedder):
 EMBEDDERS = {"linear": LinearEmbedder, "eve": EVEEmbedder, "conv": ConvEmbedder}
 
 
-def build_embedder(config: VisionConfig, hidden_size: int) -> Embedder:
+def build_embedder(config: VisionConfig, hidden_size: int, encoder: EncoderConfig | None = None) -> Embedder:
+    """The encoder-free embedder named by the config, or — with an EncoderConfig — the baseline's ViT + projector."""
+    if encoder is not None:
+        from monovlm.model.vit import EncoderEmbedder
+
+        return EncoderEmbedder(config, encoder, hidden_size)
     return EMBEDDERS[config.embedder](config, hidden_size)

@@ -29,12 +29,23 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "monovlm-encoder-free"
 
 
+def labelled_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_weight: torch.Tensor,
+                           reduction: str = "mean") -> torch.Tensor:
+    """hidden (B, T, C) predicts labels shifted by one; only labelled positions go through the output head."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    selected = targets != IGNORE_INDEX
+    logits = F.linear(hidden[:, :-1][selected], output_weight)  # (N_labelled, V)
+    if logits.shape[0] == 0:
+        return hidden.sum() * 0.0  # no labels here: a zero that keeps the graph connected
+    return F.cross_entropy(logits.float(), targets[selected], reduction=reduction)
+
+
 class EncoderFreeVLM(nn.Module):
     def __init__(self, config: VLMConfig):
         super().__init__()
         self.config = config
         self.decoder = Decoder(config.decoder)
-        self.embedder = build_embedder(config.vision, config.decoder.hidden_size)
+        self.embedder = build_embedder(config.vision, config.decoder.hidden_size, config.encoder)
 
     @property
     def image_token_id(self) -> int:
@@ -86,26 +97,27 @@ class EncoderFreeVLM(nn.Module):
         images: list[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled positions. labels (B, T) are aligned with input_ids (the
-        shift happens here); the output head runs only where there is a label, which skips every image position."""
+        """Next-token cross-entropy over labelled positions ("mean", or "sum" for the trainer, which divides by the
+        number of labelled tokens of the whole global batch so that accumulation and data parallelism give the same
+        loss as one big batch). labels (B, T) are aligned with input_ids (the shift happens here); the output head
+        runs only where there is a label, which skips every image position."""
         hidden = self.hidden_states(input_ids, images, attention_mask, position_ids)  # (B, T, C)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        selected = targets != IGNORE_INDEX
-        logits = F.linear(hidden[:, :-1][selected], self.decoder.output_weight)  # (N_labelled, V)
-        if logits.shape[0] == 0:
-            return hidden.sum() * 0.0  # no labels in this batch: a zero that keeps the graph connected
-        return F.cross_entropy(logits.float(), targets[selected])
+        return labelled_cross_entropy(hidden, labels, self.decoder.output_weight, reduction)
 
     # -----------------------------------------------------------------------------------------------------------
     # saving and loading (a monovlm folder: config.json, model.safetensors, tokenizer files)
 
-    def save(self, path: str | os.PathLike, tokenizer=None) -> Path:
+    def save(self, path: str | os.PathLike, tokenizer=None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json, model.safetensors (fp32 or the model's dtype) and the tokenizer. `state_dict` replaces
+        the module's own (e.g. a full state gathered from FSDP shards)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(folder)

@@ -1,0 +1,65 @@
+"""Building the model a recipe asks for: from scratch (with a BPE tokenizer trained on the recipe's own data) or
+from a local HF LLM, with the image special tokens added and vision experts copied from the language weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from monovlm.config import DecoderConfig, EncoderConfig, ProcessorConfig, VisionConfig, VLMConfig
+from monovlm.model.decoder import Decoder
+from monovlm.model.vlm import EncoderFreeVLM
+from monovlm.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer, add_image_special_tokens, train_bpe_tokenizer
+from monovlm.train.recipe import Recipe
+
+_EXPERT_KEYS = ("expert_norms", "expert_attention", "expert_mlp")
+
+
+def recipe_texts(recipe: Recipe, data_root: Path):
+    """Every conversation turn of every stage's data (image markers removed): the tokenizer's training corpus."""
+    for stage in recipe.stages:
+        path = data_root / stage.data
+        lines = path.read_text().splitlines() if path.suffix == ".jsonl" else None
+        records = [json.loads(line) for line in lines if line.strip()] if lines is not None else json.loads(path.read_text())
+        for record in records:
+            for turn in record.get("conversations", []) if isinstance(record, dict) else []:
+                if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                    yield turn["value"].replace("<image>", "")
+
+
+def build_tokenizer(recipe: Recipe, data_root: Path) -> Tokenizer:
+    if recipe.model.tokenizer:
+        return Tokenizer.from_folder(recipe.model.tokenizer)
+    if recipe.model.init != "scratch":
+        return Tokenizer.from_folder(recipe.model.init)
+    return train_bpe_tokenizer(recipe_texts(recipe, data_root), vocab_size=recipe.model.vocab_size)
+
+
+def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokenizer]:
+    tokenizer = build_tokenizer(recipe, data_root)
+    tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)  # chatml turns; atomic even for HF tokenizers without them
+    decoder_values = dict(recipe.model.decoder)
+    experts = {key: decoder_values.pop(key) for key in _EXPERT_KEYS if key in decoder_values}
+    if recipe.model.init == "scratch":
+        decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                                        bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id,
+                                        **decoder_values))
+    else:
+        from monovlm.model.hf import load_hf_decoder
+
+        if decoder_values:
+            raise ValueError(f"[model.decoder] may only set expert flags when init is an HF model; got {decoder_values}")
+        decoder = load_hf_decoder(recipe.model.init)
+    add_image_special_tokens(tokenizer, decoder)
+    if tokenizer.vocab_size > decoder.config.vocab_size:
+        decoder.resize_vocab(tokenizer.vocab_size)
+    decoder_config = DecoderConfig.from_dict({**decoder.config.to_dict(), **experts})
+    encoder = EncoderConfig(**recipe.model.encoder) if recipe.model.encoder is not None else None
+    config = VLMConfig(decoder=decoder_config, vision=VisionConfig(**recipe.model.vision),
+                       processor=ProcessorConfig(template=recipe.stages[-1].template), encoder=encoder)
+    model = EncoderFreeVLM(config)
+    missing, unexpected = model.decoder.load_state_dict(decoder.state_dict(), strict=False)
+    assert not unexpected and all("vision" in name for name in missing), (missing, unexpected)
+    if decoder_config.has_experts:
+        model.decoder.init_experts_from_text()
+    return model, tokenizer

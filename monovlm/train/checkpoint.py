@@ -1,0 +1,67 @@
+"""Checkpoints: an inference-ready model folder plus the training state, written atomically.
+
+`runs/NAME/checkpoints/step_000200/` holds config.json, model.safetensors and the tokenizer (loadable for inference
+as is) and `train_state.pt` (optimizer, schedule position, data position, RNG states, the align head). A checkpoint
+is written into `step_000200.tmp/` and renamed into place only when complete, so an interrupted write never damages
+the previous checkpoint and `latest_checkpoint` never returns a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRAIN_STATE = "train_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{global_step:06d}"
+
+
+def save_checkpoint(folder: Path, model, tokenizer, train_state: dict[str, Any], keep: int = 2) -> Path:
+    folder = Path(folder)
+    temporary = folder.with_name(folder.name + ".tmp")
+    if temporary.exists():
+        shutil.rmtree(temporary)  # leftovers of an interrupted write
+    model.save(temporary, tokenizer)
+    torch.save(train_state, temporary / TRAIN_STATE)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(temporary, folder)
+    _prune(folder.parent, keep)
+    return folder
+
+
+def _prune(checkpoints: Path, keep: int) -> None:
+    steps = sorted(p for p in checkpoints.iterdir() if _STEP_DIR.match(p.name))
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        return None
+    complete = [p for p in checkpoints.iterdir() if _STEP_DIR.match(p.name) and (p / TRAIN_STATE).is_file()]
+    return max(complete, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+
+
+def load_train_state(folder: Path) -> dict[str, Any]:
+    return torch.load(Path(folder) / TRAIN_STATE, weights_only=True, map_location="cpu")
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

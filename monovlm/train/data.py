@@ -1,0 +1,79 @@
+"""The training batch stream: a seeded order per epoch, sharded across ranks, resumable by position.
+
+The order of epoch e is a permutation drawn from (seed, e); global batch b of that epoch is the slice
+[b·B·W, (b+1)·B·W) of it, and rank r takes its r-th B samples (B = micro-batch size, W = world size). So the stream is
+fully determined by (epoch, batch index): resuming only needs that position, and one process with micro-batch B·W sees
+exactly the samples of W processes with micro-batch B. Bad samples are skipped and counted (see datasets.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from monovlm.data.collate import Batch, collate, collate_packed, pack
+from monovlm.data.datasets import LlavaDataset, SkipReport
+
+
+@dataclass
+class StreamPosition:
+    epoch: int = 0
+    batch: int = 0
+
+
+class BatchStream:
+    def __init__(self, dataset: LlavaDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1, packed: bool = False, max_length: int = 512):
+        if len(dataset) < batch_size * world_size:
+            raise ValueError(f"{dataset.path} has {len(dataset)} samples, fewer than one global batch "
+                             f"({batch_size} × {world_size} ranks)")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.rank = rank
+        self.world_size = world_size
+        self.packed = packed
+        self.max_length = max_length
+        self.position = StreamPosition()
+        self.report: SkipReport = dataset.new_report() if rank == 0 else SkipReport()
+        self._order: torch.Tensor | None = None
+        self._order_epoch = -1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // (self.batch_size * self.world_size)  # the ragged tail is dropped, as usual
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order_epoch != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.dataset), generator=generator)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_indices(self) -> list[int]:
+        if self.position.batch >= self.batches_per_epoch:
+            self.position = StreamPosition(self.position.epoch + 1, 0)
+            if self.rank == 0:
+                print(f"data: epoch {self.position.epoch} of {self.dataset.path.name}; {self.report.summary()}")
+        order = self._epoch_order(self.position.epoch)
+        start = (self.position.batch * self.world_size + self.rank) * self.batch_size
+        self.position = StreamPosition(self.position.epoch, self.position.batch + 1)
+        return order[start : start + self.batch_size].tolist()
+
+    def next_batch(self) -> Batch | None:
+        """The next micro-batch of this rank; None if every sample in it was unusable (the step still counts)."""
+        samples = list(self.dataset.processed(self.report, self.next_indices()))
+        if not samples:
+            return None
+        if self.packed:
+            rows = pack([len(s) for s in samples], self.max_length)
+            return collate_packed([[samples[i] for i in row] for row in rows], self.pad_id)
+        return collate(samples, self.pad_id)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.position.epoch, "batch": self.position.batch}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.position = StreamPosition(int(state["epoch"]), int(state["batch"]))

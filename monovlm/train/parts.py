@@ -1,0 +1,64 @@
+"""Which parameters train: explicit parts with trainable flags, per-part learning rates, decay only on matrices.
+
+Every parameter belongs to exactly one part, decided by its name:
+- `embedder`  — the encoder-free pixel embedder (`embedder.*` of EncoderFreeVLM);
+- `encoder` / `projector` — the baseline's ViT and MLP projector (`embedder.encoder.*`, `embedder.projector.*`);
+- `experts`   — vision copies inside the decoder (`decoder.layers.*.vision*`, `decoder.layers.*.attn.vision.*`);
+- `decoder`   — every other decoder weight (the language model);
+- `align`     — EVE's patch-align head (`aligner.*`, training only).
+Frozen parts get `requires_grad=False`, so they get no gradients and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+_EXPERT = re.compile(r"^decoder\.layers\.\d+\.(vision_|attn\.vision\.)")
+
+
+def part_of(name: str) -> str:
+    name = name.removeprefix("model.")  # inside the trainer's wrapper the VLM is `model`
+    if name.startswith("aligner."):
+        return "align"
+    if name.startswith("embedder.encoder."):
+        return "encoder"
+    if name.startswith("embedder.projector."):
+        return "projector"
+    if name.startswith("embedder."):
+        return "embedder"
+    if _EXPERT.match(name):
+        return "experts"
+    if name.startswith("decoder."):
+        return "decoder"
+    raise ValueError(f"parameter {name!r} belongs to no known part")
+
+
+def set_trainable(module: nn.Module, parts: list[str]) -> dict[str, int]:
+    """Freeze everything outside `parts`; return the number of trainable parameters per part."""
+    counts: dict[str, int] = defaultdict(int)
+    for name, param in module.named_parameters():
+        part = part_of(name)
+        param.requires_grad_(part in parts)
+        if param.requires_grad:
+            counts[part] += param.numel()
+    return dict(counts)
+
+
+def param_groups(module: nn.Module, lr: float, lr_by_part: dict[str, float], weight_decay: float) -> list[dict]:
+    """AdamW groups per (part, decay): matrices (≥ 2-D) decay, vectors (norms, biases) and nothing frozen do not.
+
+    Each group carries its part name and peak lr ("peak_lr") so the schedule can scale all groups together."""
+    groups: dict[tuple[str, bool], list[torch.Tensor]] = defaultdict(list)
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            groups[(part_of(name), param.dim() >= 2)].append(param)
+    result = []
+    for (part, decays), params in sorted(groups.items()):
+        peak = lr_by_part.get(part, lr)
+        result.append({"params": params, "lr": peak, "peak_lr": peak, "part": part,
+                       "weight_decay": weight_decay if decays else 0.0})
+    return result

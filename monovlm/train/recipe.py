@@ -1,0 +1,131 @@
+"""Training recipes as TOML files: the model to build, the teacher for EVE's align loss, and the stages.
+
+A stage names its data, its template, what trains, its learning rates and its length. Stages run in order, each
+starting from the previous one's weights with a fresh optimizer and schedule (as EVE's separate stage scripts do).
+Everything not written in the file takes the dataclass default below, and unknown keys are errors that name the key,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monovlm.config import ConfigError
+
+PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align")
+
+
+@dataclass
+class StageConfig:
+    name: str
+    data: str  # LLaVA JSON/JSONL, relative to the data root
+    template: str = "chatml"  # "plain" for caption pre-training
+    image_root: str | None = None  # relative to the data root; default: the data file's folder
+    # explicit trainable parts (torchtune style): "embedder" (encoder-free pixel embedder), "encoder" and "projector"
+    # (the baseline's ViT and MLP), "decoder" (language weights), "experts" (vision experts), "align" (EVE's head)
+    train: list[str] = field(default_factory=lambda: ["embedder", "decoder", "experts"])
+    lr: float = 1e-3
+    lr_by_part: dict[str, float] = field(default_factory=dict)  # e.g. {embedder = 4e-3}
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of each group's peak lr
+    steps: int = 100  # optimizer steps
+    batch_size: int = 16  # samples per micro-batch (per rank)
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    pack: bool = False  # pack samples into rows of max_length tokens
+    max_length: int = 512
+    align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
+    eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)
+    save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
+    init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        unknown = [p for p in [*self.train, *self.lr_by_part] if p not in PARTS]
+        if unknown:
+            raise ConfigError(f"stage {self.name!r}: unknown part(s) {unknown}; parts are {PARTS}")
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError(f"stage {self.name!r}: steps, batch_size and grad_accum must be positive")
+        if self.align and "align" not in self.train:
+            self.train = [*self.train, "align"]
+
+
+@dataclass
+class AlignConfig:
+    teacher: str = "vit"  # "vit" (monovlm's own, pretrained on the data), "hf:PATH" (CLIP/SigLIP), "features:PATH"
+    teacher_steps: int = 300  # pretraining steps of the "vit" teacher
+    layers: list[int] | None = None  # decoder layers to align; None = EVE's every-4th-layer rule
+    loss: str = "cosine"
+    weight: float = 1.0
+    heads: int = 4
+
+
+@dataclass
+class ModelRecipe:
+    init: str = "scratch"  # "scratch" or a local HF LLM folder
+    tokenizer: str | None = None  # tokenizer folder; None with scratch = train a BPE on the recipe's data
+    vocab_size: int = 1024  # for a scratch tokenizer
+    decoder: dict[str, Any] = field(default_factory=dict)  # DecoderConfig fields (scratch) or overrides (experts)
+    vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig fields
+    encoder: dict[str, Any] | None = None  # EncoderConfig fields: makes the encoder-based baseline
+
+
+@dataclass
+class Recipe:
+    name: str
+    seed: int = 0
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    align: AlignConfig | None = None
+    stages: list[StageConfig] = field(default_factory=list)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError(f"recipe {self.name!r} has no [[stages]]")
+        if any(stage.align for stage in self.stages) and self.align is None:
+            raise ConfigError(f"recipe {self.name!r}: a stage sets align = true but there is no [align] table")
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def recipe_from_dict(values: dict[str, Any], where: str = "recipe") -> Recipe:
+    values = dict(values)
+    model = _build(ModelRecipe, values.pop("model", {}), f"{where} [model]")
+    align = values.pop("align", None)
+    align = _build(AlignConfig, align, f"{where} [align]") if align is not None else None
+    stages = [_build(StageConfig, stage, f"{where} stage {i}") for i, stage in enumerate(values.pop("stages", []))]
+    return _build(Recipe, {**values, "model": model, "align": align, "stages": stages}, where)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by file path, or by name from the recipes shipped with monovlm (eve, evev2, solo, llava)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+        raise ConfigError(f"recipe {name_or_path!r} not found (looked at {path}); shipped recipes: {shipped}")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    return recipe_from_dict(values, where=str(path))

@@ -1,0 +1,340 @@
+"""The training loop: one explicit loop over the recipe's stages, readable top to bottom.
+
+Per optimizer step: fetch `grad_accum` micro-batches, count their labelled tokens across all ranks, then for each
+micro-batch run forward (bf16 autocast by default) and backward with the loss *summed* over tokens and divided by
+that global count — so gradient accumulation and data parallelism give exactly the loss of one big batch. Then clip,
+set the learning rate (warmup + cosine), step AdamW, log (loss, tokens/s, MFU) and maybe evaluate or checkpoint.
+
+A checkpoint holds the model folder plus the training state (optimizer, data position, RNG, align head); `resume`
+continues from the latest one so that the loss sequence equals the uninterrupted run's exactly (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from monovlm.config import ProcessorConfig
+from monovlm.data.collate import Batch
+from monovlm.data.datasets import LlavaDataset
+from monovlm.data.processor import IGNORE_INDEX, Processor
+from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy
+from monovlm.tokenizer import Tokenizer
+from monovlm.train import checkpoint as ckpt
+from monovlm.train.build import build_model
+from monovlm.train.data import BatchStream
+from monovlm.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap
+from monovlm.train.flops import flops_per_token, measure_peak_flops
+from monovlm.train.parts import param_groups, set_trainable
+from monovlm.train.recipe import Recipe, StageConfig, recipe_to_dict
+from monovlm.train.schedule import apply_lr, lr_factor
+
+
+@dataclass
+class TrainOptions:
+    recipe: Recipe
+    data_root: Path
+    run_dir: Path
+    resume: bool = False
+    device: str | None = None
+    strategy: str = "ddp"  # with torchrun: "ddp" or "fsdp"
+    dtype: str = "bfloat16"  # autocast dtype for forward/backward ("float32" to disable); weights stay fp32
+    eval_data: str | None = "instruct_test.json"  # relative to data_root; QA accuracy per category
+    eval_limit: int = 200
+    eval_blind: bool = False  # also evaluate with blank images at each eval
+    stop_after: int | None = None  # stop after this global step (used to test resume: a simulated kill)
+    keep_checkpoints: int = 2
+    progress: bool = True
+    measure_peak: bool = True
+
+
+@dataclass
+class TrainResult:
+    model: EncoderFreeVLM
+    tokenizer: Tokenizer
+    losses: list[float] = field(default_factory=list)  # one per optimizer step run in this call
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    final_dir: Path | None = None
+
+
+class TrainModule(nn.Module):
+    """What the optimizer sees: the VLM plus, when EVE's align loss is on, the align head (training only).
+
+    One module so DDP/FSDP wrap everything that trains; the teacher is frozen and lives outside it."""
+
+    def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.aligner = aligner
+
+    def forward(self, batch: Batch, teacher=None, align_layers=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (summed cross-entropy over labelled tokens, align loss or 0)."""
+        model = self.model
+        images = batch.images or None
+        use_align = self.aligner is not None and teacher is not None and images is not None
+        capture = contextlib.nullcontext()
+        if use_align:
+            from monovlm.model.align import HiddenCapture
+
+            capture = HiddenCapture(model.decoder, align_layers)
+        with capture as captured:
+            hidden = model.hidden_states(batch.input_ids, images, batch.attention_mask)
+        ce_sum = labelled_cross_entropy(hidden, batch.labels, model.decoder.output_weight, reduction="sum")
+        if not use_align:
+            return ce_sum, ce_sum.new_zeros(())
+        from monovlm.model.align import alignment_loss
+
+        with torch.no_grad():
+            teacher_features = teacher(batch.images)
+        vision_mask = batch.input_ids == model.image_token_id
+        ppt = model.config.vision.pixels_per_token
+        grids = [(image.shape[-2] // ppt, image.shape[-1] // ppt) for image in batch.images]
+        align = alignment_loss(self.aligner, captured.states, vision_mask, grids, teacher_features,
+                               model.config.vision)
+        return ce_sum, align
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def _labelled_tokens(batch: Batch | None) -> int:
+    return 0 if batch is None else int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class Trainer:
+    def __init__(self, options: TrainOptions):
+        self.options = options
+        self.recipe = options.recipe
+        self.info: DistInfo = init_distributed(options.device)
+        self.run_dir = Path(options.run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.teacher = None
+        self.align_layers = None
+        self.peak_flops = None
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # set-up
+
+    def log(self, message: str) -> None:
+        if self.info.is_main:
+            tqdm.write(message)
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        if self.info.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def setup(self) -> tuple[EncoderFreeVLM, Tokenizer, dict[str, Any] | None]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.recipe.seed)
+        state = None
+        latest = ckpt.latest_checkpoint(self.run_dir) if self.options.resume else None
+        if latest is not None:
+            self.log(f"resuming from {latest}")
+            model = EncoderFreeVLM.load(latest)
+            tokenizer = Tokenizer.from_folder(latest)
+            state = ckpt.load_train_state(latest)
+        else:
+            if self.options.resume:
+                self.log(f"no checkpoint in {self.run_dir}; starting fresh")
+            elif self.metrics_path.exists() and self.info.is_main:
+                self.metrics_path.unlink()  # a fresh run: old metrics would mix with new ones
+            model, tokenizer = build_model(self.recipe, self.options.data_root)
+            if self.info.is_main:
+                (self.run_dir / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
+        model.to(self.info.device)
+        if self.options.measure_peak:
+            peak_dtype = torch.float32 if self.options.dtype == "float32" else getattr(torch, self.options.dtype)
+            self.peak_flops = measure_peak_flops(peak_dtype, device=self.info.device.type)
+        return model, tokenizer, state
+
+    def setup_align(self, model: EncoderFreeVLM, state: dict[str, Any] | None) -> nn.Module | None:
+        align = self.recipe.align
+        if align is None:
+            return None
+        from monovlm.model.align import PatchAligner, eve_layers
+        from monovlm.model.teachers import build_teacher
+
+        self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info)
+        num_layers = model.config.decoder.num_layers
+        self.align_layers = align.layers if align.layers is not None else eve_layers(num_layers)
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(self.recipe.seed + 1)  # the head's init must not shift the main RNG stream
+        aligner = PatchAligner(model.config.decoder.hidden_size, self.teacher.feature_dim, len(self.align_layers),
+                               heads=align.heads, loss=align.loss, weight=align.weight)
+        torch.set_rng_state(generator_state)
+        if state is not None and state.get("aligner") is not None:
+            aligner.load_state_dict(state["aligner"])
+        return aligner.to(self.info.device)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def run(self) -> TrainResult:
+        model, tokenizer, state = self.setup()
+        aligner = self.setup_align(model, state)
+        module = TrainModule(model, aligner)
+        result = TrainResult(model, tokenizer)
+        start_stage = state["stage"] if state is not None else 0
+        global_step = state["global_step"] if state is not None else 0
+        for stage_index in range(start_stage, len(self.recipe.stages)):
+            stage = self.recipe.stages[stage_index]
+            stage_state = state if state is not None and stage_index == start_stage else None
+            global_step, stopped = self.run_stage(stage_index, stage, module, tokenizer, stage_state, global_step, result)
+            if stopped:
+                return result
+        final = self.run_dir / "final"
+        if self.info.is_main:
+            model.save(final, tokenizer)
+            self.log(f"saved the trained model to {final}")
+        result.final_dir = final
+        return result
+
+    def run_stage(self, stage_index: int, stage: StageConfig, module: TrainModule, tokenizer: Tokenizer,
+                  state: dict[str, Any] | None, global_step: int, result: TrainResult) -> tuple[int, bool]:
+        options, info, model = self.options, self.info, module.model
+        start_step = state["step"] if state is not None else 0
+        if stage.init_experts and start_step == 0 and model.config.decoder.has_experts:
+            model.decoder.init_experts_from_text()
+        processor_config = ProcessorConfig(template=stage.template, max_length=stage.max_length)
+        model.config.processor = processor_config  # saved with the model: inference uses the last stage's template
+        processor = Processor(tokenizer, model.config.vision, processor_config)
+        image_root = options.data_root / stage.image_root if stage.image_root else None
+        dataset = LlavaDataset(options.data_root / stage.data, processor, image_root)
+        pad_id = tokenizer.pad_id or 0
+        stream = BatchStream(dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,
+                             info.world_size, stage.pack, stage.max_length)
+        trainable = set_trainable(module, stage.train)
+        wrapped = wrap(module, info, options.strategy)
+        optimizer = torch.optim.AdamW(param_groups(module, stage.lr, stage.lr_by_part, stage.weight_decay),
+                                      lr=stage.lr, betas=stage.betas)
+        if state is not None:
+            if state["optimizer"] is not None:  # None when the checkpoint closed the previous stage
+                optimizer.load_state_dict(state["optimizer"])
+            stream.load_state(state["stream"])
+            ckpt.restore_rng(state["rng"])
+        self.log(f"stage {stage_index} {stage.name!r}: {stage.steps} steps × {stage.batch_size * stage.grad_accum * info.world_size} "
+                 f"samples/step on {dataset.path.name} ({len(dataset)} records); training "
+                 + ", ".join(f"{part} ({count / 1e6:.2f}M)" for part, count in sorted(trainable.items())))
+        flops_token = flops_per_token(model, stage.max_length // 2)
+        bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, disable=not (options.progress and info.is_main),
+                   dynamic_ncols=True)
+        for step in range(start_step, stage.steps):
+            started = time.perf_counter()
+            micro_batches = [stream.next_batch() for _ in range(stage.grad_accum)]
+            local_tokens = sum(_labelled_tokens(b) for b in micro_batches)
+            global_tokens = all_reduce_sum(torch.tensor(float(local_tokens)), info).item()
+            ce_total = torch.zeros((), device=info.device)
+            align_total = torch.zeros((), device=info.device)
+            seen_tokens = 0
+            for index, batch in enumerate(micro_batches):
+                if batch is None:
+                    continue
+                batch = batch.to(info.device)
+                seen_tokens += batch.num_tokens
+                sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, options.dtype):
+                    ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers)
+                    loss = ce_sum * info.world_size / max(global_tokens, 1.0) + align / stage.grad_accum
+                loss.backward()
+                ce_total += ce_sum.detach().float()
+                align_total += align.detach().float() / stage.grad_accum
+            ce_mean = all_reduce_sum(ce_total, info).item() / max(global_tokens, 1.0)
+            align_mean = all_reduce_sum(align_total, info).item() / info.world_size
+            if stage.clip_grad > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in module.parameters() if p.requires_grad], stage.clip_grad))
+            else:
+                grad_norm = float("nan")
+            factor = lr_factor(step, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
+            apply_lr(optimizer, factor)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            elapsed = time.perf_counter() - started
+            tokens_per_s = all_reduce_sum(torch.tensor(float(seen_tokens)), info).item() / elapsed
+            mfu = tokens_per_s * flops_token / (self.peak_flops * info.world_size) if self.peak_flops else float("nan")
+            result.losses.append(ce_mean + align_mean)
+            record = {"stage": stage.name, "step": step + 1, "global_step": global_step, "loss": ce_mean + align_mean,
+                      "ce": ce_mean, "align": align_mean, "lr": stage.lr * factor, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": stream.report.skipped}
+            self.write_metrics(record)
+            bar.set_postfix(loss=f"{ce_mean + align_mean:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{100 * mfu:.1f}%", refresh=False)
+            bar.update(1)
+            last = step + 1 == stage.steps
+            if (stage.eval_every and (step + 1) % stage.eval_every == 0) or last:
+                self.evaluate(model, processor, stage, global_step, result)
+            stopping = options.stop_after is not None and global_step >= options.stop_after
+            if (stage.save_every and (step + 1) % stage.save_every == 0) or last:
+                self.save(module, tokenizer, optimizer, stream, stage_index, step + 1, global_step, last)
+            if stopping:
+                bar.close()
+                self.log(f"stopping after global step {global_step} (stop_after)")
+                return global_step, True
+        bar.close()
+        self.log(f"stage {stage.name!r} data: {stream.report.summary()}")
+        return global_step, False
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # eval and checkpoints
+
+    def evaluate(self, model: EncoderFreeVLM, processor: Processor, stage: StageConfig, global_step: int,
+                 result: TrainResult) -> None:
+        options = self.options
+        if not options.eval_data or stage.template == "plain":
+            return  # a caption-only stage cannot answer questions yet
+        path = options.data_root / options.eval_data
+        if not path.is_file():
+            return
+        from monovlm.eval.qa import evaluate_qa
+
+        records = json.loads(path.read_text())[: options.eval_limit]
+        if options.strategy == "ddp" and not self.info.is_main:
+            barrier(self.info)
+            return
+        scores = evaluate_qa(model, processor, records, path.parent).accuracy
+        record = {"stage": stage.name, "global_step": global_step, "eval": scores}
+        if options.eval_blind:
+            record["eval_blind"] = evaluate_qa(model, processor, records, path.parent, blank=True).accuracy
+        result.evals.append(record)
+        self.write_metrics(record)
+        self.log(f"eval @ step {global_step}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
+        if options.strategy == "ddp":
+            barrier(self.info)
+
+    def save(self, module: TrainModule, tokenizer: Tokenizer, optimizer, stream: BatchStream, stage_index: int,
+             next_step: int, global_step: int, stage_done: bool) -> None:
+        stage_count = len(self.recipe.stages)
+        # a finished stage resumes at the start of the next one (fresh optimizer), not at its own end
+        train_state = {
+            "stage": stage_index + 1 if stage_done else stage_index,
+            "step": 0 if stage_done else next_step,
+            "global_step": global_step,
+            "optimizer": optimizer.state_dict() if not stage_done else None,
+            "stream": stream.state() if not stage_done else {"epoch": 0, "batch": 0},
+            "rng": ckpt.rng_state(),
+            "aligner": module.aligner.state_dict() if module.aligner is not None else None,
+        }
+        if stage_done and stage_index + 1 >= stage_count:
+            train_state["finished"] = True
+        if self.info.is_main:
+            ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, global_step), module.model, tokenizer, train_state,
+                                 keep=self.options.keep_checkpoints)
+        barrier(self.info)
+
+
+def train(options: TrainOptions) -> TrainResult:
+    return Trainer(options).run()
