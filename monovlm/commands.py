@@ -125,3 +125,50 @@ def data_synth(
     summary = synthesize(out, n=n, seed=seed, image_size=image_size, test_fraction=test_fraction,
                          maze_fraction=maze_fraction, progress=progress)
     print(json.dumps(summary, indent=1, sort_keys=True))
+
+
+@command("train")
+def train_command(
+    recipe: str,
+    *,
+    data: Path,
+    out: Path,
+    resume: bool = False,
+    strategy: str = "ddp",
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    eval_data: str | None = "instruct_test.json",
+    eval_limit: int = 200,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> None:
+    """Train a VLM with a recipe (eve, evev2, solo, llava, or a path to a TOML file). Works under torchrun:
+    `torchrun --nproc-per-node 8 -m monovlm train eve --data DIR --out RUN --strategy fsdp`.
+
+    Args:
+        recipe: shipped recipe name or path to a recipe TOML
+        data: data root (the recipe's data paths are relative to it), e.g. the output of `monovlm data synth`
+        out: run folder for checkpoints, metrics.jsonl and the final model
+        resume: continue from the latest checkpoint in --out
+        strategy: with torchrun: ddp or fsdp
+        dtype: autocast dtype: bfloat16 or float32 (weights stay fp32)
+        device: cpu or cuda (default: cuda when available)
+        eval_data: QA file (relative to --data) evaluated at the end of each question-answer stage
+        eval_limit: most eval questions
+        stop_after: stop after this many optimizer steps in total (a checkpoint boundary lets --resume continue)
+        progress: show progress bars
+    """
+    from monovlm.train.recipe import load_recipe
+    from monovlm.train.trainer import TrainOptions, train
+
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"--strategy {strategy!r}: use ddp or fsdp")
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist")
+    if eval_data is not None and eval_data.lower() == "none":
+        eval_data = None
+    train(TrainOptions(recipe=load_recipe(recipe), data_root=data, run_dir=out, resume=resume, device=device,
+                       strategy=strategy, dtype=dtype, eval_data=eval_data, eval_limit=eval_limit,
+                       stop_after=stop_after, progress=progress))

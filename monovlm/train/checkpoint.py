@@ -25,12 +25,13 @@ def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{global_step:06d}"
 
 
-def save_checkpoint(folder: Path, model, tokenizer, train_state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(folder: Path, model, tokenizer, train_state: dict[str, Any], keep: int = 2,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     folder = Path(folder)
     temporary = folder.with_name(folder.name + ".tmp")
     if temporary.exists():
         shutil.rmtree(temporary)  # leftovers of an interrupted write
-    model.save(temporary, tokenizer)
+    model.save(temporary, tokenizer, state_dict=state_dict)
     torch.save(train_state, temporary / TRAIN_STATE)
     if folder.exists():
         shutil.rmtree(folder)

@@ -77,3 +77,32 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_state(module: nn.Module, optimizer, info: DistInfo, strategy: str,
+                 with_optimizer: bool) -> tuple[dict, dict | None]:
+    """Full (unsharded) model and optimizer state dicts, on CPU. Under FSDP every rank must call this (it is a
+    collective); the full tensors land on rank 0."""
+    if strategy == "fsdp" and info.enabled:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(module, options=options)
+        optim_state = get_optimizer_state_dict(module, optimizer, options=options) if with_optimizer else None
+        return model_state, optim_state
+    return module.state_dict(), optimizer.state_dict() if with_optimizer else None
+
+
+def load_optimizer_state(module: nn.Module, optimizer, state: dict, info: DistInfo, strategy: str) -> None:
+    """Restore a full optimizer state dict (as `gather_state` wrote it) into a possibly sharded optimizer."""
+    if strategy == "fsdp" and info.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)

@@ -32,7 +32,15 @@ from monovlm.tokenizer import Tokenizer
 from monovlm.train import checkpoint as ckpt
 from monovlm.train.build import build_model
 from monovlm.train.data import BatchStream
-from monovlm.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap
+from monovlm.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    gather_state,
+    init_distributed,
+    load_optimizer_state,
+    wrap,
+)
 from monovlm.train.flops import flops_per_token, measure_peak_flops
 from monovlm.train.parts import param_groups, set_trainable
 from monovlm.train.recipe import Recipe, StageConfig, recipe_to_dict
@@ -196,9 +204,12 @@ class Trainer:
             if stopped:
                 return result
         final = self.run_dir / "final"
+        full_state, _ = gather_state(module, None, self.info, self.options.strategy, with_optimizer=False)
         if self.info.is_main:
-            model.save(final, tokenizer)
+            model.save(final, tokenizer, state_dict={k.removeprefix("model."): v for k, v in full_state.items()
+                                                     if k.startswith("model.")})
             self.log(f"saved the trained model to {final}")
+        barrier(self.info)
         result.final_dir = final
         return result
 
@@ -222,7 +233,7 @@ class Trainer:
                                       lr=stage.lr, betas=stage.betas)
         if state is not None:
             if state["optimizer"] is not None:  # None when the checkpoint closed the previous stage
-                optimizer.load_state_dict(state["optimizer"])
+                load_optimizer_state(module, optimizer, state["optimizer"], info, options.strategy)
             stream.load_state(state["stream"])
             ckpt.restore_rng(state["rng"])
         self.log(f"stage {stage_index} {stage.name!r}: {stage.steps} steps × {stage.batch_size * stage.grad_accum * info.world_size} "
@@ -296,6 +307,9 @@ class Trainer:
         options = self.options
         if not options.eval_data or stage.template == "plain":
             return  # a caption-only stage cannot answer questions yet
+        if options.strategy == "fsdp" and self.info.enabled:
+            self.log("eval skipped under FSDP (sharded weights); evaluate the saved model with `monovlm eval`")
+            return
         path = options.data_root / options.eval_data
         if not path.is_file():
             return
@@ -318,21 +332,26 @@ class Trainer:
     def save(self, module: TrainModule, tokenizer: Tokenizer, optimizer, stream: BatchStream, stage_index: int,
              next_step: int, global_step: int, stage_done: bool) -> None:
         stage_count = len(self.recipe.stages)
+        full_state, optimizer_state = gather_state(module, optimizer, self.info, self.options.strategy,
+                                                   with_optimizer=not stage_done)
+        model_state = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
+        aligner_state = {k.removeprefix("aligner."): v for k, v in full_state.items() if k.startswith("aligner.")}
         # a finished stage resumes at the start of the next one (fresh optimizer), not at its own end
         train_state = {
             "stage": stage_index + 1 if stage_done else stage_index,
             "step": 0 if stage_done else next_step,
             "global_step": global_step,
-            "optimizer": optimizer.state_dict() if not stage_done else None,
+            "optimizer": optimizer_state,
             "stream": stream.state() if not stage_done else {"epoch": 0, "batch": 0},
             "rng": ckpt.rng_state(),
-            "aligner": module.aligner.state_dict() if module.aligner is not None else None,
+            "aligner": aligner_state or None,
         }
         if stage_done and stage_index + 1 >= stage_count:
             train_state["finished"] = True
         if self.info.is_main:
-            ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, global_step), module.model, tokenizer, train_state,
-                                 keep=self.options.keep_checkpoints)
+            folder = ckpt.checkpoint_dir(self.run_dir, global_step)
+            ckpt.save_checkpoint(folder, module.model, tokenizer, train_state, keep=self.options.keep_checkpoints,
+                                 state_dict=model_state)
         barrier(self.info)
 
 

@@ -1,0 +1,278 @@
+"""Frozen vision teachers for EVE's patch-aligning loss (training only).
+
+A teacher turns the batch's images — (3, H, W) tensors normalised with the model's `VisionConfig` mean/std, exactly as
+the processor made them — into one patch-feature map (rows_t, cols_t, D) per image, without gradients. The aligner
+(`monovlm.model.align`) resamples each map to the student's grid. Teachers are plain objects, not `nn.Module`s, so
+they cannot end up inside `EncoderFreeVLM`, its optimiser or its checkpoint: they are loaded for training only and
+never saved with the inference model.
+
+- `ViTTeacher`: monovlm's own small ViT (`monovlm.model.vit`), e.g. the encoder of a trained baseline.
+- `HFVisionTeacher`: a local CLIP or SigLIP folder read with `transformers` (an optional dependency, imported only
+  here, only when used). EVE used CLIP ViT-L/14-336 with `select_layer=-2`.
+- `PrecomputedTeacher`: features computed once (`precompute_features`) and stored in a safetensors file by key, so
+  training pays nothing for the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from monovlm.config import VisionConfig
+
+# Defaults when a folder has no preprocessor_config.json: OpenAI CLIP's and SigLIP's published normalisation.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+FEATURES_KIND = "monovlm-teacher-features"  # metadata tag of a precomputed-features file
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """images [(3, H, W)] (normalised with a VisionConfig's mean/std) -> [(rows_t, cols_t, feature_dim)], frozen,
+    computed in eval mode without gradients. `keys` name the images (data-root-relative path or sample id); teachers
+    that compute features ignore them, `PrecomputedTeacher` needs them."""
+
+    feature_dim: int
+
+    def __call__(self, images: Sequence[torch.Tensor], keys: Sequence[str] | None = None) -> list[torch.Tensor]: ...
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class ViTTeacher:
+    """monovlm's own ViT as a teacher: `vit.features(images) -> [(rows, cols, width)]`, width = `vit.config.width`."""
+
+    def __init__(self, vit: torch.nn.Module):
+        if not hasattr(vit, "features"):
+            raise TypeError(f"ViTTeacher needs a model with .features(images), got {type(vit).__name__}")
+        self.vit = _freeze(vit)
+        self.feature_dim = int(vit.config.width)
+
+    def to(self, *args, **kwargs) -> "ViTTeacher":
+        self.vit.to(*args, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[torch.Tensor], keys: Sequence[str] | None = None) -> list[torch.Tensor]:
+        if not images:
+            return []
+        self.vit.eval()  # stays in eval even if someone called .train() on it in between
+        return [features.detach() for features in self.vit.features(list(images))]
+
+
+class HFVisionTeacher:
+    """A CLIP or SigLIP vision tower from a local folder, frozen.
+
+    Our pixels are un-normalised with `vision`'s mean/std back to [0, 1], resized (bicubic, antialiased) to the
+    model's square `image_size` — the whole image, aspect ratio not kept, so the teacher's g×g grid covers the same
+    area as the student's grid —, normalised with the model's own mean/std, and `hidden_states[select_layer]` gives
+    the patch tokens (CLIP's CLS dropped; SigLIP has none), reshaped to (g, g, D) with g = image_size // patch_size.
+    """
+
+    def __init__(self, model: torch.nn.Module, vision: VisionConfig, select_layer: int = -2,
+                 image_size: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, has_cls: bool | None = None, batch_size: int = 32):
+        config = model.config
+        kind = getattr(config, "model_type", "")
+        if has_cls is None:
+            has_cls = not kind.startswith("siglip")
+        default_mean, default_std = (SIGLIP_MEAN, SIGLIP_STD) if kind.startswith("siglip") else (CLIP_MEAN, CLIP_STD)
+        self.model = _freeze(model)
+        self.vision = vision
+        self.has_cls = has_cls
+        self.batch_size = batch_size
+        self.patch_size = int(config.patch_size)
+        self.image_size = int(image_size if image_size is not None else config.image_size)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of the teacher's patch_size="
+                             f"{self.patch_size}")
+        depth = int(config.num_hidden_layers)
+        if not -(depth + 1) <= select_layer <= depth:
+            raise ValueError(f"select_layer={select_layer} is outside the teacher's {depth} layers "
+                             f"(hidden_states has {depth + 1} entries)")
+        self.select_layer = select_layer
+        self.grid = self.image_size // self.patch_size
+        self.feature_dim = int(config.hidden_size)
+        self.interpolate_pos_encoding = self.image_size != int(config.image_size)
+        mean, std = tuple(mean if mean is not None else default_mean), tuple(std if std is not None else default_std)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, select_layer: int = -2, image_size: int | None = None, *,
+                    vision: VisionConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    batch_size: int = 32) -> "HFVisionTeacher":
+        """Load a local CLIP / SigLIP folder (vision-only or full model; the text tower is not loaded).
+
+        Mean/std come from the folder's preprocessor_config.json when it has one, else CLIP_MEAN/CLIP_STD for CLIP
+        and SIGLIP_MEAN/SIGLIP_STD (0.5) for SigLIP. A vision weight missing from the checkpoint is an error."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"teacher folder {folder} does not exist" if not folder.exists()
+                                    else f"teacher path {folder} is not a folder")
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"teacher folder {folder} has no config.json")
+        kind = json.loads(config_file.read_text()).get("model_type")
+        try:
+            import transformers
+        except ImportError as error:
+            raise ImportError("HFVisionTeacher needs the optional dependency `transformers` "
+                              "(pip install transformers); or precompute the features where it is installed and "
+                              "train with PrecomputedTeacher") from error
+        classes = {"clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel,
+                   "siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel}
+        if kind not in classes:
+            raise ValueError(f"{config_file} has model_type={kind!r}; HFVisionTeacher reads {sorted(classes)}")
+        model, info = classes[kind].from_pretrained(str(folder), local_files_only=True, dtype=dtype,
+                                                    output_loading_info=True)
+        missing = sorted(info.get("missing_keys", ()))
+        if missing:
+            raise ValueError(f"the teacher checkpoint in {folder} is missing weight(s) {missing[:10]}; refusing to "
+                             "use randomly initialised teacher weights")
+        mean = std = None
+        preprocessor = folder / "preprocessor_config.json"
+        if preprocessor.is_file():
+            values = json.loads(preprocessor.read_text())
+            mean, std = values.get("image_mean"), values.get("image_std")
+        return cls(model.to(device), vision, select_layer=select_layer, image_size=image_size, mean=mean, std=std,
+                   batch_size=batch_size)
+
+    def to(self, *args, **kwargs) -> "HFVisionTeacher":
+        self.model.to(*args, **kwargs)
+        return self
+
+    def preprocess(self, images: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+        """[(3, H, W)] normalised our way -> (B, 3, S, S) normalised the teacher's way (float32, on `device`)."""
+        our_mean = torch.tensor(self.vision.image_mean, dtype=torch.float32, device=device).view(3, 1, 1)
+        our_std = torch.tensor(self.vision.image_std, dtype=torch.float32, device=device).view(3, 1, 1)
+        size = (self.image_size, self.image_size)
+        resized = []
+        for image in images:
+            pixels = image.detach().to(device, torch.float32) * our_std + our_mean  # (3, H, W) in [0, 1]
+            pixels = F.interpolate(pixels[None], size=size, mode="bicubic", align_corners=False, antialias=True)
+            resized.append(pixels.clamp_(0.0, 1.0)[0])  # bicubic overshoots a little at the edges
+        return (torch.stack(resized) - self.mean.to(device)) / self.std.to(device)  # (B, 3, S, S)
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[torch.Tensor], keys: Sequence[str] | None = None) -> list[torch.Tensor]:
+        if not images:
+            return []
+        self.model.eval()
+        parameter = next(self.model.parameters())
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self.preprocess(images[start:start + self.batch_size], parameter.device).to(parameter.dtype)
+            result = self.model(pixel_values=pixels, output_hidden_states=True,
+                                interpolate_pos_encoding=self.interpolate_pos_encoding)
+            tokens = result.hidden_states[self.select_layer]  # (b, [1 +] g², D)
+            if self.has_cls:
+                tokens = tokens[:, 1:]
+            if tokens.shape[1] != self.grid * self.grid:
+                raise RuntimeError(f"the teacher gave {tokens.shape[1]} patch tokens, expected {self.grid}² "
+                                   f"(image_size={self.image_size}, patch_size={self.patch_size})")
+            outputs += list(tokens.reshape(-1, self.grid, self.grid, self.feature_dim).unbind(0))
+        return [features.to(images[0].device) for features in outputs]
+
+
+class MissingTeacherFeatures(KeyError):
+    """A key with no stored features; the message names the key and the file."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class PrecomputedTeacher:
+    """Teacher features stored in a safetensors file: key (data-root-relative image path, or sample id) ->
+    (rows, cols, D). Written by `precompute_features`. Reads lazily; the file stays memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"precomputed teacher features {self.path} do not exist")
+        self._file = None
+        with safe_open(str(self.path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            self._keys = frozenset(file.keys())
+            if "feature_dim" in metadata:
+                self.feature_dim = int(metadata["feature_dim"])
+            elif self._keys:
+                self.feature_dim = int(file.get_slice(next(iter(self._keys))).get_shape()[-1])
+            else:
+                raise ValueError(f"{self.path} holds no features and no feature_dim metadata")
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def __getstate__(self) -> dict:  # the open handle does not pickle (DataLoader workers); reopen there
+        return {**self.__dict__, "_file": None}
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise MissingTeacherFeatures(f"no teacher features for key {key!r} in {self.path}")
+        if self._file is None:
+            self._file = safe_open(str(self.path), framework="pt")
+        features = self._file.get_tensor(key)
+        if features.dim() != 3 or features.shape[-1] != self.feature_dim:
+            raise ValueError(f"teacher features {key!r} in {self.path} have shape {tuple(features.shape)}, expected "
+                             f"(rows, cols, {self.feature_dim})")
+        return features
+
+    def __call__(self, images: Sequence[torch.Tensor] | None, keys: Sequence[str] | None = None) -> list[torch.Tensor]:
+        if keys is None:
+            raise ValueError("PrecomputedTeacher needs keys (one per image) to look the features up")
+        if images is not None and len(images) != len(keys):
+            raise ValueError(f"{len(images)} image(s) but {len(keys)} key(s)")
+        device = images[0].device if images else torch.device("cpu")
+        return [self.get(key).to(device) for key in keys]
+
+
+def precompute_features(teacher: Teacher, images_with_keys: Iterable[tuple[str, torch.Tensor]],
+                        out_path: str | os.PathLike, batch_size: int = 16,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Run `teacher` over (key, image) pairs and write {key: (rows, cols, D)} to a safetensors file for
+    `PrecomputedTeacher`. Keys must be unique; `dtype` (e.g. torch.float16) shrinks the file. The file is written
+    whole at the end (features are held in memory), through a temporary name, so a crash leaves no half file."""
+    out = Path(out_path)
+    features: dict[str, torch.Tensor] = {}
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        keys = [key for key, _ in pending]
+        for key, feats in zip(keys, teacher([image for _, image in pending], keys)):
+            feats = feats.detach().cpu()
+            features[key] = (feats.to(dtype) if dtype is not None else feats).contiguous()
+        pending.clear()
+
+    for key, image in images_with_keys:
+        if key in features or any(key == k for k, _ in pending):
+            raise ValueError(f"duplicate key {key!r} in precompute_features")
+        pending.append((key, image))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    save_file(features, str(partial), metadata={"format": "pt", "kind": FEATURES_KIND,
+                                                "feature_dim": str(teacher.feature_dim)})
+    os.replace(partial, out)
+    return out
