@@ -52,9 +52,12 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
         parser.add_argument(param.name, type=converter, nargs="+" if is_list else None, help=help_text)
     elif base is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_text)
+    elif is_list:  # repeatable flag (`--image a.png --image b.png`), so it never swallows a positional argument
+        parser.add_argument(flag, dest=param.name, type=converter, action="append", default=param.default,
+                            help=f"{help_text} (repeatable)")
     else:
-        parser.add_argument(flag, dest=param.name, type=converter, nargs="+" if is_list else None,
-                            default=param.default, help=f"{help_text} (default: {param.default})")
+        parser.add_argument(flag, dest=param.name, type=converter, default=param.default,
+                            help=f"{help_text} (default: {param.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) segment ids: 0 = padding, k = k-th sample of the row
     images: list[torch.Tensor]  # every image of the batch in row-major order of their placeholders
     num_samples: int
+    image_keys: list[str] = field(default_factory=list)  # the images' data paths, same order (when known)
 
     @property
     def num_tokens(self) -> int:
@@ -30,7 +31,7 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
-                     [image.to(device) for image in self.images], self.num_samples)
+                     [image.to(device) for image in self.images], self.num_samples, self.image_keys)
 
 
 def collate(samples: Sequence[ProcessedSample], pad_id: int, pad_to: int | None = None) -> Batch:
@@ -48,6 +49,7 @@ def collate_packed(rows: Sequence[Sequence[ProcessedSample]], pad_id: int, pad_t
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     segments = torch.zeros((len(rows), width), dtype=torch.long)
     images: list[torch.Tensor] = []
+    keys: list[str] = []
     for row_index, row in enumerate(rows):
         start = 0
         for segment, sample in enumerate(row, start=1):
@@ -56,8 +58,10 @@ def collate_packed(rows: Sequence[Sequence[ProcessedSample]], pad_id: int, pad_t
             labels[row_index, start:end] = torch.tensor(sample.labels)
             segments[row_index, start:end] = segment
             images += sample.images
+            keys += sample.image_keys
             start = end
-    return Batch(input_ids, labels, segments, images, sum(len(row) for row in rows))
+    return Batch(input_ids, labels, segments, images, sum(len(row) for row in rows),
+                 keys if len(keys) == len(images) else [])
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:

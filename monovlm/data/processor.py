@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class ProcessedSample:
     input_ids: list[int]
     labels: list[int]
     images: list[torch.Tensor]  # (3, H, W) each, in order of appearance
+    image_keys: list[str] = field(default_factory=list)  # the images' paths as written in the data (for teachers'
+    # precomputed features); empty when images were passed in directly
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -96,8 +98,11 @@ class Processor:
                 images: Sequence[Image.Image] | None = None) -> ProcessedSample:
         """One LLaVA-format sample -> ProcessedSample. Raises SampleError (or ImageLoadError) for unusable samples."""
         turns = _turns(sample)
+        keys: list[str] = []
         if images is None:
-            images = [self.load(path) for path in _image_paths(sample, image_root)]
+            paths = _image_paths(sample, image_root)
+            images = [self.load(path) for path in paths]
+            keys = _image_names(sample)
         turns = _place_image_markers(turns, len(images))
         if self.config.template == "plain":
             result = self._plain(turns, list(images))
@@ -107,6 +112,7 @@ class Processor:
             raise SampleError(f"sample has {len(result)} tokens, over max_length={self.config.max_length}")
         if all(label == IGNORE_INDEX for label in result.labels):
             raise SampleError("sample has no answer tokens to learn from")
+        result.image_keys = keys
         return result
 
     def _plain(self, turns: list[tuple[str, str]], images: list[Image.Image]) -> ProcessedSample:
@@ -211,6 +217,11 @@ def _image_paths(sample: dict[str, Any], image_root: str | os.PathLike | None) -
                 raise SampleError(f"image path {name!r} escapes the image root {root}")
         paths.append(path)
     return paths
+
+
+def _image_names(sample: dict[str, Any]) -> list[str]:
+    entry = sample.get("image", sample.get("images"))
+    return [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
 
 
 def _place_image_markers(turns: list[tuple[str, str]], num_images: int) -> list[tuple[str, str]]:

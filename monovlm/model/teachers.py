@@ -276,3 +276,34 @@ def precompute_features(teacher: Teacher, images_with_keys: Iterable[tuple[str, 
                                                 "feature_dim": str(teacher.feature_dim)})
     os.replace(partial, out)
     return out
+
+
+def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None) -> Teacher:
+    """The teacher an [align] recipe table names. "vit": monovlm's own small ViT, pretrained once on the recipe's
+    synthetic data and kept in RUN/teacher (reused on resume); "hf:PATH": a local CLIP/SigLIP folder;
+    "features:PATH": precomputed features keyed by image path."""
+    spec = align.teacher
+    if spec.startswith("hf:"):
+        return HFVisionTeacher.from_folder(spec[3:], vision=vision)
+    if spec.startswith("features:"):
+        return PrecomputedTeacher(spec[len("features:"):])
+    if spec != "vit":
+        raise ValueError(f"unknown teacher {spec!r}: use 'vit', 'hf:PATH' or 'features:PATH'")
+    from monovlm.config import EncoderConfig
+    from monovlm.model.vit import load_vit, pretrain_vit, save_vit
+
+    folder = Path(run_dir) / "teacher"
+    is_main = info is None or info.is_main
+    if not (folder / "vit.json").is_file() and is_main:
+        config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads)
+        report: dict = {}
+        vit = pretrain_vit(data_root, config, vision, steps=align.teacher_steps, seed=0, report=report,
+                           progress=True)
+        save_vit(vit, folder)
+        (folder / "pretrain_report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "losses"},
+                                                               indent=1))
+    if info is not None and info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()  # other ranks wait for rank 0's teacher
+    return ViTTeacher(load_vit(folder))

@@ -60,6 +60,9 @@ class StageConfig:
 class AlignConfig:
     teacher: str = "vit"  # "vit" (monovlm's own, pretrained on the data), "hf:PATH" (CLIP/SigLIP), "features:PATH"
     teacher_steps: int = 300  # pretraining steps of the "vit" teacher
+    teacher_width: int = 128
+    teacher_depth: int = 3
+    teacher_heads: int = 4
     layers: list[int] | None = None  # decoder layers to align; None = EVE's every-4th-layer rule
     loss: str = "cosine"
     weight: float = 1.0

@@ -102,7 +102,7 @@ class TrainModule(nn.Module):
         from monovlm.model.align import alignment_loss
 
         with torch.no_grad():
-            teacher_features = teacher(batch.images)
+            teacher_features = teacher(batch.images, batch.image_keys or None)
         vision_mask = batch.input_ids == model.image_token_id
         ppt = model.config.vision.pixels_per_token
         grids = [(image.shape[-2] // ppt, image.shape[-1] // ppt) for image in batch.images]
