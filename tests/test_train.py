@@ -89,3 +89,22 @@ def test_training_lowers_the_loss(data_root, tmp_path):
     recipe.stages[0].save_every = 0
     result = train(options(recipe, data_root, tmp_path / "run", dtype="bfloat16"))
     assert sum(result.losses[-5:]) / 5 < 0.85 * sum(result.losses[:3]) / 3
+
+
+@pytest.mark.parametrize("name", ["eve", "evev2", "solo", "llava"])
+def test_every_shipped_recipe_runs(name, data_root, tmp_path):
+    from monovlm.train.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    recipe.model.encoder_steps = 2
+    if recipe.align is not None:
+        recipe.align.teacher_steps = 2
+    for stage in recipe.stages:
+        stage.steps, stage.batch_size, stage.warmup_steps = 2, 4, 1
+    result = train(options(recipe, data_root, tmp_path / name, eval_limit=4))
+    assert len(result.losses) == 2 * len(recipe.stages)
+    assert all(loss == loss and loss > 0 for loss in result.losses)  # finite, positive
+    if recipe.align is not None:
+        align_steps = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                       if '"align"' in line]
+        assert any(step["align"] > 0 for step in align_steps)

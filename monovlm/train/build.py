@@ -62,4 +62,11 @@ def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokeni
     assert not unexpected and all("vision" in name for name in missing), (missing, unexpected)
     if decoder_config.has_experts:
         model.decoder.init_experts_from_text()
+    if encoder is not None and recipe.model.encoder_init == "pretrain":
+        from monovlm.model.vit import pretrain_vit
+
+        vit = pretrain_vit(data_root, encoder, config.vision, steps=recipe.model.encoder_steps, seed=recipe.seed)
+        model.embedder.encoder.load_state_dict(vit.state_dict())
+    elif recipe.model.encoder_init not in ("random", "pretrain"):
+        raise ValueError(f"[model] encoder_init={recipe.model.encoder_init!r}: use 'random' or 'pretrain'")
     return model, tokenizer

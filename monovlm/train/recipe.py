@@ -77,6 +77,8 @@ class ModelRecipe:
     decoder: dict[str, Any] = field(default_factory=dict)  # DecoderConfig fields (scratch) or overrides (experts)
     vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig fields
     encoder: dict[str, Any] | None = None  # EncoderConfig fields: makes the encoder-based baseline
+    encoder_init: str = "random"  # "random", or "pretrain": train the ViT on the data first (LLaVA's CLIP stand-in)
+    encoder_steps: int = 300
 
 
 @dataclass
