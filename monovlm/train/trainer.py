@@ -63,6 +63,7 @@ class TrainOptions:
     keep_checkpoints: int = 2
     progress: bool = True
     measure_peak: bool = True
+    flops_budget: float | None = None  # end the last stage once this many training FLOPs are spent (ablations)
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Trainer:
         self.teacher = None
         self.align_layers = None
         self.peak_flops = None
+        self.total_flops = 0.0  # model FLOPs spent so far (6·N per token + teacher forwards), for equal-FLOP studies
 
     # ---------------------------------------------------------------------------------------------------------------
     # set-up
@@ -197,6 +199,7 @@ class Trainer:
         result = TrainResult(model, tokenizer)
         start_stage = state["stage"] if state is not None else 0
         global_step = state["global_step"] if state is not None else 0
+        self.total_flops = state.get("flops", 0.0) if state is not None else 0.0
         for stage_index in range(start_stage, len(self.recipe.stages)):
             stage = self.recipe.stages[stage_index]
             stage_state = state if state is not None and stage_index == start_stage else None
@@ -240,6 +243,9 @@ class Trainer:
                  f"samples/step on {dataset.path.name} ({len(dataset)} records); training "
                  + ", ".join(f"{part} ({count / 1e6:.2f}M)" for part, count in sorted(trainable.items())))
         flops_token = flops_per_token(model, stage.max_length // 2)
+        teacher_params = 0
+        if stage.align and self.teacher is not None and hasattr(self.teacher, "vit"):
+            teacher_params = sum(p.numel() for p in self.teacher.vit.parameters())
         bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, disable=not (options.progress and info.is_main),
                    dynamic_ncols=True)
         for step in range(start_step, stage.steps):
@@ -250,11 +256,13 @@ class Trainer:
             ce_total = torch.zeros((), device=info.device)
             align_total = torch.zeros((), device=info.device)
             seen_tokens = 0
+            visual_tokens = 0
             for index, batch in enumerate(micro_batches):
                 if batch is None:
                     continue
                 batch = batch.to(info.device)
                 seen_tokens += batch.num_tokens
+                visual_tokens += int((batch.input_ids == model.image_token_id).sum())
                 sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, options.dtype):
                     ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers)
@@ -275,17 +283,25 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             elapsed = time.perf_counter() - started
-            tokens_per_s = all_reduce_sum(torch.tensor(float(seen_tokens)), info).item() / elapsed
+            global_seen = all_reduce_sum(torch.tensor(float(seen_tokens)), info).item()
+            global_visual = all_reduce_sum(torch.tensor(float(visual_tokens)), info).item()
+            step_flops = global_seen * flops_token + 2.0 * teacher_params * global_visual
+            self.total_flops += step_flops
+            tokens_per_s = global_seen / elapsed
             mfu = tokens_per_s * flops_token / (self.peak_flops * info.world_size) if self.peak_flops else float("nan")
             result.losses.append(ce_mean + align_mean)
             record = {"stage": stage.name, "step": step + 1, "global_step": global_step, "loss": ce_mean + align_mean,
                       "ce": ce_mean, "align": align_mean, "lr": stage.lr * factor, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": stream.report.skipped}
+                      "tokens_per_s": tokens_per_s, "mfu": mfu, "flops": step_flops,
+                      "skipped": stream.report.skipped}
             self.write_metrics(record)
             bar.set_postfix(loss=f"{ce_mean + align_mean:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{100 * mfu:.1f}%", refresh=False)
             bar.update(1)
             last = step + 1 == stage.steps
+            is_last_stage = stage_index == len(self.recipe.stages) - 1
+            if options.flops_budget is not None and is_last_stage and self.total_flops >= options.flops_budget:
+                last = True  # the budget is spent: finish the stage here (eval, save) as if it were its end
             if (stage.eval_every and (step + 1) % stage.eval_every == 0) or last:
                 self.evaluate(model, processor, stage, global_step, result)
             stopping = options.stop_after is not None and global_step >= options.stop_after
@@ -295,6 +311,8 @@ class Trainer:
                 bar.close()
                 self.log(f"stopping after global step {global_step} (stop_after)")
                 return global_step, True
+            if last:
+                break
         bar.close()
         self.log(f"stage {stage.name!r} data: {stream.report.summary()}")
         return global_step, False
@@ -320,7 +338,7 @@ class Trainer:
             barrier(self.info)
             return
         scores = evaluate_qa(model, processor, records, path.parent).accuracy
-        record = {"stage": stage.name, "global_step": global_step, "eval": scores}
+        record = {"stage": stage.name, "global_step": global_step, "flops": self.total_flops, "eval": scores}
         if options.eval_blind:
             record["eval_blind"] = evaluate_qa(model, processor, records, path.parent, blank=True).accuracy
         result.evals.append(record)
@@ -345,6 +363,7 @@ class Trainer:
             "stream": stream.state() if not stage_done else {"epoch": 0, "batch": 0},
             "rng": ckpt.rng_state(),
             "aligner": aligner_state or None,
+            "flops": self.total_flops,
         }
         if stage_done and stage_index + 1 >= stage_count:
             train_state["finished"] = True
