@@ -297,8 +297,8 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None) ->
     if not (folder / "vit.json").is_file() and is_main:
         config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads)
         report: dict = {}
-        vit = pretrain_vit(data_root, config, vision, steps=align.teacher_steps, seed=0, report=report,
-                           progress=True)
+        vit = pretrain_vit(data_root, config, vision, steps=align.teacher_steps, lr=align.teacher_lr, seed=0,
+                           report=report, progress=True)
         save_vit(vit, folder)
         (folder / "pretrain_report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "losses"},
                                                                indent=1))

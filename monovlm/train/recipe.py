@@ -60,6 +60,7 @@ class StageConfig:
 class AlignConfig:
     teacher: str = "vit"  # "vit" (monovlm's own, pretrained on the data), "hf:PATH" (CLIP/SigLIP), "features:PATH"
     teacher_steps: int = 300  # pretraining steps of the "vit" teacher
+    teacher_lr: float = 2e-3
     teacher_width: int = 128
     teacher_depth: int = 3
     teacher_heads: int = 4
