@@ -179,7 +179,7 @@ def quickstart(
     *,
     out: Path = Path("runs/quickstart"),
     recipe: str = "eve",
-    n: int = 2000,
+    n: int = 4000,
     seed: int = 0,
     eval_limit: int = 1000,
     ship: bool = False,

@@ -21,6 +21,15 @@ class ConfigError(ValueError):
     """An inconsistent or unsupported configuration; the message names the field and the reason."""
 
 
+def strict_from_dict(cls, values: dict[str, Any]):
+    """Build a config dataclass from a dict, refusing unknown keys by name (a typo must not fall back to a default)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {unknown}")
+    return cls(**values)
+
+
 @dataclass
 class DecoderConfig:
     architecture: str = "llama"
@@ -99,11 +108,7 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DecoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown DecoderConfig field(s): {unknown}")
-        return cls(**values)
+        return strict_from_dict(cls, values)
 
 
 EMBEDDER_KINDS = ("linear", "eve", "conv")
@@ -163,11 +168,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VisionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown VisionConfig field(s): {unknown}")
-        return cls(**values)
+        return strict_from_dict(cls, values)
 
 
 TEMPLATES = ("plain", "chatml")
@@ -192,11 +193,7 @@ class ProcessorConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ProcessorConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown ProcessorConfig field(s): {unknown}")
-        return cls(**values)
+        return strict_from_dict(cls, values)
 
 
 @dataclass

@@ -25,7 +25,7 @@ def report_table(model_scores: dict[str, float], blind_scores: dict[str, float],
     return "\n".join(lines)
 
 
-def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 2000, seed: int = 0, eval_limit: int = 1000,
+def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int = 0, eval_limit: int = 1000,
                    examples: int = 6, ship: bool = False, progress: bool = True) -> dict[str, Any]:
     from monovlm.data.processor import Processor
     from monovlm.data.synthetic import synthesize

@@ -62,3 +62,18 @@ def test_data_synth_twice_gives_identical_files(tmp_path):
         assert main(["data", "synth", "--out", str(tmp_path / name), "--n", "40", "--seed", "0", "--no-progress"]) == 0
     first, second = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert first == second and "instruct_test.json" in first and len(first) > 40
+
+
+def test_chat_with_the_shipped_model_answers_about_an_image(tmp_path, capsys):
+    from monovlm.quickstart import DEFAULT_MODEL_DIR
+
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 25 * 2**20  # the repo's size budget
+    from monovlm.data.synthetic import synthesize
+
+    synthesize(tmp_path, n=20, seed=3, progress=False)
+    import json
+
+    record = next(r for r in json.loads((tmp_path / "instruct_train.json").read_text()) if r["category"] == "attribute")
+    assert main(["chat", "--image", str(tmp_path / record["image"]), record["question"]]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer and len(answer.split()) <= 3  # a short answer from the trained model, not a ramble

@@ -156,9 +156,12 @@ def generate(
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
     batch = input_ids.shape[0]
     steps = list(token_steps(model, input_ids, attention_mask, config, tokenizer, pad_id, prefill_inputs))
+    # one conversion to Python lists at the end, not one tensor index per token
+    all_tokens = torch.stack([tokens for tokens, _ in steps], dim=1).tolist() if steps else [[] for _ in range(batch)]
+    all_active = torch.stack([active for _, active in steps], dim=1).tolist() if steps else [[] for _ in range(batch)]
     results = []
     for row in range(batch):
-        ids = [int(tokens[row]) for tokens, active in steps if active[row]]
+        ids = [token for token, active in zip(all_tokens[row], all_active[row]) if active]
         stopped = len(ids) < config.max_new_tokens or (ids and ids[-1] in config.stop_ids)
         text = None
         if tokenizer is not None:

@@ -26,64 +26,50 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 (bf16 squares lose too much), then scale in the input dtype — HF's order of operations
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op (decode is op-bound)
+        # lower precision: normalise in fp32 (bf16 squares lose too much), then scale in the input dtype — HF's order
         x_float = x.float()
         normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
-def _project(owner, x: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    q = owner.q_proj(x)
-    k = owner.k_proj(x)
-    if owner.q_norm is not None:
-        q = owner.q_norm(q.view(-1, num_heads, head_dim)).view(q.shape)
-        k = owner.k_norm(k.view(-1, num_kv_heads, head_dim)).view(k.shape)
-    return torch.cat([q, k, owner.v_proj(x)], dim=-1)
+class Projections(nn.Module):
+    """q, k and v from one fused matmul (one weight read, one op instead of three), and the output projection.
 
-
-class VisionProjections(nn.Module):
-    """The attention projections of a layer's vision expert: same shapes as the language ones."""
+    The fused weight stacks HF's q_proj, k_proj, v_proj rows in that order; `hf.py` splits and joins them."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        head_dim = config.resolved_head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.num_heads * head_dim, config.hidden_size, bias=config.o_proj_bias)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return _project(self, x, self.num_heads, self.num_kv_heads, self.head_dim)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: DecoderConfig, layer_index: int):
-        super().__init__()
-        self.layer_index = layer_index
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.resolved_head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        fused_heads = self.num_heads + 2 * self.num_kv_heads
+        self.qkv_proj = nn.Linear(config.hidden_size, fused_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        # the vision expert: its own projections (and q/k norms); attention over all tokens stays shared
-        self.vision = VisionProjections(config) if config.expert_attention else None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, C) -> q, k, v concatenated (N, (H + 2·Hkv)·D), q and k normed where the model has q/k norms."""
-        return _project(self, x, self.num_heads, self.num_kv_heads, self.head_dim)
+        """x (..., C) -> q, k, v heads (..., H + 2·Hkv, D); q and k normed per head where the model has q/k norms."""
+        qkv = self.qkv_proj(x).unflatten(-1, (self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        if self.q_norm is None:
+            return qkv
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)
+        return torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-2)
+
+    def project_flat(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x).flatten(-2)  # (N, (H + 2·Hkv)·D), the 2-D form that routing gathers and scatters
+
+
+class Attention(Projections):
+    def __init__(self, config: DecoderConfig, layer_index: int):
+        super().__init__(config)
+        self.layer_index = layer_index
+        # the vision expert: its own projections (and q/k norms); attention over all tokens stays shared
+        self.vision = Projections(config) if config.expert_attention else None
 
     def forward(
         self,
@@ -96,28 +82,21 @@ class Attention(nn.Module):
         routing: Routing | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
+        heads, kv_heads = self.num_heads, self.num_kv_heads
         if routing is None or self.vision is None:
-            q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, D)
-            k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-            v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
+            qkv = self.project(x)  # (B, T, H + 2·Hkv, D)
         else:
-            qkv = route(x, routing, self.project, self.vision.project)  # (B, T, (H + 2·Hkv)·D)
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(batch, length, self.num_heads, self.head_dim)
-            k = k.view(batch, length, self.num_kv_heads, self.head_dim)
-            v = v.view(batch, length, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-        v = v.transpose(1, 2)  # (B, Hkv, T, D)
+            qkv = route(x, routing, self.project_flat, self.vision.project_flat).unflatten(-1, (-1, self.head_dim))
+        qkv = qkv.transpose(1, 2)  # (B, H + 2·Hkv, T, D)
+        qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)  # q and k rotated together: (B, H + Hkv, T, D)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, heads + kv_heads :]  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.write(self.layer_index, k, v)  # (B, Hkv, S, D) with S = cached + T
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=kv_heads != heads
         )  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, length, heads * self.head_dim)
         return route(out, routing, self.o_proj, self.vision.o_proj if self.vision is not None else None)
 
 
@@ -222,7 +201,7 @@ class Decoder(nn.Module):
             attn = block.attn
             if attn.vision is not None:
                 pairs += [(getattr(attn, name), getattr(attn.vision, name))
-                          for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+                          for name in ("qkv_proj", "o_proj", "q_norm", "k_norm")]
             for text_part, vision_part in pairs:
                 if text_part is not None and vision_part is not None:
                     vision_part.load_state_dict(text_part.state_dict())

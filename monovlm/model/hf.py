@@ -162,27 +162,38 @@ def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> d
 # weight map
 
 
-def weight_map(config: DecoderConfig) -> dict[str, str]:
-    """HF tensor name -> monovlm parameter name, for every tensor a checkpoint of this config holds."""
-    names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+# A mapped HF tensor is either a whole monovlm parameter (rows=None) or a block of rows of one (HF's separate
+# q_proj / k_proj / v_proj are stacked into monovlm's fused qkv_proj).
+Target = tuple[str, "slice | None"]
+
+
+def weight_map(config: DecoderConfig) -> dict[str, Target]:
+    """HF tensor name -> (monovlm parameter name, row slice or None), for every tensor a checkpoint of this config
+    holds."""
+    names: dict[str, Target] = {"model.embed_tokens.weight": ("embed_tokens.weight", None),
+                                "model.norm.weight": ("norm.weight", None)}
     if not config.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+        names["lm_head.weight"] = ("lm_head.weight", None)
+    q_rows = config.num_heads * config.resolved_head_dim
+    kv_rows = config.num_kv_heads * config.resolved_head_dim
+    blocks = {"q_proj": slice(0, q_rows), "k_proj": slice(q_rows, q_rows + kv_rows),
+              "v_proj": slice(q_rows + kv_rows, q_rows + 2 * kv_rows)}
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        names[hf + "input_layernorm.weight"] = ours + "attn_norm.weight"
-        names[hf + "post_attention_layernorm.weight"] = ours + "mlp_norm.weight"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names[f"{hf}self_attn.{proj}.weight"] = f"{ours}attn.{proj}.weight"
-        if config.attention_bias:
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                names[f"{hf}self_attn.{proj}.bias"] = f"{ours}attn.{proj}.bias"
+        names[hf + "input_layernorm.weight"] = (ours + "attn_norm.weight", None)
+        names[hf + "post_attention_layernorm.weight"] = (ours + "mlp_norm.weight", None)
+        for proj, rows in blocks.items():
+            names[f"{hf}self_attn.{proj}.weight"] = (f"{ours}attn.qkv_proj.weight", rows)
+            if config.attention_bias:
+                names[f"{hf}self_attn.{proj}.bias"] = (f"{ours}attn.qkv_proj.bias", rows)
+        names[f"{hf}self_attn.o_proj.weight"] = (f"{ours}attn.o_proj.weight", None)
         if config.o_proj_bias:
-            names[f"{hf}self_attn.o_proj.bias"] = f"{ours}attn.o_proj.bias"
+            names[f"{hf}self_attn.o_proj.bias"] = (f"{ours}attn.o_proj.bias", None)
         if config.qk_norm:
-            names[f"{hf}self_attn.q_norm.weight"] = f"{ours}attn.q_norm.weight"
-            names[f"{hf}self_attn.k_norm.weight"] = f"{ours}attn.k_norm.weight"
+            names[f"{hf}self_attn.q_norm.weight"] = (f"{ours}attn.q_norm.weight", None)
+            names[f"{hf}self_attn.k_norm.weight"] = (f"{ours}attn.k_norm.weight", None)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[f"{hf}mlp.{proj}.weight"] = f"{ours}mlp.{proj}.weight"
+            names[f"{hf}mlp.{proj}.weight"] = (f"{ours}mlp.{proj}.weight", None)
     return names
 
 
@@ -225,6 +236,28 @@ def _check_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+def load_safetensors_strict(module: torch.nn.Module, weights: Path, device: str = "cpu") -> None:
+    """Fill `module` from a safetensors file whose names are the module's own: every tensor present with its shape,
+    nothing extra; errors name the file and the tensor."""
+    if not weights.is_file():
+        raise CheckpointError(f"{weights.parent} has no {weights.name}")
+    expected = module.state_dict()
+    state = {}
+    with safe_open(str(weights), framework="pt", device=device) as f:
+        for name in f.keys():
+            if name not in expected:
+                raise CheckpointError(f"unexpected tensor {name!r} in {weights}")
+            tensor = f.get_tensor(name)
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(f"tensor {name!r} in {weights} has shape {tuple(tensor.shape)}, expected "
+                                      f"{tuple(expected[name].shape)}")
+            state[name] = tensor
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{weights} is missing tensor(s): {missing[:10]}")
+    module.load_state_dict(state, strict=True)
+
+
 def load_config(path: str | os.PathLike) -> DecoderConfig:
     config_path = _check_folder(path) / "config.json"
     try:
@@ -243,6 +276,7 @@ def load_hf_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     names = weight_map(config)
     files = checkpoint_files(folder)
     state: dict[str, torch.Tensor] = {}
+    loaded: set[str] = set()
     by_file: dict[Path, list[str]] = {}
     for hf_name, file in files.items():
         by_file.setdefault(file, []).append(hf_name)
@@ -254,16 +288,27 @@ def load_hf_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         continue
                     raise CheckpointError(f"unexpected tensor {hf_name!r} in {file} (no monovlm parameter maps to it)")
                 tensor = f.get_tensor(hf_name)
-                ours = names[hf_name]
-                if tuple(tensor.shape) != tuple(expected[ours].shape):
+                ours, rows = names[hf_name]
+                target_shape = tuple(expected[ours].shape)
+                if rows is not None:
+                    target_shape = (rows.stop - rows.start, *target_shape[1:])
+                if tuple(tensor.shape) != target_shape:
                     raise CheckpointError(
                         f"tensor {hf_name!r} in {file} has shape {tuple(tensor.shape)}, but the config "
-                        f"({folder / 'config.json'}) implies {tuple(expected[ours].shape)}"
+                        f"({folder / 'config.json'}) implies {target_shape}"
                     )
-                state[ours] = tensor.to(dtype)
-    missing = [hf for hf, ours in names.items() if ours not in state]
+                if rows is None:
+                    state[ours] = tensor.to(dtype)
+                else:  # one block of a fused parameter
+                    if ours not in state:
+                        state[ours] = torch.empty(expected[ours].shape, dtype=dtype, device=device)
+                    state[ours][rows] = tensor.to(dtype)
+                loaded.add(hf_name)
+    missing = [hf for hf in names if hf not in loaded]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is missing tensor(s): {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
+    # own the memory: tensors still mapped from the file would pin it on disk (and may sit unaligned)
+    state = {name: tensor.clone() if tensor.data_ptr() else tensor for name, tensor in state.items()}
     model.load_state_dict(state, strict=True, assign=True)  # the meta tensors are replaced by the loaded ones
     model.rotary = RotaryTable(config).to(device)  # buffers were on meta too; recompute them (fp32)
     return model
@@ -279,7 +324,8 @@ def save_hf_decoder(model: Decoder, path: str | os.PathLike, max_shard_bytes: in
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     params = dict(model.named_parameters())
-    tensors = {hf: params[ours].detach().contiguous().cpu() for hf, ours in weight_map(config).items()}
+    tensors = {hf: (params[ours] if rows is None else params[ours][rows]).detach().contiguous().cpu()
+               for hf, (ours, rows) in weight_map(config).items()}
     dtype = model.embed_tokens.weight.dtype
     (folder / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
     metadata = {"format": "pt"}

@@ -106,8 +106,11 @@ class RotaryTable(torch.nn.Module):
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         freqs = positions[:, None] * self.inv_freq.float()[None, :]  # (L, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (L, D)
+        # rotate_half(x)·sin == roll(x, D/2)·(sin with its first half negated): the sign lives in the table, so
+        # applying RoPE is one roll and one fused multiply-add instead of slices, a negation and a concatenation
+        sign = torch.cat((-torch.ones_like(freqs), torch.ones_like(freqs)), dim=-1)
         self.register_buffer("cos_table", angles.cos() * self.attention_scaling, persistent=False)
-        self.register_buffer("sin_table", angles.sin() * self.attention_scaling, persistent=False)
+        self.register_buffer("sin_table", angles.sin() * sign * self.attention_scaling, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> cos, sin of shape (B, 1, T, D) in `dtype`."""
@@ -119,11 +122,6 @@ class RotaryTable(torch.nn.Module):
         return cos, sin
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by the angles in cos/sin (B, 1, T, D)."""
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by the angles in cos / signed sin (B, 1, T, D), as HF's `x·cos + rotate_half(x)·sin`."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

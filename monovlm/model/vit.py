@@ -196,7 +196,7 @@ def save_vit(vit: ViT, path: str | os.PathLike) -> Path:
 
 def load_vit(path: str | os.PathLike) -> ViT:
     """Strict: every tensor present with its shape, nothing extra; errors name the file and the tensor."""
-    from monovlm.model.hf import CheckpointError, read_json
+    from monovlm.model.hf import CheckpointError, load_safetensors_strict, read_json
 
     folder = Path(path)
     if not folder.is_dir():
@@ -210,23 +210,7 @@ def load_vit(path: str | os.PathLike) -> ViT:
         vit = ViT(EncoderConfig(**values["encoder"]), int(values["patch_size"]))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{config_file} has an invalid encoder config: {error}") from error
-    if not weights.is_file():
-        raise CheckpointError(f"{folder} has no {VIT_WEIGHTS_FILE}")
-    expected = vit.state_dict()
-    state = {}
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        for name in f.keys():
-            if name not in expected:
-                raise CheckpointError(f"unexpected tensor {name!r} in {weights}")
-            tensor = f.get_tensor(name)
-            if tensor.shape != expected[name].shape:
-                raise CheckpointError(f"tensor {name!r} in {weights} has shape {tuple(tensor.shape)}, expected "
-                                      f"{tuple(expected[name].shape)}")
-            state[name] = tensor
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(f"{weights} is missing tensor(s): {missing[:10]}")
-    vit.load_state_dict(state, strict=True)
+    load_safetensors_strict(vit, weights)
     return vit
 
 

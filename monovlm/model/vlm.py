@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -125,7 +124,7 @@ class EncoderFreeVLM(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "EncoderFreeVLM":
-        from monovlm.model.hf import CheckpointError, read_json
+        from monovlm.model.hf import CheckpointError, load_safetensors_strict, read_json
 
         folder = Path(path)
         if not folder.is_dir():
@@ -134,22 +133,5 @@ class EncoderFreeVLM(nn.Module):
         if values.pop("model_type", None) != MODEL_TYPE:
             raise CheckpointError(f"{folder / CONFIG_FILE} is not a monovlm encoder-free VLM config (model_type)")
         model = cls(VLMConfig.from_dict(values))
-        weights = folder / WEIGHTS_FILE
-        if not weights.is_file():
-            raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
-        expected = model.state_dict()
-        state = {}
-        with safe_open(str(weights), framework="pt", device=device) as f:
-            for name in f.keys():
-                if name not in expected:
-                    raise CheckpointError(f"unexpected tensor {name!r} in {weights}")
-                tensor = f.get_tensor(name)
-                if tensor.shape != expected[name].shape:
-                    raise CheckpointError(f"tensor {name!r} in {weights} has shape {tuple(tensor.shape)}, expected "
-                                          f"{tuple(expected[name].shape)}")
-                state[name] = tensor
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise CheckpointError(f"{weights} is missing tensor(s): {missing[:10]}")
-        model.load_state_dict(state, strict=True)
+        load_safetensors_strict(model, folder / WEIGHTS_FILE, device)
         return model.to(device=device, dtype=dtype)

@@ -133,6 +133,7 @@ class Trainer:
         self.align_layers = None
         self.peak_flops = None
         self.total_flops = 0.0  # model FLOPs spent so far (6·N per token + teacher forwards), for equal-FLOP studies
+        self.started = time.time()
 
     # ---------------------------------------------------------------------------------------------------------------
     # set-up
@@ -293,7 +294,7 @@ class Trainer:
             record = {"stage": stage.name, "step": step + 1, "global_step": global_step, "loss": ce_mean + align_mean,
                       "ce": ce_mean, "align": align_mean, "lr": stage.lr * factor, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "mfu": mfu, "flops": step_flops,
-                      "skipped": stream.report.skipped}
+                      "skipped": stream.report.skipped, "elapsed_s": round(time.time() - self.started, 2)}
             self.write_metrics(record)
             bar.set_postfix(loss=f"{ce_mean + align_mean:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{100 * mfu:.1f}%", refresh=False)
