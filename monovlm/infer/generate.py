@@ -63,7 +63,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
 class _StopStrings:
     """Tracks, per row, whether the decoded continuation contains a stop string (which may span several tokens)."""
 
-    def __init__(self, stop_strings: Sequence[str], tokenizer, batch_size: int):
+    def __init__(self, stop_strings: Sequence[str], tokenizer):
         self.stop_strings = tuple(stop_strings)
         self.tokenizer = tokenizer
         # enough recent tokens to hold the longest stop string even if every token were one byte
@@ -107,7 +107,7 @@ def token_steps(
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     stop_ids = torch.tensor(config.stop_ids, dtype=torch.long, device=device)
-    stop_strings = _StopStrings(config.stop_strings, tokenizer, batch)
+    stop_strings = _StopStrings(config.stop_strings, tokenizer)
     generated: list[list[int]] = [[] for _ in range(batch)]
     active = torch.ones(batch, dtype=torch.bool, device=device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, last_only=True,
