@@ -202,6 +202,62 @@ def quickstart(
     run_quickstart(out, recipe, n=n, seed=seed, eval_limit=eval_limit, ship=ship, progress=progress)
 
 
+@command("eval")
+def eval_command(
+    model: str,
+    *,
+    tasks: list[str] | None = None,
+    data: Path | None = None,
+    out: Path | None = None,
+    limit: int | None = 1000,
+    batch_size: int = 32,
+    blind: bool = True,
+    reduce: str | None = None,
+    keep: list[float] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> None:
+    """Evaluate a model on tasks, beside the blind baseline (the same questions with a grey image); write
+    report.json, report.md and PNG plots. Shipped tasks: synthetic, synthetic_pope, vqav2, gqa, pope, mme,
+    coco_captions, llava (or a task TOML file).
+
+    Args:
+        model: a monovlm model folder, or "default" for the shipped tiny model
+        tasks: task names or task TOML files (default: synthetic)
+        data: the folder the tasks read (default for the synthetic tasks: the quickstart's data, synthesised if missing)
+        out: report folder (default: runs/eval/<model name>)
+        limit: most samples per task (0 for all)
+        batch_size: questions per batched generation
+        blind: also run the blind baseline
+        reduce: a visual token reduction method (evaluated at each --keep ratio beside the unreduced model)
+        keep: fraction(s) of visual tokens kept with --reduce (default: 0.5, 0.25, 0.11)
+        device: cpu or cuda
+        progress: show progress bars
+    """
+    from monovlm.eval.run import run_eval
+
+    run_eval(model, tasks or ["synthetic"], data=data, out=out, limit=limit or None, batch_size=batch_size,
+             blind=blind, reduce=reduce, keep=keep, device=device, progress=progress)
+
+
+@command("compare")
+def compare_command(reports: list[str], *, tasks: list[str] | None = None, data: Path | None = None,
+                    limit: int | None = 1000, out: Path | None = None) -> None:
+    """Print evaluation results of several models side by side (each argument: an eval report folder or
+    report.json, or a model folder, which is evaluated first).
+
+    Args:
+        reports: eval output folders / report.json files / model folders ("default" = the shipped model)
+        tasks: tasks for the model folders (default: synthetic)
+        data: data folder for the model folders' tasks
+        limit: most samples per task for the model folders
+        out: also write the comparison to this Markdown file
+    """
+    from monovlm.eval.run import run_compare
+
+    run_compare(reports, tasks=tasks or ["synthetic"], data=data, limit=limit or None, out=out)
+
+
 @command("chat")
 def chat(
     question: str,

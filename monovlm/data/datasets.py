@@ -38,8 +38,8 @@ class SkipReport:
     examples: list[SkippedSample] = field(default_factory=list)
     max_examples: int = 20
 
-    def record(self, item: "ProcessedSample | SkippedSample") -> bool:
-        """Count one item; True if it is usable."""
+    def record(self, item: "ProcessedSample | SkippedSample | Any") -> bool:
+        """Count one item (any sample type, or a SkippedSample); True if it is usable."""
         self.total += 1
         if isinstance(item, SkippedSample):
             self.reasons[item.reason] += 1

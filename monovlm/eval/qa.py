@@ -1,17 +1,15 @@
-"""Short-answer QA evaluation by exact match, per category, with the blind baseline beside it.
+"""Short-answer QA on LLaVA-style records, per category, with the blind baseline beside it — the trainer's periodic
+eval and the quickstart's report.
 
-The blind baseline asks the same model the same questions with a blank (uniform grey) image of the same size: any
-accuracy it reaches comes from the question text alone, so the gap between the two is what the model reads from
-pixels. Used by the trainer's periodic eval and the quickstart report; the full harness (metrics per benchmark,
-reports, plots) builds on it.
+It runs the shipped `synthetic` task of the harness (same prompt, extraction, metric and generation settings) on
+records already in memory, so the trainer's numbers and `monovlm eval --tasks synthetic` agree exactly on the same
+data. The blind baseline asks the same questions with a uniform grey image of the same size: any accuracy it reaches
+comes from the question text alone.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import string
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,22 +17,16 @@ from typing import Any
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from monovlm.data.images import ImageLoadError
+from monovlm.data.datasets import SkipReport
 from monovlm.data.processor import IMAGE_MARKER, Processor
-from monovlm.infer.generate import GenerationConfig, generate
+from monovlm.eval.harness import OVERALL, blank_like, run_task
+from monovlm.eval.protocol import ModelRunner, Query
+from monovlm.eval.samples import EvalSample
+from monovlm.eval.tasks import load_task
+from monovlm.infer.generate import GenerationConfig
 
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation, collapse whitespace: 'Top left.' == 'top left'."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
-
-
-def blank_like(image: Image.Image) -> Image.Image:
-    return Image.new("RGB", image.size, (128, 128, 128))
+__all__ = ["QAResult", "answer", "answer_of", "blank_like", "evaluate_qa", "question_of", "samples_from_records"]
 
 
 def question_of(record: dict[str, Any]) -> str:
@@ -51,19 +43,20 @@ def answer_of(record: dict[str, Any]) -> str:
     return next(t["value"] for t in record["conversations"] if t.get("from") in ("gpt", "assistant"))
 
 
+def samples_from_records(records: Sequence[dict[str, Any]], image_root: str | os.PathLike) -> list[EvalSample]:
+    root = Path(image_root)
+    return [EvalSample(id=str(r.get("id", index)), question=question_of(r), answers=[answer_of(r)],
+                       image=root / r["image"] if r.get("image") else None, category=r.get("category", "all"))
+            for index, r in enumerate(records)]
+
+
 @torch.no_grad()
 def answer(model, processor: Processor, questions: Sequence[str], images: Sequence[Image.Image | None],
            max_new_tokens: int = 8) -> list[str]:
     """Greedy answers to a batch of (question, image) pairs; one batched generation."""
-    prompts, tensors = [], []
-    for question, image in zip(questions, images):
-        ids, image_tensors = processor.prompt(question, [image] if image is not None else [])
-        prompts.append(ids)
-        tensors += image_tensors
-    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=processor.stop_ids)
-    results = generate(model, prompts, config, processor.tokenizer, pad_id=processor.tokenizer.pad_id or 0,
-                       prefill_inputs={"images": tensors} if tensors else None)
-    return [r.text.strip() for r in results]
+    runner = ModelRunner(model, processor, batch_size=max(1, len(questions)))
+    queries = [Query(q, [i] if i is not None else []) for q, i in zip(questions, images)]
+    return runner.generate(queries, GenerationConfig(max_new_tokens=max_new_tokens))
 
 
 @dataclass
@@ -75,38 +68,16 @@ class QAResult:
 
 
 def evaluate_qa(model, processor: Processor, records: Sequence[dict[str, Any]], image_root: str | os.PathLike,
-                blank: bool = False, batch_size: int = 32, max_new_tokens: int = 8, progress: bool = False) -> QAResult:
-    """Exact-match accuracy per `category` on LLaVA-style records with one image each (unreadable ones skipped)."""
+                blank: bool = False, batch_size: int = 32, progress: bool = False) -> QAResult:
+    """Exact-match accuracy per `category` (unreadable images skipped and counted), through the `synthetic` task."""
     was_training = model.training
-    model.eval()
-    correct: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    predictions = []
-    skipped = 0
-    root = Path(image_root)
-    bar = tqdm(total=len(records), desc="eval (blind)" if blank else "eval", disable=not progress, leave=False)
-    for start in range(0, len(records), batch_size):
-        chunk, images = [], []
-        for record in records[start : start + batch_size]:
-            try:
-                image = processor.load(root / record["image"]) if record.get("image") else None
-            except ImageLoadError:
-                skipped += 1
-                continue
-            chunk.append(record)
-            images.append(blank_like(image) if blank and image is not None else image)
-        if chunk:
-            outputs = answer(model, processor, [question_of(r) for r in chunk], images, max_new_tokens)
-            for record, output in zip(chunk, outputs):
-                category = record.get("category", "all")
-                hit = normalize_answer(output) == normalize_answer(answer_of(record))
-                correct[category] += hit
-                total[category] += 1
-                predictions.append({"id": record.get("id"), "category": category, "prediction": output,
-                                    "answer": answer_of(record), "correct": hit})
-        bar.update(len(records[start : start + batch_size]))
-    bar.close()
-    model.train(was_training)
-    accuracy = {c: correct[c] / total[c] for c in sorted(total)}
-    accuracy["overall"] = sum(correct.values()) / max(1, sum(total.values()))
-    return QAResult(accuracy, dict(total), predictions, skipped)
+    runner = ModelRunner(model, processor, batch_size=batch_size)
+    try:
+        result = run_task(runner, load_task("synthetic"), samples_from_records(records, image_root), blank=blank,
+                          skipped=SkipReport(), progress=progress)
+    finally:
+        model.train(was_training)
+    accuracy = {group: values["accuracy"] for group, values in result.scores.items() if group != OVERALL}
+    accuracy[OVERALL] = result.scores[OVERALL]["accuracy"]
+    counts = {group: n for group, n in result.counts.items() if group != OVERALL}
+    return QAResult(accuracy, counts, result.predictions, result.skipped)

@@ -1,0 +1,85 @@
+"""The `monovlm eval` and `monovlm compare` commands: resolve the model and data, run, print, write the report."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from monovlm.eval.protocol import ModelRunner
+from monovlm.eval.report import EvalRun, compare_table, evaluate_model, load_runs, markdown, write_report
+from monovlm.eval.tasks import load_task
+
+DEFAULT_SYNTHETIC_DATA = Path("runs/quickstart/data")  # what the quickstart (and the shipped model) used
+DEFAULT_KEEPS = (0.5, 0.25, 0.11)
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    from monovlm.quickstart import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR if str(model) in ("default", "tiny") else Path(model)
+
+
+def resolve_data(task_names: Sequence[str], data: str | os.PathLike | None, progress: bool = True) -> Path | None:
+    """--data, or for the synthetic tasks the quickstart's data (n=4000, seed 0), synthesised if missing."""
+    if data is not None:
+        return Path(data)
+    if not all(load_task(t).reader == "synthetic" for t in task_names):
+        return None
+    if not (DEFAULT_SYNTHETIC_DATA / "summary.json").is_file():
+        from monovlm.data.synthetic import synthesize
+
+        print(f"synthesising the quickstart's data (n=4000, seed 0) into {DEFAULT_SYNTHETIC_DATA}")
+        synthesize(DEFAULT_SYNTHETIC_DATA, n=4000, seed=0, progress=progress)
+    return DEFAULT_SYNTHETIC_DATA
+
+
+def _reduction_settings(reduce: str | None, keep: Sequence[float] | None) -> list[dict]:
+    if reduce is None:
+        if keep:
+            raise ValueError("--keep needs --reduce METHOD")
+        return []
+    for value in keep or ():
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"--keep {value}: a kept fraction must be in (0, 1]")
+    return [{"reduction": reduce, "keep": value} for value in (keep or DEFAULT_KEEPS)]
+
+
+def run_eval(model: str | os.PathLike, tasks: Sequence[str], data=None, out=None, limit: int | None = 1000,
+             batch_size: int = 32, blind: bool = True, reduce: str | None = None,
+             keep: Sequence[float] | None = None, device: str = "cpu", progress: bool = True) -> list[EvalRun]:
+    folder = resolve_model(model)
+    settings = _reduction_settings(reduce, keep)  # checked before any work
+    data = resolve_data(tasks, data, progress)
+    runner = ModelRunner.load(folder, device=device, batch_size=batch_size)
+    runs = [evaluate_model(runner, tasks, data, limit, blind=blind, progress=progress)]
+    for setting in settings:
+        from monovlm.infer.reduction import build_reduction
+
+        runner.prefill_options = {"reduction": build_reduction(setting["reduction"], keep=setting["keep"])}
+        runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress, setting=setting))
+    runner.prefill_options = {}
+    out = Path(out) if out is not None else Path("runs/eval") / folder.name
+    written = write_report(runs, out)
+    print(markdown(runs))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return runs
+
+
+def run_compare(items: Sequence[str], tasks: Sequence[str] = ("synthetic",), data=None, limit: int | None = 1000,
+                out=None) -> str:
+    runs: list[EvalRun] = []
+    for item in items:
+        path = resolve_model(item)
+        if (path / "config.json").is_file():  # a model folder: evaluate it now
+            runner = ModelRunner.load(path, device="cuda" if torch.cuda.is_available() else "cpu")
+            runs.append(evaluate_model(runner, tasks, resolve_data(tasks, data), limit))
+        else:
+            runs += load_runs(path)
+    table = compare_table(runs)
+    print(table)
+    if out is not None:
+        Path(out).write_text(table + "\n")
+    return table
