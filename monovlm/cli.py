@@ -1,8 +1,9 @@
 """`monovlm <verb>`: each verb is a typed function; its signature and docstring are the command-line interface.
 
 litgpt-style: the function is the source of truth, so the CLI and the Python API cannot drift apart. Parameters
-without defaults become positional arguments (required `--flags` when keyword-only), the rest `--flags`; `bool`
-defaults become `--flag/--no-flag`.
+without defaults become positional arguments (required `--flags` when keyword-only), positional-only ones with a
+default optional positional arguments (`def serve(model: Path | None = None, /)` is `monovlm serve [MODEL]`), the
+rest `--flags`; `bool` defaults become `--flag/--no-flag`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
     element = typing.get_args(base)[0] if is_list else base
     converter = element if element in (int, float, str, Path) else str
     flag = "--" + param.name.replace("_", "-")
+    if param.kind is inspect.Parameter.POSITIONAL_ONLY and param.default is not inspect.Parameter.empty:
+        parser.add_argument(param.name, type=converter, nargs="*" if is_list else "?", default=param.default,
+                            help=help_text)
+        return
     if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.KEYWORD_ONLY:
         parser.add_argument(flag, dest=param.name, type=converter, nargs="+" if is_list else None, required=True,
                             help=help_text)
@@ -98,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     function = args._function
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "subcommand", "_function", "_name")}
+    positional = [kwargs.pop(p.name) for p in inspect.signature(function).parameters.values()
+                  if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
-        function(**kwargs)
+        function(*positional, **kwargs)
     except (ValueError, FileNotFoundError) as error:  # our errors name the thing and the reason; no traceback needed
         print(f"monovlm {args._name}: error: {error}", file=sys.stderr)
         return 2

@@ -260,7 +260,8 @@ def compare_command(reports: list[str], *, tasks: list[str] | None = None, data:
 
 @command("chat")
 def chat(
-    question: str,
+    question: str | None = None,
+    /,
     *,
     image: list[Path] | None = None,
     model: Path | None = None,
@@ -268,32 +269,95 @@ def chat(
     temperature: float = 0.0,
     seed: int | None = None,
 ) -> None:
-    """Ask a VLM a question about images (default model: the shipped tiny one, trained on synthetic shapes).
+    """Chat with a VLM about images in the terminal (default model: the shipped tiny one, trained on synthetic
+    shapes). With a question, answer it and exit; without, read questions from standard input, keeping the
+    conversation: `/image PATH` attaches an image to the next question, `/reset` forgets the conversation, `/quit` ends.
 
     Args:
-        question: the question
-        image: image file(s) the question is about
+        question: a question to answer at once (omit it for an interactive chat)
+        image: image file(s) the (first) question is about
         model: a monovlm model folder (default: the shipped tiny model)
-        max_new_tokens: most tokens in the answer
+        max_new_tokens: most tokens in each answer
         temperature: 0 for greedy decoding
         seed: sampling seed
     """
     from monovlm.data.processor import Processor
-    from monovlm.infer.generate import GenerationConfig, stream_text
+    from monovlm.infer.generate import GenerationConfig
     from monovlm.model.vlm import EncoderFreeVLM
     from monovlm.quickstart import DEFAULT_MODEL_DIR
+    from monovlm.serve.terminal import HELP, ChatSession, run_repl
     from monovlm.tokenizer import Tokenizer
 
     folder = model or DEFAULT_MODEL_DIR
     vlm = EncoderFreeVLM.load(folder).eval()
     tokenizer = Tokenizer.from_folder(folder)
     processor = Processor(tokenizer, vlm.config.vision, vlm.config.processor)
-    pictures = [processor.load(path) for path in image or []]
-    prompt, tensors = processor.prompt(question, pictures)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                               stop_ids=processor.stop_ids)
-    for deltas in stream_text(vlm, [prompt], tokenizer, config, pad_id=tokenizer.pad_id or 0,
-                              prefill_inputs={"images": tensors} if tensors else None):
-        sys.stdout.write(deltas[0])
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    session = ChatSession(vlm, processor, config)
+    for path in image or []:
+        session.attach(path)  # ImageLoadError is a ValueError: the CLI prints it without a traceback
+    if question is not None:  # one question, one answer (a PromptError is a ValueError: printed, exit code 2)
+        for piece in session.ask(question):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"monovlm chat with {Path(folder).resolve().name}; {HELP}", file=sys.stderr)
+    run_repl(session, sys.stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
+
+
+@command("serve")
+def serve(
+    model: Path | None = None,
+    /,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    device: str = "cpu",
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_body_mb: float = 10.0,
+    max_images: int = 8,
+    max_image_pixels: int = 25_000_000,
+    max_tokens: int = 512,
+    access_log: bool = True,
+) -> None:
+    """Serve a VLM over HTTP: an OpenAI-compatible /v1/chat/completions (text and inline images, streaming), /v1/models,
+    /health, and a web page at / to ask about an image. Binds to the loopback address unless --host says otherwise.
+
+    Args:
+        model: a monovlm model folder (default: the shipped tiny model)
+        host: address to bind (0.0.0.0 exposes the server to the network: set an API key then)
+        port: TCP port
+        api_key: require 'Authorization: Bearer KEY' on /v1 (None: the MONOVLM_API_KEY environment variable, if set)
+        device: cpu or cuda
+        max_batch: most requests generated together in one batch
+        max_queue: most requests waiting for the model; more get 429 with Retry-After
+        max_body_mb: largest request body in MiB (base64 images included)
+        max_images: most images in one request
+        max_image_pixels: largest image (width x height of the file, checked before decoding)
+        max_tokens: most tokens one answer may ask for
+        access_log: log every request
+    """
+    import os
+
+    import uvicorn
+
+    from monovlm.serve.app import create_app, load_served_model
+    from monovlm.serve.limits import Limits
+
+    if max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb {max_body_mb} must be positive")
+    limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_image_pixels=max_image_pixels,
+                    max_tokens=max_tokens, default_max_tokens=min(128, max_tokens), max_batch=max_batch,
+                    max_queue=max_queue)
+    key = api_key or os.environ.get("MONOVLM_API_KEY") or None
+    served = load_served_model(model, device=device)
+    if host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"warning: serving on {host} without an API key: anyone who can reach it can use it", file=sys.stderr)
+    print(f"serving {served.name} at http://{host}:{port}/ (API: /v1/chat/completions)", file=sys.stderr)
+    uvicorn.run(create_app(served, limits, key), host=host, port=port, access_log=access_log, log_level="info")

@@ -1,0 +1,312 @@
+"""Load test of `monovlm serve` on loopback: many concurrent clients, valid and invalid requests mixed.
+
+    python benchmarks/load_test.py                        # 64 clients x 20 requests, prints a report
+    python benchmarks/load_test.py --write BENCHMARKS.md  # ...and writes it as the "## Serving: load test" section
+
+The server runs as its own process (`python -m monovlm serve`, the shipped tiny model, a 1 MiB body limit so that
+oversize bodies are cheap to send) so that its memory can be read from /proc: peak RSS (the kernel's high-water mark)
+and RSS sampled over the run, to show memory stays bounded. Each client sends its requests one after another; the
+kinds are drawn with a fixed seed:
+
+    valid        an image (drawn shapes, 40-96 px) and a question; greedy or sampled; half of them streamed
+    oversize     a body over the limit                      -> 413 expected
+    bad_base64   an image data URI that is not base64       -> 400 expected
+    wrong_types  a field of the wrong type (one of several) -> 400 expected
+
+Bounded in count (clients x requests) and in time (--time-limit: no request starts after it; each request has a
+timeout). The report gives throughput, p50/p95 latency, peak RSS, counts by status code and kind, the batch sizes the
+server ran, and whether any request got a 5xx or an unexpected status (exit code 1 then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from PIL import Image, ImageDraw
+
+SECTION = "## Serving: load test"
+KINDS = (("valid", 0.65), ("oversize", 0.10), ("bad_base64", 0.10), ("wrong_types", 0.15))
+EXPECTED = {"valid": {200, 429}, "oversize": {413, 429}, "bad_base64": {400, 429}, "wrong_types": {400, 429}}
+QUESTIONS = ("What color is the circle?", "How many shapes are there?", "Is there a red square in the image?",
+             "What size is the triangle?", "Describe the image.")
+COLORS = ((220, 30, 30), (30, 160, 40), (30, 60, 220), (230, 200, 20), (150, 40, 170), (240, 140, 20))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def picture(rng: random.Random) -> bytes:
+    size = (rng.randint(40, 96), rng.randint(40, 96))
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(1, 3)):
+        x, y = rng.randint(0, size[0] - 12), rng.randint(0, size[1] - 12)
+        box = (x, y, x + rng.randint(8, 24), y + rng.randint(8, 24))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=rng.choice(COLORS))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_request(kind: str, rng: random.Random, body_limit: int) -> tuple[bytes, bool]:
+    """(raw JSON body, streamed?) of one request of the given kind."""
+    uri = "data:image/png;base64," + base64.b64encode(picture(rng)).decode()
+    content = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": rng.choice(QUESTIONS)}]
+    body: dict = {"messages": [{"role": "user", "content": content}], "max_tokens": 16}
+    if rng.random() < 0.3:
+        body.update(temperature=0.7, top_p=0.9)
+    stream = kind == "valid" and rng.random() < 0.5
+    if stream:
+        body["stream"] = True
+    if kind == "oversize":
+        content[1]["text"] += " padding" * (body_limit // 8 + rng.randint(1_000, 20_000))
+    elif kind == "bad_base64":
+        content[0]["image_url"]["url"] = "data:image/png;base64," + rng.choice(["@@not base64@@", "AAA", "iVBOR!w0KGgo"])
+    elif kind == "wrong_types":
+        mutation = rng.randrange(6)
+        if mutation == 0:
+            body["temperature"] = "warm"
+        elif mutation == 1:
+            body["max_tokens"] = "16"
+        elif mutation == 2:
+            body["messages"] = {"role": "user", "content": "hi"}
+        elif mutation == 3:
+            content[1]["text"] = 42
+        elif mutation == 4:
+            content[0]["image_url"] = {"url": ["data:image/png;base64,AAAA"]}
+        else:
+            body["stop"] = {"at": "."}
+    return json.dumps(body).encode(), stream
+
+
+class MemoryWatch:
+    """Samples the server's RSS from /proc every `interval` seconds; peak RSS is the kernel's VmHWM."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, int]] = []  # (time.perf_counter(), RSS bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def field(self, name: str) -> int:
+        text = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(rf"^{name}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.perf_counter(), self.field("VmRSS")))
+            except (OSError, AttributeError):
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def client(index: int, base: str, args, deadline: float, results: list) -> None:
+    rng = random.Random(args.seed * 100_003 + index)
+    kinds, weights = zip(*KINDS)
+    async with httpx.AsyncClient(base_url=base, timeout=args.request_timeout) as http:
+        for number in range(args.requests):
+            if time.perf_counter() > deadline:
+                results.append({"kind": "not_sent", "status": "not sent (time limit)", "latency": 0.0})
+                continue
+            kind = rng.choices(kinds, weights)[0]
+            raw, stream = make_request(kind, rng, args.body_limit)
+            started = time.perf_counter()
+            record = {"kind": kind, "stream": stream}
+            try:
+                response = await http.post("/v1/chat/completions", content=raw,
+                                           headers={"content-type": "application/json"})
+                record["status"] = response.status_code
+                if response.status_code == 200:
+                    text = response.text
+                    record["complete"] = text.rstrip().endswith("data: [DONE]") if stream else \
+                        "choices" in json.loads(text)
+                elif response.status_code < 500:
+                    record["complete"] = bool(response.json()["error"]["message"])  # a JSON error saying why
+            except httpx.HTTPError as error:
+                record["status"] = f"client error: {type(error).__name__}"
+            record["latency"] = time.perf_counter() - started
+            results.append(record)
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "monovlm", "serve", "--port", str(port), "--no-access-log",
+               "--max-body-mb", str(args.body_limit / 2**20), "--max-batch", str(args.max_batch),
+               "--max-queue", str(args.max_queue)]
+    if args.model:
+        command.insert(4, str(args.model))
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("the server did not answer /health within 120 s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def run(args) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(args, port)
+    try:
+        with MemoryWatch(server.pid) as memory:
+            # one warm-up request, so that the baseline RSS includes the loaded model and a first generation
+            warm_rng = random.Random(-1)
+            httpx.post(f"{base}/v1/chat/completions", content=make_request("valid", warm_rng, args.body_limit)[0],
+                       headers={"content-type": "application/json"}, timeout=60)
+            baseline = memory.field("VmRSS")
+            results: list[dict] = []
+            started = time.perf_counter()
+            deadline = started + args.time_limit
+
+            async def everyone():
+                await asyncio.gather(*(client(i, base, args, deadline, results) for i in range(args.clients)))
+
+            asyncio.run(everyone())
+            wall = time.perf_counter() - started
+            peak = memory.field("VmHWM")
+            final = memory.field("VmRSS")
+            health = httpx.get(f"{base}/health", timeout=10).json()
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    sent = [r for r in results if r["kind"] != "not_sent"]
+    valid_ok = [r for r in sent if r["kind"] == "valid" and r["status"] == 200]
+    statuses = Counter(str(r["status"]) for r in results)
+    by_kind = {kind: dict(Counter(str(r["status"]) for r in sent if r["kind"] == kind)) for kind, _ in KINDS}
+    unexpected = [r for r in sent if r["status"] not in EXPECTED[r["kind"]] or r.get("complete") is False]
+    server_errors = sum(1 for r in sent if isinstance(r["status"], int) and r["status"] >= 500)
+    quarter_rss = [max((rss for t, rss in memory.samples if started + (q - 1) * wall / 4 <= t <= started + q * wall / 4),
+                       default=0) for q in (1, 2, 3, 4)]
+    return {
+        "clients": args.clients, "requests_per_client": args.requests, "sent": len(sent), "wall_s": wall,
+        "throughput": len(sent) / wall, "answers_per_s": len(valid_ok) / wall,
+        "p50_all_ms": 1000 * percentile([r["latency"] for r in sent], 50),
+        "p95_all_ms": 1000 * percentile([r["latency"] for r in sent], 95),
+        "p50_answer_ms": 1000 * percentile([r["latency"] for r in valid_ok], 50),
+        "p95_answer_ms": 1000 * percentile([r["latency"] for r in valid_ok], 95),
+        "statuses": dict(sorted(statuses.items())), "by_kind": by_kind, "server_errors": server_errors,
+        "unexpected": len(unexpected), "baseline_rss_mib": baseline / 2**20, "peak_rss_mib": peak / 2**20,
+        "final_rss_mib": final / 2**20, "rss_by_quarter_mib": [rss / 2**20 for rss in quarter_rss],
+        "batches": health.get("batches", {}), "in_server_after": health.get("in_server"),
+    }
+
+
+def markdown(report: dict, command: str) -> str:
+    r = report
+    statuses = ", ".join(f"{status}: {count}" for status, count in r["statuses"].items())
+    kinds = "\n".join(f"| {kind} | {sum(counts.values())} | "
+                      + ", ".join(f"{s}: {c}" for s, c in sorted(counts.items())) + " |"
+                      for kind, counts in r["by_kind"].items())
+    batches = ", ".join(f"{size}: {count}" for size, count in sorted(r["batches"].items(), key=lambda kv: int(kv[0])))
+    quarters = " / ".join(f"{rss:.0f}" for rss in r["rss_by_quarter_mib"])
+    return f"""{SECTION}
+
+Command: `{command}`
+
+{r['clients']} concurrent clients × {r['requests_per_client']} requests each, on loopback, against
+`python -m monovlm serve` (the shipped tiny model on CPU, 1 MiB body limit, max batch 16, queue 64).
+Date {time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPU cores ({platform.machine()}) **shared with other jobs running
+at the same time**, and with the {r['clients']} clients themselves: the throughput and latencies are what this busy
+machine gave, not a capacity figure. Requests mix valid questions about a drawn image (65%; 30% of them sampled, half
+streamed, max_tokens 16), oversize bodies (10%), bad base64 (10%) and fields of wrong types (15%).
+
+| requests | wall time | throughput | answers/s | latency p50 / p95 (all) | latency p50 / p95 (answers) | 5xx |
+|---:|---:|---:|---:|---:|---:|---:|
+| {r['sent']} | {r['wall_s']:.1f} s | {r['throughput']:.1f} req/s | {r['answers_per_s']:.1f} | {r['p50_all_ms']:.0f} / {r['p95_all_ms']:.0f} ms | {r['p50_answer_ms']:.0f} / {r['p95_answer_ms']:.0f} ms | {r['server_errors']} |
+
+Status codes: {statuses}.
+Unexpected statuses (or a 200 without a complete answer, or a 4xx without a JSON reason): {r['unexpected']}.
+
+| kind | sent | statuses |
+|---|---:|---|
+{kinds}
+
+Server memory (RSS of the server process): {r['baseline_rss_mib']:.0f} MiB after loading and one answer; peak (VmHWM)
+{r['peak_rss_mib']:.0f} MiB; {r['final_rss_mib']:.0f} MiB at the end. Highest RSS within each quarter of the run:
+{quarters} MiB — memory is bounded by the admission limit (max batch + queue requests in the server), not by the
+number of requests. Batch sizes the worker ran (size: count): {batches}.
+"""
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this section if the file has it (it is kept last), else append it; other sections are untouched."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(SECTION)
+    if start >= 0:
+        following = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=20, help="requests per client")
+    parser.add_argument("--time-limit", type=float, default=600, help="no request starts after this many seconds")
+    parser.add_argument("--request-timeout", type=float, default=120)
+    parser.add_argument("--body-limit", type=int, default=2**20, help="the server's --max-body-mb, in bytes")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped tiny model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", type=Path, default=None, help="write the report as a section of this markdown file")
+    args = parser.parse_args()
+    report = run(args)
+    print(json.dumps(report, indent=1))
+    command = "python benchmarks/load_test.py" + "".join(f" {a}" for a in sys.argv[1:])
+    section = markdown(report, command)
+    print(section)
+    if args.write is not None:
+        write_section(args.write, section)
+        print(f"wrote the section to {args.write}")
+    failed = report["server_errors"] > 0 or report["unexpected"] > 0 or report["in_server_after"] != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""`monovlm chat`: one question answered at once, or an interactive chat read from stdin (/image, /reset, /quit) that
+keeps the conversation; answers equal `generate` on the prompt the training code would write."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from monovlm.cli import main
+from monovlm.data.processor import Processor
+from monovlm.infer.generate import GenerationConfig, generate
+from monovlm.model.vlm import EncoderFreeVLM
+from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.serve.terminal import ChatSession, run_repl
+from monovlm.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    vlm = EncoderFreeVLM.load(DEFAULT_MODEL_DIR).eval()
+    return vlm, Processor(Tokenizer.from_folder(DEFAULT_MODEL_DIR), vlm.config.vision, vlm.config.processor)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """Two synthetic scene images and a question about each (what the shipped model was trained on)."""
+    from monovlm.data.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("scenes")
+    synthesize(root, n=12, seed=5, progress=False)
+    records = [r for r in json.loads((root / "instruct_train.json").read_text()) if r["category"] == "attribute"]
+    first = records[0]
+    second = next(r for r in records if r["image"] != first["image"])
+    return [(root / r["image"], r["question"]) for r in (first, second)]
+
+
+def answer_alone(model, question, images, turns=None):
+    """Greedy answer from `generate`; with `turns` (earlier (question, answer) pairs) the prompt is the one
+    Processor.process writes for the whole conversation, cut where the last answer starts."""
+    vlm, processor = model
+    pictures = [processor.load(path) for path in images]
+    if turns is None:
+        ids, tensors = processor.prompt(question, pictures)
+    else:
+        conversations = []
+        for asked, answered in turns + [(question, "x")]:
+            conversations += [{"from": "human", "value": asked}, {"from": "gpt", "value": answered}]
+        sample = processor.process({"conversations": conversations}, images=pictures)
+        ids, tensors = sample.input_ids[: -len(processor.tokenizer.encode("x")) - 2], sample.images
+    config = GenerationConfig(max_new_tokens=64, stop_ids=processor.stop_ids)
+    return generate(vlm, [ids], config, processor.tokenizer, pad_id=processor.tokenizer.pad_id or 0,
+                    prefill_inputs={"images": tensors} if tensors else None)[0].text
+
+
+def test_one_question_is_answered_and_the_command_exits(scenes, model, capsys):
+    (image, question), _ = scenes
+    assert main(["chat", "--image", str(image), question]) == 0
+    assert capsys.readouterr().out == answer_alone(model, question, [image]) + "\n"
+
+
+def test_piped_chat_keeps_history_and_handles_commands(scenes, model, tmp_path):
+    (first_image, first_question), (second_image, second_question) = scenes
+    script = "\n".join([
+        first_question,
+        f"/image {tmp_path / 'missing.png'}",
+        f"/image {second_image}",
+        second_question,
+        "/bogus",
+        "/reset",
+        "How many shapes are there?",
+        "/quit",
+        "never asked",
+    ]) + "\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "monovlm", "chat", "--image", str(first_image)], input=script,
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert run.returncode == 0, run.stderr
+    answers = run.stdout.splitlines()
+    first = answer_alone(model, first_question, [first_image])
+    # the second question is asked with the first turn (and its image) still in the conversation
+    second = answer_alone(model, "<image>\n" + second_question, [first_image, second_image],
+                          turns=[("<image>\n" + first_question, first)])
+    third = answer_alone(model, "How many shapes are there?", [])  # after /reset: no history, no image
+    assert answers == [first, second, third]
+    assert "missing.png" in run.stderr and "does not exist" in run.stderr
+    assert "unknown command /bogus" in run.stderr and "conversation cleared" in run.stderr
+
+
+def test_repl_reports_errors_and_goes_on(model, scenes):
+    vlm, processor = model
+    (image, question), _ = scenes
+    session = ChatSession(vlm, processor, GenerationConfig(max_new_tokens=64, stop_ids=processor.stop_ids))
+    out, err = io.StringIO(), io.StringIO()
+    lines = [f"/image {image}", "forge <|im_start|> a turn", question, "/image", "What about <image> this?"]
+    run_repl(session, lines, out, err)  # ends at the end of input, without /quit
+    assert "'<|im_start|>'" in err.getvalue() and "special token" in err.getvalue()
+    assert "/image needs a path" in err.getvalue()
+    assert "2 image marker(s) (<image>) for 1 image(s)" in err.getvalue()
+    # the refused question did not use up the attached image: the next question is asked about it
+    assert out.getvalue().splitlines() == [answer_alone(model, question, [image])]
+    assert len(session.turns) == 2 and len(session.images) == 1
+
+
+def test_a_conversation_that_outgrows_the_context_is_refused(model):
+    vlm, processor = model
+    context = vlm.config.decoder.max_position_embeddings
+    session = ChatSession(vlm, processor, GenerationConfig(max_new_tokens=context - 20, stop_ids=processor.stop_ids))
+    out, err = io.StringIO(), io.StringIO()
+    run_repl(session, ["Describe everything you can see in as much detail as you can."], out, err)
+    assert f"context of {context} tokens" in err.getvalue() and "/reset" in err.getvalue()
+    assert out.getvalue() == "" and session.turns == []

@@ -1,0 +1,591 @@
+"""The HTTP server: answers equal `generate`'s, streaming, every limit and input error as a 4xx JSON error, batching
+(grouping, batched == one at a time under greedy decoding), the bounded queue, the API key."""
+
+import base64
+import io
+import json
+import random
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from monovlm.config import VLMConfig
+from monovlm.data.images import image_to_tensor
+from monovlm.data.processor import IMAGE_MARKER
+from monovlm.infer.generate import GenerationConfig, generate
+from monovlm.model.vlm import EncoderFreeVLM
+from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.serve.batching import BatchWorker, Delta, Failed, Finished, Job
+from monovlm.serve.limits import Limits
+from monovlm.serve.messages import GenerationOptions, Turn
+from monovlm.serve.prompt import chat_prompt
+from monovlm.tokenizer import Tokenizer
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from monovlm.serve.app import create_app, load_served_model, prepare
+from monovlm.serve.messages import parse_chat_request
+
+URL = "/v1/chat/completions"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The shipped tiny model: short, meaningful answers."""
+    return load_served_model()
+
+
+@pytest.fixture(scope="module")
+def rambler(tmp_path_factory):
+    """The tiny model's shape with random weights: it rarely emits a stop token, so answers run to max_tokens, with
+    byte pieces that are incomplete UTF-8 on their own (exercising streaming's hold-back)."""
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    config.pop("model_type")
+    config["decoder"]["initializer_range"] = 0.1
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("rambler") / "rambler"
+    EncoderFreeVLM(VLMConfig.from_dict(config)).eval().save(folder, tokenizer=Tokenizer.from_folder(DEFAULT_MODEL_DIR))
+    return load_served_model(folder)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with TestClient(create_app(served)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def rambler_client(rambler):
+    with TestClient(create_app(rambler)) as test_client:
+        yield test_client
+
+
+def shape_image(color=(220, 30, 30), size=(64, 64), shape="ellipse") -> Image.Image:
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    box = (size[0] // 5, size[1] // 5, 3 * size[0] // 4, 3 * size[1] // 4)
+    (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=color)
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def image_part(image: Image.Image) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_uri(image)}}
+
+
+def ask(question: str, *images: Image.Image, **settings) -> dict:
+    content = [image_part(image) for image in images] + [{"type": "text", "text": question}]
+    return {"messages": [{"role": "user", "content": content}], **settings}
+
+
+def reference(served, question: str, images=(), **settings):
+    """What `generate` answers for the same question, one prompt alone (built by the processor, not the server)."""
+    ids, tensors = served.processor.prompt(question, list(images))
+    config = GenerationConfig(stop_ids=served.processor.stop_ids, **settings)
+    return generate(served.model, [ids], config, served.tokenizer, pad_id=served.tokenizer.pad_id or 0,
+                    prefill_inputs={"images": tensors} if tensors else None)[0], len(ids)
+
+
+def visible_stop(text: str, start: int) -> str:
+    """Two characters of `text` from `start` on that are plain visible text (a stop string the test can use)."""
+    for index in range(start, len(text) - 1):
+        piece = text[index : index + 2]
+        if piece.isprintable() and piece.strip() == piece and "\ufffd" not in piece:
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def sse_data(text: str) -> list[str]:
+    assert text.endswith("\n\n")
+    return [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def assert_error(response, status: int, *words: str, param: str | None = None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# answers
+
+
+def test_answer_equals_generate_with_usage(client, served):
+    image = shape_image()
+    response = client.post(URL, json=ask("What color is the circle?", image))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected, prompt_tokens = reference(served, "What color is the circle?", [image], max_new_tokens=128)
+    assert body["object"] == "chat.completion" and body["model"] == "tiny-eve"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected.text}
+    assert choice["finish_reason"] == expected.finish_reason == "stop"
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(expected.token_ids),
+                             "total_tokens": prompt_tokens + len(expected.token_ids)}
+
+
+def test_plain_string_content_and_system_and_history(client, served):
+    response = client.post(URL, json={"messages": [{"role": "user", "content": "How many shapes are there?"}]})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == reference(
+        served, "How many shapes are there?", max_new_tokens=128)[0].text
+    conversation = {"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [image_part(shape_image()), {"type": "text", "text": "What color is it?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "What shape is it?"}]}
+    response = client.post(URL, json=conversation)
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_multi_turn_prompt_is_the_training_format(served):
+    """The server's multi-turn prompt is what Processor.process writes for the same conversation, up to the answer."""
+    processor = served.processor
+    a, b = shape_image(), shape_image((30, 30, 220), (48, 80), "rectangle")
+    turns = [Turn("system", "Be brief."), Turn("user", IMAGE_MARKER + "\nWhat color?"), Turn("assistant", "red"),
+             Turn("user", "And here?\n" + IMAGE_MARKER)]
+    prompt = chat_prompt(processor, turns, [a, b])
+    sample = processor.process({"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": turns[1].text},
+        {"from": "gpt", "value": "red"}, {"from": "human", "value": turns[3].text}, {"from": "gpt", "value": "blue"}]},
+        images=[a, b])
+    answer_start = len(sample.input_ids) - len(processor.tokenizer.encode("blue")) - 2  # answer, <|im_end|>, "\n"
+    assert prompt.ids == sample.input_ids[:answer_start]
+    assert len(prompt.images) == 2 and all(torch.equal(x, y) for x, y in zip(prompt.images, sample.images))
+    # one user turn is exactly the processor's inference prompt
+    single = chat_prompt(processor, [Turn("user", IMAGE_MARKER + "\nWhat color?")], [a])
+    assert single.ids == processor.prompt("What color?", [a])[0]
+
+
+def test_images_keep_their_order(served):
+    a, b = shape_image(), shape_image((30, 30, 220), (48, 80), "rectangle")
+    for first, second in ((a, b), (b, a)):
+        chat = parse_chat_request(json.dumps(ask("Which is bigger?", first, second)).encode(), Limits())
+        assert chat.turns[0].text == IMAGE_MARKER * 2 + "\nWhich is bigger?"
+        prepared = prepare(served, chat, Limits())
+        vision = served.processor.vision
+        assert torch.equal(prepared.prompt.images[0], image_to_tensor(first, vision))
+        assert torch.equal(prepared.prompt.images[1], image_to_tensor(second, vision))
+
+
+def test_stream_adds_up_to_the_whole_answer(rambler_client, rambler):
+    body = ask("Describe it.", shape_image(), max_tokens=14)
+    whole = rambler_client.post(URL, json=body).json()
+    response = rambler_client.post(URL, json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    data = sse_data(response.text)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(item) for item in data[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:] if c["choices"]]
+    assert sum(1 for piece in pieces if piece) >= 3  # streamed in several pieces, not one
+    assert all(c["id"] == chunks[0]["id"] for c in chunks)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    expected, _ = reference(rambler, "Describe it.", [shape_image()], max_new_tokens=14)
+    assert "".join(pieces) == whole["choices"][0]["message"]["content"] == expected.text
+    assert finish == [whole["choices"][0]["finish_reason"]] == [expected.finish_reason]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_stop_strings_max_tokens_and_seeds_match_generate(rambler_client, rambler):
+    free, _ = reference(rambler, "Go on.", max_new_tokens=20)
+    stop = visible_stop(free.text, len(free.text) // 2)
+    for settings, reference_settings in [
+        ({"stop": [stop], "max_tokens": 20}, {"stop_strings": [stop], "max_new_tokens": 20}),
+        ({"max_tokens": 3}, {"max_new_tokens": 3}),
+        ({"temperature": 0.9, "top_p": 0.8, "seed": 11, "max_tokens": 10},
+         {"temperature": 0.9, "top_p": 0.8, "seed": 11, "max_new_tokens": 10}),
+    ]:
+        body = rambler_client.post(URL, json=ask("Go on.", **settings)).json()
+        expected, _ = reference(rambler, "Go on.", **reference_settings)
+        assert body["choices"][0]["message"]["content"] == expected.text, settings
+        assert body["choices"][0]["finish_reason"] == expected.finish_reason
+        assert body["usage"]["completion_tokens"] == len(expected.token_ids)
+    cut = rambler_client.post(URL, json=ask("Go on.", stop=stop, max_tokens=20)).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and stop not in cut["message"]["content"]
+    assert free.text.startswith(cut["message"]["content"])
+    # a different seed gives a different sample
+    samples = {rambler_client.post(URL, json=ask("Go on.", temperature=1.0, seed=seed, max_tokens=10)).json()
+               ["choices"][0]["message"]["content"] for seed in (1, 2, 3)}
+    assert len(samples) > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batching
+
+
+def _job(options: GenerationOptions, prompt=(1, 2, 3), max_tokens=4, sink=None) -> Job:
+    return Job(list(prompt), [], options, max_tokens, sink or (lambda event: None))
+
+
+def test_worker_groups_compatible_requests(served):
+    worker = BatchWorker(served.model, served.tokenizer, served.processor.stop_ids, max_batch=3, max_queue=20)
+    greedy = GenerationOptions()
+    greedy_other = GenerationOptions(max_tokens=9, stop=("x",), top_p=0.5)  # still greedy: one batch
+    sample = GenerationOptions(temperature=0.7)
+    seeded = GenerationOptions(temperature=0.7, seed=3)
+    jobs = [_job(greedy), _job(sample), _job(greedy_other), _job(seeded), _job(greedy), _job(sample), _job(greedy),
+            _job(seeded)]
+    jobs[5].cancel()
+    for job in jobs:
+        worker.submit(job)
+    batches = []
+    while worker.queued():
+        batches.append([jobs.index(job) for job in worker.take_batch(wait=False)])
+    # the oldest job leads; compatible later ones join up to max_batch; seeded ones run alone; cancelled ones drop
+    assert batches == [[0, 2, 4], [1], [3], [6], [7]]
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(rambler_client, rambler):
+    """Requests that arrive together (held while the worker is paused) run as one batch, with different prompts,
+    images, max_tokens and stop strings; each answer equals `generate` on that request alone. Sampled and seeded
+    requests queued with them go to their own batches."""
+    images = [shape_image(), shape_image((30, 30, 220), (48, 80), "rectangle"), shape_image((20, 160, 40), (80, 40))]
+    free, _ = reference(rambler, "What is here?", [images[1]], max_new_tokens=12)
+    stop = visible_stop(free.text, 4)
+    greedy = [
+        (ask("What is here?", images[0], max_tokens=12), ("What is here?", [images[0]], {"max_new_tokens": 12})),
+        (ask("What is here?", images[1], max_tokens=12, stop=stop),
+         ("What is here?", [images[1]], {"max_new_tokens": 12, "stop_strings": [stop]})),
+        (ask("Two pictures: compare them, in detail please.", images[2], images[0], max_tokens=5),
+         ("Two pictures: compare them, in detail please.", [images[2], images[0]], {"max_new_tokens": 5})),
+        (ask("Text only, a longer question than the others.", max_tokens=9),
+         ("Text only, a longer question than the others.", [], {"max_new_tokens": 9})),
+    ]
+    others = [ask("Go on.", temperature=0.8, seed=5, max_tokens=6), ask("Go on.", temperature=0.8, max_tokens=6)]
+    worker = rambler_client.app.state.worker
+    before = dict(worker.batch_sizes)
+    bodies = [body for body, _ in greedy] + others
+    results: list = [None] * len(bodies)
+
+    def post(index: int) -> None:
+        results[index] = rambler_client.post(URL, json=bodies[index])
+
+    with worker.paused():
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while worker.queued() < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.queued() == len(bodies)
+    for thread in threads:
+        thread.join(60)
+    new_batches = {size: count - before.get(size, 0) for size, count in worker.batch_sizes.items()}
+    assert new_batches.get(4) == 1 and new_batches.get(1) == 2  # the four greedy ones together; the others alone
+    for response, (_, (question, pictures, settings)) in zip(results, greedy):
+        expected, _ = reference(rambler, question, pictures, **settings)
+        answer = response.json()["choices"][0]
+        assert answer["message"]["content"] == expected.text
+        assert answer["finish_reason"] == expected.finish_reason
+    seeded, _ = reference(rambler, "Go on.", temperature=0.8, seed=5, max_new_tokens=6)
+    assert results[4].json()["choices"][0]["message"]["content"] == seeded.text
+    assert results[5].status_code == 200
+
+
+def test_cancelled_row_stops_and_others_finish(rambler):
+    worker = BatchWorker(rambler.model, rambler.tokenizer, rambler.processor.stop_ids)
+    prompt = rambler.processor.prompt("Go on.", [])[0]
+    events: dict[str, list] = {"kept": [], "left": []}
+    kept = _job(GenerationOptions(), prompt, 10, events["kept"].append)
+
+    def leaving_sink(event) -> None:
+        events["left"].append(event)
+        left.cancel()  # the client goes away after its first event
+
+    left = _job(GenerationOptions(), prompt, 10, leaving_sink)
+    worker.run_batch([kept, left])
+    assert isinstance(events["kept"][-1], Finished) and events["kept"][-1].completion_tokens == 10
+    assert isinstance(events["left"][-1], Failed) and events["left"][-1].message == "cancelled"
+    assert sum(isinstance(e, Delta) for e in events["left"]) <= 1
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(served):
+    class Broken(torch.nn.Module):
+        def __init__(self, real):
+            super().__init__()
+            self.decoder = real.decoder  # sizes the cache; the forward itself fails
+
+        def forward(self, **kwargs):
+            raise RuntimeError("simulated bug")
+
+    worker = BatchWorker(Broken(served.model), served.tokenizer, served.processor.stop_ids)
+    worker.start()
+    try:
+        done = threading.Event()
+        events = []
+        worker.submit(_job(GenerationOptions(), sink=lambda e: (events.append(e), done.set())))
+        assert done.wait(10)
+        assert isinstance(events[0], Failed) and "simulated bug" in events[0].message
+        assert worker._thread.is_alive()
+    finally:
+        worker.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# limits
+
+
+@pytest.fixture(scope="module")
+def strict(served):
+    """A server with small limits, so that each one is cheap to cross."""
+    limits = Limits(max_body_bytes=64 * 1024, max_images=2, max_image_pixels=80 * 80, max_messages=4, max_tokens=32,
+                    default_max_tokens=16, max_batch=1, max_queue=1)
+    with TestClient(create_app(served, limits)) as test_client:
+        yield test_client
+
+
+def test_body_size_limit(strict):
+    big = ask("x" * 70_000)
+    response = strict.post(URL, json=big)
+    assert_error(response, 413, "65536 bytes", "max_body_bytes", code="body_too_large")
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        data = json.dumps(big).encode()
+        for start in range(0, len(data), 8192):
+            yield data[start : start + 8192]
+
+    response = strict.post(URL, content=chunks(), headers={"content-type": "application/json"})
+    assert_error(response, 413, "over the limit of 65536 bytes", code="body_too_large")
+    assert strict.post(URL, json=ask("What color?", shape_image())).status_code == 200  # the server is fine after
+
+
+def test_image_count_limit(strict):
+    response = strict.post(URL, json=ask("Compare.", shape_image(), shape_image(), shape_image()))
+    assert_error(response, 400, "more than 2 images", param="messages[0].content[2]", code="too_many_images")
+
+
+def test_image_pixel_limit(strict):
+    response = strict.post(URL, json=ask("What is it?", shape_image(size=(100, 90))))
+    error = assert_error(response, 400, "100x90 = 9000 pixels", "limit of 6400", code="image_too_large")
+    assert error["param"] == "messages[0].content[0].image_url"
+    assert strict.post(URL, json=ask("What is it?", shape_image(size=(80, 80)))).status_code == 200
+
+
+def test_message_count_and_max_tokens_limits(strict):
+    many = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}] * 2
+            + [{"role": "user", "content": "and?"}]}
+    assert_error(strict.post(URL, json=many), 400, "5 entries", "limit of 4", code="too_many_messages")
+    assert_error(strict.post(URL, json=ask("hi", max_tokens=33)), 400, "max_tokens=33", "limit of 32",
+                 param="max_tokens", code="max_tokens_too_large")
+    assert_error(strict.post(URL, json=ask("hi", max_completion_tokens=40)), 400, "limit of 32")
+
+
+def test_prompt_length_against_the_context(client, served):
+    context = served.context
+    long_text = " ".join(["circle"] * (context + 10))
+    error = assert_error(client.post(URL, json=ask(long_text)), 400, f"context is {context} tokens",
+                         code="context_length_exceeded")
+    assert "no room" in error["message"]
+    text = " ".join(["circle"] * 700)
+    length = len(served.processor.prompt(text, [shape_image()])[0])
+    error = assert_error(client.post(URL, json=ask(text, shape_image(), max_tokens=context - length + 1)), 400,
+                         f"max_tokens={context - length + 1}", f"at most {context - length}", param="max_tokens",
+                         code="context_length_exceeded")
+    assert "image(s)" in error["message"]
+    # max_tokens that fits is accepted, and the default is cut to what the context leaves
+    chat = parse_chat_request(json.dumps(ask(text, shape_image())).encode(), Limits(max_tokens=1024,
+                                                                                    default_max_tokens=1024))
+    assert prepare(served, chat, Limits(max_tokens=1024, default_max_tokens=1024)).max_tokens == context - length
+
+
+def test_full_queue_answers_429_with_retry_after(strict):
+    worker, admission = strict.app.state.worker, strict.app.state.admission
+    first: list = []
+    with worker.paused():
+        thread = threading.Thread(target=lambda: first.append(strict.post(URL, json=ask("What color?"))))
+        thread.start()
+        deadline = time.monotonic() + 20
+        while worker.queued() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = strict.post(URL, json=ask("What color?"))
+        assert_error(response, 429, "queue is full", code="server_busy")
+        assert response.headers["retry-after"] == "1"
+    thread.join(30)
+    assert first[0].status_code == 200
+    # at capacity (requests in the server, running or waiting), a request is refused before its body is parsed
+    tickets = [admission.try_enter() for _ in range(admission.capacity - admission.count)]
+    try:
+        response = strict.post(URL, json=ask("What color?"))
+        assert_error(response, 429, "at capacity", code="server_busy")
+        assert response.headers["retry-after"] == "1"
+    finally:
+        for ticket in tickets:
+            ticket.release()
+    assert strict.post(URL, json=ask("What color?")).status_code == 200
+    assert admission.count == 0  # every request left the count when it ended
+
+
+BAD_IMAGE = base64.b64encode(b"this is text, not a picture").decode()
+TRUNCATED_PNG = base64.b64encode(png_bytes(shape_image())[:60]).decode()
+
+
+def _with_image_url(url) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": url},
+                                                       {"type": "text", "text": "What is it?"}]}]}
+
+
+@pytest.mark.parametrize("body, words, param", [
+    ({"messages": []}, ["empty list"], "messages"),
+    ({}, ["messages is required"], "messages"),
+    ({"messages": "hi"}, ["must be a non-empty list"], "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, ["string or a non-empty list of parts"], "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, ["'tool' is not one of"], "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, ["must be the user's"],
+     "messages[1].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, ["type 'input_audio'"],
+     "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, ["must be a string"],
+     "messages[0].content[0].text"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+                   {"role": "user", "content": "?"}]}, ["only user messages may hold images"], "messages[0].content[0]"),
+    (_with_image_url({"url": "https://example.com/cat.png"}), ["never fetches URLs", "'https'"],
+     "messages[0].content[0].image_url.url"),
+    (_with_image_url("file:///etc/passwd"), ["never fetches URLs"], "messages[0].content[0].image_url"),
+    (_with_image_url({"url": 42}), ["must be a string"], "messages[0].content[0].image_url.url"),
+    (_with_image_url({"url": "data:image/png," + BAD_IMAGE}), ["must be base64-encoded"],
+     "messages[0].content[0].image_url.url"),
+    (_with_image_url({"url": "data:text/plain;base64," + BAD_IMAGE}), ["not an image type"],
+     "messages[0].content[0].image_url.url"),
+    (_with_image_url({"url": "data:image/png;base64,%%%not-base64"}), ["not valid base64"],
+     "messages[0].content[0].image_url.url"),
+    (_with_image_url({"url": "data:image/png;base64," + BAD_IMAGE}), ["is not an image"],
+     "messages[0].content[0].image_url"),
+    (_with_image_url({"url": "data:image/png;base64," + TRUNCATED_PNG}), ["truncated or corrupt"],
+     "messages[0].content[0].image_url"),
+    (_with_image_url({"url": "data:image/png;base64,"}), ["empty"], "messages[0].content[0].image_url"),
+    (ask("hi", temperature="hot"), ["temperature must be a finite number"], "temperature"),
+    (ask("hi", temperature=2.5), ["outside [0, 2]"], "temperature"),
+    (ask("hi", temperature=1e-300), ["below 0.001", "use 0 for greedy"], "temperature"),
+    (ask("hi", top_p=0), ["outside (0, 1]"], "top_p"),
+    (ask("hi", top_k=0), ["top_k=0 must be >= 1"], "top_k"),
+    (ask("hi", max_tokens=1.5), ["max_tokens must be an integer"], "max_tokens"),
+    (ask("hi", max_tokens=0), ["max_tokens=0 must be >= 1"], "max_tokens"),
+    (ask("hi", max_tokens=True), ["max_tokens must be an integer, not a boolean"], "max_tokens"),
+    (ask("hi", max_tokens=4, max_completion_tokens=5), ["disagree"], "max_tokens"),
+    (ask("hi", seed=-1), ["seed=-1 must be >= 0"], "seed"),
+    (ask("hi", seed=2**70), ["must be >= 0 and <= "], "seed"),
+    (ask("hi", stop=["ok", 3]), ["stop must be a string or a list of strings"], "stop"),
+    (ask("hi", stop=["a", "b", "c", "d", "e"]), ["5 strings"], "stop"),
+    (ask("hi", stop=""), ["1 to 64 characters"], "stop"),
+    (ask("hi", stream="yes"), ["stream must be true or false"], "stream"),
+    (ask("hi", stream_options={"include_usage": True}), ["only allowed with stream=true"], "stream_options"),
+    (ask("hi", n=2), ["n=2"], "n"),
+    (ask("hi", frequency_penalty=0.5), ["not supported"], "frequency_penalty"),
+    (ask("hi", tools=[]), ["'tools' is not supported"], "tools"),
+    (ask("hi", model=7), ["model must be a string"], "model"),
+    (ask("a picture: <image> here"), ["'<image>'", "image_url parts"], "messages[0].content[0].text"),
+    (ask("forge <|im_end|> a turn"), ["'<|im_end|>'", "special token"], "messages"),
+])
+def test_bad_requests_are_400_with_a_reason(client, body, words, param):
+    assert_error(client.post(URL, json=body), 400, *words, param=param)
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"{not json", ["not valid JSON", "line 1 column 2"]),
+    (b"[1, 2]", ["must be a JSON object, not a list"]),
+    (b"\xff\xfe{}", ["not UTF-8", "not valid JSON"]),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', ["finite number"]),
+    (b"[" * 100_000 + b"]" * 100_000, ["too deeply"]),
+    (b'{"messages": [{"role": "user", "content": "lone \\ud800 half"}]}', ["unpaired surrogate"]),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}', ["unpaired surrogate"]),
+])
+def test_malformed_bodies_are_400(client, raw, words):
+    response = client.post(URL, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert any(word in message for word in words), message
+
+
+def test_unknown_model_path_and_method(client):
+    assert_error(client.post(URL, json=ask("hi", model="gpt-4o")), 404, "'gpt-4o' is not served", "'tiny-eve'",
+                 code="model_not_found")
+    assert client.post(URL, json=ask("hi", model="tiny-eve")).status_code == 200
+    assert_error(client.get("/v1/nothing"), 404, "Not Found")
+    assert_error(client.get(URL), 405, "Method Not Allowed")
+
+
+def test_random_mutations_never_cause_a_5xx(client):
+    """Seeded type and value swaps over every field of a valid request: each answer is 200 or a 4xx with a reason."""
+    rng = random.Random(0)
+    junk = [None, True, -1, 0, 3.5, 1e-300, float("inf"), "", "text", "\ud800", [], [1, "a"], {},
+            {"url": "data:image/png;base64,AAAA"}, "data:image/png;base64," + BAD_IMAGE, 2**80]
+    valid = ask("What color?", shape_image(), max_tokens=4, temperature=0.5, top_p=0.9, stop=["."], seed=1)
+    paths = [("temperature",), ("top_p",), ("max_tokens",), ("stop",), ("seed",), ("stream",), ("messages",),
+             ("messages", 0), ("messages", 0, "role"), ("messages", 0, "content"), ("messages", 0, "content", 0),
+             ("messages", 0, "content", 0, "image_url"), ("messages", 0, "content", 0, "image_url", "url"),
+             ("messages", 0, "content", 1, "text"), ("messages", 0, "content", 1, "type")]
+    statuses = []
+    for _ in range(100):
+        body = json.loads(json.dumps(valid))
+        *parents, last = rng.choice(paths)
+        target = body
+        for key in parents:
+            target = target[key]
+        target[last] = rng.choice(junk)
+        raw = json.dumps(body, allow_nan=True).encode()  # ASCII: lone surrogates travel as \ud800 escapes
+        response = client.post(URL, content=raw, headers={"content-type": "application/json"})
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            assert response.json()["error"]["message"]
+    assert statuses.count(200) < len(statuses)  # the mutations did reach the error paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# API key, health, page
+
+
+def test_api_key(served):
+    with TestClient(create_app(served, api_key="s3cret")) as keyed:
+        assert keyed.get("/health").json()["status"] == "ok"  # health needs no key
+        assert keyed.get("/").status_code == 200
+        assert_error(keyed.get("/v1/models"), 401, "API key", code="invalid_api_key")
+        response = keyed.post(URL, json=ask("hi"), headers={"Authorization": "Bearer wrong"})
+        assert_error(response, 401, "Authorization: Bearer")
+        assert response.headers["www-authenticate"] == "Bearer"
+        good = {"Authorization": "Bearer s3cret"}
+        assert keyed.get("/v1/models", headers=good).json()["data"][0]["id"] == "tiny-eve"
+        assert keyed.post(URL, json=ask("hi"), headers=good).status_code == 200
+
+
+def test_health_models_and_page(client, served):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-eve" and health["in_server"] == 0
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["context_length"] == served.context
+    page = client.get("/")
+    assert page.headers["content-type"].startswith("text/html")
+    for element in ('id="file"', 'id="drop"', 'id="question"', 'id="send"', "/v1/chat/completions"):
+        assert element in page.text
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="max_queue=0"):
+        Limits(max_queue=0)
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        Limits(max_tokens=8, default_max_tokens=16)
