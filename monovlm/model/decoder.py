@@ -3,7 +3,9 @@
 Config switches cover the checkpoints we load: q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), a sliding window
 (Mistral), tied or untied output head. The forward pass takes token ids or `inputs_embeds` (the VLM scatters image
 embeddings into those), explicit `position_ids`, and a segment-id attention mask (see `masks.py`) that expresses left
-padding and packed documents. An optional `KVCache` makes decoding incremental.
+padding and packed documents. An optional `KVCache` makes decoding incremental. At prefill, a bound token reduction
+(`reducer`, see `monovlm.infer.reduction`) may drop visual tokens before chosen layers; the cache then holds fewer
+tokens from those layers on, and decode steps go through it group by group.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from monovlm.config import DecoderConfig
 from monovlm.model.experts import Routing, route
-from monovlm.model.kv_cache import KVCache
+from monovlm.model.kv_cache import KVCache, LayerGroup
 from monovlm.model.masks import build_attention_mask, position_ids_from_segments
 from monovlm.model.rope import RotaryTable, apply_rotary
 
@@ -78,7 +80,7 @@ class Attention(Projections):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        cache: KVCache | None,
+        cache: LayerGroup | None,
         routing: Routing | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -92,7 +94,7 @@ class Attention(Projections):
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, heads + kv_heads :]  # (B, Hkv, T, D)
         if cache is not None:
-            k, v = cache.write(self.layer_index, k, v)  # (B, Hkv, S, D) with S = cached + T
+            k, v = cache.write(self.layer_index, k, v)  # (B, Hkv, S, D) with S = cached + T in this layer
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=kv_heads != heads
         )  # (B, H, T, D)
@@ -236,35 +238,115 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         vision_mask: torch.Tensor | None = None,
+        reducer=None,
     ) -> torch.Tensor:
-        """The final-norm hidden states (B, T, C) before the output head."""
+        """The final-norm hidden states (B, T, C) before the output head.
+
+        `reducer` (a bound token reduction from `monovlm.infer.reduction`, prefill only) may drop or merge visual
+        tokens before chosen layers; the output then covers the kept tokens only, left-padded per row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        if reducer is not None:
+            return self._reduced_hidden_states(x, attention_mask, position_ids, cache, vision_mask, reducer)
         batch, length = x.shape[:2]
+        store = None
         if cache is not None:
             cache.check_room(length)
-        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, cache, x.device)
+            cache.allocate()
+            store = cache.groups[0]
+        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device)
         if position_ids is None:
             start = cache.next_position if cache is not None and cache.length > 0 else None
-            if segment_ids is None:
-                base = torch.arange(length, device=x.device)[None].expand(batch, length)
-                position_ids = base if start is None else base + start[:, None]
-            else:
-                position_ids = position_ids_from_segments(segment_ids, start)
+            position_ids = self._default_positions(segment_ids, batch, length, start, x.device)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
         routing = Routing.from_mask(vision_mask) if self.config.has_experts else None
-        for block in self.layers:
-            x = block(x, cos, sin, attn_mask, is_causal, cache, routing)
+        if cache is None or not cache.reduced:
+            for block in self.layers:
+                x = block(x, cos, sin, attn_mask, is_causal, store, routing)
+        else:  # a cache reduced at prefill: each layer group has its own cached slots (and maybe positions)
+            x = self._run_split_cache(x, cache, attention_mask, position_ids, cos, sin, routing)
         if cache is not None:
             if segment_ids is None:
                 segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)
             cache.advance(segment_ids, position_ids)
         return self.norm(x)
 
-    def _attention_mask(self, attention_mask, batch, length, cache, device):
-        """Pick the cheapest correct SDPA arguments: (attn_mask, is_causal, segment_ids or None)."""
-        past = cache.length if cache is not None else 0
+    @staticmethod
+    def _default_positions(segment_ids, batch, length, start, device):
+        if segment_ids is None:
+            base = torch.arange(length, device=device)[None].expand(batch, length)
+            return base if start is None else base + start[:, None]
+        return position_ids_from_segments(segment_ids, start)
+
+    def _run_split_cache(self, x, cache, attention_mask, position_ids, cos, sin, routing):
+        """New tokens through a cache whose layer groups hold different slots: one mask per group, and positions
+        shifted where the reduction renumbered them."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("a KV cache reduced at prefill needs segment-id attention masks (B, T), not 4-D masks")
+        batch, length = x.shape[:2]
+        for group in cache.groups:
+            attn_mask, is_causal, _ = self._attention_mask(attention_mask, batch, length, group, x.device)
+            group_cos, group_sin = cos, sin
+            if group.position_shift is not None:
+                group_cos, group_sin = self.rotary(position_ids - group.position_shift[:, None], x.dtype)
+            for index in group.layers:
+                x = self.layers[index](x, group_cos, group_sin, attn_mask, is_causal, group, routing)
+        return x
+
+    def _reduced_hidden_states(self, x, attention_mask, position_ids, cache, vision_mask, reducer):
+        """Prefill with token reduction. Before each layer in `reducer.layers`, the reducer may return fewer tokens
+        (hidden states, positions, segment ids, vision mask, and a position shift under renumbering); masks, RoPE
+        and expert routing are rebuilt from them, and the cache gives the layers from there on their own, smaller,
+        group. Layers before keep the full prompt in the cache, so decoding equals a full forward with the same
+        reduction. A reduction that keeps every token changes nothing: the arithmetic is that of the plain path."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("token reduction needs a segment-id attention mask (B, T), not a ready 4-D mask")
+        if self.config.sliding_window is not None:
+            raise ValueError("token reduction is not supported with a sliding-window model: the window counts cache "
+                             "slots, which no longer match positions once tokens are dropped")
+        batch, length = x.shape[:2]
+        store = None
+        if cache is not None:
+            if cache.length > 0:
+                raise ValueError("token reduction happens at prefill: pass an empty KV cache (this one holds "
+                                 f"{cache.length} tokens)")
+            cache.check_room(length)
+            store = cache.groups[0]
+        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device)
+        if segment_ids is None:
+            segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)
+        if position_ids is None:
+            position_ids = position_ids_from_segments(segment_ids)
+        next_position = position_ids[:, -1] + 1  # layers before a reduction saw the whole prompt
+        cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
+        routing = Routing.from_mask(vision_mask) if self.config.has_experts else None
+        reducer.start(position_ids, segment_ids, vision_mask)
+        group_segments = {store: segment_ids} if store is not None else {}
+        for index, block in enumerate(self.layers):
+            if index in reducer.layers:
+                kept = reducer.reduce(index, x, self)
+                if kept is not None:
+                    x, position_ids, segment_ids = kept.hidden, kept.position_ids, kept.segment_ids
+                    if cache is not None:
+                        store = cache.split(index, x.shape[1], cache.max_length - length, kept.position_shift)
+                        group_segments[store] = segment_ids
+                    attn_mask, is_causal, _ = self._attention_mask(segment_ids, batch, x.shape[1], store, x.device)
+                    cos, sin = self.rotary(position_ids, x.dtype)
+                    routing = Routing.from_mask(kept.vision_mask) if self.config.has_experts else None
+            if store is not None:
+                store.allocate(index)
+            x = block(x, cos, sin, attn_mask, is_causal, store, routing)
+        if cache is not None:
+            for group in cache.groups:
+                group.commit(group_segments[group])
+            cache.next_position = next_position
+        return self.norm(x)
+
+    def _attention_mask(self, attention_mask, batch, length, store, device):
+        """Pick the cheapest correct SDPA arguments: (attn_mask, is_causal, segment_ids or None). `store` is the KV
+        cache's layer group the new tokens attend through (its cached slots, their segments), or None."""
+        past = store.length if store is not None else 0
         window = self.config.sliding_window
         window_matters = window is not None and past + length > window
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -274,9 +356,9 @@ class Decoder(nn.Module):
         if attention_mask is not None:
             segment_ids = attention_mask.long()
             trivial = not bool((segment_ids != 1).any())
-            if cache is not None and bool((segment_ids == 0).any()):
-                cache.has_padding = True
-        has_padding = cache.has_padding if cache is not None else False
+            if store is not None and bool((segment_ids == 0).any()):
+                store.has_padding = True
+        has_padding = store.has_padding if store is not None else False
         if trivial and not has_padding and not window_matters:
             if past == 0:
                 return None, length > 1, segment_ids
@@ -284,8 +366,8 @@ class Decoder(nn.Module):
                 return None, False, segment_ids  # one new query may see every cached key
         if segment_ids is None:
             segment_ids = torch.ones(batch, length, dtype=torch.long, device=device)
-        if cache is not None and past > 0:
-            key_segments = torch.cat([cache.segment_ids[:, :past], segment_ids], dim=1)
+        if store is not None and past > 0:
+            key_segments = torch.cat([store.segment_ids[:, :past], segment_ids], dim=1)
         else:
             key_segments = segment_ids
         mask = build_attention_mask(segment_ids, key_segments, past, window if window_matters else None)

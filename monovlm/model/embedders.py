@@ -15,6 +15,8 @@ Images of the same size are embedded together in one batch; different sizes go i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,18 @@ def _group_by_size(images: list[torch.Tensor]) -> dict[tuple[int, int], list[int
     for index, image in enumerate(images):
         groups.setdefault(tuple(image.shape[-2:]), []).append(index)
     return groups
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where an image's tokens sit in its placeholder span: the grid patches (what token reduction may drop), their
+    (row, col), and the structural tokens (CLS, row separators), which have row = col = -1."""
+
+    rows: int
+    cols: int
+    is_patch: torch.Tensor  # (N,) bool
+    grid_row: torch.Tensor  # (N,) long
+    grid_col: torch.Tensor  # (N,) long
 
 
 class Embedder(nn.Module):
@@ -66,6 +80,21 @@ class Embedder(nn.Module):
         if self.cls_token is not None:
             tokens = torch.cat([self.cls(grid[:, :, :cols])[:, None], tokens], dim=1)
         return tokens
+
+    def token_layout(self, image: torch.Tensor) -> TokenLayout:
+        """The layout of the tokens `forward` returns for this image (3, H, W): [CLS] row 1, SEP, row 2, SEP, ..."""
+        ppt = self.config.pixels_per_token
+        rows, cols = image.shape[-2] // ppt, image.shape[-1] // ppt
+        per_row = cols + (1 if self.row_separator is not None else 0)
+        grid_row = torch.arange(rows).repeat_interleave(per_row)  # (rows·per_row,)
+        grid_col = torch.arange(per_row).repeat(rows)
+        is_patch = grid_col < cols  # the separator closes each row
+        if self.cls_token is not None:
+            is_patch = torch.cat([torch.zeros(1, dtype=torch.bool), is_patch])
+            grid_row, grid_col = F.pad(grid_row, (1, 0)), F.pad(grid_col, (1, 0))
+        not_patch = torch.tensor(-1)
+        return TokenLayout(rows, cols, is_patch, torch.where(is_patch, grid_row, not_patch),
+                           torch.where(is_patch, grid_col, not_patch))
 
     def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """images: list of (3, H, W), sides multiples of pixels_per_token -> list of (N_i, hidden) token tensors."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ from monovlm.config import VLMConfig
 from monovlm.model.decoder import Decoder
 from monovlm.model.embedders import build_embedder
 from monovlm.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from monovlm.infer.reduction import Reduction
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, images, padding)
 CONFIG_FILE = "config.json"
@@ -37,6 +42,19 @@ def labelled_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_we
     if logits.shape[0] == 0:
         return hidden.sum() * 0.0  # no labels here: a zero that keeps the graph connected
     return F.cross_entropy(logits.float(), targets[selected], reduction=reduction)
+
+
+@dataclass
+class VisualLayout:
+    """Where a batch's visual tokens are, per token (B, T), and the grid of each image — what token reduction needs.
+    Non-visual tokens have image_index = grid_row = grid_col = -1; structural visual tokens (CLS, row separators)
+    carry their image_index but are not patches."""
+
+    patch_mask: torch.Tensor  # (B, T) bool: droppable grid patches
+    image_index: torch.Tensor  # (B, T) long: the image (in order of `images`) each visual token comes from
+    grid_row: torch.Tensor  # (B, T) long
+    grid_col: torch.Tensor  # (B, T) long
+    grids: list[tuple[int, int]]  # (rows, cols) per image
 
 
 class EncoderFreeVLM(nn.Module):
@@ -69,10 +87,34 @@ class EncoderFreeVLM(nn.Module):
         embeds = embeds.masked_scatter(vision_mask.unsqueeze(-1), visual)
         return embeds, vision_mask
 
-    def hidden_states(self, input_ids, images=None, attention_mask=None, position_ids=None, cache=None):
+    def visual_layout(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None) -> VisualLayout:
+        """The placeholders of input_ids (B, T) laid out as the embedder fills them (same scatter order as `embed`)."""
+        vision_mask = input_ids == self.image_token_id  # (B, T)
+        layouts = [self.embedder.token_layout(image) for image in images or []]
+        device = input_ids.device
+
+        def scatter(values: list[torch.Tensor], fill: bool | int) -> torch.Tensor:  # per image (N_i,) -> (B, T)
+            out = torch.full(input_ids.shape, fill, device=device)
+            return out.masked_scatter(vision_mask, torch.cat(values).to(device)) if values else out
+
+        image_index = [torch.full_like(layout.grid_row, i) for i, layout in enumerate(layouts)]
+        return VisualLayout(
+            patch_mask=scatter([layout.is_patch for layout in layouts], False),
+            image_index=scatter(image_index, -1),
+            grid_row=scatter([layout.grid_row for layout in layouts], -1),
+            grid_col=scatter([layout.grid_col for layout in layouts], -1),
+            grids=[(layout.rows, layout.cols) for layout in layouts],
+        )
+
+    def hidden_states(self, input_ids, images=None, attention_mask=None, position_ids=None, cache=None,
+                      reduction: Reduction | None = None):
         embeds, vision_mask = self.embed(input_ids, images)
+        reducer = None
+        if reduction is not None:
+            reducer = reduction.bind(self.visual_layout(input_ids, images), self.decoder.config.num_layers)
         return self.decoder.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
-                                          position_ids=position_ids, cache=cache, vision_mask=vision_mask)
+                                          position_ids=position_ids, cache=cache, vision_mask=vision_mask,
+                                          reducer=reducer)
 
     def forward(
         self,
@@ -82,9 +124,14 @@ class EncoderFreeVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        reduction: Reduction | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) with last_only. Decode steps pass only input_ids (and the cache)."""
-        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache)
+        """Logits (B, T, V), or (B, 1, V) with last_only. Decode steps pass only input_ids (and the cache).
+
+        `reduction` (`monovlm.infer.reduction.build_reduction(...)`, prefill only) drops or merges visual tokens
+        inside the forward; the logits then cover the kept tokens only (left-padded per row, the last column is
+        still each row's last token), and a cache passed along keeps the reduction for every decode step."""
+        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache, reduction)
         if last_only:
             hidden = hidden[:, -1:]
         return F.linear(hidden, self.decoder.output_weight)

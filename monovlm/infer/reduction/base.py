@@ -1,0 +1,281 @@
+"""What a token-reduction method sees and what it returns.
+
+A method (one small file each) only *chooses*: before a decoder layer it gets a `ReductionContext` — the hidden states
+entering that layer, each image's patch tokens still present with their grid coordinates, and lazily computed
+attention rows and keys of that layer — and returns, per image, the patches to keep (`ImageChoice`), optionally with
+a merge: each kept token becomes a weighted sum of tokens of its image. `apply.py` is the one place that applies the
+choice to hidden states, positions, masks and the KV cache. Text tokens and structural visual tokens (CLS, row
+separators; image begin/end are text) are never offered, so no method can drop them.
+
+Attention rows are recomputed from the layer's own input norm, q/k projections and RoPE for the few queries a method
+asks for (PyramidDrop's pattern): no layer runs twice, no full attention matrix is built, and the decoder keeps using
+`scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from monovlm.model.experts import Routing, route
+from monovlm.model.rope import apply_rotary
+
+if TYPE_CHECKING:
+    from monovlm.infer.reduction.apply import Reducer, Tokens, Trace
+    from monovlm.model.decoder import Decoder, Projections
+
+POSITION_POLICIES = ("original", "renumber")
+QUERY_CHUNK = 256  # attention rows are computed this many queries at a time (bounds memory at (H, 256, T))
+
+
+def budget(num_patches: int, keep: float) -> int:
+    """Patches to keep of an image that had num_patches: keep·num_patches rounded half up, at least 1."""
+    return min(num_patches, max(1, math.floor(keep * num_patches + 0.5)))
+
+
+def check_keep(keep: float, name: str = "keep") -> None:
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"{name}={keep} must be in (0, 1]: the fraction of each image's patch tokens to keep")
+
+
+def default_stage_layers(num_layers: int) -> tuple[int, ...]:
+    """PyramidDrop's stage boundaries [L/4, L/2, 3L/4] (8, 16, 24 for 32 layers), at least layer 1, deduplicated."""
+    return tuple(sorted({max(1, num_layers * s // 4) for s in (1, 2, 3)} - {num_layers}))
+
+
+def check_layer(layer: int, num_layers: int, method: str, what: str = "layer") -> None:
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"{method}: {what}={layer} is outside the decoder's layers 0..{num_layers - 1}")
+
+
+@dataclass
+class ImageView:
+    """One image as a method sees it before a layer. Positions index the current sequence of batch row `row`."""
+
+    index: int  # the image's number in the batch (order of `images`)
+    row: int  # batch row
+    rows: int  # grid rows and columns the image started with
+    cols: int
+    patches: torch.Tensor  # (n,) long: positions of its patch tokens still present, in sequence (row-major) order
+    grid_row: torch.Tensor  # (n,) long
+    grid_col: torch.Tensor  # (n,) long
+    original: torch.Tensor  # (n,) long: each patch's index in the forward's input sequence
+
+    @property
+    def num_patches(self) -> int:
+        """Patches the image started with; budgets count from this, so stage ratios are relative to the full grid."""
+        return self.rows * self.cols
+
+    def budget(self, keep: float) -> int:
+        return budget(self.num_patches, keep)
+
+    @property
+    def complete(self) -> bool:
+        return self.patches.numel() == self.num_patches
+
+
+@dataclass
+class ImageChoice:
+    """The patches of one image to keep (positions in the current sequence), and optionally how to merge: kept
+    token i becomes sum_j mix[i, j] · hidden[sources[j]] (sources are patches of the same image)."""
+
+    image: int
+    keep: torch.Tensor  # (k,) long
+    sources: torch.Tensor | None = None  # (n,) long
+    mix: torch.Tensor | None = None  # (k, n) float
+
+
+class ReductionContext:
+    """Everything a method may look at before one layer; attention rows and keys are computed on demand, per row."""
+
+    def __init__(self, layer: int, hidden: torch.Tensor, tokens: Tokens, decoder: Decoder,
+                 grids: list[tuple[int, int]], memory: dict):
+        self.layer = layer
+        self.hidden = hidden  # (B, T, C) entering `layer`
+        self.tokens = tokens
+        self.decoder = decoder
+        self.grids = grids
+        self.memory = memory  # shared by the hooks of one forward (a method may score at one layer, drop at another)
+        self._images: list[ImageView] | None = None
+        self._projected: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the images
+
+    @property
+    def images(self) -> list[ImageView]:
+        """Every image of the batch with at least one patch still present."""
+        if self._images is None:
+            tokens = self.tokens
+            rows, positions = tokens.patch_mask.nonzero(as_tuple=True)
+            image_of = tokens.image_index[rows, positions]
+            views = []
+            for image in image_of.unique().tolist():
+                selected = image_of == image
+                row, where = int(rows[selected][0]), positions[selected]
+                grid_rows, grid_cols = self.grids[image]
+                views.append(ImageView(image, row, grid_rows, grid_cols, where, tokens.grid_row[row, where],
+                                       tokens.grid_col[row, where], tokens.original_index[row, where]))
+            self._images = views
+        return self._images
+
+    def last_token(self, image: ImageView) -> int:
+        """Position of the last token of the image's document (the prompt's last token, unless rows are packed)."""
+        segments = self.tokens.segment_ids[image.row]
+        same_document = segments == segments[image.patches[0]]
+        return int(same_document.nonzero().max())
+
+    # ----------------------------------------------------------------------------------------------------------
+    # memory across layers (keyed by original token index, so it survives drops in between)
+
+    def remember(self, key: str, image: ImageView, values: torch.Tensor) -> None:
+        """Store per-patch values (n,) of an image for a later layer of the same forward."""
+        self.memory[(key, image.index)] = (image.original, values)
+
+    def recall(self, key: str, image: ImageView) -> torch.Tensor:
+        """The values remembered under key for the patches the image still has (n,)."""
+        if (key, image.index) not in self.memory:
+            raise KeyError(f"nothing remembered as {key!r} for image {image.index} before layer {self.layer}")
+        original, values = self.memory[(key, image.index)]
+        where = torch.searchsorted(original, image.original)
+        if bool((where >= original.numel()).any()) or not torch.equal(original[where], image.original):
+            raise ValueError(f"image {image.index} has patches that were not present when {key!r} was remembered")
+        return values[where]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # attention of this layer, recomputed for chosen queries
+
+    def _project(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normed hidden (T, C), vision routing input (1, T) bool, rotated keys (Hkv, T, D)) of one row."""
+        if row not in self._projected:
+            block = self.decoder.layers[self.layer]
+            hidden = self.hidden[row : row + 1]  # (1, T, C)
+            vision = self.tokens.vision_mask[row : row + 1]
+            routing = Routing.from_mask(vision) if self.decoder.config.has_experts else None
+            normed = route(hidden, routing, block.attn_norm, block.vision_attn_norm)  # (1, T, C)
+            keys = _project_part(block.attn, normed, routing, "k").transpose(1, 2)  # (1, Hkv, T, D)
+            cos, sin = self.decoder.rotary(self.tokens.position_ids[row : row + 1], hidden.dtype)  # (1, 1, T, D)
+            self._projected[row] = (normed, vision, apply_rotary(keys, cos, sin)[0])
+        return self._projected[row]
+
+    def attention_rows(self, row: int, queries: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention probabilities of this layer for the query positions `queries` (Q,) of one row
+        over all its keys: (Q, T). The same causal, document and padding mask as the forward; float32."""
+        normed, vision, keys = self._project(row)
+        block = self.decoder.layers[self.layer]
+        heads, kv_heads = block.attn.num_heads, block.attn.num_kv_heads
+        keys = keys.repeat_interleave(heads // kv_heads, dim=0).float()  # (H, T, D): GQA shares each kv head
+        segments = self.tokens.segment_ids[row]  # (T,)
+        slots = torch.arange(segments.numel(), device=segments.device)
+        out = []
+        for chunk in queries.split(QUERY_CHUNK):
+            routing = Routing.from_mask(vision[:, chunk]) if self.decoder.config.has_experts else None
+            q = _project_part(block.attn, normed[:, chunk], routing, "q").transpose(1, 2)  # (1, H, Q, D)
+            cos, sin = self.decoder.rotary(self.tokens.position_ids[row : row + 1, chunk], normed.dtype)
+            q = apply_rotary(q, cos, sin)[0].float()  # (H, Q, D)
+            logits = q @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])  # (H, Q, T)
+            allowed = (slots[None] <= chunk[:, None]) & (segments[None] == segments[chunk][:, None]) & (segments != 0)
+            logits = logits.masked_fill(~allowed[None], float("-inf"))
+            out.append(logits.softmax(dim=-1).mean(dim=0))  # (Q, T)
+        return torch.cat(out)
+
+    def keys(self, row: int) -> torch.Tensor:
+        """This layer's keys of one row before RoPE, averaged over heads: (T, D) — the merge metric of ToMe and
+        VisionZip (RoPE would make it compare positions as much as content)."""
+        normed, vision, _ = self._project(row)
+        routing = Routing.from_mask(vision) if self.decoder.config.has_experts else None
+        keys = _project_part(self.decoder.layers[self.layer].attn, normed, routing, "k")  # (1, T, Hkv, D)
+        return keys[0].mean(dim=1)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the two scores the attention-based methods use
+
+    def last_token_attention(self, image: ImageView) -> torch.Tensor:
+        """Attention from the last token of the image's document to each of its patches (n,): FastV, PyramidDrop."""
+        query = torch.tensor([self.last_token(image)], device=image.patches.device)
+        return self.attention_rows(image.row, query)[0, image.patches]
+
+    def received_attention(self, image: ImageView) -> torch.Tensor:
+        """Mean attention each patch receives from the image's patches (n,), with causal normalisation: under a
+        causal mask patch j is seen by the queries at or after it only, so its column sum is divided by their count
+        (a plain mean would favour early patches). VisionDrop / HiPrune / FoPru, re-homed to the decoder."""
+        rows = self.attention_rows(image.row, image.patches)[:, image.patches]  # (n queries, n keys)
+        seen_by = (image.patches[None] <= image.patches[:, None]).sum(dim=0)  # (n,) queries that can see each key
+        return rows.sum(dim=0) / seen_by
+
+
+def _project_part(projections: Projections, x: torch.Tensor, routing: Routing | None, part: str) -> torch.Tensor:
+    """Only the q (or k) heads of a layer's fused q/k/v projection, per-head normed where the model has q/k norms,
+    routed to the vision expert's projections where the layer has one: x (1, N, C) -> (1, N, heads, D)."""
+
+    def project(module: Projections) -> Callable[[torch.Tensor], torch.Tensor]:
+        heads, first = (module.num_heads, 0) if part == "q" else (module.num_kv_heads, module.num_heads)
+        rows = slice(first * module.head_dim, (first + heads) * module.head_dim)
+        bias = module.qkv_proj.bias[rows] if module.qkv_proj.bias is not None else None
+        norm = module.q_norm if part == "q" else module.k_norm
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            out = F.linear(h, module.qkv_proj.weight[rows], bias).unflatten(-1, (heads, module.head_dim))
+            return (norm(out) if norm is not None else out).flatten(-2)
+
+        return run
+
+    vision = projections.vision
+    out = route(x, routing, project(projections), project(vision) if vision is not None else None)
+    return out.unflatten(-1, (-1, projections.head_dim))
+
+
+class Method:
+    """A token-reduction method: it scores visual tokens and chooses which to keep (and maybe how to merge).
+
+    Subclasses are dataclasses with a `keep` ratio, their layer(s) and options; `hook_layers` names the layers
+    before which `select` is called (ascending), `select` returns the choices (or None to only look)."""
+
+    name: ClassVar[str] = "method"
+
+    def hook_layers(self, num_layers: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def select(self, ctx: ReductionContext) -> list[ImageChoice] | None:
+        raise NotImplementedError
+
+
+def top_k_positions(image: ImageView, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the image's k highest-scoring patches, in sequence order."""
+    k = min(k, image.patches.numel())
+    return image.patches[scores.topk(k).indices.sort().values]
+
+
+@dataclass
+class Reduction:
+    """A configured token reduction: the method (with its keep ratio and layers) and the position policy.
+
+    `positions="original"` (default) keeps each token's RoPE position, gaps and all (FastV, DivPrune); "renumber"
+    makes the kept tokens contiguous again (PyramidDrop), and decode steps then continue from the renumbered end
+    in the layers after the reduction. Pass it as `reduction=` to the VLM's forward, or in `prefill_inputs` to
+    `generate`. After each forward, `last_trace` holds that forward's decisions (inspection, replay, accounting)."""
+
+    method: Method
+    positions: str = "original"
+    last_trace: Trace | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(f"positions={self.positions!r} is not one of {POSITION_POLICIES}")
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def bind(self, layout, num_layers: int) -> Reducer:
+        """The per-forward reducer the decoder calls (see `apply.Reducer`); records its trace in `last_trace`."""
+        from monovlm.infer.reduction.apply import Reducer
+
+        reducer = Reducer(self, layout, num_layers)
+        self.last_trace = reducer.trace
+        return reducer
