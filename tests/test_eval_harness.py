@@ -214,3 +214,16 @@ def test_lmms_adapter_answers_fake_requests_like_the_runner(runner, data, test_r
     assert all(math.isfinite(s) and s < 0 for s, _ in scores)
     with pytest.raises(ValueError, match="pretrained"):
         MonovlmLMMS()
+
+
+def test_eval_with_a_reduction_sweep_plots_accuracy_against_tokens_kept(data, tmp_path, capsys):
+    out = tmp_path / "reduced"
+    assert main(["eval", "default", "--data", str(data), "--limit", "8", "--reduce", "uniform", "--keep", "1.0",
+                 "--keep", "0.25", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    runs = load_runs(out)
+    assert [r.setting for r in runs] == [{}, {"reduction": "uniform", "keep": 1.0}, {"reduction": "uniform", "keep": 0.25}]
+    # keeping every token is exactly the unreduced model
+    assert [p["output"] for p in runs[1].results[0].predictions] == [p["output"] for p in runs[0].results[0].predictions]
+    assert (out / "synthetic_vs_tokens_kept.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "default", "--data", str(data), "--reduce", "no-such-method"]) == 2

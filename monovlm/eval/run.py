@@ -41,6 +41,10 @@ def _reduction_settings(reduce: str | None, keep: Sequence[float] | None) -> lis
         if keep:
             raise ValueError("--keep needs --reduce METHOD")
         return []
+    from monovlm.infer.reduction import METHODS
+
+    if reduce not in METHODS:
+        raise ValueError(f"--reduce {reduce!r}: unknown token reduction method; choose one of {sorted(METHODS)}")
     for value in keep or ():
         if not 0.0 < value <= 1.0:
             raise ValueError(f"--keep {value}: a kept fraction must be in (0, 1]")
