@@ -280,6 +280,8 @@ class Row:
     hf: float
     timings: Timings
     identical: bool | None = None  # decode rows: whether the greedy outputs agree token for token
+    compiled: float | None = None  # decode rows: monovlm with GenerationConfig(compile=True)
+    compiled_identical: bool | None = None
 
     @property
     def ratio(self) -> float:
@@ -332,10 +334,14 @@ def bench_decode(hf_model, ours, sizes: Sizes, batch: int, deadline: float) -> R
     prompt_lists = prompts.tolist()
     attention_mask = torch.ones_like(prompts)
     config = GenerationConfig(max_new_tokens=sizes.new_tokens)
+    compiled_config = GenerationConfig(max_new_tokens=sizes.new_tokens, compile=True)
     outputs = {}
 
     def run_ours() -> None:
         outputs["monovlm"] = [g.token_ids for g in generate(ours, prompt_lists, config, pad_id=0)]
+
+    def run_compiled() -> None:
+        outputs["compiled"] = [g.token_ids for g in generate(ours, prompt_lists, compiled_config, pad_id=0)]
 
     def run_hf() -> None:
         out = hf_model.generate(prompts, attention_mask=attention_mask, do_sample=False,
@@ -343,11 +349,13 @@ def bench_decode(hf_model, ours, sizes: Sizes, batch: int, deadline: float) -> R
         outputs["hf"] = out[:, sizes.prompt_len :].tolist()
 
     with torch.inference_mode():
-        timings = interleaved({"monovlm": run_ours, "hf": run_hf}, sizes.decode_warmup, sizes.decode_reps, deadline,
-                              sizes.quiet_wait_s)
+        run_compiled()  # compile outside the timed rounds (tens of seconds, once per process and shape)
+        timings = interleaved({"monovlm": run_ours, "compiled": run_compiled, "hf": run_hf}, sizes.decode_warmup,
+                              sizes.decode_reps, deadline, sizes.quiet_wait_s)
     generated = batch * sizes.new_tokens
     same = outputs["monovlm"] == outputs["hf"] and all(len(row) == sizes.new_tokens for row in outputs["hf"])
-    return Row(generated / timings.median("monovlm"), generated / timings.median("hf"), timings, same)
+    return Row(generated / timings.median("monovlm"), generated / timings.median("hf"), timings, same,
+               generated / timings.median("compiled"), outputs["compiled"] == outputs["hf"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,6 +444,11 @@ def markdown_section(args, sizes: Sizes, report: dict) -> str:
         lines.append(f"| greedy decode, batch {batch} (new tokens/s; ms/step) | {row.monovlm:,.0f}; "
                      f"{ms['monovlm']:.2f} ms | {row.hf:,.0f}; {ms['hf']:.2f} ms | {row.ratio:.2f}x (outputs {same}) "
                      f"| {timing_note(row.timings)} |")
+        if row.compiled is not None:
+            same = "identical" if row.compiled_identical else "DIFFERENT"
+            lines.append(f"| greedy decode, batch {batch}, `GenerationConfig(compile=True)` | {row.compiled:,.0f}; "
+                         f"{1e3 * batch / row.compiled:.2f} ms | {row.hf:,.0f}; {ms['hf']:.2f} ms | "
+                         f"{row.compiled / row.hf:.2f}x (outputs {same}) | {timing_note(row.timings)} |")
     fp32 = train["fp32"]
     lines += [
         "",
@@ -513,8 +526,9 @@ def main() -> None:
         decode[batch] = bench_decode(hf_model, ours, sizes, batch, phase_deadline(run_deadline, phases_left))
         phases_left -= 1
         row = decode[batch]
-        print(f"  decode batch {batch}: monovlm {row.monovlm:,.0f} tok/s, hf {row.hf:,.0f} tok/s, "
-              f"{row.ratio:.2f}x, identical={row.identical} [rounds {timing_note(row.timings)}]", file=sys.stderr)
+        print(f"  decode batch {batch}: monovlm {row.monovlm:,.0f} tok/s, compiled {row.compiled:,.0f} tok/s, "
+              f"hf {row.hf:,.0f} tok/s, {row.ratio:.2f}x / {row.compiled / row.hf:.2f}x, identical={row.identical} "
+              f"[rounds {timing_note(row.timings)}]", file=sys.stderr)
 
     report = {
         "date": datetime.date.today().isoformat(),

@@ -6,17 +6,24 @@ the decode loop is bound by Python overhead, not arithmetic.
 
 Any model with `forward(input_ids=, attention_mask=, cache=, last_only=True, **prefill_inputs) -> logits` whose
 cache `KVCache.for_model` can size works: the language decoder, and the VLM (`prefill_inputs={"images": [...]}`).
+
+An optional decoding `strategy` (`monovlm.infer.decoding`: VCD, debias calibration, DAMRO) transforms each step's
+logits before the sampler and runs its own auxiliary forwards; without one the loop does no extra work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from monovlm.infer.sampling import SamplingSettings, sample_next
 from monovlm.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from monovlm.infer.decoding import DecodingStrategy
 
 
 @dataclass
@@ -28,6 +35,9 @@ class GenerationConfig:
     stop_ids: Sequence[int] = ()  # generation of a row ends after it emits one of these (e.g. eos)
     stop_strings: Sequence[str] = ()  # ...or once its decoded text contains one of these (needs a tokenizer)
     seed: int | None = None  # seeds the sampler's own generator; the global RNG is never touched
+    # decode steps through one torch.compile'd static-shape graph (`monovlm.infer.compiled`); the first call compiles
+    # (tens of seconds), later ones reuse it. Falls back to the eager step where it does not apply.
+    compile: bool = False
     sampling: SamplingSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,17 +102,24 @@ def token_steps(
     tokenizer=None,
     pad_id: int = 0,
     prefill_inputs: dict | None = None,
+    strategy: DecodingStrategy | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next_tokens (B,), active (B,) bool) per step; inactive rows (already stopped) carry pad_id.
 
     A row becomes inactive after the step in which it emits a stop id or completes a stop string. `prefill_inputs`
-    go to the first forward only (e.g. the images of a VLM prompt).
+    go to the first forward only (e.g. the images of a VLM prompt). A `strategy` starts before the main prefill and
+    turns every step's logits into the ones the sampler sees; its auxiliary forwards get the same tokens.
     """
     batch, prompt_len = input_ids.shape[:2]
     device = input_ids.device
     if config.max_new_tokens == 0:
         return
-    cache = KVCache.for_model(model, batch, prompt_len + config.max_new_tokens)
+    capacity = prompt_len + config.max_new_tokens
+    if config.compile:
+        from monovlm.infer.compiled import static_capacity
+
+        capacity = static_capacity(capacity)  # one compiled graph for many prompt lengths
+    cache = KVCache.for_model(model, batch, capacity)
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -110,8 +127,19 @@ def token_steps(
     stop_strings = _StopStrings(config.stop_strings, tokenizer)
     generated: list[list[int]] = [[] for _ in range(batch)]
     active = torch.ones(batch, dtype=torch.bool, device=device)
+    run = None
+    if strategy is not None:
+        run = strategy.start(model, input_ids, attention_mask, prefill_inputs, config.max_new_tokens)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, last_only=True,
                    **(prefill_inputs or {}))[:, -1]  # (B, V)
+    if run is not None:
+        logits = run.process(logits)
+    decode = lambda tokens: model(input_ids=tokens[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
+    if config.compile and run is None:
+        from monovlm.infer.compiled import StaticDecoder, supports_static_decode
+
+        if supports_static_decode(model, cache):
+            decode = StaticDecoder(model, cache)
     for step in range(config.max_new_tokens):
         next_tokens = sample_next(logits, config.sampling, generator)  # (B,)
         next_tokens = torch.where(active, next_tokens, torch.full_like(next_tokens, pad_id))
@@ -126,7 +154,9 @@ def token_steps(
                         active[row] = False
         if step + 1 == config.max_new_tokens or not bool(active.any()):
             return
-        logits = model(input_ids=next_tokens[:, None], cache=cache, last_only=True)[:, -1]
+        logits = decode(next_tokens)
+        if run is not None:
+            logits = run.process(logits, next_tokens)
 
 
 def _prepare(prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -146,16 +176,18 @@ def generate(
     tokenizer=None,
     pad_id: int = 0,
     prefill_inputs: dict | None = None,
+    strategy: DecodingStrategy | None = None,
 ) -> list[Generation]:
     """Generate a continuation for each prompt (token lists of any lengths, or an unpadded (B, T) tensor).
-    `prefill_inputs` go to the prompt's forward, e.g. {"images": [...]} for a VLM."""
+    `prefill_inputs` go to the prompt's forward, e.g. {"images": [...]} for a VLM; `strategy` (None = plain
+    decoding) transforms each step's logits before the sampler, e.g. `monovlm.infer.decoding.VCD()`."""
     config = config or GenerationConfig()
     input_ids, attention_mask = _prepare(prompts, pad_id)
     device = _device_of(model)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
     batch = input_ids.shape[0]
-    steps = list(token_steps(model, input_ids, attention_mask, config, tokenizer, pad_id, prefill_inputs))
+    steps = list(token_steps(model, input_ids, attention_mask, config, tokenizer, pad_id, prefill_inputs, strategy))
     # one conversion to Python lists at the end, not one tensor index per token
     all_tokens = torch.stack([tokens for tokens, _ in steps], dim=1).tolist() if steps else [[] for _ in range(batch)]
     all_active = torch.stack([active for _, active in steps], dim=1).tolist() if steps else [[] for _ in range(batch)]
@@ -181,6 +213,7 @@ def stream_text(
     config: GenerationConfig | None = None,
     pad_id: int = 0,
     prefill_inputs: dict | None = None,
+    strategy: DecodingStrategy | None = None,
 ) -> Iterator[list[str]]:
     """Yield, per decode step, the new text of each row ("" when a row has nothing new to show).
 
@@ -195,7 +228,7 @@ def stream_text(
     rows = range(len(generated))
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
     for tokens, active in token_steps(model, input_ids.to(device), attention_mask, config, tokenizer, pad_id,
-                                      prefill_inputs):
+                                      prefill_inputs, strategy):
         for row in rows:
             if active[row]:
                 generated[row].append(int(tokens[row]))
