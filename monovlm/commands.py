@@ -268,6 +268,9 @@ def chat(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int | None = None,
+    reduce: str | None = None,
+    keep: float | None = None,
+    decoding: str | None = None,
 ) -> None:
     """Chat with a VLM about images in the terminal (default model: the shipped tiny one, trained on synthetic
     shapes). With a question, answer it and exit; without, read questions from standard input, keeping the
@@ -280,21 +283,26 @@ def chat(
         max_new_tokens: most tokens in each answer
         temperature: 0 for greedy decoding
         seed: sampling seed
+        reduce: visual token reduction for questions with images, e.g. fastv, tome, divprune (a wrong name lists all)
+        keep: share of each image's patch tokens the reduction keeps, in (0, 1]; 0.25 when not given
+        decoding: decoding strategy for questions with images: vcd or damro
     """
     from monovlm.data.processor import Processor
     from monovlm.infer.generate import GenerationConfig
     from monovlm.model.vlm import EncoderFreeVLM
     from monovlm.quickstart import DEFAULT_MODEL_DIR
+    from monovlm.serve.methods import terminal_methods
     from monovlm.serve.terminal import HELP, ChatSession, run_repl
     from monovlm.tokenizer import Tokenizer
 
+    methods = terminal_methods(reduce, keep, decoding)  # a bad flag fails before the model loads
     folder = model or DEFAULT_MODEL_DIR
     vlm = EncoderFreeVLM.load(folder).eval()
     tokenizer = Tokenizer.from_folder(folder)
     processor = Processor(tokenizer, vlm.config.vision, vlm.config.processor)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                               stop_ids=processor.stop_ids)
-    session = ChatSession(vlm, processor, config)
+    session = ChatSession(vlm, processor, config, methods)
     for path in image or []:
         session.attach(path)  # ImageLoadError is a ValueError: the CLI prints it without a traceback
     if question is not None:  # one question, one answer (a PromptError is a ValueError: printed, exit code 2)
@@ -328,6 +336,8 @@ def serve(
 ) -> None:
     """Serve a VLM over HTTP: an OpenAI-compatible /v1/chat/completions (text and inline images, streaming), /v1/models,
     /health, and a web page at / to ask about an image. Binds to the loopback address unless --host says otherwise.
+    A request may choose visual token reduction and a decoding strategy in its "monovlm" field, e.g.
+    {"monovlm": {"reduction": "fastv", "keep": 0.5, "decoding": "vcd"}} (see monovlm/serve/methods.py).
 
     Args:
         model: a monovlm model folder (default: the shipped tiny model)

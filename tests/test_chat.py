@@ -11,9 +11,12 @@ import pytest
 
 from monovlm.cli import main
 from monovlm.data.processor import Processor
+from monovlm.infer.decoding import VCD
 from monovlm.infer.generate import GenerationConfig, generate
+from monovlm.infer.reduction import build_reduction
 from monovlm.model.vlm import EncoderFreeVLM
 from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.serve.methods import InferenceMethods
 from monovlm.serve.terminal import ChatSession, run_repl
 from monovlm.tokenizer import Tokenizer
 
@@ -37,9 +40,10 @@ def scenes(tmp_path_factory):
     return [(root / r["image"], r["question"]) for r in (first, second)]
 
 
-def answer_alone(model, question, images, turns=None):
+def answer_alone(model, question, images, turns=None, reduction=None, strategy=None):
     """Greedy answer from `generate`; with `turns` (earlier (question, answer) pairs) the prompt is the one
-    Processor.process writes for the whole conversation, cut where the last answer starts."""
+    Processor.process writes for the whole conversation, cut where the last answer starts; `reduction` (a Reduction)
+    and `strategy` go to generate as given."""
     vlm, processor = model
     pictures = [processor.load(path) for path in images]
     if turns is None:
@@ -51,8 +55,9 @@ def answer_alone(model, question, images, turns=None):
         sample = processor.process({"conversations": conversations}, images=pictures)
         ids, tensors = sample.input_ids[: -len(processor.tokenizer.encode("x")) - 2], sample.images
     config = GenerationConfig(max_new_tokens=64, stop_ids=processor.stop_ids)
+    prefill = {"images": tensors, **({"reduction": reduction} if reduction is not None else {})} if tensors else None
     return generate(vlm, [ids], config, processor.tokenizer, pad_id=processor.tokenizer.pad_id or 0,
-                    prefill_inputs={"images": tensors} if tensors else None)[0].text
+                    prefill_inputs=prefill, strategy=strategy)[0].text
 
 
 def test_one_question_is_answered_and_the_command_exits(scenes, model, capsys):
@@ -112,3 +117,49 @@ def test_a_conversation_that_outgrows_the_context_is_refused(model):
     run_repl(session, ["Describe everything you can see in as much detail as you can."], out, err)
     assert f"context of {context} tokens" in err.getvalue() and "/reset" in err.getvalue()
     assert out.getvalue() == "" and session.turns == []
+
+
+def test_reduction_and_decoding_flags(scenes, model, capsys):
+    """--reduce / --keep / --decoding give generate's answer with that reduction and strategy."""
+    (image, question), _ = scenes
+    plain = answer_alone(model, question, [image])
+    answers = []
+    for flags, reduction, strategy in [
+        (["--reduce", "fastv", "--keep", "0.25"], build_reduction("fastv", keep=0.25), None),
+        (["--reduce", "tome"], build_reduction("tome"), None),  # keep: build_reduction's default
+        (["--decoding", "vcd"], None, VCD()),
+        (["--reduce", "fastv", "--keep", "1"], None, None),  # keeps every patch: the plain answer
+    ]:
+        assert main(["chat", "--image", str(image), *flags, question]) == 0
+        expected = answer_alone(model, question, [image], reduction=reduction, strategy=strategy)
+        assert capsys.readouterr().out == expected + "\n", flags
+        answers.append(expected)
+    assert answers[-1] == plain and any(answer != plain for answer in answers[:-1])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--reduce", "fastvv"], ["--reduce 'fastvv'", "fastv", "tome"]),
+    (["--keep", "0.5"], ["--keep", "needs --reduce"]),
+    (["--reduce", "fastv", "--keep", "0"], ["--keep 0.0 must be in (0, 1]"]),
+    (["--decoding", "debias"], ["--decoding 'debias'", "vcd, damro"]),
+    (["--reduce", "fastv", "--decoding", "damro"], ["damro", "--reduce"]),
+])
+def test_bad_method_flags_are_refused(flags, words, capsys):
+    assert main(["chat", *flags, "hi"]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, err
+
+
+def test_methods_apply_to_questions_with_images_only(model, scenes):
+    """A text-only conversation is answered plainly (both methods act on images); once an image is attached, the
+    reduction applies."""
+    vlm, processor = model
+    (image, question), _ = scenes
+    config = GenerationConfig(max_new_tokens=64, stop_ids=processor.stop_ids)
+    session = ChatSession(vlm, processor, config, InferenceMethods("fastv", 0.25, "vcd"))
+    assert "".join(session.ask("How many shapes are there?")) == answer_alone(model, "How many shapes are there?", [])
+    session.reset()
+    session.attach(image)
+    expected = answer_alone(model, question, [image], reduction=build_reduction("fastv", keep=0.25), strategy=VCD())
+    assert "".join(session.ask(question)) == expected != answer_alone(model, question, [image])

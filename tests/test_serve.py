@@ -15,12 +15,15 @@ from PIL import Image, ImageDraw
 from monovlm.config import VLMConfig
 from monovlm.data.images import image_to_tensor
 from monovlm.data.processor import IMAGE_MARKER
+from monovlm.infer.decoding import DAMRO, VCD
 from monovlm.infer.generate import GenerationConfig, generate
+from monovlm.infer.reduction import METHODS, build_reduction
 from monovlm.model.vlm import EncoderFreeVLM
 from monovlm.quickstart import DEFAULT_MODEL_DIR
 from monovlm.serve.batching import BatchWorker, Delta, Failed, Finished, Job
 from monovlm.serve.limits import Limits
 from monovlm.serve.messages import GenerationOptions, Turn
+from monovlm.serve.methods import InferenceMethods, MethodError
 from monovlm.serve.prompt import chat_prompt
 from monovlm.tokenizer import Tokenizer
 
@@ -95,12 +98,14 @@ def ask(question: str, *images: Image.Image, **settings) -> dict:
     return {"messages": [{"role": "user", "content": content}], **settings}
 
 
-def reference(served, question: str, images=(), **settings):
-    """What `generate` answers for the same question, one prompt alone (built by the processor, not the server)."""
+def reference(served, question: str, images=(), reduction=None, strategy=None, **settings):
+    """What `generate` answers for the same question, one prompt alone (built by the processor, not the server),
+    optionally with a token reduction (a Reduction) and a decoding strategy."""
     ids, tensors = served.processor.prompt(question, list(images))
     config = GenerationConfig(stop_ids=served.processor.stop_ids, **settings)
+    prefill = {"images": tensors, **({"reduction": reduction} if reduction is not None else {})} if tensors else None
     return generate(served.model, [ids], config, served.tokenizer, pad_id=served.tokenizer.pad_id or 0,
-                    prefill_inputs={"images": tensors} if tensors else None)[0], len(ids)
+                    prefill_inputs=prefill, strategy=strategy)[0], len(ids)
 
 
 def visible_stop(text: str, start: int) -> str:
@@ -115,6 +120,30 @@ def visible_stop(text: str, start: int) -> str:
 def sse_data(text: str) -> list[str]:
     assert text.endswith("\n\n")
     return [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def post_together(test_client, bodies: list[dict]) -> tuple[list, dict[int, int]]:
+    """Post every body while the worker is paused, so that all are queued before any runs; returns the responses
+    and {batch size: how many batches of that size ran for them}."""
+    worker = test_client.app.state.worker
+    before = dict(worker.batch_sizes)
+    results: list = [None] * len(bodies)
+
+    def post(index: int) -> None:
+        results[index] = test_client.post(URL, json=bodies[index])
+
+    with worker.paused():
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while worker.queued() < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.queued() == len(bodies)
+    for thread in threads:
+        thread.join(60)
+    return results, {size: count - before.get(size, 0) for size, count in worker.batch_sizes.items()
+                     if count != before.get(size, 0)}
 
 
 def assert_error(response, status: int, *words: str, param: str | None = None, code: str | None = None) -> dict:
@@ -277,25 +306,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(rambler_client, rambler):
          ("Text only, a longer question than the others.", [], {"max_new_tokens": 9})),
     ]
     others = [ask("Go on.", temperature=0.8, seed=5, max_tokens=6), ask("Go on.", temperature=0.8, max_tokens=6)]
-    worker = rambler_client.app.state.worker
-    before = dict(worker.batch_sizes)
-    bodies = [body for body, _ in greedy] + others
-    results: list = [None] * len(bodies)
-
-    def post(index: int) -> None:
-        results[index] = rambler_client.post(URL, json=bodies[index])
-
-    with worker.paused():
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while worker.queued() < len(bodies) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert worker.queued() == len(bodies)
-    for thread in threads:
-        thread.join(60)
-    new_batches = {size: count - before.get(size, 0) for size, count in worker.batch_sizes.items()}
+    results, new_batches = post_together(rambler_client, [body for body, _ in greedy] + others)
     assert new_batches.get(4) == 1 and new_batches.get(1) == 2  # the four greedy ones together; the others alone
     for response, (_, (question, pictures, settings)) in zip(results, greedy):
         expected, _ = reference(rambler, question, pictures, **settings)
@@ -344,6 +355,148 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(served):
         assert worker._thread.is_alive()
     finally:
         worker.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# token reduction and decoding strategies (the "monovlm" extension field)
+
+
+def reduced(method: str, **options):
+    """A fresh Reduction built directly by monovlm.infer (not through the server's methods.py)."""
+    return build_reduction(method, **options)
+
+
+def test_reduction_answers_equal_generate_with_that_reduction(client, served):
+    image = shape_image()
+    question = "How many shapes are there?"
+    plain, _ = reference(served, question, [image], max_new_tokens=8)
+    answers = {}
+    for settings, reduction in [
+        ({"reduction": "fastv", "keep": 0.25}, reduced("fastv", keep=0.25)),
+        ({"reduction": "fastv"}, reduced("fastv")),  # keep left out: build_reduction's default
+        ({"reduction": "tome", "keep": 0.5}, reduced("tome", keep=0.5)),
+        ({"reduction": "random", "keep": 0.25}, reduced("random", keep=0.25)),
+    ]:
+        response = client.post(URL, json=ask(question, image, max_tokens=8, monovlm=settings))
+        assert response.status_code == 200, response.text
+        expected, prompt_tokens = reference(served, question, [image], reduction=reduction, max_new_tokens=8)
+        choice = response.json()["choices"][0]
+        assert choice["message"]["content"] == expected.text, settings
+        assert choice["finish_reason"] == expected.finish_reason
+        assert response.json()["usage"]["prompt_tokens"] == prompt_tokens  # the prompt as sent, before reduction
+        answers[json.dumps(settings)] = expected.text
+    assert any(text != plain.text for text in answers.values())  # the reduction did change some answer
+
+
+def test_keep_one_equals_the_plain_answer(rambler_client, rambler):
+    """keep=1.0 keeps every patch, so the answer is exactly the one without reduction (the random-weight model's
+    long answers change under any real reduction, so a wrong keep would show)."""
+    image = shape_image((30, 30, 220), (48, 80), "rectangle")
+    plain, _ = reference(rambler, "What is here?", [image], max_new_tokens=8)
+    for method in ("fastv", "tome", "divprune", "pyramiddrop", "uniform"):
+        body = ask("What is here?", image, max_tokens=8, monovlm={"reduction": method, "keep": 1.0})
+        assert rambler_client.post(URL, json=body).json()["choices"][0]["message"]["content"] == plain.text, method
+        quarter = ask("What is here?", image, max_tokens=8, monovlm={"reduction": method, "keep": 0.25})
+        assert rambler_client.post(URL, json=quarter).json()["choices"][0]["message"]["content"] != plain.text, method
+
+
+def test_decoding_strategy_answers_equal_generate(rambler_client, rambler):
+    image = shape_image()
+    plain, _ = reference(rambler, "What is here?", [image], max_new_tokens=8)
+    for settings, strategy, reduction in [
+        ({"decoding": "vcd"}, VCD(), None),
+        ({"decoding": "vcd", "alpha": 2.0, "beta": 0.2}, VCD(alpha=2.0, beta=0.2), None),
+        ({"decoding": "damro"}, DAMRO(), None),
+        ({"decoding": "damro", "alpha": 1}, DAMRO(alpha=1.0), None),
+        ({"decoding": "vcd", "reduction": "fastv", "keep": 0.5}, VCD(), reduced("fastv", keep=0.5)),
+    ]:
+        response = rambler_client.post(URL, json=ask("What is here?", image, max_tokens=8, monovlm=settings))
+        assert response.status_code == 200, response.text
+        expected, _ = reference(rambler, "What is here?", [image], reduction=reduction, strategy=strategy,
+                                max_new_tokens=8)
+        assert response.json()["choices"][0]["message"]["content"] == expected.text, settings
+        assert expected.text != plain.text, settings  # the strategy changed the answer: the test can tell
+    # streamed, the pieces add up to the same answer; sampling with a seed composes with the strategy
+    body = ask("What is here?", image, max_tokens=8, monovlm={"decoding": "vcd"}, stream=True)
+    pieces = [json.loads(item)["choices"][0]["delta"].get("content", "")
+              for item in sse_data(rambler_client.post(URL, json=body).text)[:-1]]
+    assert "".join(pieces) == reference(rambler, "What is here?", [image], strategy=VCD(), max_new_tokens=8)[0].text
+    sampled = ask("What is here?", image, max_tokens=8, temperature=0.9, seed=4, monovlm={"decoding": "damro"})
+    expected, _ = reference(rambler, "What is here?", [image], strategy=DAMRO(), temperature=0.9, seed=4,
+                            max_new_tokens=8)
+    assert rambler_client.post(URL, json=sampled).json()["choices"][0]["message"]["content"] == expected.text
+
+
+def test_worker_batches_only_equal_methods(served):
+    worker = BatchWorker(served.model, served.tokenizer, served.processor.stop_ids, max_batch=8, max_queue=20)
+    fastv_half = GenerationOptions(methods=InferenceMethods("fastv", 0.5))
+    fastv_quarter = GenerationOptions(methods=InferenceMethods("fastv", 0.25))
+    vcd = GenerationOptions(methods=InferenceMethods(decoding="vcd"))
+    vcd_alpha = GenerationOptions(methods=InferenceMethods(decoding="vcd", alpha=2.0))
+    random_drop = GenerationOptions(methods=InferenceMethods("random", 0.5))
+    options = [fastv_half, GenerationOptions(), fastv_quarter, vcd, fastv_half, vcd_alpha, random_drop, vcd,
+               random_drop, GenerationOptions()]
+    for option in options:
+        worker.submit(_job(option))
+    jobs = list(worker._waiting)
+    batches = []
+    while worker.queued():
+        batches.append([jobs.index(job) for job in worker.take_batch(wait=False)])
+    # equal methods share a batch; random drop runs alone (one generator draws the patches of the whole batch)
+    assert batches == [[0, 4], [1, 9], [2], [3, 7], [5], [6], [8]]
+
+
+def test_mixed_methods_in_one_batch_window_answer_as_alone(rambler_client, rambler):
+    """Requests with different reductions and strategies arrive together: only equal settings share a batch, and
+    every answer equals `generate` with that request's settings, one prompt alone."""
+    images = [shape_image(), shape_image((30, 30, 220), (48, 80), "rectangle"), shape_image((20, 160, 40), (80, 40))]
+    cases = [  # (question, images, monovlm settings, reduction for the reference, strategy for the reference)
+        ("What is here?", [images[0]], None, None, None),
+        ("What is here?", [images[1]], {"reduction": "fastv", "keep": 0.25}, ("fastv", 0.25), None),
+        ("Which is bigger?", [images[2], images[0]], {"reduction": "fastv", "keep": 0.25}, ("fastv", 0.25), None),
+        ("What is here?", [images[2]], {"reduction": "tome", "keep": 0.5}, ("tome", 0.5), None),
+        ("What is here?", [images[0]], {"decoding": "vcd"}, None, VCD),
+        ("Describe the picture.", [images[1]], {"decoding": "vcd"}, None, VCD),
+        ("What is here?", [images[1]], {"reduction": "random", "keep": 0.5}, ("random", 0.5), None),
+        ("What is here?", [images[2]], {"reduction": "random", "keep": 0.5}, ("random", 0.5), None),
+        ("What is here?", [images[0]], {"decoding": "damro"}, None, DAMRO),
+        ("A text-only question.", [], None, None, None),
+    ]
+    bodies = [ask(question, *pictures, max_tokens=6, **({"monovlm": settings} if settings else {}))
+              for question, pictures, settings, _, _ in cases]
+    results, new_batches = post_together(rambler_client, bodies)
+    # plain x2, fastv x2, vcd x2 share batches; tome, each random, damro run on their own
+    assert new_batches == {2: 3, 1: 4}
+    for response, (question, pictures, settings, reduction, strategy) in zip(results, cases):
+        expected, _ = reference(rambler, question, pictures, max_new_tokens=6,
+                                reduction=reduced(reduction[0], keep=reduction[1]) if reduction else None,
+                                strategy=strategy() if strategy else None)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == expected.text, settings
+
+
+@pytest.fixture(scope="module")
+def shallow(tmp_path_factory):
+    """A 2-layer random model: too shallow for fastv's default layer 2 (it scores at layer 1, drops before 2)."""
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    config.pop("model_type")
+    config["decoder"]["num_layers"] = 2
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("shallow") / "shallow"
+    EncoderFreeVLM(VLMConfig.from_dict(config)).eval().save(folder, tokenizer=Tokenizer.from_folder(DEFAULT_MODEL_DIR))
+    return load_served_model(folder)
+
+
+def test_a_method_the_model_is_too_shallow_for_is_400(shallow):
+    with pytest.raises(MethodError, match="fastv: layer=2 is outside the decoder's layers 0..1"):
+        InferenceMethods("fastv").check_model(2)
+    InferenceMethods("fastv").check_model(3)
+    with TestClient(create_app(shallow)) as shallow_client:
+        response = shallow_client.post(URL, json=ask("What?", shape_image(), monovlm={"reduction": "fastv"}))
+        assert_error(response, 400, "monovlm.reduction 'fastv' does not fit this model", "layers 0..1",
+                     param="monovlm.reduction", code="unsupported_value")
+        good = ask("What?", shape_image(), max_tokens=3, monovlm={"reduction": "tome", "decoding": "vcd"})
+        assert shallow_client.post(URL, json=good).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -500,6 +653,31 @@ def _with_image_url(url) -> dict:
     (ask("hi", model=7), ["model must be a string"], "model"),
     (ask("a picture: <image> here"), ["'<image>'", "image_url parts"], "messages[0].content[0].text"),
     (ask("forge <|im_end|> a turn"), ["'<|im_end|>'", "special token"], "messages"),
+    (ask("hi", shape_image(), monovlm="fastv"), ["monovlm must be an object", "not a string"], "monovlm"),
+    (ask("hi", shape_image(), monovlm={"reduction": "fastv", "ratio": 0.5}),
+     ["unsupported field(s) ['ratio']", "reduction, keep, decoding, alpha, beta"], "monovlm.ratio"),
+    (ask("hi", shape_image(), monovlm={"reduction": "fastvv"}),
+     ["monovlm.reduction='fastvv' is not one of: ", ", ".join(sorted(METHODS))], "monovlm.reduction"),
+    (ask("hi", shape_image(), monovlm={"reduction": 3}), ["monovlm.reduction=the number 3 is not one of"],
+     "monovlm.reduction"),
+    (ask("hi", shape_image(), monovlm={"reduction": "fastv", "keep": 0}), ["monovlm.keep=0 is outside (0, 1]"],
+     "monovlm.keep"),
+    (ask("hi", shape_image(), monovlm={"reduction": "fastv", "keep": 1.5}), ["monovlm.keep=1.5 is outside (0, 1]"],
+     "monovlm.keep"),
+    (ask("hi", shape_image(), monovlm={"reduction": "tome", "keep": "half"}),
+     ["monovlm.keep must be a finite number, not a string"], "monovlm.keep"),
+    (ask("hi", shape_image(), monovlm={"keep": 0.5}), ["needs monovlm.reduction"], "monovlm.keep"),
+    (ask("hi", shape_image(), monovlm={"decoding": "debias"}), ["monovlm.decoding='debias' is not one of: damro, vcd"],
+     "monovlm.decoding"),
+    (ask("hi", shape_image(), monovlm={"decoding": "vcd", "alpha": -1}), ["monovlm.alpha=-1 is outside [0, 100]"],
+     "monovlm.alpha"),
+    (ask("hi", shape_image(), monovlm={"decoding": "vcd", "beta": 2}), ["monovlm.beta=2 is outside [0, 1]"],
+     "monovlm.beta"),
+    (ask("hi", shape_image(), monovlm={"beta": 0.2}), ["needs monovlm.decoding"], "monovlm.beta"),
+    (ask("hi", shape_image(), monovlm={"reduction": "fastv", "decoding": "damro"}), ["'damro'", "use one of them"],
+     "monovlm.decoding"),
+    (ask("hi", monovlm={"reduction": "fastv"}), ["acts on the request's images, and it has none"], "monovlm.reduction"),
+    (ask("hi", monovlm={"decoding": "vcd"}), ["acts on the request's images, and it has none"], "monovlm.decoding"),
 ])
 def test_bad_requests_are_400_with_a_reason(client, body, words, param):
     assert_error(client.post(URL, json=body), 400, *words, param=param)
@@ -534,13 +712,16 @@ def test_random_mutations_never_cause_a_5xx(client):
     rng = random.Random(0)
     junk = [None, True, -1, 0, 3.5, 1e-300, float("inf"), "", "text", "\ud800", [], [1, "a"], {},
             {"url": "data:image/png;base64,AAAA"}, "data:image/png;base64," + BAD_IMAGE, 2**80]
-    valid = ask("What color?", shape_image(), max_tokens=4, temperature=0.5, top_p=0.9, stop=["."], seed=1)
+    valid = ask("What color?", shape_image(), max_tokens=4, temperature=0.5, top_p=0.9, stop=["."], seed=1,
+                monovlm={"reduction": "fastv", "keep": 0.5, "decoding": "vcd", "alpha": 1, "beta": 0.1})
     paths = [("temperature",), ("top_p",), ("max_tokens",), ("stop",), ("seed",), ("stream",), ("messages",),
+             ("monovlm",), ("monovlm", "reduction"), ("monovlm", "keep"), ("monovlm", "decoding"),
+             ("monovlm", "alpha"), ("monovlm", "beta"),
              ("messages", 0), ("messages", 0, "role"), ("messages", 0, "content"), ("messages", 0, "content", 0),
              ("messages", 0, "content", 0, "image_url"), ("messages", 0, "content", 0, "image_url", "url"),
              ("messages", 0, "content", 1, "text"), ("messages", 0, "content", 1, "type")]
     statuses = []
-    for _ in range(100):
+    for _ in range(120):
         body = json.loads(json.dumps(valid))
         *parents, last = rng.choice(paths)
         target = body

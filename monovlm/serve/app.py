@@ -7,9 +7,10 @@
 
 A request goes: API key -> admission (at most max_batch + max_queue requests in the server; beyond that 429 with
 Retry-After, before the body is read) -> body read with its size limit -> JSON validated (messages.py) -> images
-decoded by the safe loader and the prompt built (prepare(), in a small thread pool so that big images never block the
-event loop and at most `prepare_threads` are decoded at once) -> context check -> the batch worker. Everything a
-client can get wrong is a 4xx with a JSON error naming the field; a 5xx means a bug or a shutdown.
+decoded by the safe loader, the prompt built and the requested token reduction / decoding strategy checked against
+the model's depth (prepare(), in a small thread pool so that big images never block the event loop and at most
+`prepare_threads` are decoded at once) -> context check -> the batch worker. Everything a client can get wrong is a
+4xx with a JSON error naming the field; a 5xx means a bug or a shutdown.
 
 Memory is bounded by construction: bodies in flight <= capacity x max_body_bytes, decoded source images <=
 prepare_threads at a time, queued jobs hold only resized image tensors and token ids.
@@ -40,6 +41,8 @@ from monovlm.data.processor import Processor, SampleError
 from monovlm.serve.batching import BatchWorker, Delta, Failed, Finished, Job, QueueFull
 from monovlm.serve.limits import Limits, RequestError, bad_request
 from monovlm.serve.messages import ChatRequest, parse_chat_request
+from monovlm.serve.methods import FIELD as METHODS_FIELD
+from monovlm.serve.methods import MethodError
 from monovlm.serve.prompt import Prompt, PromptError, chat_prompt
 
 DRAIN_FACTOR = 4  # an oversized body is read (and dropped) up to this many times the limit, so that the client,
@@ -131,6 +134,10 @@ def prepare(served: ServedModel, chat: ChatRequest, limits: Limits) -> Prepared:
         prompt = chat_prompt(served.processor, chat.turns, pictures)
     except (PromptError, SampleError) as error:
         raise bad_request(str(error), "messages", code="invalid_prompt") from error
+    try:
+        chat.options.methods.check_model(served.model.config.decoder.num_layers)
+    except MethodError as error:
+        raise bad_request(f"{METHODS_FIELD}.{error}", f"{METHODS_FIELD}.{error.name}", code="unsupported_value") from error
     length, context = len(prompt.ids), served.context
     room = context - length
     images = f" ({prompt.image_tokens} of them for {len(pictures)} image(s))" if pictures else ""

@@ -4,14 +4,16 @@ one batched generation per group, streaming each row's text back to its request 
     submit(job) ──► waiting (deque, at most max_queue; full: QueueFull -> HTTP 429)
                         │  the oldest job leads; later jobs with the same batch key join it (up to max_batch)
                         ▼
-              token_steps(model, left-padded prompts, images) ── one forward per step for the whole batch
-                        │
+              token_steps(model, left-padded prompts, images, reduction, strategy) ── one forward per step for
+                        │                                                 the whole batch (+ the strategy's own)
               per row: stop ids, its own stop strings, its own max_tokens ──► Delta ... Finished  (job.sink)
 
 Why rows may differ in max_tokens and stop strings but not in sampling settings: `token_steps` applies one sampler
 to the whole batch, while stopping is decided here per row (a row that is done is simply no longer read; the batch
 ends when every row is done). Greedy rows therefore give the same text batched as alone (tests check it against
-`generate` one prompt at a time), and a seeded request runs alone so that its answer depends on its seed only.
+`generate` one prompt at a time), and a seeded request runs alone so that its answer depends on its seed only. The
+token reduction and decoding strategy (`methods.py`) are likewise one per batch: only requests that ask for the same
+ones share a batch, and each batch gets a fresh Reduction (it records its last forward's trace).
 
 The worker never lets one bad batch kill the thread: an unexpected error fails that batch's requests (a 500, since
 every input error is caught before a job is queued) and the loop goes on.
@@ -254,8 +256,9 @@ class BatchWorker:
         device = next(self.model.parameters()).device
         input_ids, attention_mask = left_pad([row.job.prompt for row in rows], self.pad_id)  # (B, T) each
         images = [image.to(device) for row in rows for image in row.job.images]  # row-major: the scatter's order
+        # the batch shares its key, so the lead's methods are every row's; a fresh Reduction / strategy per batch
         steps = token_steps(self.model, input_ids.to(device), attention_mask.to(device), config, pad_id=self.pad_id,
-                            prefill_inputs={"images": images} if images else None)
+                            prefill_inputs=lead.methods.prefill_inputs(images), strategy=lead.methods.build_strategy())
         try:
             for tokens, _active in steps:  # a row that emitted a stop token is done here already
                 for row, token in zip(rows, tokens.tolist()):

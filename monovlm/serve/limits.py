@@ -10,7 +10,9 @@ error shape so that OpenAI clients show the message:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -60,3 +62,20 @@ class RequestError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> RequestError:
     return RequestError(400, message, code=code, param=param)
+
+
+def json_type(value: Any) -> str:
+    """How JSON would name the value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}" if isinstance(value, int) or math.isfinite(value) else f"{value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

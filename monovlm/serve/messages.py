@@ -11,6 +11,9 @@ not. What is accepted:
   `top_p`, `top_k`, `max_tokens` (or `max_completion_tokens`), `stop`, `seed`, `stream`,
   `stream_options.include_usage`, `model`, `n` (only 1), `user` (informational), and OpenAI's neutral defaults of
   settings we do not implement (`frequency_penalty: 0`, `presence_penalty: 0`, `logprobs: false`).
+- `monovlm`: this server's extension object, `{"reduction": "fastv", "keep": 0.5, "decoding": "vcd", "alpha": 1,
+  "beta": 0.1}` (every key optional): visual token reduction and a decoding strategy for this request; see
+  `methods.py` for the names, defaults and rules (both need an image; DAMRO does not combine with a reduction).
 
 A message's parts are read in order: each image part becomes one image marker (the processor puts that image's
 tokens there) and a line break separates an image from text beside it, as the training data writes "<image>\\nQ".
@@ -29,10 +32,13 @@ from typing import Any
 
 from monovlm.data.processor import IMAGE_MARKER
 from monovlm.serve.limits import Limits, bad_request
+from monovlm.serve.limits import json_type as _json_type
+from monovlm.serve.methods import FIELD as METHODS_FIELD
+from monovlm.serve.methods import InferenceMethods, parse_methods
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _OPTION_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stop", "seed")
-_OTHER_FIELDS = ("model", "messages", "stream", "stream_options", "n", "user")
+_OTHER_FIELDS = ("model", "messages", "stream", "stream_options", "n", "user", METHODS_FIELD)
 # settings we do not implement, accepted only at the value that means "off"
 _NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
 _DATA_URI = re.compile(r"data:(?P<params>[^,]*),(?P<payload>.*)", re.DOTALL)
@@ -56,9 +62,9 @@ class ImagePart:
 class GenerationOptions:
     """How to generate one answer.
 
-    A new per-request setting (e.g. a token-reduction ratio or a decoding strategy once monovlm.infer has them) is a
-    field here, a few lines in `parse_options`, and — when rows with different values cannot share one batched
-    forward — a term of `batch_key`; the worker passes the lead row's settings to generation.
+    A new per-request setting is a field here, a few lines in `parse_options`, and — when rows with different values
+    cannot share one batched forward — a term of `batch_key`; the worker passes the lead row's settings to
+    generation. Token reduction and the decoding strategy (`methods`) are such settings.
     """
 
     max_tokens: int | None = None  # None: the server's default, cut to what the context leaves
@@ -67,6 +73,7 @@ class GenerationOptions:
     top_k: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    methods: InferenceMethods = field(default_factory=InferenceMethods)  # token reduction, decoding strategy
 
     @property
     def greedy(self) -> bool:
@@ -77,12 +84,14 @@ class GenerationOptions:
 
         One sampler serves a whole batch, so its settings must agree; greedy decoding ignores them. max_tokens and
         stop strings are tracked per row, so they never split a batch. A seeded request runs alone: its random
-        stream must not depend on which other requests happened to arrive with it."""
-        if self.greedy:
-            return ("greedy",)
-        if self.seed is not None:
+        stream must not depend on which other requests happened to arrive with it. The reduction and decoding
+        strategy apply to the whole batch, so only requests with equal methods share one (`InferenceMethods.key`)."""
+        methods = self.methods.key()
+        if methods is None or (not self.greedy and self.seed is not None):
             return None
-        return ("sample", self.temperature, self.top_p, self.top_k)
+        if self.greedy:
+            return ("greedy", methods)
+        return ("sample", self.temperature, self.top_p, self.top_k, methods)
 
 
 @dataclass
@@ -125,7 +134,9 @@ def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
             raise bad_request('stream_options must be an object with at most "include_usage"', param="stream_options")
         include_usage = _optional_bool(stream_options, "include_usage", False, "stream_options.include_usage")
     turns, images = parse_messages(body.get("messages"), limits)
-    return ChatRequest(turns, images, parse_options(body, limits), stream, include_usage, model)
+    options = parse_options(body, limits)
+    options.methods = parse_methods(body.get(METHODS_FIELD), len(images))
+    return ChatRequest(turns, images, options, stream, include_usage, model)
 
 
 def _parse_json(raw: bytes) -> dict[str, Any]:
@@ -334,20 +345,3 @@ def _optional_bool(body: dict, name: str, default: bool, param: str | None = Non
     if not isinstance(value, bool):
         raise bad_request(f"{param or name} must be true or false, not {_json_type(value)}", param or name)
     return value
-
-
-def _json_type(value: Any) -> str:
-    """How JSON would name the value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return f"the number {value!r}" if isinstance(value, int) or math.isfinite(value) else f"{value!r}"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__

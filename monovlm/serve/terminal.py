@@ -7,6 +7,9 @@ answers streamed as they are decoded.
     run_repl(session, lines)    read questions and /commands from lines (stdin): /image PATH, /reset, /quit
 
 Prompts are built by `prompt.chat_prompt`, the server's builder, so a conversation reads the same over HTTP and here.
+A session's `methods` (token reduction, decoding strategy: `methods.InferenceMethods`, the server's `"monovlm"`
+request field) apply to every question of a conversation that holds an image; a text-only one is answered plainly,
+since both act on images.
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ from monovlm.data.images import ImageLoadError
 from monovlm.data.processor import IMAGE_MARKER, Processor, SampleError
 from monovlm.infer.generate import GenerationConfig, stream_text
 from monovlm.serve.messages import Turn
+from monovlm.serve.methods import InferenceMethods
 from monovlm.serve.prompt import PromptError, chat_prompt
 
 HELP = "commands: /image PATH (attach an image to the next question), /reset (forget the conversation), /quit"
 
 
 class ChatSession:
-    def __init__(self, model, processor: Processor, config: GenerationConfig) -> None:
+    def __init__(self, model, processor: Processor, config: GenerationConfig,
+                 methods: InferenceMethods | None = None) -> None:
         self.model = model
         self.processor = processor
         self.config = config
+        self.methods = methods or InferenceMethods()
+        self.methods.check_model(model.config.decoder.num_layers)  # MethodError (a ValueError) before any question
         self.turns: list[Turn] = []
         self.images: list[Image.Image] = []  # the images of the turns in `turns`, in order
         self.pending: list[Image.Image] = []  # attached, for the next question
@@ -67,8 +74,9 @@ class ChatSession:
                               "tokens. /reset to start over")
         tokenizer = self.processor.tokenizer
         pieces = []
+        strategy = self.methods.build_strategy() if prompt.images else None  # fresh per answer, as the server's
         for deltas in stream_text(self.model, [prompt.ids], tokenizer, self.config, pad_id=tokenizer.pad_id or 0,
-                                  prefill_inputs={"images": prompt.images} if prompt.images else None):
+                                  prefill_inputs=self.methods.prefill_inputs(prompt.images), strategy=strategy):
             pieces.append(deltas[0])
             yield deltas[0]
         # an answer that spells the image marker must not claim an image slot when the history is re-read
