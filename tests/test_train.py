@@ -108,3 +108,79 @@ def test_every_shipped_recipe_runs(name, data_root, tmp_path):
         align_steps = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
                        if '"align"' in line]
         assert any(step["align"] > 0 for step in align_steps)
+
+
+def logged_flops(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["flops"] for line in lines if '"loss"' in line]
+
+
+def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path):
+    """The prediction replays the batch stream over per-sample token counts: every step's FLOPs must equal the
+    trainer's log exactly, teacher forwards included (the align loss on in the second stage only)."""
+    from monovlm.train.budget import plan_flops
+    from monovlm.train.recipe import AlignConfig
+
+    recipe = tiny_recipe()
+    recipe.align = AlignConfig(teacher_steps=1, teacher_width=16, teacher_depth=1, teacher_heads=2, heads=2)
+    recipe.stages[1].align = True
+    recipe.stages[1].train = [*recipe.stages[1].train, "align"]
+    recipe.stages[1].save_every = 0
+    plan = plan_flops(recipe, data_root)
+    assert [s.steps for s in plan.stages] == [4, 6]
+    assert plan.stages[0].teacher_params == 0 and plan.stages[1].teacher_params > 0
+    train(options(recipe, data_root, tmp_path / "run", eval_data=None))
+    logged = logged_flops(tmp_path / "run")
+    assert [f for s in plan.stages for f in s.step_flops] == logged
+    assert len(set(logged)) > 2  # steps differ (different samples): a constant per-step guess would not pass
+
+
+def test_fit_to_budget_lengthens_only_the_last_stage(data_root, tmp_path):
+    from monovlm.train.budget import FlopsPlanner
+
+    recipe = tiny_recipe()
+    recipe.stages[1].save_every = 0
+    planner = FlopsPlanner(recipe, data_root)
+    default = planner.plan()
+    assert planner.fit(default.total).recipe.stages[1].steps == 6  # its own total: the recipe as written
+    budget = 1.3 * default.total
+    fitted = planner.fit(budget)
+    assert fitted.recipe.stages[0].steps == 4 and fitted.recipe.stages[1].steps > 6
+    assert recipe.stages[1].steps == 6  # the input recipe is not modified
+    last_step = fitted.stages[1].step_flops[-1]
+    assert abs(fitted.total - budget) <= last_step / 2 + 1e-6 * budget  # the nearest step count
+    result = train(options(fitted.recipe, data_root, tmp_path / "fitted", eval_data=None))
+    assert len(result.losses) == 4 + fitted.recipe.stages[1].steps
+    assert sum(logged_flops(tmp_path / "fitted")) == pytest.approx(fitted.total, rel=1e-12)
+    with pytest.raises(ValueError, match="stages before 'qa' already spend"):
+        planner.fit(default.stages[0].total / 2)
+
+
+def test_optimizer_state_loads_by_name_and_refuses_other_parameters():
+    """Checkpoints keep the optimizer state keyed by parameter name (so DDP and FSDP checkpoints are one format);
+    an older integer-keyed state still loads, and a state for other trainable parameters is an error that names them."""
+    from torch import nn
+
+    from monovlm.train.distributed import DistInfo, gather_state, load_optimizer_state
+
+    def make():
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        return module, torch.optim.AdamW(module.parameters(), lr=1e-2)
+
+    module, optimizer = make()
+    module(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    _, named = gather_state(module, optimizer, DistInfo(), "ddp", with_optimizer=True)
+    assert set(named["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    for saved in (named, optimizer.state_dict()):  # by name, and the integer-keyed layout of older checkpoints
+        fresh, fresh_optimizer = make()
+        load_optimizer_state(fresh, fresh_optimizer, saved, DistInfo(), "ddp")
+        for param, fresh_param in zip(module.parameters(), fresh.parameters()):
+            for key, value in optimizer.state[param].items():
+                assert torch.equal(value, fresh_optimizer.state[fresh_param][key]), key
+    fresh, fresh_optimizer = make()
+    fresh[1].weight.requires_grad_(False)
+    fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['1.weight'\]"):
+        load_optimizer_state(fresh, fresh_optimizer, named, DistInfo(), "ddp")

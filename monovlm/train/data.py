@@ -9,11 +9,26 @@ exactly the samples of W processes with micro-batch B. Bad samples are skipped a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import Batch, collate, collate_packed, pack
 from monovlm.data.datasets import LlavaDataset, SkipReport
+from monovlm.data.processor import Processor
+from monovlm.train.recipe import StageConfig
+
+
+def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig) -> Processor:
+    """The processor a stage trains with: its template and max_length over the model's vision settings."""
+    return Processor(tokenizer, vision, ProcessorConfig(template=stage.template, max_length=stage.max_length))
+
+
+def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path) -> LlavaDataset:
+    """A stage's data file (and image folder), relative to the data root."""
+    image_root = Path(data_root) / stage.image_root if stage.image_root else None
+    return LlavaDataset(Path(data_root) / stage.data, processor, image_root)
 
 
 @dataclass
@@ -24,7 +39,7 @@ class StreamPosition:
 
 class BatchStream:
     def __init__(self, dataset: LlavaDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,
-                 world_size: int = 1, packed: bool = False, max_length: int = 512):
+                 world_size: int = 1, packed: bool = False, max_length: int = 512, announce_epochs: bool = True):
         if len(dataset) < batch_size * world_size:
             raise ValueError(f"{dataset.path} has {len(dataset)} samples, fewer than one global batch "
                              f"({batch_size} × {world_size} ranks)")
@@ -36,6 +51,7 @@ class BatchStream:
         self.world_size = world_size
         self.packed = packed
         self.max_length = max_length
+        self.announce_epochs = announce_epochs  # print a line at each new epoch (rank 0)
         self.position = StreamPosition()
         self.report: SkipReport = dataset.new_report() if rank == 0 else SkipReport()
         self._order: torch.Tensor | None = None
@@ -55,7 +71,7 @@ class BatchStream:
     def next_indices(self) -> list[int]:
         if self.position.batch >= self.batches_per_epoch:
             self.position = StreamPosition(self.position.epoch + 1, 0)
-            if self.rank == 0:
+            if self.rank == 0 and self.announce_epochs:
                 print(f"data: epoch {self.position.epoch} of {self.dataset.path.name}; {self.report.summary()}")
         order = self._epoch_order(self.position.epoch)
         start = (self.position.batch * self.world_size + self.rank) * self.batch_size

@@ -6,8 +6,9 @@ process (plain `monovlm train`) every function here is a no-op, so the loop read
 
 from __future__ import annotations
 
+import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # init_distributed started the process group (so shutdown may end it)
 
     @property
     def is_main(self) -> bool:
@@ -39,9 +41,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
     torch_device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(torch_device)
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world_size, local_rank, torch_device)
+    return DistInfo(rank, world_size, local_rank, torch_device, owns_group)
 
 
 def wrap(module: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
@@ -75,34 +78,70 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """End the process group if `init_distributed` started it (a caller's own group is left alone).
+
+    Garbage is collected before and after: DDP and FSDP objects left in reference cycles otherwise keep the gloo
+    group alive until the interpreter's final collection, where a gloo worker thread freeing a finished collective's
+    tensors cannot take the GIL and the process aborts ("terminate called without an active exception"). Measured
+    with a toy 2-process gloo script on 2 busy cores: 16 aborts in 70 exits without the collections, 0 in 40 with."""
+    if info.owns_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def gather_state(module: nn.Module, optimizer, info: DistInfo, strategy: str,
                  with_optimizer: bool) -> tuple[dict, dict | None]:
     """Full (unsharded) model and optimizer state dicts, on CPU. Under FSDP every rank must call this (it is a
-    collective); the full tensors land on rank 0."""
-    if strategy == "fsdp" and info.enabled:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+    collective); the full tensors land on rank 0.
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    The optimizer state is always in one layout, whatever the strategy: keyed by parameter name (FQN), as
+    `torch.distributed.checkpoint.state_dict` writes it, not by the optimizer's integer ids. So a checkpoint written
+    under DDP resumes under FSDP (which can only load named state) and the other way round, on any world size."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if strategy == "fsdp" and info.enabled:
         model_state = get_model_state_dict(module, options=options)
-        optim_state = get_optimizer_state_dict(module, optimizer, options=options) if with_optimizer else None
-        return model_state, optim_state
-    return module.state_dict(), optimizer.state_dict() if with_optimizer else None
+    else:
+        model_state = module.state_dict()
+    optim_state = get_optimizer_state_dict(module, optimizer, options=options) if with_optimizer else None
+    return model_state, optim_state
+
+
+def _named_optimizer_state(module: nn.Module, optimizer, state: dict) -> dict:
+    """An optimizer state keyed by integer ids (`optimizer.state_dict()`, older checkpoints) re-keyed by parameter
+    name, pairing ids with the current optimizer's parameters in order — exactly what `Optimizer.load_state_dict`
+    does. Named state passes through."""
+    groups = state["param_groups"]
+    if all(isinstance(key, str) for group in groups for key in group["params"]):
+        return state
+    names = {id(param): name for name, param in module.named_parameters()}
+    current = [group["params"] for group in optimizer.param_groups]
+    if [len(group["params"]) for group in groups] != [len(params) for params in current]:
+        raise ValueError(f"the checkpoint's optimizer has groups of {[len(g['params']) for g in groups]} parameters, "
+                         f"this stage's optimizer {[len(p) for p in current]}: not the same trainable parameters")
+    rename = {old: names[id(param)] for group, params in zip(groups, current)
+              for old, param in zip(group["params"], params)}
+    return {"state": {rename[key]: value for key, value in state["state"].items()},
+            "param_groups": [{**group, "params": [rename[key] for key in group["params"]]} for group in groups]}
 
 
 def load_optimizer_state(module: nn.Module, optimizer, state: dict, info: DistInfo, strategy: str) -> None:
-    """Restore a full optimizer state dict (as `gather_state` wrote it) into a possibly sharded optimizer."""
-    if strategy == "fsdp" and info.enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Restore a full optimizer state dict (as `gather_state` wrote it) into a possibly sharded optimizer: every
+    rank reads the full state and keeps its own shard of each tensor (FSDP) or all of it (DDP, one process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(module, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    state = _named_optimizer_state(module, optimizer, state)
+    expected = {name for name, param in module.named_parameters() if param.requires_grad}
+    saved = {name for group in state["param_groups"] for name in group["params"]}
+    if saved != expected:
+        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+        raise ValueError(f"the checkpoint's optimizer state does not match this stage's trainable parameters: "
+                         f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
