@@ -35,9 +35,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from monovlm.data.processor import Processor  # noqa: E402
-from monovlm.data.synthetic import synthesize  # noqa: E402
-from monovlm.infer.decoding import (  # noqa: E402
+from monovlm.data.images import ImageLoadError
+from monovlm.data.processor import Processor
+from monovlm.data.synthetic import synthesize
+from monovlm.infer.decoding import (
     DAMRO,
     VCD,
     BlankImage,
@@ -47,10 +48,10 @@ from monovlm.infer.decoding import (  # noqa: E402
     UnkImage,
     label_token_ids,
 )
-from monovlm.infer.generate import GenerationConfig, generate  # noqa: E402
-from monovlm.model.vlm import EncoderFreeVLM  # noqa: E402
-from monovlm.quickstart import DEFAULT_MODEL_DIR  # noqa: E402
-from monovlm.tokenizer import Tokenizer  # noqa: E402
+from monovlm.infer.generate import GenerationConfig, generate
+from monovlm.model.vlm import EncoderFreeVLM
+from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.tokenizer import Tokenizer
 
 SECTION_TITLE = "## Hallucination-aware decoding (synthetic POPE)"
 NOTES_MARKER = "<!-- notes below this line are kept when decoding_pope.py --write rewrites the section -->"
@@ -105,7 +106,7 @@ def load_questions(data_root: Path, processor: Processor, limit: int | None) -> 
     for record in records:
         try:
             image = processor.load(data_root / record["image"])
-        except Exception as error:  # ImageLoadError and friends: skip, count, report
+        except ImageLoadError as error:  # skip, count, report
             print(f"skipping {record['id']}: {error}", file=sys.stderr)
             skipped += 1
             continue
@@ -175,8 +176,8 @@ def markdown_tables(results: dict[str, dict], costs: dict[str, str], seeds: list
     lines = [
         f"Greedy, and sampled at T=1 (mean ± sd over seeds {', '.join(map(str, seeds))}); all figures in %:",
         "",
-        "| strategy | forwards | acc (greedy) | F1 (greedy) | yes-ratio (greedy) | acc (T=1) | F1 (T=1) "
-        "| yes-ratio (T=1) |",
+        ("| strategy | forwards | acc (greedy) | F1 (greedy) | yes-ratio (greedy) | acc (T=1) | F1 (T=1) "
+         "| yes-ratio (T=1) |"),
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, result in results.items():
@@ -199,21 +200,24 @@ def markdown_tables(results: dict[str, dict], costs: dict[str, str], seeds: list
 def markdown_section(args, report: dict) -> str:
     counts = report["counts"]
     split_counts = ", ".join(f"{s} {counts[s]}" for s in SPLITS)
+    skipped = f", {report['skipped']} skipped (unreadable images)" if report["skipped"] else ""
+    description = (
+        f"Model: `{report['model']}` (the shipped tiny EVE model). Questions: the existence questions of the test split "
+        f"of `synthesize(n={args.n}, seed={args.data_seed})` — {counts['all']} questions ({split_counts}; half of "
+        f"them answered yes){skipped}. "
+        f"Every strategy runs with the same sampler settings: greedy, and temperature 1 with seeds "
+        f"{', '.join(map(str, args.seeds))} (VCD's noise seed, and with the batch index the sampler's seed), "
+        f"{args.max_new_tokens} new tokens at most, stop at `<|im_end|>`. Answers go through POPE's parser; F1 takes yes as positive; yes = share of "
+        f"predictions that are yes. Debias calibration restricts the first token to the label tokens "
+        f"{report['labels']} and picks argmax (greedy) or samples q(y) (T=1)."
+    )
     lines = [
         SECTION_TITLE,
         "",
         f"Command: `python benchmarks/decoding_pope.py --write{report['extra_args']}`  ",
         f"Date: {report['date']}; {report['minutes']:.1f} minutes on the shared 2-core CPU machine.",
         "",
-        f"Model: `{report['model']}` (the shipped tiny EVE model). Questions: the existence questions of the test split "
-        f"of `synthesize(n={args.n}, seed={args.data_seed})` — {counts['all']} questions ({split_counts}; half of "
-        f"them answered yes){', ' + str(report['skipped']) + ' skipped (unreadable images)' if report['skipped'] else ''}. "
-        f"Every strategy runs with the same sampler settings: greedy, and temperature 1 with seeds "
-        f"{', '.join(map(str, args.seeds))} (VCD's noise seed, and with the batch index the sampler's seed), "
-        f"{args.max_new_tokens} new tokens "
-        f"at most, stop at `<|im_end|>`. Answers go through POPE's parser; F1 takes yes as positive; yes = share of "
-        f"predictions that are yes. Debias calibration restricts the first token to the label tokens "
-        f"{report['labels']} and picks argmax (greedy) or samples q(y) (T=1).",
+        description,
         "",
         report["tables"],
         "",

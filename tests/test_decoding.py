@@ -47,8 +47,8 @@ def tokenizer():
 
 def build(tokenizer, seed=0, **decoder_overrides):
     torch.manual_seed(seed)
-    settings = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, initializer_range=0.1)
+    settings = {"vocab_size": tokenizer.vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+                "num_heads": 4, "num_kv_heads": 2, "initializer_range": 0.1}
     decoder = Decoder(DecoderConfig(**{**settings, **decoder_overrides}))
     add_image_special_tokens(tokenizer, decoder)
     config = VLMConfig(decoder=decoder.config, vision=VISION, processor=ProcessorConfig(template="chatml"))
@@ -264,7 +264,7 @@ def test_diffusion_noise_follows_the_vcd_schedule():
 
 
 class TinyTokenizer:
-    vocab = ["a", "yes", " Yes", "no", "NO ", "yess", "b"]
+    vocab = ("a", "yes", " Yes", "no", "NO ", "yess", "b")
     vocab_size = len(vocab)
 
     def decode(self, ids):

@@ -33,7 +33,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from monovlm.infer.generate import left_pad
 from monovlm.model.kv_cache import KVCache
@@ -309,7 +308,7 @@ def calibrate(label_log_p: torch.Tensor, prior_log_ps: Sequence[torch.Tensor], e
 
 
 class _DebiasRun(StrategyRun):
-    def __init__(self, strategy: "DebiasCalibration", label_ids: list[torch.Tensor], prior_log_ps: list[torch.Tensor]):
+    def __init__(self, strategy: DebiasCalibration, label_ids: list[torch.Tensor], prior_log_ps: list[torch.Tensor]):
         self.strategy, self.label_ids, self.prior_log_ps = strategy, label_ids, prior_log_ps
 
     def process(self, logits, fed_tokens=None):
@@ -410,7 +409,7 @@ def last_token_attention(decoder, layer_index: int, hidden: torch.Tensor, positi
     cos, sin = decoder.rotary(position_ids, hidden.dtype)  # (B, 1, T, D)
     keys = apply_rotary(keys.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
     query = apply_rotary(query.transpose(1, 2), cos[:, :, -1:], sin[:, :, -1:])  # (B, H, 1, D)
-    batch, length = hidden.shape[:2]
+    batch = hidden.shape[0]
     query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # (B, Hkv, G, D): GQA groups
     scores = torch.einsum("bkgd,bktd->bkgt", query.float(), keys.float()) / math.sqrt(head_dim)  # (B, Hkv, G, T)
     scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
@@ -460,7 +459,7 @@ class _LayerInputCapture:
 
 
 class _DAMRORun(StrategyRun):
-    def __init__(self, strategy: "DAMRO", model, inputs: BranchInputs, layer: int, vision_mask: torch.Tensor,
+    def __init__(self, strategy: DAMRO, model, inputs: BranchInputs, layer: int, vision_mask: torch.Tensor,
                  candidates: torch.Tensor, max_new_tokens: int):
         self.strategy, self.model, self.inputs, self.layer = strategy, model, inputs, layer
         self.vision_mask, self.candidates, self.max_new_tokens = vision_mask, candidates, max_new_tokens
@@ -551,8 +550,8 @@ class DAMRO(DecodingStrategy):
 
 
 __all__ = [
-    "BlankImage", "Branch", "BranchInputs", "ContrastInput", "ContrastiveDecoding", "DAMRO", "DebiasCalibration",
-    "DecodingStrategy", "NoImage", "NoisedImage", "StrategyRun", "UnkImage", "VCD", "add_diffusion_noise",
-    "calibrate", "calibrated_logits", "contrast", "diffusion_keep_scale", "grid_token_flags", "label_log_probs",
-    "label_token_ids", "last_token_attention", "plausible_tokens", "select_outliers",
+    "DAMRO", "VCD", "BlankImage", "Branch", "BranchInputs", "ContrastInput", "ContrastiveDecoding",
+    "DebiasCalibration", "DecodingStrategy", "NoImage", "NoisedImage", "StrategyRun", "UnkImage",
+    "add_diffusion_noise", "calibrate", "calibrated_logits", "contrast", "diffusion_keep_scale", "grid_token_flags",
+    "label_log_probs", "label_token_ids", "last_token_attention", "plausible_tokens", "select_outliers",
 ]

@@ -134,7 +134,7 @@ def token_steps(
                    **(prefill_inputs or {}))[:, -1]  # (B, V)
     if run is not None:
         logits = run.process(logits)
-    decode = lambda tokens: model(input_ids=tokens[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
+    decode = lambda tokens: model(input_ids=tokens[:, None], cache=cache, last_only=True)[:, -1]
     if config.compile and run is None:
         from monovlm.infer.compiled import StaticDecoder, supports_static_decode
 
