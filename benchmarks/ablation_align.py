@@ -36,6 +36,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from sections import replace_section  # benchmarks/sections.py (the script's own folder)
 
 from monovlm.data.processor import Processor
 from monovlm.data.synthetic import synthesize
@@ -276,19 +277,6 @@ def fill(text: str) -> str:
     return textwrap.fill(text, width=118, break_long_words=False, break_on_hyphens=False)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the ablation section (its heading up to the next `## ` heading) and nothing else; append if absent."""
-    content = path.read_text() if path.exists() else ""
-    start = content.find("\n" + SECTION)
-    if start >= 0:
-        start += 1
-        following = content.find("\n## ", start + len(SECTION))
-        content = content[:start] + text + ("\n" + content[following + 1:] if following >= 0 else "")
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    path.write_text(content.rstrip("\n") + "\n")
-
-
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -328,7 +316,7 @@ def main() -> None:
     (args.out / "ablation.md").write_text(text)
     print(text)
     if args.write is not None:
-        write_section(args.write, text)
+        replace_section(args.write, SECTION, text)
         print(f"wrote the section to {args.write}")
 
 

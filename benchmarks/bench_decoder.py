@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sections import replace_section  # benchmarks/sections.py (the script's own folder)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION_TITLE = "## Decoder vs HF transformers"
@@ -464,26 +465,6 @@ def markdown_section(args, sizes: Sizes, report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section (from its title to the next `## ` title) or append it. Hand-written notes after
-    NOTES_MARKER in the old section are carried over."""
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = "# Benchmarks\n\nEvery speed claim is a ratio against a named alternative, measured in one run.\n"
-    start = text.find(SECTION_TITLE)
-    if start < 0:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    following = text.find("\n## ", start + len(SECTION_TITLE))
-    end = len(text) if following < 0 else following + 1
-    old_section = text[start:end]
-    if NOTES_MARKER in old_section:
-        section = section.rstrip("\n") + "\n\n" + old_section[old_section.index(NOTES_MARKER) :].rstrip("\n") + "\n"
-    rest = text[end:]
-    path.write_text(text[:start] + section + ("\n" + rest if rest else ""))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -548,7 +529,7 @@ def main() -> None:
     if not all(row.identical for row in decode.values()):
         print("WARNING: greedy outputs differ between monovlm and HF", file=sys.stderr)
     if args.write:
-        write_section(args.benchmarks_file, section)
+        replace_section(args.benchmarks_file, SECTION_TITLE, section, NOTES_MARKER)
         print(f"wrote {args.benchmarks_file}", file=sys.stderr)
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from sections import replace_section  # benchmarks/sections.py (the script's own folder)
 
 from monovlm.eval.harness import OVERALL
 from monovlm.eval.protocol import ModelRunner, Query
@@ -164,14 +164,6 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text()
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["default", "hires"], choices=["default", "hires"])
@@ -216,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     print(f"plot: {args.plot}")
     if args.write:
-        write_section(args.write, body)
+        replace_section(args.write, SECTION, f"{SECTION}\n\n{body.strip()}\n")
         print(f"wrote the section to {args.write}")
     return 0
 

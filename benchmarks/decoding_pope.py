@@ -35,6 +35,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from sections import replace_section  # benchmarks/sections.py (the script's own folder)
+
 from monovlm.data.images import ImageLoadError
 from monovlm.data.processor import Processor
 from monovlm.data.synthetic import synthesize
@@ -226,24 +228,6 @@ def markdown_section(args, report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section (from its title to the next `## ` title) in place, or append it at the end. Hand-written
-    notes after NOTES_MARKER in the old section are carried over; no other section is touched."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION_TITLE)
-    if start < 0:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    following = text.find("\n## ", start + len(SECTION_TITLE))
-    end = len(text) if following < 0 else following + 1
-    old_section = text[start:end]
-    if NOTES_MARKER in old_section:
-        section = section[: section.index(NOTES_MARKER)] + old_section[old_section.index(NOTES_MARKER) :].rstrip("\n")
-        section += "\n"
-    rest = text[end:]
-    path.write_text(text[:start] + section + ("\n" + rest if rest else ""))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
@@ -306,7 +290,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
                                          "counts": counts}, indent=1) + "\n")
     if args.write:
-        write_section(args.benchmarks_file, markdown_section(args, report))
+        replace_section(args.benchmarks_file, SECTION_TITLE, markdown_section(args, report), NOTES_MARKER)
         print(f"wrote the section to {args.benchmarks_file}", file=sys.stderr)
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
+from sections import replace_section  # benchmarks/sections.py (the script's own folder)
 
 SECTION = "## Serving: load test"
 KINDS = (("valid", 0.65), ("oversize", 0.10), ("bad_base64", 0.10), ("wrong_types", 0.15))
@@ -271,18 +272,6 @@ number of requests. Batch sizes the worker ran (size: count): {batches}.
 """
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this section if the file has it (it is kept last), else append it; other sections are untouched."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find(SECTION)
-    if start >= 0:
-        following = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -302,7 +291,7 @@ def main() -> int:
     section = markdown(report, command)
     print(section)
     if args.write is not None:
-        write_section(args.write, section)
+        replace_section(args.write, SECTION, section)
         print(f"wrote the section to {args.write}")
     failed = report["server_errors"] > 0 or report["unexpected"] > 0 or report["in_server_after"] != 0
     return 1 if failed else 0

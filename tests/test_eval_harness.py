@@ -20,7 +20,7 @@ from monovlm.eval.protocol import LoglikelihoodRequest, ModelRunner, Query
 from monovlm.eval.qa import evaluate_qa
 from monovlm.eval.report import compare_table, evaluate_model, load_runs, write_report
 from monovlm.eval.samples import EvalSample
-from monovlm.eval.tasks import Task, load_task, shipped_tasks
+from monovlm.eval.tasks import load_task, shipped_tasks
 from monovlm.infer.generate import GenerationConfig
 from monovlm.quickstart import DEFAULT_MODEL_DIR
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from monovlm.data.datasets import SkipReport
-from monovlm.eval.harness import OVERALL, TaskResult, run_task
+from monovlm.eval.harness import OVERALL, TaskResult, run_task, selected
 from monovlm.eval.protocol import ModelRunner
 from monovlm.eval.readers import read
 from monovlm.eval.tasks import Task, load_task
@@ -57,8 +57,6 @@ def read_task_samples(task: Task, data: str | os.PathLike | None, limit: int | N
     result = read(task.reader, **task.resolved_reader_args(data), limit=None if task.where else limit)
     samples = result.samples
     if task.where:  # filter first, then limit, so --limit counts the task's own samples
-        from monovlm.eval.harness import selected
-
         samples = selected(task, samples)[:limit] if limit else selected(task, samples)
     return samples, result.skipped
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from monovlm.model.kv_cache import KVCache
+from monovlm.model.rope import apply_rotary
 
 CAPACITY_MULTIPLE = 256
 _compiled_steps: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
@@ -56,7 +57,7 @@ def decode_step(decoder, token: torch.Tensor, position: torch.Tensor, slot: torc
         attn = block.attn
         heads, kv_heads = attn.num_heads, attn.num_kv_heads
         qkv = attn.project(block.attn_norm(x)).transpose(1, 2)  # (B, H + 2·Hkv, 1, D)
-        qk = torch.addcmul(qkv[:, : heads + kv_heads] * cos, qkv[:, : heads + kv_heads].roll(qkv.shape[-1] // 2, -1), sin)
+        qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)  # q and k rotated together
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         layer_keys.index_copy_(2, slot, k)
         layer_values.index_copy_(2, slot, v)

@@ -245,6 +245,21 @@ class Method:
         raise NotImplementedError
 
 
+@dataclass
+class OneLayerMethod(Method):
+    """A method that selects once, before decoder layer `layer` (0 = before the decoder), keeping `keep`."""
+
+    keep: float = 0.25
+    layer: int = 0
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+
+    def hook_layers(self, num_layers: int) -> tuple[int, ...]:
+        check_layer(self.layer, num_layers, self.name)
+        return (self.layer,)
+
+
 def top_k_positions(image: ImageView, scores: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the image's k highest-scoring patches, in sequence order."""
     k = min(k, image.patches.numel())

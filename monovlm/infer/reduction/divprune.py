@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from monovlm.infer.reduction.base import ImageChoice, Method, ReductionContext, check_keep, check_layer
+from monovlm.infer.reduction.base import ImageChoice, OneLayerMethod, ReductionContext
 
 
 def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -35,18 +35,8 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @dataclass
-class DivPrune(Method):
+class DivPrune(OneLayerMethod):
     name = "divprune"
-    keep: float = 0.25
-    layer: int = 0
-
-    def __post_init__(self) -> None:
-        check_keep(self.keep)
-
-    def hook_layers(self, num_layers: int) -> tuple[int, ...]:
-        check_layer(self.layer, num_layers, self.name)
-        return (self.layer,)
-
     def select(self, ctx: ReductionContext) -> list[ImageChoice]:
         choices = []
         for image in ctx.images:

@@ -14,26 +14,21 @@ from dataclasses import dataclass
 
 import torch
 
-from monovlm.infer.reduction.base import ImageChoice, Method, ReductionContext, check_keep, check_layer, top_k_positions
+from monovlm.infer.reduction.base import ImageChoice, OneLayerMethod, ReductionContext, top_k_positions
 
 STRATEGIES = ("rank", "row")
 
 
 @dataclass
-class FoPru(Method):
+class FoPru(OneLayerMethod):
     name = "fopru"
-    keep: float = 0.25
     layer: int = 2
     strategy: str = "rank"
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
+        super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"fopru: strategy={self.strategy!r} is not one of {STRATEGIES}")
-
-    def hook_layers(self, num_layers: int) -> tuple[int, ...]:
-        check_layer(self.layer, num_layers, self.name)
-        return (self.layer,)
 
     def select(self, ctx: ReductionContext) -> list[ImageChoice]:
         choices = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monovlm.infer.reduction.base import ImageChoice, Method, ReductionContext, check_keep, check_layer
+from monovlm.infer.reduction.base import ImageChoice, OneLayerMethod, ReductionContext
 from monovlm.infer.reduction.uniform_grid import lattice_lines, lattice_shape
 
 
@@ -35,18 +35,8 @@ def low_pass_resample(n: int, m: int) -> torch.Tensor:
 
 
 @dataclass
-class Fourier(Method):
+class Fourier(OneLayerMethod):
     name = "fourier"
-    keep: float = 0.25
-    layer: int = 0
-
-    def __post_init__(self) -> None:
-        check_keep(self.keep)
-
-    def hook_layers(self, num_layers: int) -> tuple[int, ...]:
-        check_layer(self.layer, num_layers, self.name)
-        return (self.layer,)
-
     def select(self, ctx: ReductionContext) -> list[ImageChoice]:
         choices = []
         for image in ctx.images:

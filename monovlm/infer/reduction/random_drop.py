@@ -6,22 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from monovlm.infer.reduction.base import ImageChoice, Method, ReductionContext, check_keep, check_layer
+from monovlm.infer.reduction.base import ImageChoice, OneLayerMethod, ReductionContext
 
 
 @dataclass
-class RandomDrop(Method):
+class RandomDrop(OneLayerMethod):
     name = "random"
-    keep: float = 0.25
-    layer: int = 0  # 0 = before the decoder
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_keep(self.keep)
-
-    def hook_layers(self, num_layers: int) -> tuple[int, ...]:
-        check_layer(self.layer, num_layers, self.name)
-        return (self.layer,)
 
     def select(self, ctx: ReductionContext) -> list[ImageChoice]:
         generator = torch.Generator().manual_seed(self.seed)  # CPU generator: the same picks on every device

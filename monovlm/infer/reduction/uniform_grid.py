@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monovlm.infer.reduction.base import ImageChoice, Method, ReductionContext, check_keep, check_layer
+from monovlm.infer.reduction.base import ImageChoice, OneLayerMethod, ReductionContext
 
 
 def lattice_shape(rows: int, cols: int, count: int) -> tuple[int, int]:
@@ -27,18 +27,8 @@ def lattice_lines(size: int, count: int) -> torch.Tensor:
 
 
 @dataclass
-class UniformGrid(Method):
+class UniformGrid(OneLayerMethod):
     name = "uniform"
-    keep: float = 0.25
-    layer: int = 0
-
-    def __post_init__(self) -> None:
-        check_keep(self.keep)
-
-    def hook_layers(self, num_layers: int) -> tuple[int, ...]:
-        check_layer(self.layer, num_layers, self.name)
-        return (self.layer,)
-
     def select(self, ctx: ReductionContext) -> list[ImageChoice]:
         choices = []
         for image in ctx.images:
