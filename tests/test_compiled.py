@@ -60,3 +60,30 @@ def test_compiled_generation_equals_eager_generation():
     assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
     again = generate(model, [[7, 7, 1]], GenerationConfig(max_new_tokens=5, compile=True))  # another length: reuse
     assert again[0].token_ids == generate(model, [[7, 7, 1]], GenerationConfig(max_new_tokens=5))[0].token_ids
+
+
+def test_compiled_generation_follows_weights_changed_after_compiling():
+    """The compiled step holds the weights as frozen constants; changing them in place must not leave it stale."""
+    model = tiny_decoder()
+    config = GenerationConfig(max_new_tokens=8, compile=True)
+    before = generate(model, PROMPTS, config)
+    assert [g.token_ids for g in before] == [g.token_ids for g in generate(model, PROMPTS, GenerationConfig(8))]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(-1.5)  # an in-place update, as an optimizer step makes
+    eager = generate(model, PROMPTS, GenerationConfig(max_new_tokens=8))
+    after = generate(model, PROMPTS, config)
+    assert [g.token_ids for g in eager] != [g.token_ids for g in before]  # the change matters
+    assert [g.token_ids for g in after] == [g.token_ids for g in eager]
+
+
+def test_two_decoders_keep_their_own_compiled_steps():
+    first, second = tiny_decoder(), tiny_decoder()
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    config = GenerationConfig(max_new_tokens=6, compile=True)
+    for _ in range(2):  # the second round runs with guards skipped: each must still use its own weights
+        for model in (first, second):
+            expected = generate(model, PROMPTS, GenerationConfig(max_new_tokens=6))
+            assert [g.token_ids for g in generate(model, PROMPTS, config)] == [g.token_ids for g in expected]

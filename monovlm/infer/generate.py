@@ -140,20 +140,27 @@ def token_steps(
 
         if supports_static_decode(model, cache):
             decode = StaticDecoder(model, cache)
+    all_active = True  # a Python mirror of active.all(): while it holds, padding and the any() check are skipped
     for step in range(config.max_new_tokens):
         next_tokens = sample_next(logits, config.sampling, generator)  # (B,)
-        next_tokens = torch.where(active, next_tokens, torch.full_like(next_tokens, pad_id))
-        yield next_tokens, active.clone()
+        if not all_active:
+            next_tokens = torch.where(active, next_tokens, torch.full_like(next_tokens, pad_id))
+        yield next_tokens, active  # `active` is replaced below, never changed in place, so no copy is needed
         if stop_ids.numel():
-            active &= ~torch.isin(next_tokens, stop_ids)
+            active = active & ~torch.isin(next_tokens, stop_ids)
         if stop_strings.stop_strings:
+            active = active.clone()
             for row, token in enumerate(next_tokens.tolist()):
                 if active[row]:
                     generated[row].append(token)
                     if stop_strings.hit(generated[row]):
                         active[row] = False
-        if step + 1 == config.max_new_tokens or not bool(active.any()):
+        if step + 1 == config.max_new_tokens:
             return
+        if stop_ids.numel() or stop_strings.stop_strings:
+            all_active = bool(active.all())
+            if not all_active and not bool(active.any()):
+                return
         logits = decode(next_tokens)
         if run is not None:
             logits = run.process(logits, next_tokens)
