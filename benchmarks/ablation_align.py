@@ -45,6 +45,7 @@ from monovlm.train.recipe import Recipe, load_recipe
 from monovlm.train.trainer import TrainOptions, train
 
 SECTION = "## Ablation: EVE's align loss, and the encoder-based baseline"  # the section --write replaces
+NOTES_MARKER = "<!-- notes below this line are kept when ablation_align.py --write rewrites the section -->"
 LABELS = {"eve": "eve (align loss, cosine, ViT teacher)", "eve-no-align": "eve without align loss",
           "llava": "llava (pretrained ViT + projector)"}
 
@@ -209,8 +210,9 @@ def plot_bars(records: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """Accuracy per category against training TFLOPs at each of the trainer's evals."""
+def plot_curves(records: list[dict], path: Path, x: str = "flops") -> None:
+    """Accuracy per category at each of the trainer's evals, against training TFLOPs (x="flops") or optimizer steps
+    over all stages (x="steps")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,11 +224,11 @@ def plot_curves(records: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     for axis, category in zip(axes.flat, panels):
         for r in records:
-            xs = [e["flops"] / 1e12 for e in r["curve"]]
+            xs = [e["flops"] / 1e12 if x == "flops" else e["global_step"] for e in r["curve"]]
             ys = [100 * e["eval"].get(category, float("nan")) for e in r["curve"]]
             axis.plot(xs, ys, marker="o", label=r["name"])
         axis.set_title(category)
-        axis.set_xlabel("training TFLOPs (trainer count)")
+        axis.set_xlabel("training TFLOPs (trainer count)" if x == "flops" else "optimizer steps (all stages)")
         axis.set_ylabel("accuracy %")
         axis.set_ylim(0, 100)
         axis.grid(alpha=0.3)
@@ -265,10 +267,12 @@ def section(args: argparse.Namespace, records: list[dict], budget: float | None,
               f"each model beside its blind baseline (the same model, blank images); TFLOPs actually spent, summed "
               f"from the trainer's metrics. {measured}")
     plots = (f"Plots (not committed): `{args.out / 'ablation.png'}` (accuracy per category per run, blind marked) "
-             f"and `{args.out / 'ablation_curves.png'}` (accuracy against training TFLOPs); all numbers in "
+             f", `{args.out / 'ablation_curves.png'}` (accuracy per category against training TFLOPs) and "
+             f"`{args.out / 'ablation_steps.png'}` (against optimizer steps); all numbers in "
              f"`{args.out / 'ablation.json'}`.")
     paragraphs = [fill(text) for text in ([toy_note] if toy else []) + [setting, scores]]
-    lines = [heading, ""] + [line for text in paragraphs for line in (text, "")] + [table(records), "", fill(plots), ""]
+    lines = [heading, ""] + [line for text in paragraphs for line in (text, "")] + [table(records), "", fill(plots), "",
+                                                                                  NOTES_MARKER, ""]
     return "\n".join(lines)
 
 
@@ -298,7 +302,16 @@ def main() -> None:
                         help="steps per stage run through torch's FLOP counter (0: do not measure)")
     parser.add_argument("--write", type=Path, nargs="?", const=Path(__file__).resolve().parent.parent / "BENCHMARKS.md",
                         default=None, help="replace the ablation section of this Markdown file (default BENCHMARKS.md)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots from --out's ablation.json (no training)")
     args = parser.parse_args()
+    if args.replot:
+        records = json.loads((args.out / "ablation.json").read_text())["runs"]
+        plot_bars(records, args.out / "ablation.png")
+        plot_curves(records, args.out / "ablation_curves.png")
+        plot_curves(records, args.out / "ablation_steps.png", x="steps")
+        print(f"redrew the plots in {args.out}")
+        return
     equal_flops = args.equal_flops or args.flops_budget is not None
     toy = args.n != 2000 or args.scale != 1.0 or args.pretrain_steps is not None
     data = args.out / "data"
@@ -312,11 +325,12 @@ def main() -> None:
                                                        indent=1))
     plot_bars(records, args.out / "ablation.png")
     plot_curves(records, args.out / "ablation_curves.png")
+    plot_curves(records, args.out / "ablation_steps.png", x="steps")
     text = section(args, records, budget, toy)
     (args.out / "ablation.md").write_text(text)
     print(text)
     if args.write is not None:
-        replace_section(args.write, SECTION, text)
+        replace_section(args.write, SECTION, text, NOTES_MARKER)
         print(f"wrote the section to {args.write}")
 
 
