@@ -127,6 +127,7 @@ def test_reduction_and_decoding_flags(scenes, model, capsys):
     for flags, reduction, strategy in [
         (["--reduce", "fastv", "--keep", "0.25"], build_reduction("fastv", keep=0.25), None),
         (["--reduce", "tome"], build_reduction("tome"), None),  # keep: build_reduction's default
+        (["--reduce", "divprune", "--keep", "0.1"], build_reduction("divprune", keep=0.1), None),  # changes the answer
         (["--decoding", "vcd"], None, VCD()),
         (["--reduce", "fastv", "--keep", "1"], None, None),  # keeps every patch: the plain answer
     ]:
@@ -157,9 +158,9 @@ def test_methods_apply_to_questions_with_images_only(model, scenes):
     vlm, processor = model
     (image, question), _ = scenes
     config = GenerationConfig(max_new_tokens=64, stop_ids=processor.stop_ids)
-    session = ChatSession(vlm, processor, config, InferenceMethods("fastv", 0.25, "vcd"))
+    session = ChatSession(vlm, processor, config, InferenceMethods("divprune", 0.1, "vcd"))
     assert "".join(session.ask("How many shapes are there?")) == answer_alone(model, "How many shapes are there?", [])
     session.reset()
     session.attach(image)
-    expected = answer_alone(model, question, [image], reduction=build_reduction("fastv", keep=0.25), strategy=VCD())
+    expected = answer_alone(model, question, [image], reduction=build_reduction("divprune", keep=0.1), strategy=VCD())
     assert "".join(session.ask(question)) == expected != answer_alone(model, question, [image])

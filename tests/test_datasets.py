@@ -7,7 +7,7 @@ from PIL import Image
 
 from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import collate
-from monovlm.data.datasets import DatasetError, LlavaDataset, skipping_collate
+from monovlm.data.datasets import DatasetError, LlavaDataset, merge_turns_by_image, skipping_collate
 from monovlm.data.processor import Processor
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
 
@@ -83,3 +83,37 @@ def test_unreadable_dataset_file_is_a_clear_error(processor, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DatasetError, match="not valid JSON"):
         LlavaDataset(tmp_path / "bad.json", processor)
+
+
+def test_group_by_image_merges_the_questions_of_one_image_into_one_conversation(processor, data_dir):
+    records = [record("images/good.png", "red", "a"), record("images/other.png", "blue", "b"),
+               record("images/good.png", "small", "c"), record(None, "text", "d"),
+               {"image": ["images/good.png"], "conversations": record(None)["conversations"]}]
+    merged = merge_turns_by_image(records)
+    assert [m.get("id") for m in merged] == ["a", "b", "d", None]  # first-appearance order; lists pass through
+    turns = merged[0]["conversations"]
+    assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+    assert turns[0]["value"] == "<image>\nwhat colour?" and turns[2]["value"] == "what colour?"  # one marker, first
+    assert sorted(t["value"] for t in turns[1::2]) == ["red", "small"]
+    assert records[0]["conversations"][0]["value"] == "<image>\nwhat colour?"  # the input is not modified
+    assert merge_turns_by_image(records) == merged  # seeded: the same order every time
+
+    path = data_dir / "qa.json"
+    path.write_text(json.dumps([record("images/good.png", "red"), record("images/good.png", "blue")]))
+    single, grouped = LlavaDataset(path, processor), LlavaDataset(path, processor, group_by_image=True)
+    assert len(single) == 2 and len(grouped) == 1
+    sample = grouped[0]
+    answers = [t for t, label in zip(sample.input_ids, sample.labels) if label != -100]
+    # both answers are learned in the one sample, and its image tokens appear once
+    assert len(answers) == sum(len([t for t, l in zip(s.input_ids, s.labels) if l != -100]) for s in (single[0], single[1]))
+    assert sample.input_ids.count(processor.image_id) == single[0].input_ids.count(processor.image_id)
+
+
+def test_group_by_image_shuffles_turn_order_per_image():
+    """Questions listed in a fixed order per image must not stay in that order (the first turn would give away the
+    category); the shuffle is seeded per image."""
+    records = [record(f"images/{i}.png", answer, f"{i}-{answer}") for i in range(40) for answer in ("first", "second")]
+    first_answers = [m["conversations"][1]["value"] for m in merge_turns_by_image(records)]
+    assert 8 < first_answers.count("first") < 32
+    assert first_answers != [m["conversations"][1]["value"] for m in merge_turns_by_image(records, seed=1)]
+

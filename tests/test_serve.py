@@ -376,6 +376,8 @@ def test_reduction_answers_equal_generate_with_that_reduction(client, served):
         ({"reduction": "fastv"}, reduced("fastv")),  # keep left out: build_reduction's default
         ({"reduction": "tome", "keep": 0.5}, reduced("tome", keep=0.5)),
         ({"reduction": "random", "keep": 0.25}, reduced("random", keep=0.25)),
+        ({"reduction": "divprune", "keep": 0.1}, reduced("divprune", keep=0.1)),
+        ({"reduction": "uniform", "keep": 0.05}, reduced("uniform", keep=0.05)),
     ]:
         response = client.post(URL, json=ask(question, image, max_tokens=8, monovlm=settings))
         assert response.status_code == 200, response.text

@@ -115,9 +115,11 @@ def logged_flops(run_dir):
     return [json.loads(line)["flops"] for line in lines if '"loss"' in line]
 
 
-def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path):
+@pytest.mark.parametrize("group_by_image", [False, True])
+def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by_image):
     """The prediction replays the batch stream over per-sample token counts: every step's FLOPs must equal the
-    trainer's log exactly, teacher forwards included (the align loss on in the second stage only)."""
+    trainer's log exactly, teacher forwards included (the align loss on in the second stage only), also when the QA
+    stage merges each image's questions into one multi-turn sample."""
     from monovlm.train.budget import plan_flops
     from monovlm.train.recipe import AlignConfig
 
@@ -126,6 +128,7 @@ def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path):
     recipe.stages[1].align = True
     recipe.stages[1].train = [*recipe.stages[1].train, "align"]
     recipe.stages[1].save_every = 0
+    recipe.stages[1].group_by_image = group_by_image
     plan = plan_flops(recipe, data_root)
     assert [s.steps for s in plan.stages] == [4, 6]
     assert plan.stages[0].teacher_params == 0 and plan.stages[1].teacher_params > 0

@@ -156,7 +156,7 @@ class FlopsPlanner:
         return build_teacher(align, self.model.config.vision, self.data_root, run_dir=None)
 
     def _dataset_counts(self, stage: StageConfig) -> tuple[LlavaDataset, SampleCounts]:
-        key = (stage.data, stage.image_root, stage.template, stage.max_length)
+        key = (stage.data, stage.image_root, stage.template, stage.max_length, stage.group_by_image)
         if key not in self._counts:
             dataset = stage_dataset(stage, stage_processor(stage, self.tokenizer, self.model.config.vision),
                                     self.data_root)

@@ -28,7 +28,7 @@ def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig) -> Proc
 def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path) -> LlavaDataset:
     """A stage's data file (and image folder), relative to the data root."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
-    return LlavaDataset(Path(data_root) / stage.data, processor, image_root)
+    return LlavaDataset(Path(data_root) / stage.data, processor, image_root, group_by_image=stage.group_by_image)
 
 
 @dataclass
