@@ -74,10 +74,11 @@ def _greedy_answer(served, question, image_path) -> str:
                     prefill_inputs={"images": tensors})[0].text
 
 
-def _api_answer(base: str, messages: list) -> str:
+def _api_answer(base: str, messages: list, **fields) -> str:
     import httpx
 
-    response = httpx.post(f"{base}/v1/chat/completions", json={"messages": messages, "max_tokens": 64}, timeout=30)
+    body = {"messages": messages, "max_tokens": 64, **fields}
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"]
 
@@ -130,9 +131,15 @@ def test_pick_or_drop_an_image_ask_and_see_the_answer(server, scenes):
             assert screenshot.stat().st_size > 5_000
             print(f"screenshot: {screenshot}")
 
-            # 3. a new chat; an image dropped onto the drop zone
+            # 3. a new chat with a token reduction chosen in Settings; an image dropped onto the drop zone
             page.click("#reset")
             assert page.locator(".turn").count() == 0
+            page.click("details summary")  # open Settings
+            page.select_option("#reduction", "divprune")
+            page.fill("#keep", "0.1")
+            sent = []
+            page.on("request", lambda request: sent.append(request.post_data_json)
+                    if request.url.endswith("/v1/chat/completions") else None)
             page.evaluate("""([b64, name]) => {
                 const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
                 const transfer = new DataTransfer();
@@ -144,10 +151,12 @@ def test_pick_or_drop_an_image_ask_and_see_the_answer(server, scenes):
             page.fill("#question", second_question)
             page.click("#send")
             page.wait_for_selector(".assistant[data-state=done]", timeout=30_000)
-            assert page.locator(".assistant").text_content() == _greedy_answer(served, second_question, second_image)
+            methods = {"reduction": "divprune", "keep": 0.1}
+            assert sent[-1]["monovlm"] == methods
+            reduced = _api_answer(base, [_image_message(second_image, second_question)], monovlm=methods)
+            assert page.locator(".assistant").text_content() == reduced
 
             # 4. a refused request is explained on the page, and the question stays in the box to retry
-            page.click("details summary")  # open Settings
             page.fill("#max-tokens", "100000")
             page.fill("#question", "And now?")
             page.click("#send")
@@ -157,3 +166,20 @@ def test_pick_or_drop_an_image_ask_and_see_the_answer(server, scenes):
             assert console_errors == []
         finally:
             browser.close()
+
+
+def test_page_offers_exactly_the_servers_methods():
+    """The Settings menus list every token reduction and decoding strategy the server accepts, and nothing else."""
+    import re
+
+    from monovlm.infer.reduction import METHODS
+    from monovlm.serve.methods import DECODINGS
+
+    page = (Path(__file__).resolve().parents[1] / "monovlm" / "serve" / "static" / "index.html").read_text()
+
+    def options(select_id: str) -> set[str]:
+        block = re.search(rf'<select id="{select_id}">(.*?)</select>', page, re.DOTALL).group(1)
+        return {re.sub(r"<[^>]+>", "", option).strip() for option in re.findall(r"<option>.*?</option>", block)}
+
+    assert options("reduction") == set(METHODS)
+    assert options("decoding") == set(DECODINGS)
