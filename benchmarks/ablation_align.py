@@ -240,6 +240,12 @@ def plot_curves(records: list[dict], path: Path, x: str = "flops") -> None:
     plt.close(figure)
 
 
+def draw_plots(records: list[dict], out: Path) -> None:
+    plot_bars(records, out / "ablation.png")
+    plot_curves(records, out / "ablation_curves.png")
+    plot_curves(records, out / "ablation_steps.png", x="steps")
+
+
 def section(args: argparse.Namespace, records: list[dict], budget: float | None, toy: bool) -> str:
     command = shlex.join(["python", "benchmarks/ablation_align.py", *sys.argv[1:]])
     if budget is None:
@@ -306,10 +312,7 @@ def main() -> None:
                         help="only redraw the plots from --out's ablation.json (no training)")
     args = parser.parse_args()
     if args.replot:
-        records = json.loads((args.out / "ablation.json").read_text())["runs"]
-        plot_bars(records, args.out / "ablation.png")
-        plot_curves(records, args.out / "ablation_curves.png")
-        plot_curves(records, args.out / "ablation_steps.png", x="steps")
+        draw_plots(json.loads((args.out / "ablation.json").read_text())["runs"], args.out)
         print(f"redrew the plots in {args.out}")
         return
     equal_flops = args.equal_flops or args.flops_budget is not None
@@ -323,9 +326,7 @@ def main() -> None:
     records = [train_and_evaluate(name, plan, data, args.out, args.eval_limit) for name, plan in plans.items()]
     (args.out / "ablation.json").write_text(json.dumps({"budget": budget, "count": args.count, "runs": records},
                                                        indent=1))
-    plot_bars(records, args.out / "ablation.png")
-    plot_curves(records, args.out / "ablation_curves.png")
-    plot_curves(records, args.out / "ablation_steps.png", x="steps")
+    draw_plots(records, args.out)
     text = section(args, records, budget, toy)
     (args.out / "ablation.md").write_text(text)
     print(text)

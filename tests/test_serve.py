@@ -46,17 +46,22 @@ def served():
     return load_served_model()
 
 
+def random_variant(tmp_path_factory, name: str, **decoder_overrides):
+    """A served model with the shipped model's config (decoder fields overridden), its tokenizer, random weights."""
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    config.pop("model_type")
+    config["decoder"].update(decoder_overrides)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(name) / name
+    EncoderFreeVLM(VLMConfig.from_dict(config)).eval().save(folder, tokenizer=Tokenizer.from_folder(DEFAULT_MODEL_DIR))
+    return load_served_model(folder)
+
+
 @pytest.fixture(scope="module")
 def rambler(tmp_path_factory):
     """The tiny model's shape with random weights: it rarely emits a stop token, so answers run to max_tokens, with
     byte pieces that are incomplete UTF-8 on their own (exercising streaming's hold-back)."""
-    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
-    config.pop("model_type")
-    config["decoder"]["initializer_range"] = 0.1
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("rambler") / "rambler"
-    EncoderFreeVLM(VLMConfig.from_dict(config)).eval().save(folder, tokenizer=Tokenizer.from_folder(DEFAULT_MODEL_DIR))
-    return load_served_model(folder)
+    return random_variant(tmp_path_factory, "rambler", initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -480,13 +485,7 @@ def test_mixed_methods_in_one_batch_window_answer_as_alone(rambler_client, rambl
 @pytest.fixture(scope="module")
 def shallow(tmp_path_factory):
     """A 2-layer random model: too shallow for fastv's default layer 2 (it scores at layer 1, drops before 2)."""
-    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
-    config.pop("model_type")
-    config["decoder"]["num_layers"] = 2
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("shallow") / "shallow"
-    EncoderFreeVLM(VLMConfig.from_dict(config)).eval().save(folder, tokenizer=Tokenizer.from_folder(DEFAULT_MODEL_DIR))
-    return load_served_model(folder)
+    return random_variant(tmp_path_factory, "shallow", num_layers=2)
 
 
 def test_a_method_the_model_is_too_shallow_for_is_400(shallow):

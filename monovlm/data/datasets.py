@@ -124,7 +124,8 @@ def merge_turns_by_image(records: Sequence[dict[str, Any]], seed: int = 0) -> li
     through unchanged, as does any record whose conversation is not (human, gpt) pairs.
     """
     merged: list[dict[str, Any]] = []
-    by_image: dict[str, dict[str, Any]] = {}
+    by_image: dict[str, dict[str, Any]] = {}  # image -> its merged record (conversations filled in at the end)
+    pairs_of: dict[str, list[tuple[str, str]]] = {}  # image -> its (question, answer) pairs
     for record in records:
         image, turns = record.get("image"), record.get("conversations")
         pairs = isinstance(turns, list) and len(turns) % 2 == 0 and all(
@@ -133,16 +134,15 @@ def merge_turns_by_image(records: Sequence[dict[str, Any]], seed: int = 0) -> li
         if not isinstance(image, str) or not pairs or not turns:
             merged.append(record)
             continue
-        group = by_image.get(image)
-        if group is None:
-            group = {"id": record.get("id"), "image": image, "pairs": []}
-            by_image[image] = group
-            merged.append(group)
+        if image not in by_image:
+            by_image[image] = {"id": record.get("id"), "image": image}
+            pairs_of[image] = []
+            merged.append(by_image[image])
         for question, answer in zip(turns[::2], turns[1::2]):
-            group["pairs"].append((question["value"].replace(IMAGE_MARKER, "").strip(), answer["value"]))
-    for group in by_image.values():
-        pairs = group.pop("pairs")
-        random.Random(f"{seed}:{group['image']}").shuffle(pairs)
+            pairs_of[image].append((question["value"].replace(IMAGE_MARKER, "").strip(), answer["value"]))
+    for image, group in by_image.items():
+        pairs = pairs_of[image]
+        random.Random(f"{seed}:{image}").shuffle(pairs)
         group["conversations"] = [
             {"from": role, "value": (IMAGE_MARKER + "\n" + text) if i == 0 and role == "human" else text}
             for i, (question, answer) in enumerate(pairs) for role, text in (("human", question), ("gpt", answer))]
