@@ -180,6 +180,7 @@ def quickstart(
     out: Path = Path("runs/quickstart"),
     recipe: str = "eve",
     n: int = 4000,
+    maze_fraction: float = 0.2,
     seed: int = 0,
     eval_limit: int = 1000,
     ship: bool = False,
@@ -192,6 +193,7 @@ def quickstart(
         out: output folder (data, run, report)
         recipe: training recipe
         n: number of synthetic images
+        maze_fraction: share of the images that are mazes
         seed: seed for data and training
         eval_limit: most test questions to evaluate
         ship: copy the trained model into the package as the default model of `monovlm chat`
@@ -199,7 +201,8 @@ def quickstart(
     """
     from monovlm.quickstart import run_quickstart
 
-    run_quickstart(out, recipe, n=n, seed=seed, eval_limit=eval_limit, ship=ship, progress=progress)
+    run_quickstart(out, recipe, n=n, seed=seed, eval_limit=eval_limit, ship=ship, progress=progress,
+                   maze_fraction=maze_fraction)
 
 
 @command("eval")

@@ -25,8 +25,18 @@ def report_table(model_scores: dict[str, float], blind_scores: dict[str, float],
     return "\n".join(lines)
 
 
+def _synthesised_with(data: Path) -> dict[str, Any] | None:
+    """The settings the data folder was synthesised with (None if there is none): reused only when they match."""
+    try:
+        summary = json.loads((data / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {key: summary.get(key) for key in ("n", "seed", "maze_fraction")}
+
+
 def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int = 0, eval_limit: int = 1000,
-                   examples: int = 6, ship: bool = False, progress: bool = True) -> dict[str, Any]:
+                   examples: int = 6, ship: bool = False, progress: bool = True,
+                   maze_fraction: float = 0.2) -> dict[str, Any]:
     from monovlm.data.processor import Processor
     from monovlm.data.synthetic import synthesize
     from monovlm.eval.qa import answer, evaluate_qa, question_of, answer_of
@@ -36,9 +46,10 @@ def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int
     started = time.perf_counter()
     out = Path(out)
     data = out / "data"
-    if not (data / "summary.json").is_file():
-        print(f"[1/4] synthesising {n} images into {data}")
-        synthesize(data, n=n, seed=seed, progress=progress)
+    wanted = {"n": n, "seed": seed, "maze_fraction": maze_fraction}
+    if _synthesised_with(data) != wanted:
+        print(f"[1/4] synthesising {n} images ({maze_fraction:.0%} mazes) into {data}")
+        synthesize(data, n=n, seed=seed, maze_fraction=maze_fraction, progress=progress)
     else:
         print(f"[1/4] reusing synthetic data in {data}")
     recipe = load_recipe(recipe_name)
@@ -64,7 +75,7 @@ def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int
         lines.append(line)
         print(line)
     minutes = (time.perf_counter() - started) / 60
-    report = {"recipe": recipe.name, "seed": seed, "n": n, "minutes": minutes, "model": scores.accuracy,
+    report = {"recipe": recipe.name, "seed": seed, "n": n, "maze_fraction": maze_fraction, "minutes": minutes, "model": scores.accuracy,
               "blind": blind.accuracy, "counts": scores.counts, "examples": lines}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(f"# quickstart ({recipe.name}, seed {seed}, {minutes:.1f} min)\n\n{table}\n\n"

@@ -117,3 +117,43 @@ def test_group_by_image_shuffles_turn_order_per_image():
     assert 8 < first_answers.count("first") < 32
     assert first_answers != [m["conversations"][1]["value"] for m in merge_turns_by_image(records, seed=1)]
 
+
+
+def test_length_grouped_stream_covers_each_epoch_once_shards_and_resumes(processor, tmp_path):
+    """group_by_length: batches hold samples of similar length; each epoch still draws every index at most once
+    (the ragged batch dropped), W ranks with micro-batch B draw exactly one process's B·W, and the position alone
+    resumes the stream."""
+    from monovlm.train.data import BatchStream
+
+    answers = ["x" * (3 if i % 3 else 90) + str(i) for i in range(70)]  # a third long, the rest short
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([record("images/a.png", answer=a) for a in answers]))
+    dataset = LlavaDataset(path, processor)
+    lengths = dataset.text_lengths()
+    assert lengths[0] > 90 > lengths[1]
+
+    def take(stream, batches):
+        return [stream.next_indices() for _ in range(batches)]
+
+    single = BatchStream(dataset, 8, seed=3, pad_id=0, announce_epochs=False, group_by_length=True)
+    assert single.batches_per_epoch == 8
+    epoch0, epoch1 = take(single, 8), take(single, 8)
+    for epoch in (epoch0, epoch1):
+        drawn = [i for batch in epoch for i in batch]
+        assert len(drawn) == len(set(drawn)) == 64
+    assert epoch0 != epoch1  # a new order each epoch
+    mixed = sum(len({lengths[i] > 90 for i in batch}) == 2 for batch in epoch0)
+    assert mixed <= 1  # sorted within the mega-batch: long and short meet in at most one batch
+    unsorted = BatchStream(dataset, 8, seed=3, pad_id=0, announce_epochs=False)
+    assert sum(len({lengths[i] > 90 for i in batch}) == 2 for batch in take(unsorted, 8)) > 1
+
+    ranks = [BatchStream(dataset, 4, seed=3, pad_id=0, rank=r, world_size=2, announce_epochs=False,
+                         group_by_length=True) for r in range(2)]
+    assert [a + b for a, b in zip(take(ranks[0], 10), take(ranks[1], 10))] == epoch0 + epoch1[:2]
+
+    resumed = BatchStream(dataset, 8, seed=3, pad_id=0, announce_epochs=False, group_by_length=True)
+    cut = BatchStream(dataset, 8, seed=3, pad_id=0, announce_epochs=False, group_by_length=True)
+    take(cut, 11)
+    resumed.load_state(cut.state())
+    assert take(resumed, 7) == epoch1[3:] + take(BatchStream(dataset, 8, seed=3, pad_id=0, announce_epochs=False,
+                                                             group_by_length=True), 18)[16:]

@@ -45,8 +45,9 @@ def options(recipe, data_root, run_dir, **overrides):
     return TrainOptions(**values)
 
 
-def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path):
-    recipe = tiny_recipe()
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path, group_by_length):
+    recipe = tiny_recipe(group_by_length=group_by_length)
     full = train(options(recipe, data_root, tmp_path / "full"))
     assert len(full.losses) == 10
     interrupted = train(options(recipe, data_root, tmp_path / "cut", stop_after=8))
@@ -115,11 +116,11 @@ def logged_flops(run_dir):
     return [json.loads(line)["flops"] for line in lines if '"loss"' in line]
 
 
-@pytest.mark.parametrize("group_by_image", [False, True])
-def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by_image):
+@pytest.mark.parametrize("group_by_image,group_by_length", [(False, False), (True, False), (True, True)])
+def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by_image, group_by_length):
     """The prediction replays the batch stream over per-sample token counts: every step's FLOPs must equal the
     trainer's log exactly, teacher forwards included (the align loss on in the second stage only), also when the QA
-    stage merges each image's questions into one multi-turn sample."""
+    stage merges each image's questions into one multi-turn sample and batches samples of similar length."""
     from monovlm.train.budget import plan_flops
     from monovlm.train.recipe import AlignConfig
 
@@ -129,6 +130,7 @@ def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by
     recipe.stages[1].train = [*recipe.stages[1].train, "align"]
     recipe.stages[1].save_every = 0
     recipe.stages[1].group_by_image = group_by_image
+    recipe.stages[1].group_by_length = group_by_length
     plan = plan_flops(recipe, data_root)
     assert [s.steps for s in plan.stages] == [4, 6]
     assert plan.stages[0].teacher_params == 0 and plan.stages[1].teacher_params > 0

@@ -176,6 +176,16 @@ class LlavaDataset:
         except (SampleError, ImageLoadError) as error:
             return SkippedSample(self.describe(index), _reason(error), str(error))
 
+    def text_lengths(self) -> list[int]:
+        """A cheap length estimate per record, for grouping batches by length: the characters of its conversation
+        (no image is decoded, nothing is tokenized). Malformed conversations count 0 (the processor skips them)."""
+        lengths = []
+        for record in self.records:
+            turns = record.get("conversations")
+            values = [t.get("value") for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
+            lengths.append(sum(len(v) for v in values if isinstance(v, str)))
+        return lengths
+
     def new_report(self) -> SkipReport:
         """A report that already counts the file's malformed lines."""
         report = SkipReport()

@@ -278,7 +278,7 @@ def precompute_features(teacher: Teacher, images_with_keys: Iterable[tuple[str, 
     return out
 
 
-def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None) -> Teacher:
+def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True) -> Teacher:
     """The teacher an [align] recipe table names. "vit": monovlm's own small ViT, pretrained once on the recipe's
     synthetic data and kept in RUN/teacher (reused on resume); "hf:PATH": a local CLIP/SigLIP folder;
     "features:PATH": precomputed features keyed by image path."""
@@ -298,7 +298,7 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None) ->
         config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads)
         report: dict = {}
         vit = pretrain_vit(data_root, config, vision, steps=align.teacher_steps, lr=align.teacher_lr, seed=0,
-                           report=report, progress=True)
+                           report=report, progress=progress)
         save_vit(vit, folder)
         (folder / "pretrain_report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "losses"},
                                                                indent=1))

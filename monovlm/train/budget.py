@@ -30,7 +30,7 @@ from monovlm.config import EncoderConfig
 from monovlm.data.datasets import LlavaDataset
 from monovlm.data.processor import ProcessedSample
 from monovlm.train.build import build_model
-from monovlm.train.data import BatchStream, stage_dataset, stage_processor
+from monovlm.train.data import stage_dataset, stage_processor, stage_stream
 from monovlm.train.flops import flops_per_token, measure_flops, teacher_params, training_flops
 from monovlm.train.parts import set_trainable
 from monovlm.train.recipe import Recipe, StageConfig
@@ -112,7 +112,7 @@ def stage_step_flops(stage: StageConfig, stage_index: int, seed: int, dataset: L
     One process with micro-batch B·W draws exactly the samples of W ranks with micro-batch B (see data.py)."""
     if not any(counts.tokens):
         raise ValueError(f"stage {stage.name!r}: {dataset.path} has no usable sample ({counts.skipped} skipped)")
-    stream = BatchStream(dataset, stage.batch_size * world_size, seed + stage_index, pad_id=0, announce_epochs=False)
+    stream = stage_stream(stage, dataset, stage.batch_size * world_size, seed + stage_index, 0, announce_epochs=False)
     while True:
         tokens = visual = 0
         for _ in range(stage.grad_accum):
@@ -243,8 +243,8 @@ class FlopsPlanner:
         module, layers = self._train_module()
         set_trainable(module, stage.train)
         teacher = self.teacher if stage.align else None
-        stream = BatchStream(dataset, stage.batch_size * self.world_size, self.recipe.seed + stage_index,
-                             self.tokenizer.pad_id or 0, announce_epochs=False)
+        stream = stage_stream(stage, dataset, stage.batch_size * self.world_size, self.recipe.seed + stage_index,
+                              self.tokenizer.pad_id or 0, announce_epochs=False)
         _, _, counted_steps = self.steps(stage_index)
         measured = counted = 0.0
         for _ in range(steps):

@@ -40,6 +40,7 @@ class StageConfig:
     clip_grad: float = 1.0
     pack: bool = False  # pack samples into rows of max_length tokens
     group_by_image: bool = False  # merge one-question records of an image into one multi-turn sample (LLaVA style)
+    group_by_length: bool = False  # batches of samples of similar length (less padding; LLaVA's group_by_length)
     max_length: int = 512
     align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
     eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)

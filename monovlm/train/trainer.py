@@ -30,7 +30,7 @@ from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy
 from monovlm.tokenizer import Tokenizer
 from monovlm.train import checkpoint as ckpt
 from monovlm.train.build import build_model
-from monovlm.train.data import BatchStream, stage_dataset, stage_processor
+from monovlm.train.data import BatchStream, stage_dataset, stage_processor, stage_stream
 from monovlm.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -178,7 +178,8 @@ class Trainer:
         from monovlm.model.align import PatchAligner, eve_layers
         from monovlm.model.teachers import build_teacher
 
-        self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info)
+        self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info,
+                                     progress=self.options.progress)
         num_layers = model.config.decoder.num_layers
         self.align_layers = align.layers if align.layers is not None else eve_layers(num_layers)
         generator_state = torch.get_rng_state()
@@ -227,8 +228,8 @@ class Trainer:
         model.config.processor = processor.config  # saved with the model: inference uses the last stage's template
         dataset = stage_dataset(stage, processor, options.data_root)
         pad_id = tokenizer.pad_id or 0
-        stream = BatchStream(dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,
-                             info.world_size, stage.pack, stage.max_length)
+        stream = stage_stream(stage, dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,
+                              info.world_size)
         trainable = set_trainable(module, stage.train)
         wrapped = wrap(module, info, options.strategy)
         optimizer = torch.optim.AdamW(param_groups(module, stage.lr, stage.lr_by_part, stage.weight_decay),
