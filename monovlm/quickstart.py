@@ -25,13 +25,16 @@ def report_table(model_scores: dict[str, float], blind_scores: dict[str, float],
     return "\n".join(lines)
 
 
+DATA_SETTINGS = ("n", "seed", "maze_fraction")  # what a reused data folder must have been synthesised with
+
+
 def _synthesised_with(data: Path) -> dict[str, Any] | None:
     """The settings the data folder was synthesised with (None if there is none): reused only when they match."""
     try:
         summary = json.loads((data / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return {key: summary.get(key) for key in ("n", "seed", "maze_fraction")}
+    return {key: summary.get(key) for key in DATA_SETTINGS}
 
 
 def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int = 0, eval_limit: int = 1000,
@@ -75,8 +78,8 @@ def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int
         lines.append(line)
         print(line)
     minutes = (time.perf_counter() - started) / 60
-    report = {"recipe": recipe.name, "seed": seed, "n": n, "maze_fraction": maze_fraction, "minutes": minutes, "model": scores.accuracy,
-              "blind": blind.accuracy, "counts": scores.counts, "examples": lines}
+    report = {"recipe": recipe.name, **wanted, "minutes": minutes, "model": scores.accuracy, "blind": blind.accuracy,
+              "counts": scores.counts, "examples": lines}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(f"# quickstart ({recipe.name}, seed {seed}, {minutes:.1f} min)\n\n{table}\n\n"
                                    + "\n".join(lines) + "\n")

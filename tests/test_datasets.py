@@ -105,7 +105,8 @@ def test_group_by_image_merges_the_questions_of_one_image_into_one_conversation(
     sample = grouped[0]
     answers = [t for t, label in zip(sample.input_ids, sample.labels) if label != -100]
     # both answers are learned in the one sample, and its image tokens appear once
-    assert len(answers) == sum(len([t for t, l in zip(s.input_ids, s.labels) if l != -100]) for s in (single[0], single[1]))
+    assert len(answers) == sum(len([t for t, l in zip(s.input_ids, s.labels) if l != -100])
+                               for s in (single[0], single[1]))
     assert sample.input_ids.count(processor.image_id) == single[0].input_ids.count(processor.image_id)
 
 
