@@ -39,7 +39,7 @@ import torch
 from sections import replace_section  # benchmarks/sections.py (the script's own folder)
 
 from monovlm.data.processor import Processor
-from monovlm.data.synthetic import synthesize
+from monovlm.quickstart import ensure_data
 from monovlm.train.budget import FlopsPlan, FlopsPlanner
 from monovlm.train.recipe import Recipe, load_recipe
 from monovlm.train.trainer import TrainOptions, train
@@ -318,9 +318,7 @@ def main() -> None:
     equal_flops = args.equal_flops or args.flops_budget is not None
     toy = args.n != 2000 or args.scale != 1.0 or args.pretrain_steps is not None
     data = args.out / "data"
-    summary = data / "summary.json"
-    if not summary.is_file() or json.loads(summary.read_text()).get("n") != args.n:
-        synthesize(data, n=args.n, seed=0, progress=False)
+    ensure_data(data, n=args.n, seed=0, progress=False)  # re-made unless it was written with these settings
     runs = variants(args.eval_every, args.scale, args.pretrain_steps)
     _, plans, budget = plan_runs(runs, data, equal_flops, args.count, args.flops_budget, args.measure_steps)
     records = [train_and_evaluate(name, plan, data, args.out, args.eval_limit) for name, plan in plans.items()]

@@ -106,6 +106,8 @@ def data_synth(
     image_size: int = 64,
     test_fraction: float = 0.2,
     maze_fraction: float = 0.2,
+    maze_min_cells: int = 3,
+    maze_max_cells: int = 4,
     progress: bool = True,
 ) -> None:
     """Write a seeded synthetic VLM data set (PNGs + LLaVA JSON): captions, QA by category, POPE-style existence,
@@ -118,12 +120,15 @@ def data_synth(
         image_size: side of the square images in pixels
         test_fraction: share of images held out for the test split
         maze_fraction: share of images that are mazes
+        maze_min_cells: smallest maze side in cells
+        maze_max_cells: largest maze side in cells (larger mazes have longer loops: harder)
         progress: show a progress bar
     """
     from monovlm.data.synthetic import synthesize
 
     summary = synthesize(out, n=n, seed=seed, image_size=image_size, test_fraction=test_fraction,
-                         maze_fraction=maze_fraction, progress=progress)
+                         maze_fraction=maze_fraction, progress=progress,
+                         maze_cells=(maze_min_cells, maze_max_cells))
     print(json.dumps(summary, indent=1, sort_keys=True))
 
 

@@ -25,7 +25,7 @@ def report_table(model_scores: dict[str, float], blind_scores: dict[str, float],
     return "\n".join(lines)
 
 
-DATA_SETTINGS = ("n", "seed", "maze_fraction")  # what a reused data folder must have been synthesised with
+DATA_SETTINGS = ("n", "seed", "maze_fraction", "maze_cells")  # what a reused data folder must be synthesised with
 
 
 def _synthesised_with(data: Path) -> dict[str, Any] | None:
@@ -37,11 +37,29 @@ def _synthesised_with(data: Path) -> dict[str, Any] | None:
     return {key: summary.get(key) for key in DATA_SETTINGS}
 
 
+def data_settings(n: int = 4000, seed: int = 0, maze_fraction: float = 0.2) -> dict[str, Any]:
+    """The settings, as the data's summary.json records them, of the quickstart's data (default maze sizes)."""
+    from monovlm.data.synthetic import MAZE_CELLS
+
+    return {"n": n, "seed": seed, "maze_fraction": maze_fraction, "maze_cells": list(MAZE_CELLS)}
+
+
+def ensure_data(data: Path, n: int = 4000, seed: int = 0, maze_fraction: float = 0.2, progress: bool = True,
+                prefix: str = "") -> None:
+    """Synthesise the data into `data` unless the folder already holds exactly these settings; say which."""
+    from monovlm.data.synthetic import synthesize
+
+    if _synthesised_with(Path(data)) == data_settings(n, seed, maze_fraction):
+        print(f"{prefix}reusing synthetic data in {data}")
+        return
+    print(f"{prefix}synthesising {n} images ({maze_fraction:.0%} mazes, seed {seed}) into {data}")
+    synthesize(data, n=n, seed=seed, maze_fraction=maze_fraction, progress=progress)
+
+
 def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int = 0, eval_limit: int = 1000,
                    examples: int = 6, ship: bool = False, progress: bool = True,
                    maze_fraction: float = 0.2) -> dict[str, Any]:
     from monovlm.data.processor import Processor
-    from monovlm.data.synthetic import synthesize
     from monovlm.eval.qa import answer, evaluate_qa, question_of, answer_of
     from monovlm.train.recipe import load_recipe
     from monovlm.train.trainer import TrainOptions, train
@@ -49,12 +67,7 @@ def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int
     started = time.perf_counter()
     out = Path(out)
     data = out / "data"
-    wanted = {"n": n, "seed": seed, "maze_fraction": maze_fraction}
-    if _synthesised_with(data) != wanted:
-        print(f"[1/4] synthesising {n} images ({maze_fraction:.0%} mazes) into {data}")
-        synthesize(data, n=n, seed=seed, maze_fraction=maze_fraction, progress=progress)
-    else:
-        print(f"[1/4] reusing synthetic data in {data}")
+    ensure_data(data, n=n, seed=seed, maze_fraction=maze_fraction, progress=progress, prefix="[1/4] ")
     recipe = load_recipe(recipe_name)
     recipe.seed = seed
     print(f"[2/4] training with the {recipe.name!r} recipe ({len(recipe.stages)} stages)")
@@ -78,8 +91,8 @@ def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int
         lines.append(line)
         print(line)
     minutes = (time.perf_counter() - started) / 60
-    report = {"recipe": recipe.name, **wanted, "minutes": minutes, "model": scores.accuracy, "blind": blind.accuracy,
-              "counts": scores.counts, "examples": lines}
+    report = {"recipe": recipe.name, **data_settings(n, seed, maze_fraction), "minutes": minutes,
+              "model": scores.accuracy, "blind": blind.accuracy, "counts": scores.counts, "examples": lines}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(f"# quickstart ({recipe.name}, seed {seed}, {minutes:.1f} min)\n\n{table}\n\n"
                                    + "\n".join(lines) + "\n")

@@ -365,6 +365,24 @@ def test_vit_teacher_with_monovlm_vit():
     assert [tuple(f.shape) for f in features] == [(2, 3, 16), (1, 2, 16)]
 
 
+def test_vit_teacher_patch_size_keeps_the_students_image_sizes(tmp_path):
+    from monovlm.data.synthetic import synthesize
+    from monovlm.model.teachers import build_teacher, teacher_vision
+
+    vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
+    assert teacher_vision(vision, None) is vision and teacher_vision(vision, 4) is vision
+    whole_token = teacher_vision(vision, 8)
+    assert (whole_token.patch_size, whole_token.merge, whole_token.pixels_per_token) == (8, 1, 8)
+    with pytest.raises(ValueError, match="teacher_patch_size=3 must divide the model's 8 pixels per token"):
+        teacher_vision(vision, 3)
+    synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
+    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
+                            teacher_lr=1e-3, teacher_patch_size=8)
+    teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
+    assert teacher.vit.patch_size == 8
+    assert [tuple(f.shape) for f in teacher([torch.randn(3, 32, 32)])] == [(4, 4, 16)]  # one feature per token
+
+
 def save_tiny_hf(tmp_path, kind, preprocessor=None):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 

@@ -235,6 +235,27 @@ def test_invalid_arguments_are_named(tmp_path):
         syn.synthesize(tmp_path, n=4, test_fraction=1.0, progress=False)
     with pytest.raises(ValueError, match="image_size"):
         syn.synthesize(tmp_path, n=4, image_size=16, progress=False)
+    for bad in ((4, 3), (1, 3), (3,), 4, (3.0, 4)):
+        with pytest.raises(ValueError, match="maze_cells"):
+            syn.synthesize(tmp_path, n=4, maze_cells=bad, progress=False)
+
+
+def test_maze_sizes_follow_maze_cells(tmp_path):
+    syn.synthesize(tmp_path, n=40, seed=2, maze_fraction=1.0, maze_cells=(5, 6), progress=False)
+    records = json.loads((tmp_path / "scenes.json").read_text())
+    assert {r["cells"] for r in records} == {5, 6}
+    assert json.loads((tmp_path / "summary.json").read_text())["maze_cells"] == [5, 6]
+    default = {syn.sample_maze(seed=2, index=i, image_size=64, loops=False).cells for i in range(40)}
+    assert default == set(range(syn.MAZE_CELLS[0], syn.MAZE_CELLS[1] + 1))
+
+
+def test_data_synth_command_defaults_match_the_library():
+    import inspect
+
+    from monovlm.commands import data_synth
+
+    defaults = inspect.signature(data_synth).parameters
+    assert (defaults["maze_min_cells"].default, defaults["maze_max_cells"].default) == syn.MAZE_CELLS
 
 
 def _scene(*objects: str, word: str | None = None) -> syn.Scene:

@@ -92,6 +92,50 @@ def test_training_lowers_the_loss(data_root, tmp_path):
     assert sum(result.losses[-5:]) / 5 < 0.85 * sum(result.losses[:3]) / 3
 
 
+def test_sample_loss_norm_sums_each_samples_mean_loss():
+    from torch.nn import functional as F
+
+    from monovlm.data.processor import IGNORE_INDEX
+    from monovlm.model.vlm import labelled_cross_entropy, per_sample_token_weights
+
+    torch.manual_seed(0)
+    hidden, output_weight = torch.randn(2, 9, 8), torch.randn(11, 8)  # (B, T, C), (V, C)
+    labels = torch.full((2, 9), IGNORE_INDEX)
+    segments = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 2],   # a packed row: two samples
+                             [1, 1, 1, 1, 1, 1, 0, 0, 0]])  # one sample, then padding
+    answers = {(0, 1): [2, 3, 4], (0, 2): [8], (1, 1): [1, 2, 3, 4, 5]}  # (row, segment) -> labelled positions
+    for (row, _), positions in answers.items():
+        labels[row, positions] = torch.randint(0, 11, (len(positions),))
+    weights, samples = per_sample_token_weights(labels, segments)
+    total = labelled_cross_entropy(hidden, labels, output_weight, reduction="sum", token_weights=weights)
+    means = [F.cross_entropy(hidden[row, [t - 1 for t in positions]] @ output_weight.T, labels[row, positions])
+             for (row, _), positions in answers.items()]  # position t is predicted from position t-1
+    assert samples == 3
+    assert torch.allclose(total, torch.stack(means).sum())
+    token_sum = labelled_cross_entropy(hidden, labels, output_weight, reduction="sum")
+    assert not torch.allclose(total / samples, token_sum / 9)  # really another normalisation
+
+
+def test_stage_settings_are_checked():
+    from monovlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_norm 'samples'"):
+        tiny_recipe(loss_norm="samples")
+    with pytest.raises(ConfigError, match="unknown part"):
+        tiny_recipe(train=["vision"])
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "sample"])
+def test_gradient_accumulation_equals_one_big_batch(data_root, tmp_path, loss_norm):
+    losses = []
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        recipe = tiny_recipe(batch_size=batch_size, grad_accum=grad_accum, loss_norm=loss_norm, save_every=0)
+        recipe.stages = recipe.stages[1:]
+        losses.append(train(options(recipe, data_root, tmp_path / f"b{batch_size}")).losses)
+    assert len(losses[0]) == 6
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ["eve", "evev2", "solo", "llava"])
 def test_every_shipped_recipe_runs(name, data_root, tmp_path):
     from monovlm.train.recipe import load_recipe

@@ -23,16 +23,15 @@ def resolve_model(model: str | os.PathLike) -> Path:
 
 
 def resolve_data(task_names: Sequence[str], data: str | os.PathLike | None, progress: bool = True) -> Path | None:
-    """--data, or for the synthetic tasks the quickstart's data (n=4000, seed 0), synthesised if missing."""
+    """--data, or for the synthetic tasks the quickstart's data (n=4000, seed 0), synthesised if missing or made
+    with other settings."""
     if data is not None:
         return Path(data)
     if not all(load_task(t).reader == "synthetic" for t in task_names):
         return None
-    if not (DEFAULT_SYNTHETIC_DATA / "summary.json").is_file():
-        from monovlm.data.synthetic import synthesize
+    from monovlm.quickstart import ensure_data
 
-        print(f"synthesising the quickstart's data (n=4000, seed 0) into {DEFAULT_SYNTHETIC_DATA}")
-        synthesize(DEFAULT_SYNTHETIC_DATA, n=4000, seed=0, progress=progress)
+    ensure_data(DEFAULT_SYNTHETIC_DATA, progress=progress)  # the quickstart's defaults; re-made if they changed
     return DEFAULT_SYNTHETIC_DATA
 
 

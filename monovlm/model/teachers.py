@@ -15,6 +15,7 @@ never saved with the inference model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -278,6 +279,17 @@ def precompute_features(teacher: Teacher, images_with_keys: Iterable[tuple[str, 
     return out
 
 
+def teacher_vision(vision: VisionConfig, patch_size: int | None) -> VisionConfig:
+    """The student's VisionConfig with the teacher's patch side: same pixels per token (so the same resize policy
+    and the same image sizes), split as patch_size × merge."""
+    if patch_size is None or patch_size == vision.patch_size:
+        return vision
+    token = vision.pixels_per_token
+    if patch_size < 1 or token % patch_size:
+        raise ValueError(f"teacher_patch_size={patch_size} must divide the model's {token} pixels per token")
+    return dataclasses.replace(vision, patch_size=patch_size, merge=token // patch_size)
+
+
 def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True) -> Teacher:
     """The teacher an [align] recipe table names. "vit": monovlm's own small ViT, pretrained once on the recipe's
     synthetic data and kept in RUN/teacher (reused on resume); "hf:PATH": a local CLIP/SigLIP folder;
@@ -297,8 +309,8 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
     if not (folder / "vit.json").is_file() and is_main:
         config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads)
         report: dict = {}
-        vit = pretrain_vit(data_root, config, vision, steps=align.teacher_steps, lr=align.teacher_lr, seed=0,
-                           report=report, progress=progress)
+        vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
+                           steps=align.teacher_steps, lr=align.teacher_lr, seed=0, report=report, progress=progress)
         save_vit(vit, folder)
         (folder / "pretrain_report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "losses"},
                                                                indent=1))

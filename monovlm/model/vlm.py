@@ -34,14 +34,34 @@ MODEL_TYPE = "monovlm-encoder-free"
 
 
 def labelled_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_weight: torch.Tensor,
-                           reduction: str = "mean") -> torch.Tensor:
-    """hidden (B, T, C) predicts labels shifted by one; only labelled positions go through the output head."""
+                           reduction: str = "mean", token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden (B, T, C) predicts labels shifted by one; only labelled positions go through the output head.
+    `token_weights` (B, T-1), aligned with the shifted targets, scale each token's loss ("sum" only)."""
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     selected = targets != IGNORE_INDEX
     logits = F.linear(hidden[:, :-1][selected], output_weight)  # (N_labelled, V)
     if logits.shape[0] == 0:
         return hidden.sum() * 0.0  # no labels here: a zero that keeps the graph connected
-    return F.cross_entropy(logits.float(), targets[selected], reduction=reduction)
+    if token_weights is None:
+        return F.cross_entropy(logits.float(), targets[selected], reduction=reduction)
+    if reduction != "sum":
+        raise ValueError(f"token_weights need reduction='sum', got {reduction!r}")
+    per_token = F.cross_entropy(logits.float(), targets[selected], reduction="none")  # (N_labelled,)
+    return (per_token * token_weights[selected]).sum()
+
+
+def per_sample_token_weights(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Weights that turn a summed token loss into a sum of per-sample mean losses: each labelled target token gets
+    1 / (labelled tokens of its sample). labels, segments (B, T) — segments as in `Batch.attention_mask` (k = k-th
+    sample of the row, 0 = padding), so packed rows work. -> (weights (B, T-1) float, samples with a label)."""
+    targets, target_segments = labels[:, 1:], segments[:, 1:]  # (B, T-1): the sample of each predicted token
+    selected = targets != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
+    sample_ids = rows * (int(segments.max()) + 1) + target_segments  # (B, T-1): one id per (row, segment)
+    counts = torch.zeros(labels.shape[0] * (int(segments.max()) + 1), device=labels.device)
+    counts.index_add_(0, sample_ids[selected], torch.ones(int(selected.sum()), device=labels.device))
+    weights = torch.where(selected, 1.0 / counts[sample_ids].clamp(min=1.0), torch.zeros((), device=labels.device))
+    return weights, int((counts > 0).sum())
 
 
 @dataclass

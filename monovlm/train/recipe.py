@@ -19,6 +19,9 @@ from monovlm.config import ConfigError
 PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align")
 
 
+LOSS_NORMS = ("token", "sample")
+
+
 @dataclass
 class StageConfig:
     name: str
@@ -38,6 +41,9 @@ class StageConfig:
     batch_size: int = 16  # samples per micro-batch (per rank)
     grad_accum: int = 1
     clip_grad: float = 1.0
+    # how the summed token loss is normalised: "token" (mean over the global batch's labelled tokens, LLaVA's) or
+    # "sample" (mean over samples of each sample's token mean: a one-answer sample weighs as much as a long one)
+    loss_norm: str = "token"
     pack: bool = False  # pack samples into rows of max_length tokens
     group_by_image: bool = False  # merge one-question records of an image into one multi-turn sample (LLaVA style)
     group_by_length: bool = False  # batches of samples of similar length (less padding; LLaVA's group_by_length)
@@ -54,6 +60,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: unknown part(s) {unknown}; parts are {PARTS}")
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError(f"stage {self.name!r}: steps, batch_size and grad_accum must be positive")
+        if self.loss_norm not in LOSS_NORMS:
+            raise ConfigError(f"stage {self.name!r}: loss_norm {self.loss_norm!r} is not one of {LOSS_NORMS}")
         if self.align and "align" not in self.train:
             self.train = [*self.train, "align"]
 
@@ -66,6 +74,10 @@ class AlignConfig:
     teacher_width: int = 128
     teacher_depth: int = 3
     teacher_heads: int = 4
+    # the "vit" teacher's patch side in pixels; None = the model's patch_size. It must divide the model's pixels per
+    # token (so the student's images patchify exactly); a teacher patch of one whole token (e.g. 8 for eve's 4×2)
+    # costs ~4× less per pretraining step than a 4 px one
+    teacher_patch_size: int | None = None
     layers: list[int] | None = None  # decoder layers to align; None = EVE's every-4th-layer rule
     loss: str = "cosine"
     weight: float = 1.0

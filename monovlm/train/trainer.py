@@ -2,7 +2,9 @@
 
 Per optimizer step: fetch `grad_accum` micro-batches, count their labelled tokens across all ranks, then for each
 micro-batch run forward (bf16 autocast by default) and backward with the loss *summed* over tokens and divided by
-that global count — so gradient accumulation and data parallelism give exactly the loss of one big batch. Then clip,
+that global count — so gradient accumulation and data parallelism give exactly the loss of one big batch. (With a
+stage's `loss_norm = "sample"` the units are samples: each token's loss is divided by its sample's labelled tokens
+and the sum by the global number of samples.) Then clip,
 set the learning rate (warmup + cosine), step AdamW, log (loss, tokens/s, MFU) and maybe evaluate or checkpoint.
 
 A checkpoint holds the model folder plus the training state (optimizer, data position, RNG, align head); `resume`
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from monovlm.data.collate import Batch
 from monovlm.data.processor import IGNORE_INDEX, Processor
-from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy
+from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy, per_sample_token_weights
 from monovlm.tokenizer import Tokenizer
 from monovlm.train import checkpoint as ckpt
 from monovlm.train.build import build_model
@@ -85,8 +87,10 @@ class TrainModule(nn.Module):
         self.model = model
         self.aligner = aligner
 
-    def forward(self, batch: Batch, teacher=None, align_layers=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (summed cross-entropy over labelled tokens, align loss or 0)."""
+    def forward(self, batch: Batch, teacher=None, align_layers=None,
+                per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (summed cross-entropy over labelled tokens — with `per_sample`, of each sample's token mean —,
+        align loss or 0)."""
         model = self.model
         images = batch.images or None
         use_align = self.aligner is not None and teacher is not None and images is not None
@@ -97,7 +101,9 @@ class TrainModule(nn.Module):
             capture = HiddenCapture(model.decoder, align_layers)
         with capture as captured:
             hidden = model.hidden_states(batch.input_ids, images, batch.attention_mask)
-        ce_sum = labelled_cross_entropy(hidden, batch.labels, model.decoder.output_weight, reduction="sum")
+        weights = per_sample_token_weights(batch.labels, batch.attention_mask)[0] if per_sample else None
+        ce_sum = labelled_cross_entropy(hidden, batch.labels, model.decoder.output_weight, reduction="sum",
+                                        token_weights=weights)
         if not use_align:
             return ce_sum, ce_sum.new_zeros(())
         from monovlm.model.align import alignment_loss
@@ -118,8 +124,13 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-def _labelled_tokens(batch: Batch | None) -> int:
-    return 0 if batch is None else int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+def _loss_units(batch: Batch | None, loss_norm: str) -> int:
+    """What the summed loss is divided by, counted in one micro-batch: labelled tokens, or samples with a label."""
+    if batch is None:
+        return 0
+    if loss_norm == "sample":
+        return per_sample_token_weights(batch.labels, batch.attention_mask)[1]
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class Trainer:
@@ -249,8 +260,8 @@ class Trainer:
         for step in range(start_step, stage.steps):
             started = time.perf_counter()
             micro_batches = [stream.next_batch() for _ in range(stage.grad_accum)]
-            local_tokens = sum(_labelled_tokens(b) for b in micro_batches)
-            global_tokens = all_reduce_sum(torch.tensor(float(local_tokens)), info).item()
+            local_units = sum(_loss_units(b, stage.loss_norm) for b in micro_batches)
+            global_units = all_reduce_sum(torch.tensor(float(local_units)), info).item()
             ce_total = torch.zeros((), device=info.device)
             align_total = torch.zeros((), device=info.device)
             seen_tokens = 0
@@ -263,12 +274,13 @@ class Trainer:
                 visual_tokens += int((batch.input_ids == model.image_token_id).sum())
                 sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, options.dtype):
-                    ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers)
-                    loss = ce_sum * info.world_size / max(global_tokens, 1.0) + align / stage.grad_accum
+                    ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers,
+                                            stage.loss_norm == "sample")
+                    loss = ce_sum * info.world_size / max(global_units, 1.0) + align / stage.grad_accum
                 loss.backward()
                 ce_total += ce_sum.detach().float()
                 align_total += align.detach().float() / stage.grad_accum
-            ce_mean = all_reduce_sum(ce_total, info).item() / max(global_tokens, 1.0)
+            ce_mean = all_reduce_sum(ce_total, info).item() / max(global_units, 1.0)
             align_mean = all_reduce_sum(align_total, info).item() / info.world_size
             if stage.clip_grad > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
