@@ -25,16 +25,13 @@ def report_table(model_scores: dict[str, float], blind_scores: dict[str, float],
     return "\n".join(lines)
 
 
-DATA_SETTINGS = ("n", "seed", "maze_fraction", "maze_cells")  # what a reused data folder must be synthesised with
-
-
 def _synthesised_with(data: Path) -> dict[str, Any] | None:
     """The settings the data folder was synthesised with (None if there is none): reused only when they match."""
     try:
         summary = json.loads((data / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return {key: summary.get(key) for key in DATA_SETTINGS}
+    return {key: summary.get(key) for key in data_settings()}  # what a reused folder must match
 
 
 def data_settings(n: int = 4000, seed: int = 0, maze_fraction: float = 0.2) -> dict[str, Any]:

@@ -56,9 +56,10 @@ def per_sample_token_weights(labels: torch.Tensor, segments: torch.Tensor) -> tu
     sample of the row, 0 = padding), so packed rows work. -> (weights (B, T-1) float, samples with a label)."""
     targets, target_segments = labels[:, 1:], segments[:, 1:]  # (B, T-1): the sample of each predicted token
     selected = targets != IGNORE_INDEX
+    ids_per_row = int(segments.max()) + 1
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
-    sample_ids = rows * (int(segments.max()) + 1) + target_segments  # (B, T-1): one id per (row, segment)
-    counts = torch.zeros(labels.shape[0] * (int(segments.max()) + 1), device=labels.device)
+    sample_ids = rows * ids_per_row + target_segments  # (B, T-1): one id per (row, segment)
+    counts = torch.zeros(labels.shape[0] * ids_per_row, device=labels.device)
     counts.index_add_(0, sample_ids[selected], torch.ones(int(selected.sum()), device=labels.device))
     weights = torch.where(selected, 1.0 / counts[sample_ids].clamp(min=1.0), torch.zeros((), device=labels.device))
     return weights, int((counts > 0).sum())

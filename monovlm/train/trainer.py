@@ -88,9 +88,9 @@ class TrainModule(nn.Module):
         self.aligner = aligner
 
     def forward(self, batch: Batch, teacher=None, align_layers=None,
-                per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (summed cross-entropy over labelled tokens — with `per_sample`, of each sample's token mean —,
-        align loss or 0)."""
+                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (summed cross-entropy over labelled tokens, each scaled by `token_weights` when given, align loss
+        or 0)."""
         model = self.model
         images = batch.images or None
         use_align = self.aligner is not None and teacher is not None and images is not None
@@ -101,9 +101,8 @@ class TrainModule(nn.Module):
             capture = HiddenCapture(model.decoder, align_layers)
         with capture as captured:
             hidden = model.hidden_states(batch.input_ids, images, batch.attention_mask)
-        weights = per_sample_token_weights(batch.labels, batch.attention_mask)[0] if per_sample else None
         ce_sum = labelled_cross_entropy(hidden, batch.labels, model.decoder.output_weight, reduction="sum",
-                                        token_weights=weights)
+                                        token_weights=token_weights)
         if not use_align:
             return ce_sum, ce_sum.new_zeros(())
         from monovlm.model.align import alignment_loss
@@ -124,13 +123,15 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-def _loss_units(batch: Batch | None, loss_norm: str) -> int:
-    """What the summed loss is divided by, counted in one micro-batch: labelled tokens, or samples with a label."""
+def _loss_units(batch: Batch | None, loss_norm: str) -> tuple[int, torch.Tensor | None]:
+    """(what the summed loss is divided by, counted in one micro-batch: labelled tokens, or samples with a label;
+    the per-token weights of the "sample" norm, else None)."""
     if batch is None:
-        return 0
+        return 0, None
     if loss_norm == "sample":
-        return per_sample_token_weights(batch.labels, batch.attention_mask)[1]
-    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        weights, samples = per_sample_token_weights(batch.labels, batch.attention_mask)
+        return samples, weights
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), None
 
 
 class Trainer:
@@ -260,22 +261,24 @@ class Trainer:
         for step in range(start_step, stage.steps):
             started = time.perf_counter()
             micro_batches = [stream.next_batch() for _ in range(stage.grad_accum)]
-            local_units = sum(_loss_units(b, stage.loss_norm) for b in micro_batches)
+            units = [_loss_units(b, stage.loss_norm) for b in micro_batches]  # [(count, token weights or None)]
+            local_units = sum(count for count, _ in units)
             global_units = all_reduce_sum(torch.tensor(float(local_units)), info).item()
             ce_total = torch.zeros((), device=info.device)
             align_total = torch.zeros((), device=info.device)
             seen_tokens = 0
             visual_tokens = 0
-            for index, batch in enumerate(micro_batches):
+            for index, (batch, (_, weights)) in enumerate(zip(micro_batches, units)):
                 if batch is None:
                     continue
                 batch = batch.to(info.device)
+                weights = None if weights is None else weights.to(info.device)
                 seen_tokens += batch.num_tokens
                 visual_tokens += int((batch.input_ids == model.image_token_id).sum())
                 sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, options.dtype):
                     ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers,
-                                            stage.loss_norm == "sample")
+                                            weights)
                     loss = ce_sum * info.world_size / max(global_units, 1.0) + align / stage.grad_accum
                 loss.backward()
                 ce_total += ce_sum.detach().float()
