@@ -108,6 +108,7 @@ def data_synth(
     maze_fraction: float = 0.2,
     maze_min_cells: int = 3,
     maze_max_cells: int = 4,
+    train_negatives: str = "pope",
     progress: bool = True,
 ) -> None:
     """Write a seeded synthetic VLM data set (PNGs + LLaVA JSON): captions, QA by category, POPE-style existence,
@@ -122,13 +123,15 @@ def data_synth(
         maze_fraction: share of images that are mazes
         maze_min_cells: smallest maze side in cells
         maze_max_cells: largest maze side in cells (larger mazes have longer loops: harder)
+        train_negatives: existence negatives of the train split: pope (POPE's samplers, as the test split) or
+            balanced (each object asked absent as often as present, so the name never predicts the answer)
         progress: show a progress bar
     """
     from monovlm.data.synthetic import synthesize
 
     summary = synthesize(out, n=n, seed=seed, image_size=image_size, test_fraction=test_fraction,
                          maze_fraction=maze_fraction, progress=progress,
-                         maze_cells=(maze_min_cells, maze_max_cells))
+                         maze_cells=(maze_min_cells, maze_max_cells), train_negatives=train_negatives)
     print(json.dumps(summary, indent=1, sort_keys=True))
 
 

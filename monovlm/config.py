@@ -12,6 +12,7 @@ from typing import Any
 
 # The model families whose HF checkpoints we read and write. SmolLM2 ships as model_type "llama".
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+IMAGE_ATTENTION = ("causal", "bidirectional")  # DecoderConfig.image_attention
 
 # RoPE variants we implement exactly as HF does. "default" means plain RoPE with rope_theta.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -49,6 +50,9 @@ class DecoderConfig:
     o_proj_bias: bool = False  # bias on the attention output projection (Llama/Qwen3 when attention_bias=true)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     sliding_window: int | None = None  # Mistral: each query sees at most this many most recent keys
+    # "causal" (EVE, Fuyu, SOLO, Mono-InternVL) or "bidirectional": the visual tokens of one image also see the later
+    # tokens of that image (NEO), as a vision encoder's patches do; text stays causal, so generation is unchanged.
+    image_attention: str = "causal"
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -82,6 +86,8 @@ class DecoderConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.image_attention not in IMAGE_ATTENTION:
+            raise ConfigError(f"image_attention={self.image_attention!r} is not one of {IMAGE_ATTENTION}")
         if self.num_heads % self.num_kv_heads != 0:
             raise ConfigError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (grouped-query "

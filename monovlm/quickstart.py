@@ -38,7 +38,8 @@ def data_settings(n: int = 4000, seed: int = 0, maze_fraction: float = 0.2) -> d
     """The settings, as the data's summary.json records them, of the quickstart's data (default maze sizes)."""
     from monovlm.data.synthetic import MAZE_CELLS
 
-    return {"n": n, "seed": seed, "maze_fraction": maze_fraction, "maze_cells": list(MAZE_CELLS)}
+    return {"n": n, "seed": seed, "maze_fraction": maze_fraction, "maze_cells": list(MAZE_CELLS),
+            "train_negatives": "pope"}
 
 
 def ensure_data(data: Path, n: int = 4000, seed: int = 0, maze_fraction: float = 0.2, progress: bool = True,

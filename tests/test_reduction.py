@@ -106,10 +106,16 @@ def reduction_for(name, keep=KEEP, positions="original"):
     return build_reduction(name, keep=keep, positions=positions, **options)
 
 
-@pytest.mark.parametrize("experts", [False, True])
+@pytest.fixture(scope="module")
+def bidirectional_model():
+    return build_model(image_attention="bidirectional")
+
+
+@pytest.mark.parametrize("variant", ["plain", "experts", "bidirectional"])
 @pytest.mark.parametrize("name", ALL)
-def test_cached_decoding_equals_full_forward_with_the_same_decisions(model, expert_model, name, experts):
-    vlm = expert_model if experts else model
+def test_cached_decoding_equals_full_forward_with_the_same_decisions(model, expert_model, bidirectional_model, name,
+                                                                    variant):
+    vlm = {"plain": model, "experts": expert_model, "bidirectional": bidirectional_model}[variant]
     input_ids, mask, images, _ = batch(vlm)
     reduction = reduction_for(name)
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +296,42 @@ def test_pope_negative_samplers():
     assert by_split["popular"][1]["question"] == "Is there a red circle in the image?"  # most frequent absent
     assert by_split["adversarial"][1]["question"] == "Is there a purple cross in the image?"  # co-occurs most
     assert by_split["random"][1]["question"] != by_split["random"][0]["question"]
+    # name-balanced: the absent object asked present most often more than absent, and the balance is kept
+    balance = Counter({"red circle": 2, "blue square": 3, "purple cross": 1})
+    qs = syn.existence_questions(query, stats, syn.BALANCED, rng, balance=balance)
+    assert [q["question"] for q in qs] == ["Is there a green triangle in the image?",
+                                           "Is there a blue square in the image?"]
+    assert balance == {"red circle": 2, "blue square": 2, "purple cross": 1, "green triangle": 1}
+    with pytest.raises(ValueError, match="balance"):
+        syn.existence_questions(query, stats, syn.BALANCED, rng)
+
+
+def test_balanced_train_negatives_make_the_name_uninformative(tmp_path):
+    # POPE's samplers (the default, and always the test split's) make the name predictive; "balanced" must not
+    pope, balanced = tmp_path / "pope", tmp_path / "balanced"
+    syn.synthesize(pope, n=400, seed=2, image_size=32, maze_fraction=0.0, progress=False)
+    summary = syn.synthesize(balanced, n=400, seed=2, image_size=32, maze_fraction=0.0, progress=False,
+                             train_negatives="balanced")
+    assert summary["train_negatives"] == "balanced" and set(summary["instruct_train"]["pope"]) == {"balanced"}
+    assert _load(balanced, "instruct_test.json") == _load(pope, "instruct_test.json")  # the test split is unchanged
+    assert _hashes(balanced / "images") == _hashes(pope / "images")
+
+    def name_only_accuracy(folder):  # the best a blind model can do: the majority answer of each question
+        answers: dict[str, Counter] = {}
+        for q in _load(folder, "instruct_train.json"):
+            if q["category"] == "existence":
+                answers.setdefault(q["question"], Counter())[q["answer"]] += 1
+        assert len(answers) == len(syn.OBJECTS)
+        return sum(max(c.values()) for c in answers.values()) / sum(sum(c.values()) for c in answers.values()), answers
+
+    pope_accuracy, _ = name_only_accuracy(pope)
+    balanced_accuracy, answers = name_only_accuracy(balanced)
+    assert pope_accuracy > 0.6
+    assert all(abs(c["yes"] - c["no"]) <= 1 for c in answers.values()) and balanced_accuracy < 0.52
+    # train questions, existence included, of a shorter run are a prefix: the greedy balance looks back only
+    syn.synthesize(tmp_path / "short", n=200, seed=2, image_size=32, maze_fraction=0.0, progress=False,
+                   train_negatives="balanced")
+    short = _load(tmp_path / "short", "instruct_train.json")
+    assert short == _load(balanced, "instruct_train.json")[: len(short)]
+    with pytest.raises(ValueError, match="train_negatives"):
+        syn.synthesize(tmp_path / "bad", n=4, train_negatives="random")

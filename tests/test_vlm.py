@@ -90,9 +90,9 @@ def test_bad_samples_raise_sample_error(tokenizer):
         processor.process({"image": "../../etc/passwd", **sample()}, image_root="/tmp/root")
 
 
-@pytest.mark.parametrize("kind", ["conv", "eve"])
-def test_packed_logits_equal_unpacked(tokenizer, kind):
-    model, processor = build(tokenizer, VISION_SETTINGS[kind])
+@pytest.mark.parametrize("kind,image_attention", [("conv", "causal"), ("eve", "causal"), ("eve", "bidirectional")])
+def test_packed_logits_equal_unpacked(tokenizer, kind, image_attention):
+    model, processor = build(tokenizer, VISION_SETTINGS[kind], image_attention=image_attention)
     samples = [
         processor.process(sample("what colour is it", "red"), images=[image(16, 24, seed=1)]),
         processor.process({"conversations": [{"from": "human", "value": "how many shapes"},

@@ -19,8 +19,10 @@ Determinism. Each image comes from `numpy.random.default_rng([seed, index, strea
 with n = k. Split, scene/maze choice and maze loopiness use low-discrepancy (Weyl) sequences in the index, so every
 prefix holds the requested fractions to within a few items, again independent of n; loop and loop-free mazes
 alternate within each split, so maze answers are balanced to within one per split. The one exception, by
-design: POPE's "popular" and "adversarial" negatives rank objects by frequency / co-occurrence *measured on the
-generated set*, exactly as POPE measures them on its image set, so those negatives can change with n.
+design: POPE's "popular" and "adversarial" negatives (test split) rank objects by frequency / co-occurrence
+*measured on the generated set*, exactly as POPE measures them on its image set, so those negatives can change with
+n. With `train_negatives="balanced"` the train split's existence negatives are name-balanced instead (the answer
+cannot be read from the question), chosen greedily in index order, so they are the same in every prefix.
 
 Scenes. A 3x3 grid of cells; 1-4 shapes each take a distinct cell (jittered inside it), so shapes never overlap and
 "where is X?" always has exactly one answer. Optionally a word is written across one whole row of cells (no shape
@@ -111,6 +113,15 @@ MAZE_STYLES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (  
 
 CATEGORIES: tuple[str, ...] = ("attribute", "counting", "spatial", "reading", "existence", "maze")
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+# How the *train* split's existence negatives are drawn (`synthesize(train_negatives=...)`). "pope" (default): as the
+# test split's, one of POPE's three samplers per image. POPE's samplers are an evaluation device, though: "popular"
+# asks the most frequent absent object every time, so on POPE-sampled training questions the name alone predicts the
+# answer (64.5% on the quickstart's 5,120 train questions: "a red circle" is asked absent 828 times, present 214) and
+# a tiny model learns that prior. "balanced": each object is asked absent as often as it has been asked present
+# (greedy, in index order), so the question says nothing about the answer (50.0%) and only the image can help; the
+# test split keeps POPE's samplers either way, so `synthetic_pope` still measures how far a model follows them.
+BALANCED = "balanced"
+TRAIN_NEGATIVES: tuple[str, ...] = ("pope", BALANCED)
 OBJECTS: tuple[str, ...] = tuple(f"{c} {k}" for c in COLORS for k in KINDS)  # existence vocabulary (POPE "objects")
 EXISTENCE_PAIRS = 1  # (yes, no) question pairs per scene image, fewer when the scene has fewer distinct objects
 MAX_SHAPES = 4
@@ -124,7 +135,8 @@ _ALPHA_TEST = (math.sqrt(5.0) - 1.0) / 2.0
 _ALPHA_MAZE = math.sqrt(2.0) - 1.0
 
 __all__ = [
-    "BACKGROUNDS", "CATEGORIES", "COLORS", "KINDS", "OBJECTS", "POPE_SPLITS", "POSITIONS", "SIZES", "WORDS",
+    "BACKGROUNDS", "BALANCED", "CATEGORIES", "COLORS", "KINDS", "OBJECTS", "POPE_SPLITS", "POSITIONS", "SIZES",
+    "TRAIN_NEGATIVES", "WORDS",
     "Background", "Maze", "MazeTopology", "PopeStats", "Scene", "Shape",
     "existence_questions", "maze_caption", "maze_geometry", "maze_questions", "maze_topology", "nearest_color",
     "pope_statistics", "render_maze", "render_scene", "sample_maze", "sample_scene", "scene_caption",
@@ -449,7 +461,8 @@ def pope_statistics(scenes: Iterable[Scene]) -> PopeStats:
     )
 
 
-def _pope_negative(split: str, positive: str, excluded: set[str], stats: PopeStats, rng: np.random.Generator) -> str:
+def _pope_negative(split: str, positive: str, excluded: set[str], stats: PopeStats, rng: np.random.Generator,
+                   balance: Counter[str] | None = None) -> str:
     candidates = [o for o in OBJECTS if o not in excluded]
     if split == "popular":
         counts = stats.frequency
@@ -457,23 +470,36 @@ def _pope_negative(split: str, positive: str, excluded: set[str], stats: PopeSta
         counts = stats.co_occurrence[positive]
     elif split == "random":
         counts = None
+    elif split == BALANCED:
+        if balance is None:
+            raise ValueError(f"the {BALANCED!r} sampler needs the running balance of asked objects")
+        most_owed = max(balance[o] for o in candidates)  # asked present most often more than asked absent
+        return _pick(rng, [o for o in candidates if balance[o] == most_owed])
     else:
-        raise ValueError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS}")
+        raise ValueError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS + (BALANCED,)}")
     if counts is not None and max(counts[o] for o in candidates) > 0:
         return max(candidates, key=lambda o: counts[o])  # max keeps the first of ties: vocabulary order
     return _pick(rng, candidates)  # POPE falls back to random when the statistics rank nothing
 
 
 def existence_questions(
-    scene: Scene, stats: PopeStats, split: str, rng: np.random.Generator, pairs: int = EXISTENCE_PAIRS
+    scene: Scene, stats: PopeStats, split: str, rng: np.random.Generator, pairs: int = EXISTENCE_PAIRS,
+    balance: Counter[str] | None = None,
 ) -> list[dict[str, str]]:
-    """Alternating yes/no questions "Is there a <color> <kind> in the image?", balanced exactly per image."""
+    """Alternating yes/no questions "Is there a <color> <kind> in the image?", balanced exactly per image.
+
+    `balance` (for split BALANCED, updated in place): object -> times asked present minus times asked absent.
+    """
     present = sorted({s.name for s in scene.shapes}, key=OBJECTS.index)
     positives = [present[i] for i in rng.permutation(len(present))[:pairs]]
     asked = set(present)  # never a negative that is in the image, never the same object twice
     questions = []
     for positive in positives:
-        negative = _pope_negative(split, positive, asked, stats, rng)
+        if balance is not None:
+            balance[positive] += 1
+        negative = _pope_negative(split, positive, asked, stats, rng, balance)
+        if balance is not None:
+            balance[negative] -= 1
         asked.add(negative)
         for obj, answer in ((positive, "yes"), (negative, "no")):
             questions.append(_qa("existence", f"Is there {_article(obj)} in the image?", answer, pope_split=split))
@@ -670,7 +696,7 @@ def _maze_record(maze: Maze, topology: MazeTopology) -> dict[str, Any]:
 
 
 def _validate(n: int, seed: int, image_size: int, test_fraction: float, maze_fraction: float,
-              maze_cells: tuple[int, int]) -> None:
+              maze_cells: tuple[int, int], train_negatives: str) -> None:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -686,6 +712,8 @@ def _validate(n: int, seed: int, image_size: int, test_fraction: float, maze_fra
             or not 2 <= maze_cells[0] <= maze_cells[1]):
         raise ValueError(f"maze_cells must be (smallest, largest) cells per side with 2 <= smallest <= largest, "
                          f"got {maze_cells!r}")
+    if train_negatives not in TRAIN_NEGATIVES:
+        raise ValueError(f"train_negatives must be one of {TRAIN_NEGATIVES}, got {train_negatives!r}")
 
 
 def synthesize(
@@ -697,13 +725,15 @@ def synthesize(
     maze_fraction: float = 0.2,
     progress: bool = True,
     maze_cells: tuple[int, int] = MAZE_CELLS,
+    train_negatives: str = "pope",
 ) -> dict[str, Any]:
     """Write n images plus LLaVA-format captions and questions under out_dir; return (and write) the summary.
 
     `maze_cells`: (smallest, largest) cells per side of a maze, inclusive (capped by the image size).
+    `train_negatives`: "pope" or "balanced", how the train split's existence negatives are drawn (TRAIN_NEGATIVES).
     Files are byte-identical for equal arguments. Existing files of the same names are overwritten.
     """
-    _validate(n, seed, image_size, test_fraction, maze_fraction, maze_cells)
+    _validate(n, seed, image_size, test_fraction, maze_fraction, maze_cells, train_negatives)
     maze_cells = (maze_cells[0], maze_cells[1])
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -744,10 +774,14 @@ def synthesize(
 
     # Existence needs dataset-wide statistics, hence a second pass (as POPE measures them on its image set).
     stats = pope_statistics(scenes.values())
+    balance: Counter[str] = Counter()  # train negatives: object -> times asked present minus times asked absent
     for index, scene in scenes.items():
         rng = np.random.default_rng([seed, index, _EXISTENCE])
         split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
-        records[index]["questions"] += existence_questions(scene, stats, split, rng)
+        if records[index]["split"] == "train" and train_negatives == BALANCED:
+            records[index]["questions"] += existence_questions(scene, stats, BALANCED, rng, balance=balance)
+        else:
+            records[index]["questions"] += existence_questions(scene, stats, split, rng)
 
     pretrain, instruct = [], {"train": [], "test": []}
     for record in records:
@@ -761,7 +795,7 @@ def synthesize(
             instruct[record["split"]].append(_llava_qa(f"{record['id']}_{k}", record["image"], qa))
 
     summary = _summary(records, instruct, len(pretrain), n, seed, image_size, test_fraction, maze_fraction,
-                       maze_cells)
+                       maze_cells, train_negatives)
     _write_json(out / "pretrain.json", pretrain)
     _write_json(out / "instruct_train.json", instruct["train"])
     _write_json(out / "instruct_test.json", instruct["test"])
@@ -780,18 +814,20 @@ def _summary(
     test_fraction: float,
     maze_fraction: float,
     maze_cells: tuple[int, int],
+    train_negatives: str,
 ) -> dict[str, Any]:
     def split_counts(entries: list[dict[str, Any]]) -> dict[str, Any]:
-        pope: dict[str, Counter[str]] = {s: Counter() for s in POPE_SPLITS}
+        pope: dict[str, Counter[str]] = {}
         for e in entries:
             if e["category"] == "existence":
-                pope[e["pope_split"]][e["answer"]] += 1
+                pope.setdefault(e["pope_split"], Counter())[e["answer"]] += 1
         return {
             "questions": len(entries),
             "categories": {c: sum(e["category"] == c for e in entries) for c in CATEGORIES},
             "answers": {c: dict(sorted(Counter(e["answer"] for e in entries if e["category"] == c).items()))
                         for c in CATEGORIES},
-            "pope": {s: {"yes": pope[s]["yes"], "no": pope[s]["no"]} for s in POPE_SPLITS},
+            "pope": {s: {"yes": pope[s]["yes"], "no": pope[s]["no"]} for s in POPE_SPLITS + (BALANCED,)
+                     if s in pope},
         }
 
     images = Counter((r["split"], r["type"]) for r in records)
@@ -802,6 +838,7 @@ def _summary(
         "test_fraction": test_fraction,
         "maze_fraction": maze_fraction,
         "maze_cells": list(maze_cells),
+        "train_negatives": train_negatives,
         "images": {s: {"scene": images[(s, "scene")], "maze": images[(s, "maze")]} for s in ("train", "test")},
         "pretrain": n_pretrain,
         "instruct_train": split_counts(instruct["train"]),

@@ -17,7 +17,7 @@ from torch import nn
 from monovlm.config import DecoderConfig
 from monovlm.model.experts import Routing, route
 from monovlm.model.kv_cache import KVCache, LayerGroup
-from monovlm.model.masks import build_attention_mask, position_ids_from_segments
+from monovlm.model.masks import build_attention_mask, open_images, position_ids_from_segments
 from monovlm.model.rope import RotaryTable, apply_rotary
 
 
@@ -224,7 +224,8 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T) segment ids (0 = padding; 1/0 padding
         masks are one segment per row) or a ready boolean mask (B, 1, T, S); position_ids (B, T); vision_mask (B, T)
-        True at visual tokens, which then take the vision experts (when the config has any)."""
+        True at visual tokens, which then take the vision experts (when the config has any) and, with
+        image_attention = "bidirectional", see the later tokens of their own image."""
         hidden = self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, cache, vision_mask)
         if last_only:
             hidden = hidden[:, -1:]
@@ -255,7 +256,8 @@ class Decoder(nn.Module):
             cache.check_room(length)
             cache.allocate()
             store = cache.groups[0]
-        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device)
+        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device,
+                                                                 vision_mask)
         if position_ids is None:
             start = cache.next_position if cache is not None and cache.length > 0 else None
             position_ids = self._default_positions(segment_ids, batch, length, start, x.device)
@@ -313,7 +315,8 @@ class Decoder(nn.Module):
                                  f"{cache.length} tokens)")
             cache.check_room(length)
             store = cache.groups[0]
-        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device)
+        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device,
+                                                                 vision_mask)
         if segment_ids is None:
             segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)
         if position_ids is None:
@@ -331,7 +334,8 @@ class Decoder(nn.Module):
                     if cache is not None:
                         store = cache.split(index, x.shape[1], cache.max_length - length, kept.position_shift)
                         group_segments[store] = segment_ids
-                    attn_mask, is_causal, _ = self._attention_mask(segment_ids, batch, x.shape[1], store, x.device)
+                    attn_mask, is_causal, _ = self._attention_mask(segment_ids, batch, x.shape[1], store, x.device,
+                                                                   kept.vision_mask)
                     cos, sin = self.rotary(position_ids, x.dtype)
                     routing = Routing.from_mask(kept.vision_mask) if self.config.has_experts else None
             if store is not None:
@@ -343,9 +347,10 @@ class Decoder(nn.Module):
             cache.next_position = next_position
         return self.norm(x)
 
-    def _attention_mask(self, attention_mask, batch, length, store, device):
+    def _attention_mask(self, attention_mask, batch, length, store, device, vision_mask=None):
         """Pick the cheapest correct SDPA arguments: (attn_mask, is_causal, segment_ids or None). `store` is the KV
-        cache's layer group the new tokens attend through (its cached slots, their segments), or None."""
+        cache's layer group the new tokens attend through (its cached slots, their segments), or None.
+        `vision_mask` (B, T) matters only with image_attention = "bidirectional" (then the mask is explicit)."""
         past = store.length if store is not None else 0
         window = self.config.sliding_window
         window_matters = window is not None and past + length > window
@@ -359,7 +364,9 @@ class Decoder(nn.Module):
             if store is not None and bool((segment_ids == 0).any()):
                 store.has_padding = True
         has_padding = store.has_padding if store is not None else False
-        if trivial and not has_padding and not window_matters:
+        within_images = (self.config.image_attention == "bidirectional" and vision_mask is not None
+                         and bool(vision_mask.any()))
+        if trivial and not has_padding and not window_matters and not within_images:
             if past == 0:
                 return None, length > 1, segment_ids
             if length == 1:
@@ -371,4 +378,6 @@ class Decoder(nn.Module):
         else:
             key_segments = segment_ids
         mask = build_attention_mask(segment_ids, key_segments, past, window if window_matters else None)
+        if within_images:
+            mask = open_images(mask, vision_mask, past)
         return mask, False, segment_ids

@@ -53,3 +53,22 @@ def build_attention_mask(
     # never used (no loss, never attended), it only has to stay finite.
     mask = mask | (key_slots == query_slots)[None]
     return mask[:, None]  # (B, 1, Tq, Tk)
+
+
+def image_spans(vision_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> (B, T) long: k at the tokens of the k-th run of visual tokens in the row (from 1), 0 elsewhere.
+    The processor brackets every image with start/end tokens, so one run is one image."""
+    previous = torch.nn.functional.pad(vision_mask[:, :-1], (1, 0), value=False)
+    starts = vision_mask & ~previous
+    return torch.where(vision_mask, starts.long().cumsum(dim=1), torch.zeros_like(vision_mask, dtype=torch.long))
+
+
+def open_images(mask: torch.Tensor, vision_mask: torch.Tensor, query_offset: int) -> torch.Tensor:
+    """NEO's rule: besides what `mask` (B, 1, Tq, Tk) allows, the visual tokens of one image see each other both ways.
+
+    vision_mask (B, Tq) marks the new tokens' visual positions (slots [query_offset, query_offset + Tq)); an image
+    is never split across calls, so cached keys (slots before query_offset) are left as they are."""
+    spans = image_spans(vision_mask)  # (B, Tq)
+    key_spans = torch.nn.functional.pad(spans, (query_offset, mask.shape[-1] - query_offset - spans.shape[1]))
+    same_image = (spans[:, :, None] == key_spans[:, None, :]) & (spans[:, :, None] > 0)  # (B, Tq, Tk)
+    return mask | same_image[:, None]
