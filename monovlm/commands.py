@@ -123,8 +123,7 @@ def data_synth(
         maze_fraction: share of images that are mazes
         maze_min_cells: smallest maze side in cells
         maze_max_cells: largest maze side in cells (larger mazes have longer loops: harder)
-        train_negatives: existence negatives of the train split: pope (POPE's samplers, as the test split) or
-            balanced (each object asked absent as often as present, so the name never predicts the answer)
+        train_negatives: train existence negatives: pope (POPE's samplers) or balanced (the name says nothing)
         progress: show a progress bar
     """
     from monovlm.data.synthetic import synthesize
