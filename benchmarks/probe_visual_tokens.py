@@ -4,11 +4,13 @@ For every shape of the synthetic scenes (`monovlm data synth`), take the visual 
 3×3 tokens around it, `--neighbourhood`) at the embedder output and after each decoder layer, train a small MLP
 (one hidden layer of 256) on the shapes of train-split images to predict the shape's kind and colour, and report its
 accuracy on the shapes of test-split images beside the majority-class prior. `--pixels` probes the raw pixels around
-each centre instead, the ceiling: what the image itself gives away.
+each centre instead, the ceiling: what the image itself gives away. `--teacher RUN/teacher` probes the align loss's
+target: the features of the ViT teacher a run trained (the patch at each centre; images prepared as for `--model`).
 
     python benchmarks/probe_visual_tokens.py --model default --data runs/quickstart/data
     python benchmarks/probe_visual_tokens.py --model default --data runs/quickstart/data --neighbourhood
     python benchmarks/probe_visual_tokens.py --data runs/quickstart/data --pixels 10
+    python benchmarks/probe_visual_tokens.py --data runs/quickstart/data --teacher runs/quickstart/run/teacher
 
 The prompt is the image and "Describe the image." (no question), so decoder depths show what the image tokens hold
 before any question asks for it. Colour is one token's pixels; kind needs a shape's boundary, which spans tokens.
@@ -89,6 +91,25 @@ def token_features(model_path: str, data: Path, scenes: list[dict], neighbourhoo
     return names, [torch.stack([shape[k] for shape in per_shape]).float() for k in range(len(names))]
 
 
+def teacher_features(teacher_folder: Path, model_path: str, data: Path, scenes: list[dict]):
+    from monovlm.data.images import image_to_tensor, load_image
+    from monovlm.eval.run import resolve_model
+    from monovlm.model.teachers import ViTTeacher
+    from monovlm.model.vit import load_vit
+    from monovlm.model.vlm import EncoderFreeVLM
+
+    vision = EncoderFreeVLM.load(resolve_model(model_path)).config.vision
+    teacher = ViTTeacher(load_vit(teacher_folder))
+    rows = []
+    for scene in scenes:
+        pixels = image_to_tensor(load_image(data / scene["image"]), vision)  # (3, H, W)
+        grid = teacher([pixels])[0]  # (rows, cols, D)
+        for shape in scene["shapes"]:
+            rows.append(grid[shape["cy"] * grid.shape[0] // pixels.shape[1],
+                             shape["cx"] * grid.shape[1] // pixels.shape[2]].float())
+    return ["teacher"], [torch.stack(rows)]
+
+
 def pixel_features(data: Path, scenes: list[dict], half: int) -> tuple[list[str], list[torch.Tensor]]:
     rows = []
     for scene in scenes:
@@ -107,6 +128,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=1200, help="most scene images to read")
     parser.add_argument("--neighbourhood", action="store_true", help="the 3x3 tokens around each centre, concatenated")
     parser.add_argument("--pixels", type=int, default=0, help="probe raw pixels: half the window side (e.g. 10)")
+    parser.add_argument("--teacher", type=Path, help="probe a ViT teacher folder (RUN/teacher) instead of the model")
     args = parser.parse_args()
 
     records = json.loads((args.data / "scenes.json").read_text())
@@ -115,6 +137,8 @@ def main() -> None:
         raise SystemExit(f"{args.data / 'scenes.json'} has no shape scenes")
     if args.pixels:
         names, features = pixel_features(args.data, scenes, args.pixels)
+    elif args.teacher:
+        names, features = teacher_features(args.teacher, args.model, args.data, scenes)
     else:
         names, features = token_features(args.model, args.data, scenes, args.neighbourhood)
     is_test = torch.tensor([scene["split"] == "test" for scene in scenes for _ in scene["shapes"]])

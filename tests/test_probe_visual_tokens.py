@@ -44,3 +44,13 @@ def test_script_on_pixels_and_on_the_shipped_model(tmp_path):
                             "--scenes", "20"], capture_output=True, text=True, check=True).stdout
     assert "| attribute | prior | embedder | layer 1 | layer 2 | layer 3 | layer 4 |" in model
     assert all(len(r) == 6 for r in _rows(model).values())
+    # a (random, tiny) ViT teacher folder: one column of the teacher's patch features
+    from monovlm.config import EncoderConfig
+    from monovlm.model.vit import ViT, save_vit
+
+    torch.manual_seed(0)
+    save_vit(ViT(EncoderConfig(width=32, depth=1, heads=2), patch_size=8), tmp_path / "teacher")
+    teacher = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), "--teacher",
+                              str(tmp_path / "teacher"), "--scenes", "20"], capture_output=True, text=True,
+                             check=True).stdout
+    assert "| attribute | prior | teacher |" in teacher and all(len(r) == 2 for r in _rows(teacher).values())
