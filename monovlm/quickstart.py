@@ -36,10 +36,10 @@ def _synthesised_with(data: Path) -> dict[str, Any] | None:
 
 def data_settings(n: int = 4000, seed: int = 0, maze_fraction: float = 0.2) -> dict[str, Any]:
     """The settings, as the data's summary.json records them, of the quickstart's data (default maze sizes)."""
-    from monovlm.data.synthetic import MAZE_CELLS
+    from monovlm.data.synthetic import MAZE_CELLS, POPE
 
     return {"n": n, "seed": seed, "maze_fraction": maze_fraction, "maze_cells": list(MAZE_CELLS),
-            "train_negatives": "pope"}
+            "train_negatives": POPE}
 
 
 def ensure_data(data: Path, n: int = 4000, seed: int = 0, maze_fraction: float = 0.2, progress: bool = True,

@@ -120,8 +120,8 @@ POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 # a tiny model learns that prior. "balanced": each object is asked absent as often as it has been asked present
 # (greedy, in index order), so the question says nothing about the answer (50.0%) and only the image can help; the
 # test split keeps POPE's samplers either way, so `synthetic_pope` still measures how far a model follows them.
-BALANCED = "balanced"
-TRAIN_NEGATIVES: tuple[str, ...] = ("pope", BALANCED)
+POPE, BALANCED = "pope", "balanced"
+TRAIN_NEGATIVES: tuple[str, ...] = (POPE, BALANCED)
 OBJECTS: tuple[str, ...] = tuple(f"{c} {k}" for c in COLORS for k in KINDS)  # existence vocabulary (POPE "objects")
 EXISTENCE_PAIRS = 1  # (yes, no) question pairs per scene image, fewer when the scene has fewer distinct objects
 MAX_SHAPES = 4
@@ -135,7 +135,7 @@ _ALPHA_TEST = (math.sqrt(5.0) - 1.0) / 2.0
 _ALPHA_MAZE = math.sqrt(2.0) - 1.0
 
 __all__ = [
-    "BACKGROUNDS", "BALANCED", "CATEGORIES", "COLORS", "KINDS", "OBJECTS", "POPE_SPLITS", "POSITIONS", "SIZES",
+    "BACKGROUNDS", "BALANCED", "CATEGORIES", "COLORS", "KINDS", "OBJECTS", "POPE", "POPE_SPLITS", "POSITIONS", "SIZES",
     "TRAIN_NEGATIVES", "WORDS",
     "Background", "Maze", "MazeTopology", "PopeStats", "Scene", "Shape",
     "existence_questions", "maze_caption", "maze_geometry", "maze_questions", "maze_topology", "nearest_color",
@@ -725,7 +725,7 @@ def synthesize(
     maze_fraction: float = 0.2,
     progress: bool = True,
     maze_cells: tuple[int, int] = MAZE_CELLS,
-    train_negatives: str = "pope",
+    train_negatives: str = POPE,
 ) -> dict[str, Any]:
     """Write n images plus LLaVA-format captions and questions under out_dir; return (and write) the summary.
 

@@ -69,6 +69,6 @@ def open_images(mask: torch.Tensor, vision_mask: torch.Tensor, query_offset: int
     vision_mask (B, Tq) marks the new tokens' visual positions (slots [query_offset, query_offset + Tq)); an image
     is never split across calls, so cached keys (slots before query_offset) are left as they are."""
     spans = image_spans(vision_mask)  # (B, Tq)
-    key_spans = torch.nn.functional.pad(spans, (query_offset, mask.shape[-1] - query_offset - spans.shape[1]))
+    key_spans = torch.nn.functional.pad(spans, (query_offset, 0))  # (B, Tk): the keys are the cache, then the new
     same_image = (spans[:, :, None] == key_spans[:, None, :]) & (spans[:, :, None] > 0)  # (B, Tq, Tk)
     return mask | same_image[:, None]
