@@ -6,6 +6,8 @@ For every shape of the synthetic scenes (`monovlm data synth`), take the visual 
 accuracy on the shapes of test-split images beside the majority-class prior. `--pixels` probes the raw pixels around
 each centre instead, the ceiling: what the image itself gives away. `--teacher RUN/teacher` probes the align loss's
 target: the features of the ViT teacher a run trained (the patch at each centre; images prepared as for `--model`).
+`--linear` probes with a linear classifier instead of the MLP: what a decoder can read off a token in one step
+(attention's values and the align head are linear in it).
 
     python benchmarks/probe_visual_tokens.py --model default --data runs/quickstart/data
     python benchmarks/probe_visual_tokens.py --model default --data runs/quickstart/data --neighbourhood
@@ -32,14 +34,19 @@ from monovlm.data import synthetic as syn
 ATTRIBUTES = {"kind": list(syn.KINDS), "color": list(syn.COLORS)}
 
 
-def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, is_test: torch.Tensor, steps: int = 300) -> float:
-    """Train a one-hidden-layer MLP on the train rows of features (N, D) -> labels (N,); accuracy on the test rows."""
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, is_test: torch.Tensor, steps: int = 300,
+                   linear: bool = False) -> float:
+    """Train a one-hidden-layer MLP (or, `linear`, a linear classifier) on the train rows of features (N, D) ->
+    labels (N,); accuracy on the test rows."""
     train = ~is_test
     mean, std = features[train].mean(0), features[train].std(0) + 1e-5
     x = (features - mean) / std
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(),
-                              torch.nn.Linear(256, int(labels.max()) + 1))
+    classes = int(labels.max()) + 1
+    if linear:
+        net = torch.nn.Linear(x.shape[1], classes)
+    else:
+        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
     for _ in range(steps):  # full batch: a few thousand shapes
         loss = F.cross_entropy(net(x[train]), labels[train])
@@ -129,6 +136,7 @@ def main() -> None:
     parser.add_argument("--neighbourhood", action="store_true", help="the 3x3 tokens around each centre, concatenated")
     parser.add_argument("--pixels", type=int, default=0, help="probe raw pixels: half the window side (e.g. 10)")
     parser.add_argument("--teacher", type=Path, help="probe a ViT teacher folder (RUN/teacher) instead of the model")
+    parser.add_argument("--linear", action="store_true", help="a linear probe instead of the one-hidden-layer MLP")
     args = parser.parse_args()
 
     records = json.loads((args.data / "scenes.json").read_text())
@@ -148,7 +156,7 @@ def main() -> None:
     for attribute, vocabulary in ATTRIBUTES.items():
         labels = torch.tensor([vocabulary.index(shape[attribute]) for scene in scenes for shape in scene["shapes"]])
         prior = (labels[is_test] == torch.bincount(labels[~is_test]).argmax()).float().mean().item()
-        accuracies = [probe_accuracy(f, labels, is_test) for f in features]
+        accuracies = [probe_accuracy(f, labels, is_test, linear=args.linear) for f in features]
         print(f"| {attribute} | {100 * prior:.1f} | " + " | ".join(f"{100 * a:.1f}" for a in accuracies) + " |")
 
 

@@ -135,6 +135,9 @@ class VisionConfig:
     merge: int = 2  # 1 for linear; the 2×2 merge of eve/conv
     embedder_width: int = 256  # channels of the eve/conv stem
     embedder_heads: int = 4  # heads of eve's local/global attention
+    # side of a residual conv over the token grid after the embedder (0: none): each token then sees its neighbours'
+    # pixels (3: 3×3 tokens), so an object wider than one token can be recognised in the token at its centre
+    embedder_context: int = 0
     patch_bias: bool = True  # bias of the linear embedder (Fuyu: yes, SOLO: no)
     use_cls: bool = True
     use_row_separator: bool = True
@@ -162,6 +165,8 @@ class VisionConfig:
             raise ConfigError(f"merge={self.merge} must be >= 1")
         if self.patch_size <= 0:
             raise ConfigError(f"patch_size={self.patch_size} must be positive")
+        if self.embedder_context < 0 or (self.embedder_context and self.embedder_context % 2 == 0):
+            raise ConfigError(f"embedder_context={self.embedder_context} must be 0 (none) or an odd conv side")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
         if self.max_pixels < self.pixels_per_token**2:

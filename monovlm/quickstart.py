@@ -36,10 +36,12 @@ def _synthesised_with(data: Path) -> dict[str, Any] | None:
 
 def data_settings(n: int = 4000, seed: int = 0, maze_fraction: float = 0.2) -> dict[str, Any]:
     """The settings, as the data's summary.json records them, of the quickstart's data (default maze sizes)."""
-    from monovlm.data.synthetic import MAZE_CELLS, POPE
+    from monovlm.data.synthetic import BALANCED, MAZE_CELLS
 
+    # balanced train existence negatives: with POPE's samplers the question's wording gives the answer away and the
+    # model learns the name prior instead of looking (see synthetic.TRAIN_NEGATIVES)
     return {"n": n, "seed": seed, "maze_fraction": maze_fraction, "maze_cells": list(MAZE_CELLS),
-            "train_negatives": POPE}
+            "train_negatives": BALANCED}
 
 
 def ensure_data(data: Path, n: int = 4000, seed: int = 0, maze_fraction: float = 0.2, progress: bool = True,
@@ -51,7 +53,9 @@ def ensure_data(data: Path, n: int = 4000, seed: int = 0, maze_fraction: float =
         print(f"{prefix}reusing synthetic data in {data}")
         return
     print(f"{prefix}synthesising {n} images ({maze_fraction:.0%} mazes, seed {seed}) into {data}")
-    synthesize(data, n=n, seed=seed, maze_fraction=maze_fraction, progress=progress)
+    settings = data_settings(n, seed, maze_fraction)
+    synthesize(data, n=n, seed=seed, maze_fraction=maze_fraction, progress=progress,
+               train_negatives=settings["train_negatives"])
 
 
 def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int = 0, eval_limit: int = 1000,

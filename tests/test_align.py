@@ -28,6 +28,7 @@ from monovlm.model.teachers import (
     PrecomputedTeacher,
     Teacher,
     ViTTeacher,
+    WhitenedTeacher,
     precompute_features,
 )
 from monovlm.model.vlm import EncoderFreeVLM
@@ -381,6 +382,72 @@ def test_vit_teacher_patch_size_keeps_the_students_image_sizes(tmp_path):
     teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
     assert teacher.vit.patch_size == 8
     assert [tuple(f.shape) for f in teacher([torch.randn(3, 32, 32)])] == [(4, 4, 16)]  # one feature per token
+
+
+def test_vit_teacher_is_reused_only_with_the_same_settings_and_data(tmp_path, monkeypatch, capsys):
+    from monovlm.data.synthetic import synthesize
+    from monovlm.model import vit as vit_module
+    from monovlm.model.teachers import build_teacher
+
+    calls = []
+    original = vit_module.pretrain_vit
+    monkeypatch.setattr(vit_module, "pretrain_vit", lambda *a, **k: calls.append(k["steps"]) or original(*a, **k))
+    vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
+    synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
+    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
+                            teacher_lr=1e-3, teacher_patch_size=8)
+    build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
+    build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)  # resume: reused
+    assert calls == [2]
+    build_teacher(SimpleNamespace(**{**vars(align), "teacher_steps": 3}), vision, tmp_path / "data", tmp_path / "run",
+                  progress=False)
+    assert calls == [2, 3] and "pretraining the teacher again" in capsys.readouterr().out
+    synthesize(tmp_path / "data", n=12, seed=1, image_size=32, progress=False)  # other images, same folder
+    build_teacher(SimpleNamespace(**{**vars(align), "teacher_steps": 3}), vision, tmp_path / "data", tmp_path / "run",
+                  progress=False)
+    assert calls == [2, 3, 3]
+
+
+def test_whitened_teacher_has_unit_covariance_on_its_fit_images():
+    torch.manual_seed(0)
+    vit = TinyViT(width=8)
+    with torch.no_grad():
+        vit.patch.weight[:4] *= 50.0  # four loud directions beside four quiet ones, as in a real teacher
+    base = ViTTeacher(vit)
+    images = [torch.randn(3, 32, 32) for _ in range(64)]  # 64 × 16 patches of 8 features
+    teacher = WhitenedTeacher.fit(base, images, eps=1e-6)
+    assert teacher.feature_dim == 8
+    raw = torch.cat([f.reshape(-1, 8) for f in base(images)])
+    whitened = torch.cat([f.reshape(-1, 8) for f in teacher(images)])  # (1024, 8)
+    assert raw.var(0).max() / raw.var(0).min() > 100  # the loud directions dominate before ...
+    assert whitened.mean(0).abs().max() < 1e-4
+    assert torch.allclose(torch.cov(whitened.T), torch.eye(8), atol=1e-3)  # ... and weigh the same after
+    # a fixed affine map: whitening a new image does not depend on what else is in the batch
+    other = torch.randn(3, 16, 24)
+    assert torch.allclose(teacher([other])[0], teacher([other, images[0]])[0], atol=1e-6)
+    assert teacher([other])[0].shape == (2, 3, 8)
+    with pytest.raises(ValueError, match="at least one image"):
+        WhitenedTeacher.fit(base, [])
+
+
+def test_build_teacher_whitens_when_the_recipe_asks(tmp_path):
+    from monovlm.data.synthetic import synthesize
+    from monovlm.model.teachers import build_teacher
+
+    vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
+    synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
+    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
+                            teacher_lr=1e-3, teacher_patch_size=8, whiten=True, whiten_images=8)
+    teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
+    assert isinstance(teacher, WhitenedTeacher) and teacher.feature_dim == 16
+    from monovlm.train.flops import teacher_params
+
+    assert teacher_params(teacher) == sum(p.numel() for p in teacher.teacher.vit.parameters()) > 0
+    plain = build_teacher(SimpleNamespace(**{**vars(align), "whiten": False}), vision, tmp_path / "data",
+                          tmp_path / "run", progress=False)  # reuses the pretrained ViT in RUN/teacher
+    image = torch.randn(3, 32, 32)
+    expected = (plain([image])[0] - teacher.mean) @ teacher.transform
+    assert torch.allclose(teacher([image])[0], expected, atol=1e-5)
 
 
 def save_tiny_hf(tmp_path, kind, preprocessor=None):

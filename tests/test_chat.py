@@ -40,6 +40,22 @@ def scenes(tmp_path_factory):
     return [(root / r["image"], r["question"]) for r in (first, second)]
 
 
+@pytest.fixture(scope="module")
+def reducible(scenes, model):
+    """An (image, attribute question) of the scenes fixture's data whose answer divprune keeping 10% of the tokens
+    changes, alone and with VCD: so a test sees whether a reduction flag was applied."""
+    root = scenes[0][0].parent.parent
+    records = [r for r in json.loads((root / "instruct_train.json").read_text()) if r["category"] == "attribute"]
+    for record in records:
+        image, question = root / record["image"], record["conversations"][0]["value"].replace("<image>\n", "")
+        plain = answer_alone(model, question, [image])
+        reduced = answer_alone(model, question, [image], reduction=build_reduction("divprune", keep=0.1))
+        both = answer_alone(model, question, [image], reduction=build_reduction("divprune", keep=0.1), strategy=VCD())
+        if plain != reduced and plain != both:
+            return image, question
+    raise AssertionError("divprune keeping 10% of the tokens changes no answer: the model ignores the image")
+
+
 def answer_alone(model, question, images, turns=None, reduction=None, strategy=None):
     """Greedy answer from `generate`; with `turns` (earlier (question, answer) pairs) the prompt is the one
     Processor.process writes for the whole conversation, cut where the last answer starts; `reduction` (a Reduction)
@@ -119,9 +135,9 @@ def test_a_conversation_that_outgrows_the_context_is_refused(model):
     assert out.getvalue() == "" and session.turns == []
 
 
-def test_reduction_and_decoding_flags(scenes, model, capsys):
+def test_reduction_and_decoding_flags(reducible, model, capsys):
     """--reduce / --keep / --decoding give generate's answer with that reduction and strategy."""
-    (image, question), _ = scenes
+    image, question = reducible
     plain = answer_alone(model, question, [image])
     answers = []
     for flags, reduction, strategy in [
@@ -152,11 +168,11 @@ def test_bad_method_flags_are_refused(flags, words, capsys):
         assert word in err, err
 
 
-def test_methods_apply_to_questions_with_images_only(model, scenes):
+def test_methods_apply_to_questions_with_images_only(model, reducible):
     """A text-only conversation is answered plainly (both methods act on images); once an image is attached, the
     reduction applies."""
     vlm, processor = model
-    (image, question), _ = scenes
+    image, question = reducible
     config = GenerationConfig(max_new_tokens=64, stop_ids=processor.stop_ids)
     session = ChatSession(vlm, processor, config, InferenceMethods("divprune", 0.1, "vcd"))
     assert "".join(session.ask("How many shapes are there?")) == answer_alone(model, "How many shapes are there?", [])

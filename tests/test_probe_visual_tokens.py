@@ -31,6 +31,10 @@ def test_probe_accuracy_learns_a_separable_label_and_not_noise():
     noise = torch.randint(0, 2, (400,), generator=generator)
     assert probe_accuracy(features, separable, is_test) > 0.8  # 0.89: 300 train rows, 15 noise features
     assert probe_accuracy(features, noise, is_test) < 0.65
+    xor = ((features[:, 3] > 0) ^ (features[:, 5] > 0)).long()  # not linearly separable
+    assert probe_accuracy(features, xor, is_test, steps=600) > 0.7
+    assert probe_accuracy(features, xor, is_test, steps=600, linear=True) < 0.65
+    assert probe_accuracy(features, separable, is_test, linear=True) > 0.8
 
 
 def test_script_on_pixels_and_on_the_shipped_model(tmp_path):

@@ -33,5 +33,6 @@ def test_ensure_data_remakes_a_folder_written_with_other_maze_sizes(tmp_path, ca
     ensure_data(data, n=12, seed=3, maze_fraction=0.5, progress=False)
     assert "synthesising" in capsys.readouterr().out
     assert _synthesised_with(data)["maze_cells"] == list(MAZE_CELLS)
+    assert _synthesised_with(data)["train_negatives"] == "balanced"  # the quickstart's train questions
     ensure_data(data, n=12, seed=3, maze_fraction=0.5, progress=False)
     assert "reusing" in capsys.readouterr().out

@@ -123,6 +123,10 @@ def test_stage_settings_are_checked():
         tiny_recipe(loss_norm="samples")
     with pytest.raises(ConfigError, match="unknown part"):
         tiny_recipe(train=["vision"])
+    from monovlm.train.recipe import AlignConfig
+
+    with pytest.raises(ConfigError, match="whiten_images=0"):
+        AlignConfig(whiten=True, whiten_images=0)
 
 
 @pytest.mark.parametrize("loss_norm", ["token", "sample"])

@@ -5,12 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from monovlm.config import DecoderConfig, ProcessorConfig, VisionConfig, VLMConfig
+from monovlm.config import ConfigError, DecoderConfig, ProcessorConfig, VisionConfig, VLMConfig
 from monovlm.data.collate import collate, collate_packed, length_grouped_batches, pack
 from monovlm.data.images import num_image_tokens
 from monovlm.data.processor import IGNORE_INDEX, Processor, SampleError
 from monovlm.infer.generate import GenerationConfig, generate
 from monovlm.model.decoder import Decoder
+from monovlm.model.embedders import build_embedder
 from monovlm.model.vlm import EncoderFreeVLM
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
 
@@ -18,6 +19,8 @@ VISION_SETTINGS = {
     "linear": VisionConfig(embedder="linear", patch_size=8, merge=1, use_cls=False, max_pixels=64 * 64),
     "eve": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64),
     "conv": VisionConfig(embedder="conv", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64),
+    "eve+context": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64,
+                                embedder_context=3),
 }
 
 
@@ -90,7 +93,8 @@ def test_bad_samples_raise_sample_error(tokenizer):
         processor.process({"image": "../../etc/passwd", **sample()}, image_root="/tmp/root")
 
 
-@pytest.mark.parametrize("kind,image_attention", [("conv", "causal"), ("eve", "causal"), ("eve", "bidirectional")])
+@pytest.mark.parametrize("kind,image_attention", [("conv", "causal"), ("eve", "causal"), ("eve", "bidirectional"),
+                                                  ("eve+context", "causal")])
 def test_packed_logits_equal_unpacked(tokenizer, kind, image_attention):
     model, processor = build(tokenizer, VISION_SETTINGS[kind], image_attention=image_attention)
     samples = [
@@ -151,8 +155,37 @@ def test_experts_copied_from_text_change_nothing_on_text(tokenizer):
         assert torch.equal(plain(text_ids), experts(text_ids))
 
 
-def test_save_load_round_trip_and_generation(tokenizer, tmp_path):
-    model, processor = build(tokenizer, VISION_SETTINGS["eve"], expert_mlp=True)
+@pytest.mark.parametrize("kind", ["linear", "eve", "conv"])
+@pytest.mark.parametrize("context", [0, 3, 5])
+def test_embedder_context_reaches_exactly_the_neighbouring_tokens(kind, context):
+    """With `embedder_context = k`, changing the pixels under one token changes the grid tokens within k // 2 tokens
+    of it (rows and columns) and no others; with 0 only that token changes."""
+    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "embedder_context": context, "use_cls": False,
+                             "use_row_separator": False})
+    torch.manual_seed(0)
+    embedder = build_embedder(vision, hidden_size=32).eval()
+    ppt = vision.pixels_per_token
+    pixels = torch.rand(3, 7 * ppt, 7 * ppt) * 2 - 1
+    changed = pixels.clone()
+    changed[:, 3 * ppt:4 * ppt, 1 * ppt:2 * ppt] += 0.5  # the token at row 3, column 1
+    with torch.no_grad():
+        before, after = (embedder([p])[0].view(7, 7, -1) for p in (pixels, changed))
+    moved = (after - before).abs().amax(-1) > 1e-6  # (7, 7)
+    reach = context // 2
+    rows, cols = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
+    expected = ((rows - 3).abs() <= reach) & ((cols - 1).abs() <= reach)
+    assert torch.equal(moved, expected)
+
+
+@pytest.mark.parametrize("side", [-1, 2, 4])
+def test_embedder_context_must_be_zero_or_odd(side):
+    with pytest.raises(ConfigError, match="embedder_context"):
+        VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_context=side)
+
+
+@pytest.mark.parametrize("kind", ["eve", "eve+context"])
+def test_save_load_round_trip_and_generation(tokenizer, tmp_path, kind):
+    model, processor = build(tokenizer, VISION_SETTINGS[kind], expert_mlp=True)
     model.save(tmp_path, tokenizer)
     loaded = EncoderFreeVLM.load(tmp_path)
     ids, tensors = processor.prompt("what colour is it", [image(16, 16)])

@@ -53,6 +53,8 @@ class Embedder(nn.Module):
         token_width = self.layout_width()
         self.cls_token = nn.Parameter(torch.randn(token_width) * 0.02) if config.use_cls else None
         self.row_separator = nn.Parameter(torch.randn(token_width) * 0.02) if config.use_row_separator else None
+        side = config.embedder_context
+        self.context = nn.Conv2d(token_width, token_width, side, padding=side // 2) if side else None
 
     def layout_width(self) -> int:
         """Width of the grid tokens when CLS/separator are attached (the decoder width unless overridden)."""
@@ -61,6 +63,13 @@ class Embedder(nn.Module):
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) -> grid tokens (B, rows, cols, C)."""
         raise NotImplementedError
+
+    def with_context(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (B, rows, cols, C) -> the same plus a conv over each token's neighbourhood (`embedder_context`)."""
+        if self.context is None:
+            return grid
+        mixed = self.context(F.gelu(grid).permute(0, 3, 1, 2))  # (B, C, rows, cols); zero padding at the border
+        return grid + mixed.permute(0, 2, 3, 1)
 
     def cls(self, grid: torch.Tensor) -> torch.Tensor:
         """The CLS token for each image (B, C); a learned constant unless a subclass lets it look at the image."""
@@ -104,7 +113,7 @@ class Embedder(nn.Module):
             if height % ppt or width % ppt:
                 raise ValueError(f"image of size {height}x{width} is not a multiple of {ppt} pixels per token")
             pixels = torch.stack([images[i] for i in indices])  # (B, 3, H, W)
-            tokens = self.finish(self.layout(self.grid(pixels)))  # (B, N, hidden)
+            tokens = self.finish(self.layout(self.with_context(self.grid(pixels))))  # (B, N, hidden)
             for row, index in enumerate(indices):
                 outputs[index] = tokens[row]
         return outputs  # type: ignore[return-value]

@@ -16,11 +16,12 @@ never saved with the inference model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -290,10 +291,32 @@ def teacher_vision(vision: VisionConfig, patch_size: int | None) -> VisionConfig
     return dataclasses.replace(vision, patch_size=patch_size, merge=token // patch_size)
 
 
+TEACHER_SETTINGS_FILE = "made_with.json"
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _vit_teacher_settings(align, vision: VisionConfig, data_root) -> dict[str, Any]:
+    """What a pretrained "vit" teacher depends on: its settings, the image geometry and the data (scenes.json's
+    hash). RUN/teacher is reused (resume, a second run into the same folder) only when all of these match."""
+    scenes = Path(data_root) / "scenes.json"
+    digest = hashlib.sha256(scenes.read_bytes()).hexdigest() if scenes.is_file() else None
+    settings = {"width": align.teacher_width, "depth": align.teacher_depth, "heads": align.teacher_heads,
+                "steps": align.teacher_steps, "lr": align.teacher_lr,
+                "vision": teacher_vision(vision, align.teacher_patch_size).to_dict(), "scenes_sha256": digest}
+    return json.loads(json.dumps(settings))  # as read back from the file: tuples become lists
+
+
 def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True) -> Teacher:
     """The teacher an [align] recipe table names. "vit": monovlm's own small ViT, pretrained once on the recipe's
-    synthetic data and kept in RUN/teacher (reused on resume); "hf:PATH": a local CLIP/SigLIP folder;
-    "features:PATH": precomputed features keyed by image path."""
+    synthetic data and kept in RUN/teacher (reused while its settings and data match, e.g. on resume), ZCA-whitened
+    when `align.whiten`; "hf:PATH": a local CLIP/SigLIP folder; "features:PATH": precomputed features keyed by image
+    path."""
     spec = align.teacher
     if spec.startswith("hf:"):
         return HFVisionTeacher.from_folder(spec[3:], vision=vision)
@@ -306,7 +329,10 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
 
     folder = Path(run_dir) / "teacher"
     is_main = info is None or info.is_main
-    if not (folder / "vit.json").is_file() and is_main:
+    made_with = _vit_teacher_settings(align, vision, data_root)
+    if is_main and _read_json_or_none(folder / TEACHER_SETTINGS_FILE) != made_with:
+        if (folder / "vit.json").is_file():
+            print(f"{folder} was pretrained with other settings or data: pretraining the teacher again")
         config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads)
         report: dict = {}
         vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
@@ -314,8 +340,48 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
         save_vit(vit, folder)
         (folder / "pretrain_report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "losses"},
                                                                indent=1))
+        (folder / TEACHER_SETTINGS_FILE).write_text(json.dumps(made_with, indent=1) + "\n")
     if info is not None and info.enabled:
         import torch.distributed as dist
 
         dist.barrier()  # other ranks wait for rank 0's teacher
-    return ViTTeacher(load_vit(folder))
+    teacher = ViTTeacher(load_vit(folder))
+    if getattr(align, "whiten", False):
+        from monovlm.model.vit import load_patch_dataset
+
+        samples = load_patch_dataset(data_root, teacher_vision(vision, align.teacher_patch_size), "train")
+        images = [s["pixels"] for s in samples[:align.whiten_images]]
+        teacher = WhitenedTeacher.fit(teacher, images)
+    return teacher
+
+
+class WhitenedTeacher:
+    """A teacher whose patch features are ZCA-whitened: (f - mean) @ W with W = C^(-1/2) of the features' covariance C
+    (eigenvalues floored at `eps` times their mean), so each feature direction has unit variance over the fit images."""
+
+    def __init__(self, teacher: Teacher, mean: torch.Tensor, transform: torch.Tensor):
+        self.teacher, self.mean, self.transform = teacher, mean, transform
+        self.feature_dim = teacher.feature_dim
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, teacher: Teacher, images: Sequence[torch.Tensor], eps: float = 1e-3,
+            batch: int = 64) -> "WhitenedTeacher":
+        if not images:
+            raise ValueError("whitening the teacher needs at least one image")
+        features = torch.cat([f.reshape(-1, f.shape[-1]).float() for start in range(0, len(images), batch)
+                              for f in teacher(images[start:start + batch])])  # (N_patches, D)
+        mean = features.mean(0)
+        covariance = torch.cov((features - mean).T)  # (D, D)
+        values, vectors = torch.linalg.eigh(covariance)
+        values = values.clamp_min(eps * values.mean())
+        return cls(teacher, mean, vectors @ torch.diag(values.rsqrt()) @ vectors.T)
+
+    def to(self, *args, **kwargs) -> "WhitenedTeacher":
+        self.teacher.to(*args, **kwargs)
+        self.mean, self.transform = self.mean.to(*args, **kwargs), self.transform.to(*args, **kwargs)
+        return self
+
+    def __call__(self, images: Sequence[torch.Tensor], keys: Sequence[str] | None = None) -> list[torch.Tensor]:
+        features = self.teacher(images, keys)
+        return [((f.float() - self.mean) @ self.transform).to(f.dtype) for f in features]

@@ -34,7 +34,8 @@ def flops_per_token(model, seq_len: int) -> float:
 
 def teacher_params(teacher) -> int:
     """Parameters of an align teacher that runs a network (monovlm's ViT: `.vit`; an HF tower: `.model`); 0 for
-    precomputed features or no teacher."""
+    precomputed features or no teacher. A wrapper (WhitenedTeacher) counts the teacher it wraps."""
+    teacher = getattr(teacher, "teacher", teacher)
     network = getattr(teacher, "vit", None)
     if network is None:
         network = getattr(teacher, "model", None)

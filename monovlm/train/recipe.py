@@ -82,6 +82,14 @@ class AlignConfig:
     loss: str = "cosine"
     weight: float = 1.0
     heads: int = 4
+    # ZCA-whiten the teacher's features (mean and covariance over `whiten_images` train images): every direction of
+    # the teacher's feature space then weighs the same in the loss, not only its few high-variance ones
+    whiten: bool = False
+    whiten_images: int = 512
+
+    def __post_init__(self) -> None:
+        if self.whiten_images <= 0:
+            raise ConfigError(f"[align] whiten_images={self.whiten_images} must be positive")
 
 
 @dataclass
