@@ -49,11 +49,11 @@ def ensure_data(data: Path, n: int = 4000, seed: int = 0, maze_fraction: float =
     """Synthesise the data into `data` unless the folder already holds exactly these settings; say which."""
     from monovlm.data.synthetic import synthesize
 
-    if _synthesised_with(Path(data)) == data_settings(n, seed, maze_fraction):
+    settings = data_settings(n, seed, maze_fraction)
+    if _synthesised_with(Path(data)) == settings:
         print(f"{prefix}reusing synthetic data in {data}")
         return
     print(f"{prefix}synthesising {n} images ({maze_fraction:.0%} mazes, seed {seed}) into {data}")
-    settings = data_settings(n, seed, maze_fraction)
     synthesize(data, n=n, seed=seed, maze_fraction=maze_fraction, progress=progress,
                train_negatives=settings["train_negatives"])
 

@@ -349,8 +349,9 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
     if getattr(align, "whiten", False):
         from monovlm.model.vit import load_patch_dataset
 
-        samples = load_patch_dataset(data_root, teacher_vision(vision, align.teacher_patch_size), "train")
-        images = [s["pixels"] for s in samples[:align.whiten_images]]
+        samples = load_patch_dataset(data_root, teacher_vision(vision, align.teacher_patch_size), "train",
+                                     limit=align.whiten_images)
+        images = [s["pixels"] for s in samples]
         teacher = WhitenedTeacher.fit(teacher, images)
     return teacher
 

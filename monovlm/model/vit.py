@@ -283,9 +283,11 @@ def _label_maps(colour_ids: np.ndarray, kind_ids: np.ndarray, height: int, width
     return ids
 
 
-def load_patch_dataset(data_dir: str | os.PathLike, vision: VisionConfig, split: str) -> list[dict[str, Any]]:
-    """The split's images as model input plus dense labels: pixels (3, H, W), labels (2, H, W) uint8 per-pixel
-    colour / kind ids, word id, and each shape's (centre y, centre x, colour id, kind id) in input pixels."""
+def load_patch_dataset(data_dir: str | os.PathLike, vision: VisionConfig, split: str,
+                       limit: int | None = None) -> list[dict[str, Any]]:
+    """The split's images (the first `limit` of them, or all) as model input plus dense labels: pixels (3, H, W),
+    labels (2, H, W) uint8 per-pixel colour / kind ids, word id, and each shape's (centre y, centre x, colour id,
+    kind id) in input pixels."""
     from monovlm.data.images import image_to_tensor, load_image
 
     folder = Path(data_dir)
@@ -296,6 +298,8 @@ def load_patch_dataset(data_dir: str | os.PathLike, vision: VisionConfig, split:
     for record in json.loads(scenes_file.read_text()):
         if record["split"] != split:
             continue
+        if limit is not None and len(samples) >= limit:
+            break
         image = load_image(folder / record["image"], max_source_pixels=vision.max_source_pixels)
         pixels = image_to_tensor(image, vision)  # (3, H, W) at the resize policy's size
         height, width = pixels.shape[1:]
