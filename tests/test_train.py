@@ -59,6 +59,21 @@ def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path, group
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
+def test_resuming_a_finished_run_says_so_and_runs_only_added_stages(data_root, tmp_path, capsys):
+    recipe = tiny_recipe()
+    full = train(options(recipe, data_root, tmp_path / "run"))
+    capsys.readouterr()
+    again = train(options(recipe, data_root, tmp_path / "run", resume=True))
+    assert again.losses == [] and "nothing left to train" in capsys.readouterr().out
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, again.model.state_dict()[name]), name
+    longer = tiny_recipe()
+    longer.stages.append(longer.stages[1])  # one more qa stage of 6 steps: only it runs
+    more = train(options(longer, data_root, tmp_path / "run", resume=True))
+    assert len(more.losses) == 6 and "nothing left to train" not in capsys.readouterr().out
+    assert any(not torch.equal(t, more.model.state_dict()[n]) for n, t in full.model.state_dict().items())
+
+
 def test_frozen_parts_do_not_move_and_metrics_are_written(data_root, tmp_path):
     recipe = tiny_recipe()
     recipe.stages = recipe.stages[:1]  # caption stage: only the embedder trains

@@ -214,6 +214,9 @@ class Trainer:
         start_stage = state["stage"] if state is not None else 0
         global_step = state["global_step"] if state is not None else 0
         self.total_flops = state.get("flops", 0.0) if state is not None else 0.0
+        if start_stage >= len(self.recipe.stages):
+            self.log(f"the checkpoint has finished all {len(self.recipe.stages)} stage(s) of this recipe: nothing left "
+                     "to train (to train on from it, give the recipe more stages; those run)")
         for stage_index in range(start_stage, len(self.recipe.stages)):
             stage = self.recipe.stages[stage_index]
             stage_state = state if state is not None and stage_index == start_stage else None
