@@ -54,19 +54,14 @@ def auc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
     return float((above + 0.5 * ties).mean())
 
 
-def margins(model, processor, tokenizer, records: list[dict], data: Path, blank: bool) -> torch.Tensor:
-    """(N,) logit("yes") - logit("no") of each record's first answer token, with its image or a blank one."""
-    from PIL import Image
-
-    from monovlm.eval.harness import blank_like
+def margins(model, processor, tokenizer, records: list[dict], images: list) -> torch.Tensor:
+    """(N,) logit("yes") - logit("no") of each record's first answer token, asked about the matching PIL image."""
     from monovlm.eval.protocol import ModelRunner, Query
 
     yes, no = tokenizer.encode("yes"), tokenizer.encode("no")
     if len(yes) != 1 or len(no) != 1:
         raise SystemExit(f"the tokenizer splits 'yes' or 'no' into several tokens ({yes}, {no}); this probe needs one")
     runner = ModelRunner(model, processor)
-    images = [Image.open(data / r["image"]).convert("RGB") for r in records]
-    images = [blank_like(image) for image in images] if blank else images
     logits = runner.next_token_logits([Query(r["question"], [image]) for r, image in zip(records, images)])  # (N, V)
     return logits[:, yes[0]] - logits[:, no[0]]
 
@@ -96,7 +91,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=600, help="most existence questions to read")
     args = parser.parse_args()
 
+    from PIL import Image
+
     from monovlm.data.processor import Processor
+    from monovlm.eval.harness import blank_like
     from monovlm.eval.run import resolve_model
     from monovlm.model.vlm import EncoderFreeVLM
     from monovlm.tokenizer import Tokenizer
@@ -110,9 +108,10 @@ def main() -> None:
     if not records:
         raise SystemExit(f"{args.data / f'instruct_{args.split}.json'} has no existence questions")
     groups = [evidence_group(r["question"], shapes[r["image"]]) for r in records]
+    images = [Image.open(args.data / r["image"]).convert("RGB") for r in records]  # read once, used twice
     with torch.no_grad():
-        with_image = margins(model, processor, tokenizer, records, args.data, blank=False)
-        with_blank = margins(model, processor, tokenizer, records, args.data, blank=True)
+        with_image = margins(model, processor, tokenizer, records, images)
+        with_blank = margins(model, processor, tokenizer, records, [blank_like(image) for image in images])
     print(f"{len(records)} {args.split} existence questions; margin = logit('yes') - logit('no'); "
           f"says yes to {100 * float((with_image > 0).float().mean()):.1f}% (blank: "
           f"{100 * float((with_blank > 0).float().mean()):.1f}%)")
