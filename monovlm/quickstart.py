@@ -36,12 +36,12 @@ def _synthesised_with(data: Path) -> dict[str, Any] | None:
 
 def data_settings(n: int = 4000, seed: int = 0, maze_fraction: float = 0.2) -> dict[str, Any]:
     """The settings, as the data's summary.json records them, of the quickstart's data (default maze sizes)."""
-    from monovlm.data.synthetic import BALANCED, MAZE_CELLS
+    from monovlm.data.synthetic import BALANCED, DATA_FORMAT, MAZE_CELLS
 
     # balanced train existence negatives: with POPE's samplers the question's wording gives the answer away and the
     # model learns the name prior instead of looking (see synthetic.TRAIN_NEGATIVES)
-    return {"n": n, "seed": seed, "maze_fraction": maze_fraction, "maze_cells": list(MAZE_CELLS),
-            "train_negatives": BALANCED}
+    return {"format": DATA_FORMAT, "n": n, "seed": seed, "maze_fraction": maze_fraction,
+            "maze_cells": list(MAZE_CELLS), "train_negatives": BALANCED}
 
 
 def ensure_data(data: Path, n: int = 4000, seed: int = 0, maze_fraction: float = 0.2, progress: bool = True,

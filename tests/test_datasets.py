@@ -7,7 +7,7 @@ from PIL import Image
 
 from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import collate
-from monovlm.data.datasets import DatasetError, LlavaDataset, merge_turns_by_image, skipping_collate
+from monovlm.data.datasets import DatasetError, LlavaDataset, MixedDataset, merge_turns_by_image, skipping_collate
 from monovlm.data.processor import Processor
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
 
@@ -118,6 +118,44 @@ def test_group_by_image_shuffles_turn_order_per_image():
     assert 8 < first_answers.count("first") < 32
     assert first_answers != [m["conversations"][1]["value"] for m in merge_turns_by_image(records, seed=1)]
 
+
+
+def test_mixed_dataset_reads_each_file_its_repeat_times_per_epoch(processor, data_dir):
+    """A mixture [qa.jsonl ×2, other.json]: the first file's samples twice, the second's once, each file grouped by
+    image on its own (read twice = each conversation twice, never one conversation with doubled turns), skips counted
+    from every file, and a seeded epoch of the stream draws each mixture item once."""
+    from monovlm.train.data import BatchStream
+
+    qa = data_dir / "qa.jsonl"
+    qa.write_text("\n".join([json.dumps(record("images/good.png", "red", "r")), "{broken",
+                             json.dumps(record("images/good.png", "blue", "b")),
+                             json.dumps(record("images/missing.png", "green", "g"))]) + "\n")
+    other = data_dir / "other.json"
+    other.write_text(json.dumps([record("images/good.png", answer, answer) for answer in ("one", "two", "three")]))
+    grouped = LlavaDataset(qa, processor, group_by_image=True)
+    assert len(grouped) == 2  # good.png's two questions in one conversation, missing.png's alone
+    single = LlavaDataset(other, processor)
+    mixture = MixedDataset([(grouped, 2), (single, 1)])
+    assert len(mixture) == 2 * 2 + 3
+    assert mixture.name == "qa.jsonl ×2 + other.json"
+    reads = [mixture.locate(i) for i in range(len(mixture))]
+    assert [(d.name, j) for d, j in reads] == [("qa.jsonl", 0), ("qa.jsonl", 1), ("qa.jsonl", 0), ("qa.jsonl", 1),
+                                              ("other.json", 0), ("other.json", 1), ("other.json", 2)]
+    assert mixture[2].input_ids == grouped[0].input_ids == mixture[0].input_ids
+    assert mixture[6].input_ids == single[2].input_ids
+    assert mixture.describe(5) == single.describe(1)
+    with pytest.raises(IndexError, match="out of range"):
+        mixture.locate(7)
+    report = mixture.new_report()
+    samples = list(mixture.processed(report))
+    assert len(samples) == 5 and report.total == 1 + 7  # the broken line, then every read
+    assert report.reasons == {"malformed line": 1, "image unreadable": 2}  # missing.png skipped on both reads
+    assert mixture.text_lengths() == grouped.text_lengths() * 2 + single.text_lengths()
+
+    stream = BatchStream(mixture, 7, seed=0, pad_id=0, announce_epochs=False)
+    assert sorted(stream.next_indices()) == list(range(7))
+    with pytest.raises(ValueError, match="repeat must be a positive integer"):
+        MixedDataset([(single, 0)])
 
 
 def test_length_grouped_stream_covers_each_epoch_once_shards_and_resumes(processor, tmp_path):

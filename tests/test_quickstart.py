@@ -9,7 +9,7 @@ from monovlm.quickstart import _synthesised_with
 def test_data_folder_is_reused_only_with_matching_settings(tmp_path):
     assert _synthesised_with(tmp_path / "nothing") is None
     synthesize(tmp_path / "data", n=12, seed=3, image_size=32, maze_fraction=0.5, progress=False)
-    assert _synthesised_with(tmp_path / "data") == {"n": 12, "seed": 3, "maze_fraction": 0.5,
+    assert _synthesised_with(tmp_path / "data") == {"format": 2, "n": 12, "seed": 3, "maze_fraction": 0.5,
                                                        "maze_cells": [3, 4], "train_negatives": "pope"}
     synthesize(tmp_path / "data", n=12, seed=3, image_size=32, maze_fraction=0.5, progress=False, maze_cells=(4, 5))
     assert _synthesised_with(tmp_path / "data")["maze_cells"] == [4, 5]  # another maze size: not the default data
@@ -20,6 +20,9 @@ def test_data_folder_is_reused_only_with_matching_settings(tmp_path):
     del summary["train_negatives"]  # written before the setting existed: synthesised again (same bytes), not guessed
     (tmp_path / "data" / "summary.json").write_text(json.dumps(summary))
     assert _synthesised_with(tmp_path / "data")["train_negatives"] is None
+    del summary["format"]  # written before the existence drills: no drill files, so synthesised again
+    (tmp_path / "data" / "summary.json").write_text(json.dumps(summary))
+    assert _synthesised_with(tmp_path / "data")["format"] is None
     (tmp_path / "data" / "summary.json").write_text("{not json")
     assert _synthesised_with(tmp_path / "data") is None  # unreadable: synthesise again rather than guess
 

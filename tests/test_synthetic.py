@@ -46,7 +46,7 @@ def questions(data):
 def test_same_seed_gives_identical_bytes(data, tmp_path):
     syn.synthesize(tmp_path, n=N, seed=0, progress=False)
     first, second = _hashes(data), _hashes(tmp_path)
-    assert len(first) == N + 5  # images + pretrain, instruct_train, instruct_test, scenes, summary
+    assert len(first) == N + 8  # images + pretrain, instruct_train/test, the 3 drill files, scenes, summary
     assert first == second
 
 
@@ -335,3 +335,51 @@ def test_balanced_train_negatives_make_the_name_uninformative(tmp_path):
     assert short == _load(balanced, "instruct_train.json")[: len(short)]
     with pytest.raises(ValueError, match="train_negatives"):
         syn.synthesize(tmp_path / "bad", n=4, train_negatives="random")
+
+
+def test_existence_drills_are_right_balanced_and_independent(tmp_path):
+    """colour_train.json and existence_train.json: train scenes only, every answer true of the scene, every object
+    asked present as often as absent (within one), and the colour-and-kind answers drawn per question — not one yes
+    and one no per image, which a model could read off the image's other question."""
+    summary = syn.synthesize(tmp_path, n=400, seed=4, image_size=32, maze_fraction=0.1, progress=False)
+    scenes = {r["image"]: r for r in _load(tmp_path, "scenes.json")}
+    train_scenes = {i for i, r in scenes.items() if r["split"] == "train" and r["type"] == "scene"}
+    colour, existence = _load(tmp_path, "colour_train.json"), _load(tmp_path, "existence_train.json")
+    instruct = _load(tmp_path, "instruct_train.json")
+    assert _load(tmp_path, "instruct_train_no_existence.json") == [q for q in instruct if q["category"] != "existence"]
+    assert any(q["category"] == "existence" for q in instruct)
+    distinct = {i: len({(s["color"], s["kind"]) for s in scenes[i]["shapes"]}) for i in train_scenes}
+    assert summary["drills"]["existence_train"]["questions"] == len(existence) == sum(
+        min(syn.EXISTENCE_DRILLS, d) for d in distinct.values())
+    assert summary["drills"]["colour_train"]["questions"] == len(colour) >= 2 * len(train_scenes) - 5
+    balances = []
+    for rows, pattern, attribute in ((colour, r"Is there anything (\w+) in the image\?", "color"),
+                                     (existence, r"Is there an? (\w+ \w+) in the image\?", "name")):
+        assert {r["image"] for r in rows} == train_scenes
+        balance: Counter = Counter()
+        for r in rows:
+            asked = re.fullmatch(pattern, r["question"]).group(1)
+            shapes = scenes[r["image"]]["shapes"]
+            present = {s["color"] if attribute == "color" else f"{s['color']} {s['kind']}" for s in shapes}
+            assert r["answer"] == ("yes" if asked in present else "no"), r
+            assert r["conversations"][0]["value"] == "<image>\n" + r["question"] and r["category"] == "existence"
+            balance[asked] += 1 if r["answer"] == "yes" else -1
+        balances.append(balance)
+    colour_balance, object_balance = balances
+    # colours: a yes and a no per scene (so 50:50 overall), and on purpose not name-balanced: the colour word alone
+    # answers well over half (a common colour is asked present more often than absent, a rare one absent)
+    assert [r["answer"] for r in colour].count("yes") == len(train_scenes)
+    colours_asked = Counter(re.fullmatch(r"Is there anything (\w+) in the image\?", r["question"]).group(1)
+                            for r in colour)
+    colour_prior = sum((colours_asked[c] + abs(b)) / 2 for c, b in colour_balance.items()) / len(colour)
+    assert colour_prior > 0.6
+    # objects: greedy balance, so the name alone predicts little (a blind model's best: each name's majority answer)
+    asked = Counter(re.fullmatch(r"Is there an? (\w+ \w+) in the image\?", r["question"]).group(1) for r in existence)
+    name_only = sum((asked[o] + abs(b)) / 2 for o, b in object_balance.items()) / len(existence)
+    assert name_only < 0.53
+    per_image = Counter()
+    for r in existence:
+        per_image[r["image"]] += r["answer"] == "yes"
+    assert {0, 1, 2} <= set(per_image.values())  # two yes, one of each, two no: all occur
+    assert len({(r["image"], r["question"]) for r in existence}) == len(existence)  # never the same object twice
+    assert abs(sum(r["answer"] == "yes" for r in existence) / len(existence) - 0.5) < 0.06

@@ -138,6 +138,16 @@ def test_stage_settings_are_checked():
         tiny_recipe(loss_norm="samples")
     with pytest.raises(ConfigError, match="unknown part"):
         tiny_recipe(train=["vision"])
+    with pytest.raises(ConfigError, match="repeat needs data to be a list"):
+        tiny_recipe(repeat=[2])
+    with pytest.raises(ConfigError, match="one positive integer per data file"):
+        tiny_recipe(data=["a.json", "b.json"], repeat=[2])
+    with pytest.raises(ConfigError, match="one positive integer per data file"):
+        tiny_recipe(data=["a.json", "b.json"], repeat=[2, 0])
+    with pytest.raises(ConfigError, match="non-empty list of file names"):
+        tiny_recipe(data=[])
+    with pytest.raises(ConfigError, match="one true/false per data file"):
+        tiny_recipe(data=["a.json", "b.json"], group_by_image=[True])
     from monovlm.train.recipe import AlignConfig
 
     with pytest.raises(ConfigError, match="whiten_images=0"):
@@ -179,11 +189,13 @@ def logged_flops(run_dir):
     return [json.loads(line)["flops"] for line in lines if '"loss"' in line]
 
 
-@pytest.mark.parametrize("group_by_image,group_by_length", [(False, False), (True, False), (True, True)])
-def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by_image, group_by_length):
+@pytest.mark.parametrize("group_by_image,group_by_length,mixture", [(False, False, False), (True, False, False),
+                                                                   (True, True, False), (True, False, True)])
+def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by_image, group_by_length, mixture):
     """The prediction replays the batch stream over per-sample token counts: every step's FLOPs must equal the
     trainer's log exactly, teacher forwards included (the align loss on in the second stage only), also when the QA
-    stage merges each image's questions into one multi-turn sample and batches samples of similar length."""
+    stage merges each image's questions into one multi-turn sample, batches samples of similar length, or reads a
+    mixture of files (the QA file twice, grouped, the captions once)."""
     from monovlm.train.budget import plan_flops
     from monovlm.train.recipe import AlignConfig
 
@@ -194,6 +206,9 @@ def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by
     recipe.stages[1].save_every = 0
     recipe.stages[1].group_by_image = group_by_image
     recipe.stages[1].group_by_length = group_by_length
+    if mixture:
+        recipe.stages[1].data, recipe.stages[1].repeat = ["instruct_train.json", "pretrain.json"], [2, 1]
+        recipe.stages[1].group_by_image = [group_by_image, False]
     plan = plan_flops(recipe, data_root)
     assert [s.steps for s in plan.stages] == [4, 6]
     assert plan.stages[0].teacher_params == 0 and plan.stages[1].teacher_params > 0

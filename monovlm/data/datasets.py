@@ -166,6 +166,10 @@ class LlavaDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def name(self) -> str:  # what progress and error messages call this data
+        return self.path.name
+
     def describe(self, index: int) -> str:
         record_id = self.records[index].get("id")
         return f"{self.path.name} record {index}" + (f" (id={record_id})" if record_id is not None else "")
@@ -200,6 +204,68 @@ class LlavaDataset:
             item = self[index]
             if report.record(item):
                 yield item  # type: ignore[misc]
+
+
+class MixedDataset:
+    """Several datasets read as one, each a whole number of times per epoch: a data mixture by repetition.
+
+    Item i of the mixture is item j of one part, the parts laid end to end, a part with `repeat` r laid r times, so
+    a seeded permutation of the mixture (the batch stream's) sees each sample of that part r times per epoch.
+    Everything the batch stream asks of one dataset works the same (skips are counted per read, like a file read
+    twice)."""
+
+    def __init__(self, parts: Sequence[tuple[LlavaDataset, int]]):
+        if not parts:
+            raise ValueError("a data mixture needs at least one dataset")
+        for dataset, repeat in parts:
+            if not isinstance(repeat, int) or repeat < 1:
+                raise ValueError(f"{dataset.name}: repeat must be a positive integer, got {repeat!r}")
+        self.parts = list(parts)
+        self.starts: list[int] = []  # first mixture index of each part
+        total = 0
+        for dataset, repeat in self.parts:
+            self.starts.append(total)
+            total += len(dataset) * repeat
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+    @property
+    def name(self) -> str:  # "instruct_train.json ×2 + existence_train.json"
+        return " + ".join(dataset.name + (f" ×{repeat}" if repeat > 1 else "") for dataset, repeat in self.parts)
+
+    @property
+    def path(self) -> Path:  # the first part's file: where the data lives, for messages that want a path
+        return self.parts[0][0].path
+
+    def locate(self, index: int) -> tuple[LlavaDataset, int]:
+        """(the part, its record index) that mixture item `index` reads."""
+        if not 0 <= index < self.total:
+            raise IndexError(f"mixture index {index} out of range [0, {self.total})")
+        part = max(k for k, start in enumerate(self.starts) if start <= index)
+        dataset = self.parts[part][0]
+        return dataset, (index - self.starts[part]) % len(dataset)
+
+    def describe(self, index: int) -> str:
+        dataset, local = self.locate(index)
+        return dataset.describe(local)
+
+    def __getitem__(self, index: int) -> ProcessedSample | SkippedSample:
+        dataset, local = self.locate(index)
+        return dataset[local]
+
+    def text_lengths(self) -> list[int]:
+        return [length for dataset, repeat in self.parts for length in dataset.text_lengths() * repeat]
+
+    def new_report(self) -> SkipReport:
+        report = SkipReport()
+        for dataset, _ in self.parts:
+            for item in dataset.malformed:
+                report.record(item)
+        return report
+
+    processed = LlavaDataset.processed
 
 
 def skipping_collate(collate_fn: Callable, report: SkipReport) -> Callable:

@@ -120,6 +120,9 @@ POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 # a tiny model learns that prior. "balanced": each object is asked absent as often as it has been asked present
 # (greedy, in index order), so the question says nothing about the answer (50.0%) and only the image can help; the
 # test split keeps POPE's samplers either way, so `synthetic_pope` still measures how far a model follows them.
+# What a synthetic data folder holds, recorded in its summary.json: 2 added the existence drills (colour_train.json,
+# existence_train.json, instruct_train_no_existence.json)
+DATA_FORMAT = 2
 POPE, BALANCED = "pope", "balanced"
 TRAIN_NEGATIVES: tuple[str, ...] = (POPE, BALANCED)
 OBJECTS: tuple[str, ...] = tuple(f"{c} {k}" for c in COLORS for k in KINDS)  # existence vocabulary (POPE "objects")
@@ -128,7 +131,7 @@ MAX_SHAPES = 4
 MIN_IMAGE_SIZE = 32
 
 # Independent random streams per index, so e.g. changing the question logic never changes an image.
-_PLAN, _SCENE, _NOISE, _QUESTIONS, _EXISTENCE, _MAZE = range(6)
+_PLAN, _SCENE, _NOISE, _QUESTIONS, _EXISTENCE, _MAZE, _DRILLS = range(7)
 # Weyl-sequence strides: 1 and these two are linearly independent over the rationals, so the two index sequences
 # (test split, maze) are jointly equidistributed and do not correlate with each other.
 _ALPHA_TEST = (math.sqrt(5.0) - 1.0) / 2.0
@@ -136,9 +139,10 @@ _ALPHA_MAZE = math.sqrt(2.0) - 1.0
 
 __all__ = [
     "BACKGROUNDS", "BALANCED", "CATEGORIES", "COLORS", "KINDS", "OBJECTS", "POPE", "POPE_SPLITS", "POSITIONS", "SIZES",
-    "TRAIN_NEGATIVES", "WORDS",
+    "COLOUR_QUESTION", "DATA_FORMAT", "EXISTENCE_DRILLS", "TRAIN_NEGATIVES", "WORDS",
     "Background", "Maze", "MazeTopology", "PopeStats", "Scene", "Shape",
-    "existence_questions", "maze_caption", "maze_geometry", "maze_questions", "maze_topology", "nearest_color",
+    "colour_questions", "existence_questions", "independent_existence_questions", "maze_caption", "maze_geometry",
+    "maze_questions", "maze_topology", "nearest_color",
     "pope_statistics", "render_maze", "render_scene", "sample_maze", "sample_scene", "scene_caption",
     "scene_questions", "synthesize",
 ]
@@ -506,6 +510,68 @@ def existence_questions(
     return questions
 
 
+# Existence drills: extra train-split files for a curriculum (written beside the instruction data, used by the eve
+# recipe). A tiny model trained on the colour-and-kind questions alone sits on a loss plateau: it answers them all
+# alike, not even checking colours, for 1,200 steps (BENCHMARKS.md, "Session 8"). Asked "is there anything red?"
+# first, it learns to check colours, carries that over to the colour-and-kind wording, and then learns from it.
+# - colour_train.json: "Is there anything <colour> in the image?", one yes and one no per train scene.
+# - existence_train.json: "Is there a <colour> <kind> in the image?", EXISTENCE_DRILLS per train scene (fewer for
+#   scenes with fewer objects), each answered yes or no at random: not one of each per image, so that nothing can
+#   be read off the image's other question.
+# - instruct_train_no_existence.json: instruct_train.json without its existence questions, to mix with the above.
+# The existence drills keep every object asked present as often as absent (greedy, like the balanced negatives); the
+# colour drills do not (see colour_questions).
+COLOUR_QUESTION = "Is there anything {} in the image?"
+EXISTENCE_DRILLS = 2
+
+
+def _balanced_choice(options: Sequence[str], answer: str, balance: Counter[str], rng: np.random.Generator) -> str:
+    """One of `options` for a question answered `answer`, keeping `balance` (name -> times asked present minus times
+    asked absent, updated here) near zero: yes asks the least-owed name, no the most-owed."""
+    owed = [balance[o] for o in options]
+    target = min(owed) if answer == "yes" else max(owed)
+    choice = _pick(rng, [o for o, b in zip(options, owed) if b == target])
+    balance[choice] += 1 if answer == "yes" else -1
+    return choice
+
+
+def colour_questions(scene: Scene, rng: np.random.Generator, frequency: dict[str, int]) -> list[dict[str, str]]:
+    """A yes and a no "Is there anything <colour> in the image?" (only the yes if every colour is present).
+
+    Not name-balanced, on purpose: the yes asks a present colour drawn uniformly, the no an absent colour drawn with
+    probability proportional to 1 / frequency² (`frequency`: colour -> train scenes containing it), so a common
+    colour is asked present more often than absent and a rare one the other way (the colour word alone then answers
+    67% of the quickstart's questions). That prior is what first pulls the answer to the colour word, and from there
+    to the image: with every colour asked yes as often as no the loss sat on its plateau for all 300-400 steps; with
+    a 58% prior it left it in one model at step ~200 and not in another by step 400; with this 67% prior it left it
+    at step ~150 and the colour check reached AUC 0.90 (BENCHMARKS.md, session 9)."""
+    present = sorted({s.color for s in scene.shapes}, key=list(COLORS).index)
+    absent = [c for c in COLORS if c not in present]
+    questions = [_qa("existence", COLOUR_QUESTION.format(_pick(rng, present)), "yes", drill="colour")]
+    if absent:
+        weights = np.array([1.0 / max(frequency.get(c, 0), 1) ** 2 for c in absent])
+        no = absent[int(rng.choice(len(absent), p=weights / weights.sum()))]
+        questions.append(_qa("existence", COLOUR_QUESTION.format(no), "no", drill="colour"))
+    return questions
+
+
+def independent_existence_questions(scene: Scene, rng: np.random.Generator, balance: Counter[str],
+                                    count: int = EXISTENCE_DRILLS) -> list[dict[str, str]]:
+    """Colour-and-kind questions on different objects, each answered yes or no with probability 1/2 independently:
+    `count` of them, fewer when the scene has fewer distinct objects (so that "yes" is always possible: two
+    questions on a one-object scene could not both be yes, and a forced "no" would tie the answers together)."""
+    present = [o for o in OBJECTS if o in {s.name for s in scene.shapes}]
+    absent = [o for o in OBJECTS if o not in present]
+    questions = []
+    for _ in range(min(count, len(present))):
+        answer = "yes" if rng.random() < 0.5 else "no"
+        pool = present if answer == "yes" else absent
+        obj = _balanced_choice(pool, answer, balance, rng)
+        pool.remove(obj)
+        questions.append(_qa("existence", f"Is there {_article(obj)} in the image?", answer, drill="existence"))
+    return questions
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Mazes
 
@@ -783,6 +849,19 @@ def synthesize(
         else:
             records[index]["questions"] += existence_questions(scene, stats, split, rng)
 
+    drills: dict[str, list[dict[str, Any]]] = {"colour": [], "existence": []}  # train scenes only (see above)
+    object_balance: Counter[str] = Counter()
+    colour_frequency = Counter(c for index, scene in scenes.items() if records[index]["split"] == "train"
+                               for c in {s.color for s in scene.shapes})
+    for index, scene in scenes.items():
+        if records[index]["split"] != "train":
+            continue
+        rng = np.random.default_rng([seed, index, _DRILLS])
+        for kind, questions in (("colour", colour_questions(scene, rng, colour_frequency)),
+                                ("existence", independent_existence_questions(scene, rng, object_balance))):
+            drills[kind] += [_llava_qa(f"{records[index]['id']}_{kind[0]}{k}", records[index]["image"], qa)
+                             for k, qa in enumerate(questions)]
+
     pretrain, instruct = [], {"train": [], "test": []}
     for record in records:
         if record["split"] == "train":
@@ -796,9 +875,16 @@ def synthesize(
 
     summary = _summary(records, instruct, len(pretrain), n, seed, image_size, test_fraction, maze_fraction,
                        maze_cells, train_negatives)
+    summary["drills"] = {f"{kind}_train": {"questions": len(rows),
+                                           "answers": dict(sorted(Counter(r["answer"] for r in rows).items()))}
+                         for kind, rows in drills.items()}
     _write_json(out / "pretrain.json", pretrain)
     _write_json(out / "instruct_train.json", instruct["train"])
     _write_json(out / "instruct_test.json", instruct["test"])
+    _write_json(out / "colour_train.json", drills["colour"])
+    _write_json(out / "existence_train.json", drills["existence"])
+    # the instruction data without its existence questions, for a recipe that gives existence as the drills instead
+    _write_json(out / "instruct_train_no_existence.json", [e for e in instruct["train"] if e["category"] != "existence"])
     _write_json(out / "scenes.json", [{k: v for k, v in r.items() if k != "questions"} for r in records])
     _write_json(out / "summary.json", summary)
     return summary
@@ -832,6 +918,7 @@ def _summary(
 
     images = Counter((r["split"], r["type"]) for r in records)
     return {
+        "format": DATA_FORMAT,
         "n": n,
         "seed": seed,
         "image_size": image_size,

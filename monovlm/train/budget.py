@@ -111,7 +111,7 @@ def stage_step_flops(stage: StageConfig, stage_index: int, seed: int, dataset: L
 
     One process with micro-batch B·W draws exactly the samples of W ranks with micro-batch B (see data.py)."""
     if not any(counts.tokens):
-        raise ValueError(f"stage {stage.name!r}: {dataset.path} has no usable sample ({counts.skipped} skipped)")
+        raise ValueError(f"stage {stage.name!r}: {dataset.name} has no usable sample ({counts.skipped} skipped)")
     stream = stage_stream(stage, dataset, stage.batch_size * world_size, seed + stage_index, 0, announce_epochs=False)
     while True:
         tokens = visual = 0
@@ -156,7 +156,7 @@ class FlopsPlanner:
         return build_teacher(align, self.model.config.vision, self.data_root, run_dir=None)
 
     def _dataset_counts(self, stage: StageConfig) -> tuple[LlavaDataset, SampleCounts]:
-        key = (stage.data, stage.image_root, stage.template, stage.max_length, stage.group_by_image)
+        key = (tuple(stage.data_files), stage.image_root, stage.template, stage.max_length)
         if key not in self._counts:
             dataset = stage_dataset(stage, stage_processor(stage, self.tokenizer, self.model.config.vision),
                                     self.data_root)

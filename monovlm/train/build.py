@@ -17,8 +17,8 @@ _EXPERT_KEYS = ("expert_norms", "expert_attention", "expert_mlp")
 
 def recipe_texts(recipe: Recipe, data_root: Path):
     """Every conversation turn of every stage's data (image markers removed): the tokenizer's training corpus."""
-    for stage in recipe.stages:
-        path = data_root / stage.data
+    for file in (file for stage in recipe.stages for file, _, _ in stage.data_files):  # once per stage that reads it
+        path = data_root / file
         lines = path.read_text().splitlines() if path.suffix == ".jsonl" else None
         records = [json.loads(line) for line in lines if line.strip()] if lines is not None else json.loads(path.read_text())
         for record in records:

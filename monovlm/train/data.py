@@ -20,7 +20,7 @@ import torch
 
 from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import Batch, collate, collate_packed, length_grouped_batches, pack
-from monovlm.data.datasets import LlavaDataset, SkipReport
+from monovlm.data.datasets import LlavaDataset, MixedDataset, SkipReport
 from monovlm.data.processor import Processor
 from monovlm.train.recipe import StageConfig
 
@@ -30,10 +30,15 @@ def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig) -> Proc
     return Processor(tokenizer, vision, ProcessorConfig(template=stage.template, max_length=stage.max_length))
 
 
-def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path) -> LlavaDataset:
-    """A stage's data file (and image folder), relative to the data root."""
+def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path) -> LlavaDataset | MixedDataset:
+    """A stage's data file (and image folder), relative to the data root; several files make a `MixedDataset`
+    (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled)."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
-    return LlavaDataset(Path(data_root) / stage.data, processor, image_root, group_by_image=stage.group_by_image)
+    parts = [(LlavaDataset(Path(data_root) / file, processor, image_root, group_by_image=grouped), repeat)
+             for file, repeat, grouped in stage.data_files]
+    if len(parts) == 1 and parts[0][1] == 1:
+        return parts[0][0]
+    return MixedDataset(parts)
 
 
 def stage_stream(stage: StageConfig, dataset: LlavaDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,
@@ -50,11 +55,11 @@ class StreamPosition:
 
 
 class BatchStream:
-    def __init__(self, dataset: LlavaDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,
+    def __init__(self, dataset: LlavaDataset | MixedDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,
                  world_size: int = 1, packed: bool = False, max_length: int = 512, announce_epochs: bool = True,
                  group_by_length: bool = False):
         if len(dataset) < batch_size * world_size:
-            raise ValueError(f"{dataset.path} has {len(dataset)} samples, fewer than one global batch "
+            raise ValueError(f"{dataset.name} has {len(dataset)} samples, fewer than one global batch "
                              f"({batch_size} × {world_size} ranks)")
         self.dataset = dataset
         self.batch_size = batch_size
@@ -94,7 +99,7 @@ class BatchStream:
         if self.position.batch >= self.batches_per_epoch:
             self.position = StreamPosition(self.position.epoch + 1, 0)
             if self.rank == 0 and self.announce_epochs:
-                print(f"data: epoch {self.position.epoch} of {self.dataset.path.name}; {self.report.summary()}")
+                print(f"data: epoch {self.position.epoch} of {self.dataset.name}; {self.report.summary()}")
         order = self._epoch_order(self.position.epoch)
         start = (self.position.batch * self.world_size + self.rank) * self.batch_size
         self.position = StreamPosition(self.position.epoch, self.position.batch + 1)

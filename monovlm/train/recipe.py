@@ -25,9 +25,13 @@ LOSS_NORMS = ("token", "sample")
 @dataclass
 class StageConfig:
     name: str
-    data: str  # LLaVA JSON/JSONL, relative to the data root
+    # LLaVA JSON/JSONL, relative to the data root; or a list of files read as one mixture (see `repeat`)
+    data: str | list[str]
     template: str = "chatml"  # "plain" for caption pre-training
     image_root: str | None = None  # relative to the data root; default: the data file's folder
+    # with a list of files: how many times each is read per epoch (default once each). The mixture's shares of the
+    # batches are the files' sample counts times these: e.g. [2, 1] reads the first file's samples twice as often
+    repeat: list[int] | None = None
     # explicit trainable parts (torchtune style): "embedder" (encoder-free pixel embedder), "encoder" and "projector"
     # (the baseline's ViT and MLP), "decoder" (language weights), "experts" (vision experts), "align" (EVE's head)
     train: list[str] = field(default_factory=lambda: ["embedder", "decoder", "experts"])
@@ -45,7 +49,9 @@ class StageConfig:
     # "sample" (mean over samples of each sample's token mean: a one-answer sample weighs as much as a long one)
     loss_norm: str = "token"
     pack: bool = False  # pack samples into rows of max_length tokens
-    group_by_image: bool = False  # merge one-question records of an image into one multi-turn sample (LLaVA style)
+    # merge one-question records of an image into one multi-turn sample (LLaVA style); with a list of data files,
+    # true/false for all of them or a list with one flag per file
+    group_by_image: bool | list[bool] = False
     group_by_length: bool = False  # batches of samples of similar length (less padding; LLaVA's group_by_length)
     max_length: int = 512
     align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
@@ -60,10 +66,37 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: unknown part(s) {unknown}; parts are {PARTS}")
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError(f"stage {self.name!r}: steps, batch_size and grad_accum must be positive")
+        self._check_data()
         if self.loss_norm not in LOSS_NORMS:
             raise ConfigError(f"stage {self.name!r}: loss_norm {self.loss_norm!r} is not one of {LOSS_NORMS}")
         if self.align and "align" not in self.train:
             self.train = [*self.train, "align"]
+
+    def _check_data(self) -> None:
+        files = [self.data] if isinstance(self.data, str) else self.data
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+            raise ConfigError(f"stage {self.name!r}: data must be a file name or a non-empty list of file names, "
+                              f"got {self.data!r}")
+        if isinstance(self.group_by_image, list) and (
+                isinstance(self.data, str) or len(self.group_by_image) != len(files)
+                or not all(isinstance(flag, bool) for flag in self.group_by_image)):
+            raise ConfigError(f"stage {self.name!r}: group_by_image must be true/false or one true/false per data "
+                              f"file ({len(files)}), got {self.group_by_image!r}")
+        if self.repeat is None:
+            return
+        if isinstance(self.data, str):
+            raise ConfigError(f"stage {self.name!r}: repeat needs data to be a list of files")
+        if (not isinstance(self.repeat, list) or len(self.repeat) != len(files)
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.repeat)):
+            raise ConfigError(f"stage {self.name!r}: repeat must be one positive integer per data file "
+                              f"({len(files)}), got {self.repeat!r}")
+
+    @property
+    def data_files(self) -> list[tuple[str, int, bool]]:
+        """(file, times read per epoch, grouped by image) for each of the stage's data files."""
+        files = [self.data] if isinstance(self.data, str) else list(self.data)
+        grouped = self.group_by_image if isinstance(self.group_by_image, list) else [self.group_by_image] * len(files)
+        return list(zip(files, self.repeat or [1] * len(files), grouped))
 
 
 @dataclass

@@ -255,7 +255,7 @@ class Trainer:
             stream.load_state(state["stream"])
             ckpt.restore_rng(state["rng"])
         self.log(f"stage {stage_index} {stage.name!r}: {stage.steps} steps × {stage.batch_size * stage.grad_accum * info.world_size} "
-                 f"samples/step on {dataset.path.name} ({len(dataset)} records); training "
+                 f"samples/step on {dataset.name} ({len(dataset)} records); training "
                  + ", ".join(f"{part} ({count / 1e6:.2f}M)" for part, count in sorted(trainable.items())))
         flops_token = flops_per_token(model, stage.max_length // 2)
         teacher_param_count = teacher_params(self.teacher) if stage.align else 0
