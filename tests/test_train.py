@@ -45,9 +45,13 @@ def options(recipe, data_root, run_dir, **overrides):
     return TrainOptions(**values)
 
 
-@pytest.mark.parametrize("group_by_length", [False, True])
-def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path, group_by_length):
+@pytest.mark.parametrize("group_by_length,mixture", [(False, False), (True, False), (False, True)])
+def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path, group_by_length, mixture):
     recipe = tiny_recipe(group_by_length=group_by_length)
+    if mixture:  # the QA stage reads the eve recipe's kind of mixture: grouped conversations twice, drills once
+        qa = recipe.stages[1]
+        qa.data, qa.repeat = ["instruct_train_no_existence.json", "existence_train.json"], [2, 1]
+        qa.group_by_image, qa.loss_norm = [True, False], "sample"
     full = train(options(recipe, data_root, tmp_path / "full"))
     assert len(full.losses) == 10
     interrupted = train(options(recipe, data_root, tmp_path / "cut", stop_after=8))
