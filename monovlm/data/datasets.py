@@ -8,6 +8,7 @@ a `SkipReport` that lives in the main process (so counts stay right with DataLoa
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -235,15 +236,11 @@ class MixedDataset:
     def name(self) -> str:  # "instruct_train.json ×2 + existence_train.json"
         return " + ".join(dataset.name + (f" ×{repeat}" if repeat > 1 else "") for dataset, repeat in self.parts)
 
-    @property
-    def path(self) -> Path:  # the first part's file: where the data lives, for messages that want a path
-        return self.parts[0][0].path
-
     def locate(self, index: int) -> tuple[LlavaDataset, int]:
         """(the part, its record index) that mixture item `index` reads."""
         if not 0 <= index < self.total:
             raise IndexError(f"mixture index {index} out of range [0, {self.total})")
-        part = max(k for k, start in enumerate(self.starts) if start <= index)
+        part = bisect.bisect_right(self.starts, index) - 1  # the last part starting at or before index (empty ones skip)
         dataset = self.parts[part][0]
         return dataset, (index - self.starts[part]) % len(dataset)
 

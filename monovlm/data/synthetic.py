@@ -465,6 +465,14 @@ def pope_statistics(scenes: Iterable[Scene]) -> PopeStats:
     )
 
 
+def _owed_choice(options: Sequence[str], answer: str, balance: Counter[str], rng: np.random.Generator) -> str:
+    """One of `options` for a question answered `answer` that brings `balance` (name -> times asked present minus
+    times asked absent; not changed here) back towards zero: yes asks a least-owed name, no a most-owed one."""
+    owed = [balance[o] for o in options]
+    target = min(owed) if answer == "yes" else max(owed)
+    return _pick(rng, [o for o, b in zip(options, owed) if b == target])
+
+
 def _pope_negative(split: str, positive: str, excluded: set[str], stats: PopeStats, rng: np.random.Generator,
                    balance: Counter[str] | None = None) -> str:
     candidates = [o for o in OBJECTS if o not in excluded]
@@ -477,8 +485,7 @@ def _pope_negative(split: str, positive: str, excluded: set[str], stats: PopeSta
     elif split == BALANCED:
         if balance is None:
             raise ValueError(f"the {BALANCED!r} sampler needs the running balance of asked objects")
-        most_owed = max(balance[o] for o in candidates)  # asked present most often more than asked absent
-        return _pick(rng, [o for o in candidates if balance[o] == most_owed])
+        return _owed_choice(candidates, "no", balance, rng)  # asked present most often more than asked absent
     else:
         raise ValueError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS + (BALANCED,)}")
     if counts is not None and max(counts[o] for o in candidates) > 0:
@@ -525,16 +532,6 @@ COLOUR_QUESTION = "Is there anything {} in the image?"
 EXISTENCE_DRILLS = 2
 
 
-def _balanced_choice(options: Sequence[str], answer: str, balance: Counter[str], rng: np.random.Generator) -> str:
-    """One of `options` for a question answered `answer`, keeping `balance` (name -> times asked present minus times
-    asked absent, updated here) near zero: yes asks the least-owed name, no the most-owed."""
-    owed = [balance[o] for o in options]
-    target = min(owed) if answer == "yes" else max(owed)
-    choice = _pick(rng, [o for o, b in zip(options, owed) if b == target])
-    balance[choice] += 1 if answer == "yes" else -1
-    return choice
-
-
 def colour_questions(scene: Scene, rng: np.random.Generator, frequency: dict[str, int]) -> list[dict[str, str]]:
     """A yes and a no "Is there anything <colour> in the image?" (only the yes if every colour is present).
 
@@ -566,7 +563,8 @@ def independent_existence_questions(scene: Scene, rng: np.random.Generator, bala
     for _ in range(min(count, len(present))):
         answer = "yes" if rng.random() < 0.5 else "no"
         pool = present if answer == "yes" else absent
-        obj = _balanced_choice(pool, answer, balance, rng)
+        obj = _owed_choice(pool, answer, balance, rng)
+        balance[obj] += 1 if answer == "yes" else -1
         pool.remove(obj)
         questions.append(_qa("existence", f"Is there {_article(obj)} in the image?", answer, drill="existence"))
     return questions
