@@ -217,7 +217,7 @@ def markdown_section(args, report: dict) -> str:
         SECTION_TITLE,
         "",
         f"Command: `python benchmarks/decoding_pope.py --write{report['extra_args']}`  ",
-        f"Date: {report['date']}; {report['minutes']:.1f} minutes on the shared 2-core CPU machine.",
+        f"Date: {report['date']}; {report['minutes']:.1f} minutes on the 2-core CPU machine.",
         "",
         description,
         "",

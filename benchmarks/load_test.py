@@ -185,6 +185,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(args) -> dict:
+    load_before = os.getloadavg()[0]  # how busy the machine was before the server and the clients started
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(args, port)
@@ -223,6 +224,7 @@ def run(args) -> dict:
                        default=0) for q in (1, 2, 3, 4)]
     return {
         "clients": args.clients, "requests_per_client": args.requests, "sent": len(sent), "wall_s": wall,
+        "load_before": load_before,
         "throughput": len(sent) / wall, "answers_per_s": len(valid_ok) / wall,
         "p50_all_ms": 1000 * percentile([r["latency"] for r in sent], 50),
         "p95_all_ms": 1000 * percentile([r["latency"] for r in sent], 95),
@@ -249,9 +251,9 @@ Command: `{command}`
 
 {r['clients']} concurrent clients × {r['requests_per_client']} requests each, on loopback, against
 `python -m monovlm serve` (the shipped tiny model on CPU, 1 MiB body limit, max batch 16, queue 64).
-Date {time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPU cores ({platform.machine()}) **shared with other jobs running
-at the same time**, and with the {r['clients']} clients themselves: the throughput and latencies are what this busy
-machine gave, not a capacity figure. Requests mix valid questions about a drawn image (65%; 30% of them sampled, half
+Date {time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPU cores ({platform.machine()}), shared with the {r['clients']} clients
+themselves and with whatever else ran (1-minute load average {r['load_before']:.1f} just before the server started):
+the throughput and latencies are what this machine gave, not a capacity figure. Requests mix valid questions about a drawn image (65%; 30% of them sampled, half
 streamed, max_tokens 16), oversize bodies (10%), bad base64 (10%) and fields of wrong types (15%).
 
 | requests | wall time | throughput | answers/s | latency p50 / p95 (all) | latency p50 / p95 (answers) | 5xx |
