@@ -50,7 +50,7 @@ LABELS = {"eve": "eve (align loss, cosine, ViT teacher)", "eve-no-align": "eve w
           "llava": "llava (pretrained ViT + projector)"}
 
 
-def variants(eval_every: int, scale: float, pretrain_steps: int | None = None) -> dict[str, Recipe]:
+def variants(eval_every: int, scale: float, pretrain_steps: int | None = None, seed: int = 0) -> dict[str, Recipe]:
     eve = load_recipe("eve")
     no_align = copy.deepcopy(eve)
     no_align.name = "eve-no-align"
@@ -61,6 +61,7 @@ def variants(eval_every: int, scale: float, pretrain_steps: int | None = None) -
     llava = load_recipe("llava")
     runs = {"eve": eve, "eve-no-align": no_align, "llava": llava}
     for recipe in runs.values():
+        recipe.seed = seed  # initialisation, teacher/encoder pretraining and batch order
         for stage in recipe.stages:
             stage.steps = max(1, int(stage.steps * scale))
             stage.warmup_steps = min(stage.warmup_steps, stage.steps)
@@ -266,7 +267,7 @@ def section(args: argparse.Namespace, records: list[dict], budget: float | None,
     heading = f"{SECTION}, at equal training FLOPs" if budget is not None else SECTION
     toy_note = ("**Smoke-test sizes (scaled-down data or steps): these numbers show the script works, they are not "
                 "a result.**")
-    setting = (f"Command: `{command}` ({args.n} synthetic images, seed 0; shipped recipes `eve`, `eve` with the "
+    setting = (f"Command: `{command}` ({args.n} synthetic images, seed {args.seed}; shipped recipes `eve`, `eve` with the "
                f"align loss removed, `llava`). Date: {date.today().isoformat()}; {platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}. {how}")
     scores = (f"Final exact-match accuracy (%) on the first {args.eval_limit} test questions of the `synthetic` task, "
@@ -294,6 +295,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--n", type=int, default=2000, help="synthetic images")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic data and of every run (the recipes' own seed is 0)")
     parser.add_argument("--eval-every", type=int, default=250, help="last-stage steps between evals (curves)")
     parser.add_argument("--eval-limit", type=int, default=400, help="test questions per eval")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (toy runs)")
@@ -318,8 +321,8 @@ def main() -> None:
     equal_flops = args.equal_flops or args.flops_budget is not None
     toy = args.n != 2000 or args.scale != 1.0 or args.pretrain_steps is not None
     data = args.out / "data"
-    ensure_data(data, n=args.n, seed=0, progress=False)  # re-made unless it was written with these settings
-    runs = variants(args.eval_every, args.scale, args.pretrain_steps)
+    ensure_data(data, n=args.n, seed=args.seed, progress=False)  # re-made unless it was written with these settings
+    runs = variants(args.eval_every, args.scale, args.pretrain_steps, args.seed)
     _, plans, budget = plan_runs(runs, data, equal_flops, args.count, args.flops_budget, args.measure_steps)
     records = [train_and_evaluate(name, plan, data, args.out, args.eval_limit) for name, plan in plans.items()]
     (args.out / "ablation.json").write_text(json.dumps({"budget": budget, "count": args.count, "runs": records},
