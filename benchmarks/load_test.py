@@ -251,10 +251,11 @@ Command: `{command}`
 
 {r['clients']} concurrent clients × {r['requests_per_client']} requests each, on loopback, against
 `python -m monovlm serve` (the shipped tiny model on CPU, 1 MiB body limit, max batch 16, queue 64).
-Date {time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPU cores ({platform.machine()}), shared with the {r['clients']} clients
-themselves and with whatever else ran (1-minute load average {r['load_before']:.1f} just before the server started):
-the throughput and latencies are what this machine gave, not a capacity figure. Requests mix valid questions about a drawn image (65%; 30% of them sampled, half
-streamed, max_tokens 16), oversize bodies (10%), bad base64 (10%) and fields of wrong types (15%).
+Date {time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPU cores ({platform.machine()}), shared with the {r['clients']}
+clients themselves and with whatever else ran (1-minute load average {r['load_before']:.1f} just before the server
+started): the throughput and latencies are what this machine gave, not a capacity figure. Requests mix valid
+questions about a drawn image (65%; 30% of them sampled, half streamed, max_tokens 16), oversize bodies (10%), bad
+base64 (10%) and fields of wrong types (15%).
 
 | requests | wall time | throughput | answers/s | latency p50 / p95 (all) | latency p50 / p95 (answers) | 5xx |
 |---:|---:|---:|---:|---:|---:|---:|

@@ -72,8 +72,12 @@ class StageConfig:
         if self.align and "align" not in self.train:
             self.train = [*self.train, "align"]
 
+    @property
+    def _files(self) -> list[str]:  # the data files as a list, also when `data` names one
+        return [self.data] if isinstance(self.data, str) else self.data
+
     def _check_data(self) -> None:
-        files = [self.data] if isinstance(self.data, str) else self.data
+        files = self._files
         if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
             raise ConfigError(f"stage {self.name!r}: data must be a file name or a non-empty list of file names, "
                               f"got {self.data!r}")
@@ -94,7 +98,7 @@ class StageConfig:
     @property
     def data_files(self) -> list[tuple[str, int, bool]]:
         """(file, times read per epoch, grouped by image) for each of the stage's data files."""
-        files = [self.data] if isinstance(self.data, str) else list(self.data)
+        files = list(self._files)
         grouped = self.group_by_image if isinstance(self.group_by_image, list) else [self.group_by_image] * len(files)
         return list(zip(files, self.repeat or [1] * len(files), grouped))
 
