@@ -4,13 +4,14 @@ blind baseline (the same model answering with blank images).
 
     python benchmarks/ablation_align.py --out runs/ablation --equal-flops --write   # ~1 h on 2 CPU cores
 
-Equal FLOPs: `monovlm.train.budget` predicts, before training, each recipe's FLOPs exactly as the trainer will count
-them (per stage and step), and lengthens or shortens the LAST (instruction) stage of each run so its total comes
+Equal FLOPs: benchmarks/flops_budget.py predicts, before training, each recipe's FLOPs exactly as the trainer will
+count them (per stage and step), and lengthens or shortens the LAST (instruction) stage of each run so its total comes
 nearest to the budget — by default the largest recipe's default total, so that run keeps its recipe's length; the
 earlier stages and every schedule stay as written (the last stage's cosine spans its new length). `--count` picks
-the FLOPs that are made equal: `trainer` (its 6·N-per-token convention, see monovlm/train/flops.py) or `measured`
-(torch's FLOP counter on the first steps of each stage, which sees that LLaVA's frozen encoder only runs forward and
-that EVE's teacher reads every image patch). Both figures are reported for every run either way.
+the FLOPs that are made equal: `trainer` (its per-token convention: 6·N per trained weight, 4·N or 2·N per frozen
+one, see monovlm/train/flops.py) or `measured` (torch's FLOP counter on the first steps of each stage, which sees
+that LLaVA's encoder runs per image patch and that EVE's teacher reads every image patch). Both figures are reported
+for every run either way.
 
 Writes, under --out (git-ignored runs/ by default): ablation.json (everything), ablation.md (the table),
 ablation.png (final accuracy per category per run, blind baselines marked), ablation_curves.png (accuracy against
@@ -36,11 +37,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from flops_budget import FlopsPlan, FlopsPlanner  # benchmarks/flops_budget.py (the script's own folder)
 from sections import replace_section  # benchmarks/sections.py (the script's own folder)
 
 from monovlm.data.processor import Processor
 from monovlm.quickstart import ensure_data
-from monovlm.train.budget import FlopsPlan, FlopsPlanner
 from monovlm.train.recipe import Recipe, load_recipe
 from monovlm.train.trainer import TrainOptions, train
 
@@ -253,11 +254,12 @@ def section(args: argparse.Namespace, records: list[dict], budget: float | None,
         how = ("Each recipe ran as written (no `--equal-flops`): the runs spent different FLOPs, see the TFLOPs "
                "columns.")
     else:
-        counted = ("the trainer's count (6·N per trained token, N the decoder + embedder/encoder parameters, plus a "
+        counted = ("the trainer's count (per token 6·N for trained weights, 4·N for frozen ones behind a trained "
+                   "part, 2·N for frozen ones before any, N the decoder + embedder/encoder parameters; plus a "
                    "teacher forward per visual token)" if args.count == "trainer" else
                    "measured FLOPs (torch's FLOP counter on the first steps of each stage, times the trainer's count "
                    "per stage)")
-        how = (f"Equal FLOPs: each run's last stage was lengthened or shortened by `monovlm.train.budget` so its "
+        how = (f"Equal FLOPs: each run's last stage was lengthened or shortened by `benchmarks/flops_budget.py` so its "
                f"training FLOPs — {counted} — come nearest to {budget / 1e12:.1f} TFLOPs "
                + ("(the largest recipe's default total)" if args.flops_budget is None else "(`--flops-budget`)")
                + "; earlier stages as written.")
@@ -267,8 +269,8 @@ def section(args: argparse.Namespace, records: list[dict], budget: float | None,
     heading = f"{SECTION}, at equal training FLOPs" if budget is not None else SECTION
     toy_note = ("**Smoke-test sizes (scaled-down data or steps): these numbers show the script works, they are not "
                 "a result.**")
-    setting = (f"Command: `{command}` ({args.n} synthetic images, seed {args.seed}; shipped recipes `eve`, `eve` with the "
-               f"align loss removed, `llava`). Date: {date.today().isoformat()}; {platform.machine()}, "
+    setting = (f"Command: `{command}` ({args.n} synthetic images, seed {args.seed}; shipped recipes `eve`, `eve` with "
+               f"the align loss removed, `llava`). Date: {date.today().isoformat()}; {platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}. {how}")
     scores = (f"Final exact-match accuracy (%) on the first {args.eval_limit} test questions of the `synthetic` task, "
               f"each model beside its blind baseline (the same model, blank images); TFLOPs actually spent, summed "

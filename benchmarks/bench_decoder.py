@@ -252,25 +252,12 @@ def phase_deadline(run_deadline: float, phases_left: int) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...], seconds: float) -> tuple[float, int]:
-    """(FLOP/s, n) of the best n x n x n matmul loop (2 n^3 FLOP each) over `sizes`. Several sizes, because the
-    fastest one differs by dtype here (fp32 runs ~2x faster at 1024 than at 2048 on this CPU, bf16 the reverse)."""
-    return max((_matmul_rate(dtype, n, seconds), n) for n in sizes)
+    """(FLOP/s, n) of the best n x n x n matmul burst over `sizes` (the trainer's peak, `matmul_rate`, reported with
+    its size). Several sizes, because the fastest one differs by dtype here (fp32 runs ~2x faster at 1024 than at
+    2048 on this CPU, bf16 the reverse)."""
+    from monovlm.train.flops import matmul_rate
 
-
-def _matmul_rate(dtype: torch.dtype, n: int, seconds: float) -> float:
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    for _ in range(2):
-        torch.matmul(a, b, out=out)
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:  # best of short bursts: the peak, not an average with hiccups
-        start = time.perf_counter()
-        for _ in range(3):
-            torch.matmul(a, b, out=out)
-        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - start))
-    return best
+    return max((matmul_rate(dtype, n, seconds), n) for n in sizes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

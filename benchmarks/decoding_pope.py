@@ -9,7 +9,7 @@ existence questions ("Is there a <colour> <shape> in the image?", yes/no balance
 a POPE split: random / popular / adversarial negatives). Seed 0 test images are never in the shipped model's
 training data (the split depends on the image index only).
 
-Model: the shipped tiny model (`monovlm.quickstart.DEFAULT_MODEL_DIR`) unless --model is given.
+Model: the shipped tiny model (`monovlm.paths.DEFAULT_MODEL_DIR`) unless --model is given.
 
 Decoding: greedy, and temperature-1 sampling over --seeds (VCD's own setting), each strategy with exactly the same
 sampler settings and seeds as plain decoding: batch i of run seed s samples with seed (s, i), and VCD's noise seed
@@ -52,7 +52,7 @@ from monovlm.infer.decoding import (
 )
 from monovlm.infer.generate import GenerationConfig, generate
 from monovlm.model.vlm import EncoderFreeVLM
-from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.paths import DEFAULT_MODEL_DIR
 from monovlm.tokenizer import Tokenizer
 
 SECTION_TITLE = "## Hallucination-aware decoding (synthetic POPE)"

@@ -1,9 +1,10 @@
 """`monovlm <verb>`: each verb is a typed function; its signature and docstring are the command-line interface.
 
-litgpt-style: the function is the source of truth, so the CLI and the Python API cannot drift apart. Parameters
-without defaults become positional arguments (required `--flags` when keyword-only), positional-only ones with a
-default optional positional arguments (`def serve(model: Path | None = None, /)` is `monovlm serve [MODEL]`), the
-rest `--flags`; `bool` defaults become `--flag/--no-flag`.
+litgpt-style: the function is the source of truth, so the CLI and the Python API cannot drift apart. The functions
+live in commands.py and are listed in COMMANDS below (commands.py never imports this module). Parameters without
+defaults become positional arguments (required `--flags` when keyword-only), positional-only ones with a default
+optional positional arguments (`def serve(model: Path | None = None, /)` is `monovlm serve [MODEL]`), the rest
+`--flags`; `bool` defaults become `--flag/--no-flag`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,30 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-COMMANDS: dict[str, Callable] = {}
+from monovlm.commands import (
+    chat,
+    compare_command,
+    data_synth,
+    eval_command,
+    generate_text,
+    quickstart,
+    serve,
+    train_command,
+    train_tokenizer,
+)
 
-
-def command(name: str):
-    def register(function: Callable) -> Callable:
-        COMMANDS[name] = function
-        return function
-
-    return register
+# verb -> function, in the order `monovlm --help` lists them; "group verb" makes a subcommand ("data synth")
+COMMANDS: dict[str, Callable] = {
+    "generate-text": generate_text,
+    "train-tokenizer": train_tokenizer,
+    "data synth": data_synth,
+    "train": train_command,
+    "quickstart": quickstart,
+    "eval": eval_command,
+    "compare": compare_command,
+    "chat": chat,
+    "serve": serve,
+}
 
 
 def _parse_docstring(function: Callable) -> tuple[str, dict[str, str]]:
@@ -94,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from monovlm import commands  # noqa: F401  (registers the verbs)
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -113,7 +127,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run as `python -m monovlm.cli`: use the registry of the importable module
-    from monovlm.cli import main as registered_main
-
-    sys.exit(registered_main())
+if __name__ == "__main__":
+    sys.exit(main())

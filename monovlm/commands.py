@@ -1,5 +1,5 @@
-"""The verbs of the `monovlm` command line. Each is a typed function (see cli.py); imports are local so that
-`monovlm --help` stays fast."""
+"""The verbs of the `monovlm` command line. Each is a typed function whose signature and docstring cli.py turns into
+the verb's arguments and help (cli.COMMANDS names them); imports are local so that `monovlm --help` stays fast."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from monovlm.cli import command
 
-
-@command("generate")
 def generate_text(
     model: Path,
     prompt: str,
@@ -23,7 +20,8 @@ def generate_text(
     chat: bool = True,
     dtype: str = "float32",
 ) -> None:
-    """Continue a text prompt with a local HF-format language model (tokenizer files in the same folder).
+    """Continue a text prompt with a text-only HF-format language model (`monovlm chat` talks to a VLM).
+    The model folder holds its tokenizer files too.
 
     Args:
         model: folder with config.json, model.safetensors and tokenizer.json
@@ -67,7 +65,6 @@ def generate_text(
     sys.stdout.write("\n")
 
 
-@command("train-tokenizer")
 def train_tokenizer(
     texts: list[Path],
     *,
@@ -97,7 +94,6 @@ def train_tokenizer(
     print(f"wrote a {tokenizer.vocab_size}-token tokenizer to {out}")
 
 
-@command("data synth")
 def data_synth(
     *,
     out: Path,
@@ -136,7 +132,6 @@ def data_synth(
     print(json.dumps(summary, indent=1, sort_keys=True))
 
 
-@command("train")
 def train_command(
     recipe: str,
     *,
@@ -146,7 +141,8 @@ def train_command(
     strategy: str = "ddp",
     dtype: str = "bfloat16",
     device: str | None = None,
-    eval_data: str | None = "instruct_test.json",
+    eval_data: str = "instruct_test.json",
+    eval: bool = True,
     eval_limit: int = 200,
     stop_after: int | None = None,
     progress: bool = True,
@@ -163,6 +159,7 @@ def train_command(
         dtype: autocast dtype: bfloat16 or float32 (weights stay fp32)
         device: cpu or cuda (default: cuda when available)
         eval_data: QA file (relative to --data) evaluated at the end of each question-answer stage
+        eval: evaluate during training (--no-eval: never)
         eval_limit: most eval questions
         stop_after: stop after this many optimizer steps in total (a checkpoint boundary lets --resume continue)
         progress: show progress bars
@@ -176,14 +173,11 @@ def train_command(
         raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
-    if eval_data is not None and eval_data.lower() == "none":
-        eval_data = None
     train(TrainOptions(recipe=load_recipe(recipe), data_root=data, run_dir=out, resume=resume, device=device,
-                       strategy=strategy, dtype=dtype, eval_data=eval_data, eval_limit=eval_limit,
+                       strategy=strategy, dtype=dtype, eval_data=eval_data if eval else None, eval_limit=eval_limit,
                        stop_after=stop_after, progress=progress))
 
 
-@command("quickstart")
 def quickstart(
     *,
     out: Path = Path("runs/quickstart"),
@@ -193,6 +187,7 @@ def quickstart(
     seed: int = 0,
     eval_limit: int = 1000,
     ship: bool = False,
+    force_ship: bool = False,
     progress: bool = True,
 ) -> None:
     """Synthesise data, train the tiny encoder-free model (EVE recipe), evaluate it beside a blind baseline, and
@@ -205,16 +200,16 @@ def quickstart(
         maze_fraction: share of the images that are mazes
         seed: seed for data and training
         eval_limit: most test questions to evaluate
-        ship: copy the trained model into the package as the default model of `monovlm chat`
+        ship: replace the shipped model of `monovlm chat` (bf16) if this one is materially better; source checkout only
+        force_ship: with --ship, replace it even when it does not answer better
         progress: show progress bars
     """
     from monovlm.quickstart import run_quickstart
 
-    run_quickstart(out, recipe, n=n, seed=seed, eval_limit=eval_limit, ship=ship, progress=progress,
-                   maze_fraction=maze_fraction)
+    run_quickstart(out, recipe, n=n, seed=seed, eval_limit=eval_limit, ship=ship, force_ship=force_ship,
+                   progress=progress, maze_fraction=maze_fraction)
 
 
-@command("eval")
 def eval_command(
     model: str,
     *,
@@ -252,7 +247,6 @@ def eval_command(
              blind=blind, reduce=reduce, keep=keep, device=device, progress=progress)
 
 
-@command("compare")
 def compare_command(reports: list[str], *, tasks: list[str] | None = None, data: Path | None = None,
                     limit: int | None = 1000, out: Path | None = None) -> None:
     """Print evaluation results of several models side by side (each argument: an eval report folder or
@@ -270,7 +264,6 @@ def compare_command(reports: list[str], *, tasks: list[str] | None = None, data:
     run_compare(reports, tasks=tasks or ["synthetic"], data=data, limit=limit or None, out=out)
 
 
-@command("chat")
 def chat(
     question: str | None = None,
     /,
@@ -283,6 +276,7 @@ def chat(
     reduce: str | None = None,
     keep: float | None = None,
     decoding: str | None = None,
+    system: str | None = None,
 ) -> None:
     """Chat with a VLM about images in the terminal (default model: the shipped tiny one, trained on synthetic
     shapes). With a question, answer it and exit; without, read questions from standard input, keeping the
@@ -298,11 +292,12 @@ def chat(
         reduce: visual token reduction for questions with images, e.g. fastv, tome, divprune (a wrong name lists all)
         keep: share of each image's patch tokens the reduction keeps, in (0, 1]; 0.25 when not given
         decoding: decoding strategy for questions with images: vcd or damro
+        system: a system message opening the conversation, in place of the model's own system prompt (if it has one)
     """
     from monovlm.data.processor import Processor
     from monovlm.infer.generate import GenerationConfig
     from monovlm.model.vlm import EncoderFreeVLM
-    from monovlm.quickstart import DEFAULT_MODEL_DIR
+    from monovlm.paths import DEFAULT_MODEL_DIR
     from monovlm.serve.methods import terminal_methods
     from monovlm.serve.terminal import HELP, ChatSession, run_repl
     from monovlm.tokenizer import Tokenizer
@@ -314,7 +309,7 @@ def chat(
     processor = Processor(tokenizer, vlm.config.vision, vlm.config.processor)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                               stop_ids=processor.stop_ids)
-    session = ChatSession(vlm, processor, config, methods)
+    session = ChatSession(vlm, processor, config, methods, system=system)
     for path in image or []:
         session.attach(path)  # ImageLoadError is a ValueError: the CLI prints it without a traceback
     if question is not None:  # one question, one answer (a PromptError is a ValueError: printed, exit code 2)
@@ -329,7 +324,6 @@ def chat(
     run_repl(session, sys.stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
 
 
-@command("serve")
 def serve(
     model: Path | None = None,
     /,

@@ -190,6 +190,8 @@ class ProcessorConfig:
     """How conversations become token ids; saved with every model so training and inference agree."""
 
     template: str = "chatml"  # "plain": image then caption (pre-training); "chatml": <|im_start|>role ... turns
+    # chatml: the system turn that opens every conversation without one of its own, in training, evaluation and
+    # serving alike (a request's system message, or `monovlm chat --system`, replaces it)
     system_prompt: str | None = None
     max_length: int = 2048  # longer samples are skipped and counted, never truncated through an image
 

@@ -7,6 +7,12 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _peak_cache(tmp_path_factory):
+    # the trainer caches the machine's matmul peak in the user's cache folder; tests use a temporary one
+    os.environ["MONOVLM_PEAK_CACHE"] = str(tmp_path_factory.mktemp("peak") / "peak_flops.json")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,16 +12,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from monovlm.config import DecoderConfig, VisionConfig, VLMConfig
+from monovlm.data.layout import TokenLayout
 from monovlm.model.align import (
     HiddenCapture,
     PatchAligner,
     alignment_loss,
     eve_layers,
     grid_token_index,
-    image_grids,
     resample_grid,
 )
-from monovlm.model.decoder import Decoder
+from monovlm.model.decoder import Decoder, LayerInputs
 from monovlm.model.teachers import (
     HFVisionTeacher,
     MissingTeacherFeatures,
@@ -78,11 +78,16 @@ def test_eve_layers_match_eve():
     assert eve_layers(3) == [3]
 
 
+def layouts_of(grids, use_cls, use_sep):
+    vision = VisionConfig(use_cls=use_cls, use_row_separator=use_sep)
+    return [TokenLayout.of(rows, cols, vision) for rows, cols in grids]
+
+
 @pytest.mark.parametrize("use_cls", [True, False])
 @pytest.mark.parametrize("use_sep", [True, False])
 def test_grid_token_index_picks_the_grid_positions(use_cls, use_sep):
     vision_mask, codes, grids = layout(BATCH, use_cls, use_sep)
-    index = grid_token_index(vision_mask, grids, use_cls, use_sep)
+    index = grid_token_index(vision_mask, layouts_of(grids, use_cls, use_sep))
     assert len(index) == len(grids) == 4
     flat_codes = codes.reshape(-1)
     for image, ((height, width), positions) in enumerate(zip(grids, index)):
@@ -93,16 +98,17 @@ def test_grid_token_index_picks_the_grid_positions(use_cls, use_sep):
 
 def test_grid_token_index_rejects_mismatches():
     vision_mask, _, grids = layout(BATCH, True, True)
+    layouts = layouts_of(grids, True, True)
     with pytest.raises(ValueError, match="placeholders"):
-        grid_token_index(vision_mask, grids[:-1], True, True)  # one image missing
+        grid_token_index(vision_mask, layouts[:-1])  # one image missing
     with pytest.raises(ValueError, match="placeholders"):
-        grid_token_index(vision_mask, grids, False, True)  # layout flags disagree with the mask
-    swapped = [grids[1], grids[0], *grids[2:]]  # same total, wrong order: runs no longer line up
+        grid_token_index(vision_mask, layouts_of(grids, False, True))  # layout flags disagree with the mask
+    swapped = [layouts[1], layouts[0], *layouts[2:]]  # same total, wrong order: runs no longer line up
     with pytest.raises(ValueError, match="contiguous"):
-        grid_token_index(vision_mask, swapped, True, True)
+        grid_token_index(vision_mask, swapped)
     with pytest.raises(ValueError):
-        grid_token_index(None, [(2, 2)], True, True)
-    assert grid_token_index(None, [], True, True) == []
+        grid_token_index(None, layouts[:1])
+    assert grid_token_index(None, []) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,9 +129,10 @@ def test_hidden_capture_matches_a_manual_forward():
     x = torch.randn(2, 5, 32)
     with torch.no_grad():  # the manual forward, layer by layer
         cos, sin = decoder.rotary(torch.arange(5)[None].expand(2, 5), x.dtype)
+        inputs = LayerInputs(cos, sin, attn_mask=None, is_causal=True, routing=None)
         manual, h = [x], x
         for block in decoder.layers:
-            h = block(h, cos, sin, None, True, None, None)
+            h = block(h, inputs, None)
             manual.append(h)
         final = decoder.norm(h)
     depths = [0, 2, -1, "final", "embeddings", -3]
@@ -288,8 +295,8 @@ def tiny_vlm(num_layers=4):
 def test_alignment_loss_trains_the_embedder_and_the_layers_up_to_the_last_captured_one():
     model = tiny_vlm(num_layers=4)
     images = [torch.randn(3, 16, 24), torch.randn(3, 24, 16)]  # grids (2, 3) and (3, 2): 9 and 10 placeholders
-    grids = image_grids(images, VISION)
-    assert grids == [(2, 3), (3, 2)]
+    layouts = [TokenLayout.for_image(image, VISION) for image in images]
+    assert [(layout.rows, layout.cols) for layout in layouts] == [(2, 3), (3, 2)]
     input_ids = torch.tensor([[5, 6] + [IMAGE_ID] * 9 + [7], [8] + [IMAGE_ID] * 10 + [9]])
     labels = input_ids.clone()
     depths = [0, 2]  # the embeddings and the output of layers[1]; layers[2:] and the final norm come after
@@ -297,7 +304,7 @@ def test_alignment_loss_trains_the_embedder_and_the_layers_up_to_the_last_captur
     with HiddenCapture(model.decoder, depths) as capture:
         ce = model.loss(input_ids, labels, images)
     teacher = [torch.randn(4, 6, 16), torch.randn(1, 1, 16)]  # a larger and a smaller teacher grid
-    loss = alignment_loss(aligner, capture.states, input_ids == IMAGE_ID, grids, teacher, VISION)
+    loss = alignment_loss(aligner, capture.states, input_ids == IMAGE_ID, layouts, teacher)
     assert loss.dim() == 0 and 0.0 < loss.item() < 2.0 and torch.isfinite(ce)
     loss.backward()
 
@@ -318,7 +325,7 @@ def test_text_only_batch_gives_a_connected_zero():
     input_ids = torch.tensor([[1, 2, 3, 4]])
     with HiddenCapture(model, [0, -1]) as capture:  # a model with .decoder is accepted too
         model.loss(input_ids, input_ids)
-    loss = alignment_loss(aligner, capture.states, None, [], [], VISION)
+    loss = alignment_loss(aligner, capture.states, None, [], [])
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in aligner.parameters())
@@ -386,12 +393,12 @@ def test_vit_teacher_patch_size_keeps_the_students_image_sizes(tmp_path):
 
 def test_vit_teacher_is_reused_only_with_the_same_settings_and_data(tmp_path, monkeypatch, capsys):
     from monovlm.data.synthetic import synthesize
-    from monovlm.model import vit as vit_module
     from monovlm.model.teachers import build_teacher
+    from monovlm.train import vit_pretrain
 
     calls = []
-    original = vit_module.pretrain_vit
-    monkeypatch.setattr(vit_module, "pretrain_vit", lambda *a, **k: calls.append(k["steps"]) or original(*a, **k))
+    original = vit_pretrain.pretrain_vit
+    monkeypatch.setattr(vit_pretrain, "pretrain_vit", lambda *a, **k: calls.append(k["steps"]) or original(*a, **k))
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
     align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,

@@ -1,6 +1,7 @@
 """`monovlm chat`: one question answered at once, or an interactive chat read from stdin (/image, /reset, /quit) that
 keeps the conversation; answers equal `generate` on the prompt the training code would write."""
 
+import dataclasses
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from monovlm.infer.decoding import VCD
 from monovlm.infer.generate import GenerationConfig, generate
 from monovlm.infer.reduction import build_reduction
 from monovlm.model.vlm import EncoderFreeVLM
-from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.paths import DEFAULT_MODEL_DIR
 from monovlm.serve.methods import InferenceMethods
 from monovlm.serve.terminal import ChatSession, run_repl
 from monovlm.tokenizer import Tokenizer
@@ -123,6 +124,22 @@ def test_repl_reports_errors_and_goes_on(model, scenes):
     # the refused question did not use up the attached image: the next question is asked about it
     assert out.getvalue().splitlines() == [answer_alone(model, question, [image])]
     assert len(session.turns) == 2 and len(session.images) == 1
+
+
+def test_system_flag_opens_every_conversation(scenes, model, capsys):
+    """--system answers as a model whose configured system prompt it is (the same prompt ids); /reset keeps it."""
+    vlm, processor = model
+    (image, question), _ = scenes
+    system = "Answer in one word."
+    configured = Processor(processor.tokenizer, processor.vision,
+                           dataclasses.replace(processor.config, system_prompt=system))
+    assert main(["chat", "--system", system, "--image", str(image), question]) == 0
+    assert capsys.readouterr().out == answer_alone((vlm, configured), question, [image]) + "\n"
+    session = ChatSession(vlm, processor, GenerationConfig(max_new_tokens=8, stop_ids=processor.stop_ids),
+                          system=system)
+    "".join(session.ask("How many shapes are there?"))
+    session.reset()
+    assert session.prompt_for(question).ids == configured.prompt(question)[0] != processor.prompt(question)[0]
 
 
 def test_a_conversation_that_outgrows_the_context_is_refused(model):

@@ -14,8 +14,19 @@ from monovlm.tokenizer import Tokenizer
 
 def test_help_lists_every_verb():
     out = subprocess.run([sys.executable, "-m", "monovlm", "--help"], capture_output=True, text=True, check=True)
-    for verb in ("generate", "train-tokenizer"):
+    for verb in ("generate-text", "train-tokenizer", "data", "train", "quickstart", "eval", "compare", "chat", "serve"):
         assert verb in out.stdout
+
+
+def test_every_command_function_is_a_listed_verb():
+    """cli.COMMANDS lists the verbs explicitly (commands.py never imports cli): a new command must be added there."""
+    import inspect
+
+    from monovlm import commands
+    from monovlm.cli import COMMANDS
+
+    functions = {f for _, f in inspect.getmembers(commands, inspect.isfunction) if f.__module__ == commands.__name__}
+    assert functions == set(COMMANDS.values())
 
 
 def test_train_tokenizer_then_generate(tmp_path, capsys):
@@ -28,23 +39,24 @@ def test_train_tokenizer_then_generate(tmp_path, capsys):
     decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id))
     save_hf_decoder(decoder, model_dir)
     capsys.readouterr()
-    assert main(["generate", str(model_dir), "the red", "--max-new-tokens", "5", "--no-chat"]) == 0
+    assert main(["generate-text", str(model_dir), "the red", "--max-new-tokens", "5", "--no-chat"]) == 0
     assert capsys.readouterr().out.endswith("\n")
     # seeded sampling is reproducible through the CLI
     outputs = []
     for _ in range(2):
-        main(["generate", str(model_dir), "the red", "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "3"])
+        main(["generate-text", str(model_dir), "the red", "--max-new-tokens", "8", "--temperature", "1.0",
+              "--seed", "3"])
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
 
 
 def test_wrong_model_path_is_a_plain_error(tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "missing"), "hi"]) == 2
+    assert main(["generate-text", str(tmp_path / "missing"), "hi"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "missing" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["generate"], ["no-such-verb"]])
+@pytest.mark.parametrize("argv", [["generate-text"], ["generate"], ["no-such-verb"]])
 def test_bad_usage_exits_nonzero(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -65,7 +77,7 @@ def test_data_synth_twice_gives_identical_files(tmp_path):
 
 
 def test_chat_with_the_shipped_model_answers_about_an_image(tmp_path, capsys):
-    from monovlm.quickstart import DEFAULT_MODEL_DIR
+    from monovlm.paths import DEFAULT_MODEL_DIR
 
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 25 * 2**20  # the repo's size budget
     from monovlm.data.synthetic import synthesize

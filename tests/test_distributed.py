@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,10 +64,11 @@ def run(tmp_path, data_root, name, batch_size, nproc=None, strategy="ddp", *extr
     recipe = tmp_path / f"{name}.toml"
     recipe.write_text(RECIPE.format(batch_size=batch_size))
     args = ["-m", "monovlm", "train", str(recipe), "--data", str(data_root), "--out", str(tmp_path / name),
-            "--dtype", "float32", "--no-progress", "--eval-data", "none", "--strategy", strategy, *extra]
+            "--dtype", "float32", "--no-progress", "--no-eval", "--strategy", strategy, *extra]
     if nproc:
         args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the matmul peak is measured once for all launches, and cached beside the test data, not in the user's home
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MONOVLM_PEAK_CACHE": str(data_root.parent / "peak_flops.json")}
     done = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
@@ -133,7 +135,9 @@ def test_ddp_checkpoint_resumes_under_fsdp(tmp_path, data_root, two_process_runs
 def test_flops_plan_matches_the_two_process_run(data_root, two_process_runs):
     """The FLOPs budget planner (one process) predicts exactly what 2 ranks count: their micro-batches of 4 are the
     global batch of 8 that it replays."""
-    from monovlm.train.budget import plan_flops
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from flops_budget import plan_flops  # benchmarks/flops_budget.py
+
     from monovlm.train.recipe import load_recipe
 
     run_dir, _ = two_process_runs("ddp")

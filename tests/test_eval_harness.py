@@ -22,7 +22,7 @@ from monovlm.eval.report import compare_table, evaluate_model, load_runs, write_
 from monovlm.eval.samples import EvalSample
 from monovlm.eval.tasks import load_task, shipped_tasks
 from monovlm.infer.generate import GenerationConfig
-from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.paths import DEFAULT_MODEL_DIR
 
 
 @pytest.fixture(scope="module")

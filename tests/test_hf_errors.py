@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from monovlm.config import DecoderConfig
 from monovlm.model.decoder import Decoder
-from monovlm.model.hf import CheckpointError, load_hf_decoder, save_hf_decoder
+from monovlm.model.hf import CheckpointError, load_hf_decoder, load_safetensors_strict, save_hf_decoder
 
 
 @pytest.fixture
@@ -30,6 +30,23 @@ def test_round_trip_is_exact(checkpoint):
     loaded = load_hf_decoder(checkpoint)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_strict_loader_casts_bf16_weights_to_the_modules_float32(tmp_path):
+    """A monovlm folder may store bf16 weights (the shipped model does); the module keeps its float32."""
+    source = torch.nn.Linear(4, 3)
+    save_file({name: t.to(torch.bfloat16) for name, t in source.state_dict().items()}, tmp_path / "model.safetensors")
+    target = torch.nn.Linear(4, 3)
+    load_safetensors_strict(target, tmp_path / "model.safetensors")
+    for name, tensor in target.state_dict().items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, source.state_dict()[name].to(torch.bfloat16).float()), name
+
+
+def test_strict_loader_names_an_integer_tensor_in_a_float_slot(tmp_path):
+    save_file({"weight": torch.zeros(3, 4, dtype=torch.int32), "bias": torch.zeros(3)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'weight'.*model\.safetensors is torch\.int32, expected torch\.float32"):
+        load_safetensors_strict(torch.nn.Linear(4, 3), tmp_path / "model.safetensors")
 
 
 def test_missing_tensor_is_named(checkpoint):

@@ -24,12 +24,14 @@ from monovlm.config import VisionConfig
 from monovlm.data.images import (
     ImageLoadError,
     grid_size,
+    group_by_size,
     image_to_tensor,
     load_image,
     num_image_tokens,
     patchify,
     resized_size,
 )
+from monovlm.data.layout import TokenLayout
 
 WIDTH, HEIGHT = 37, 23  # deliberately non-square and not multiples of anything
 
@@ -391,6 +393,31 @@ def test_grid_and_token_count():
             assert grid_size(4000, 3000, config) == (9, 6)
             counts[use_cls, use_row_separator] = num_image_tokens(4000, 3000, config)
     assert counts == {(True, True): 1 + 9 * 7, (True, False): 1 + 54, (False, True): 63, (False, False): 54}
+
+
+@pytest.mark.parametrize("use_cls", [True, False])
+@pytest.mark.parametrize("use_row_separator", [True, False])
+def test_token_layout_is_cls_then_rows_closed_by_separators(use_cls, use_row_separator):
+    vision = VisionConfig(use_cls=use_cls, use_row_separator=use_row_separator)
+    layout = TokenLayout.of(2, 3, vision)
+    expected = ([(-1, -1)] if use_cls else []) + [
+        cell for r in range(2) for cell in [(r, c) for c in range(3)] + ([(-1, -1)] if use_row_separator else [])]
+    assert list(zip(layout.grid_row.tolist(), layout.grid_col.tolist())) == expected
+    assert layout.is_patch.tolist() == [row >= 0 for row, _ in expected]
+    assert layout.num_tokens == len(expected) and (layout.rows, layout.cols) == (2, 3)
+    grid = [(int(layout.grid_row[i]), int(layout.grid_col[i])) for i in layout.patch_index]
+    assert grid == [(r, c) for r in range(2) for c in range(3)]  # row-major, structural tokens skipped
+    unit = vision.pixels_per_token
+    pixels = torch.zeros(3, 2 * unit, 3 * unit)
+    assert torch.equal(TokenLayout.for_image(pixels, vision).is_patch, layout.is_patch)
+    for height, width in SIZES:  # the processor's count is the layout's
+        rows, cols = grid_size(height, width, vision)
+        assert num_image_tokens(height, width, vision) == TokenLayout.of(rows, cols, vision).num_tokens
+
+
+def test_group_by_size_keeps_first_seen_order():
+    images = [torch.zeros(3, 8, 12), torch.zeros(3, 12, 8), torch.zeros(3, 8, 12), torch.zeros(1, 4, 4)]
+    assert group_by_size(images) == {(8, 12): [0, 2], (12, 8): [1], (4, 4): [3]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

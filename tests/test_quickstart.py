@@ -1,6 +1,9 @@
-"""The quickstart reuses a synthetic data folder only when it was written with the requested settings."""
+"""The quickstart reuses a synthetic data folder only when it was written with the requested settings, and ships its
+model only into a source checkout, in bf16, when it is materially better than the shipped one."""
 
 import json
+
+import pytest
 
 from monovlm.data.synthetic import synthesize
 from monovlm.quickstart import _synthesised_with
@@ -39,3 +42,65 @@ def test_ensure_data_remakes_a_folder_written_with_other_maze_sizes(tmp_path, ca
     assert _synthesised_with(data)["train_negatives"] == "balanced"  # the quickstart's train questions
     ensure_data(data, n=12, seed=3, maze_fraction=0.5, progress=False)
     assert "reusing" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shipping the default model
+
+
+def test_ship_needs_a_source_checkout(tmp_path, monkeypatch):
+    from monovlm import quickstart
+
+    assert quickstart.source_checkout() is not None  # the tests run from the source tree
+    installed = tmp_path / "site-packages" / "monovlm"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(quickstart, "PACKAGE_DIR", installed)
+    assert quickstart.source_checkout() is None
+    with pytest.raises(quickstart.ShipError, match="source checkout"):  # refused before any data or training
+        quickstart.run_quickstart(tmp_path / "out", ship=True, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def shipped_report(overall: float, n: int = 4000, questions: int = 1000) -> dict:
+    from monovlm.quickstart import data_settings
+
+    return {**data_settings(n=n), "model": {"overall": overall}, "counts": {"a": questions // 2, "b": questions // 2}}
+
+
+def test_a_model_is_reshipped_only_when_materially_better(tmp_path, monkeypatch):
+    from monovlm import quickstart
+
+    monkeypatch.setattr(quickstart, "DEFAULT_MODEL_DIR", tmp_path / "tiny-eve")
+    assert quickstart.ship_refusal(shipped_report(0.5)) is None  # nothing shipped yet
+    (tmp_path / "tiny-eve").mkdir()
+    (tmp_path / "tiny-eve" / "report.json").write_text(json.dumps(shipped_report(0.574)))
+    refusal = quickstart.ship_refusal(shipped_report(0.584))
+    assert "58.4%" in refusal and "57.4%" in refusal and "--force-ship" in refusal
+    assert quickstart.ship_refusal(shipped_report(0.574 + quickstart.SHIP_MARGIN + 0.001)) is None
+    assert "cannot be compared" in quickstart.ship_refusal(shipped_report(0.9, n=2000))
+    assert "cannot be compared" in quickstart.ship_refusal(shipped_report(0.9, questions=200))
+
+
+def test_ship_writes_bf16_weights_that_load_as_float32(tmp_path, monkeypatch):
+    import torch
+    from safetensors import safe_open
+
+    from monovlm import quickstart
+    from monovlm.model.vlm import EncoderFreeVLM
+    from monovlm.paths import DEFAULT_MODEL_DIR
+    from monovlm.tokenizer import Tokenizer
+
+    model = EncoderFreeVLM.load(DEFAULT_MODEL_DIR)
+    target = tmp_path / "tiny-eve"
+    target.mkdir()
+    (target / "stale.txt").write_text("from the previous ship")
+    monkeypatch.setattr(quickstart, "DEFAULT_MODEL_DIR", target)
+    quickstart.ship(model, Tokenizer.from_folder(DEFAULT_MODEL_DIR), shipped_report(0.6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-eve"]  # renamed into place, nothing left over
+    assert not (target / "stale.txt").exists() and json.loads((target / "report.json").read_text())["model"]
+    loaded = EncoderFreeVLM.load(target)
+    quickstart.round_to_ship_dtype(model)
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, model.state_dict()[name]), name
+    with safe_open(str(target / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}

@@ -11,9 +11,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from monovlm.config import DecoderConfig, VisionConfig, VLMConfig
 from monovlm.infer.generate import GenerationConfig, generate, left_pad
-from monovlm.infer.reduction import METHODS, build_reduction, generation_flops, measure_generation, replay
+from monovlm.infer.reduction import METHODS, ReducedCache, build_reduction, generation_flops, measure_generation, replay
 from monovlm.infer.reduction.accounting import attention_flops, sequence_flops
 from monovlm.infer.reduction.base import ReductionContext
+from monovlm.infer.reduction.forward import reduced_hidden_states
+from monovlm.model.decoder import LayerInputs
 from monovlm.model.experts import Routing, route
 from monovlm.model.kv_cache import KVCache
 from monovlm.model.masks import build_attention_mask, position_ids_from_segments
@@ -61,15 +63,29 @@ def batch(model):
     return input_ids, mask, images, rows
 
 
+def new_cache(model, reduction, batch_size, max_length):
+    """The reduction's own cache (one KV cache per group of layers), or the plain one without a reduction."""
+    if reduction is None:
+        return KVCache.for_model(model, batch_size, max_length)
+    return reduction.new_cache(model, batch_size, max_length)
+
+
+def decode(model, cache, input_ids, **kwargs):
+    """Later tokens through the cache: a reduced cache runs them itself, a plain one through the model."""
+    if isinstance(cache, ReducedCache):
+        return cache.decode(input_ids, **kwargs)
+    return model(input_ids, cache=cache, **kwargs)
+
+
 def greedy_with_cache(model, input_ids, mask, images, reduction, steps=4):
     """Prefill (with the reduction) and `steps` cached greedy decode steps: (logits of the prefill and of each step
     (B, steps + 1, V), the tokens fed (B, steps), the cache)."""
-    cache = KVCache.for_model(model, input_ids.shape[0], input_ids.shape[1] + steps + 1)
+    cache = new_cache(model, reduction, input_ids.shape[0], input_ids.shape[1] + steps + 1)
     logits = [model(input_ids, images, attention_mask=mask, cache=cache, last_only=True, reduction=reduction)[:, -1]]
     tokens = []
     for _ in range(steps):
         tokens.append(logits[-1][:, END + 1 :].argmax(dim=-1) + END + 1)  # ordinary text ids only
-        logits.append(model(tokens[-1][:, None], cache=cache, last_only=True)[:, -1])
+        logits.append(decode(model, cache, tokens[-1][:, None], last_only=True)[:, -1])
     return torch.stack(logits, dim=1), torch.stack(tokens, dim=1), cache
 
 
@@ -144,6 +160,7 @@ def test_renumbered_positions_decode_like_a_full_forward(model, name):
     assert (full[:, -cached.shape[1]:] - cached).abs().max().item() <= 1e-5
     assert (cached - original).abs().max() > 1e-4  # renumbering changes the positions the later layers see
     reduced = [group for group in cache.groups if group.first_layer >= reduction.last_trace.stages[0].layer]
+    assert reduced
     assert all(bool((group.position_shift > 0).all()) for group in reduced)  # decode continues after the kept end
     assert all(group.position_shift is None for group in cache.groups if group not in reduced)
 
@@ -226,13 +243,13 @@ def test_a_drop_inside_the_decoder_equals_a_hand_written_layer_loop(expert_model
             if index == 2:
                 x, positions, vision_mask = x[:, kept], positions[:, kept], vision_mask[:, kept]
             cos, sin = decoder.rotary(positions, x.dtype)
-            x = block(x, cos, sin, None, True, None, Routing.from_mask(vision_mask))
+            x = block(x, LayerInputs(cos, sin, None, True, Routing.from_mask(vision_mask)))
         by_hand = F.linear(decoder.norm(x), decoder.output_weight)
     assert (reduced - by_hand).abs().max().item() <= 1e-5
 
 
 def test_recomputed_attention_rows_equal_the_layers_attention(expert_model):
-    """ReductionContext.attention_rows (sliced q/k weights, few queries) vs the layer's own fused projections and a
+    """ReductionContext.attention_rows (few queries, written-out probabilities) vs the layer's own fused projections and a
     full eager softmax under the forward's mask, on a left-padded batch with experts, q/k norms and biases."""
     input_ids, mask, images, _ = batch(expert_model)
     decoder = expert_model.decoder
@@ -270,12 +287,14 @@ def test_later_layers_cache_only_the_kept_tokens(model):
         pyramid = greedy_with_cache(model, input_ids, mask, images, build_reduction("pyramiddrop", keep=0.5), steps=1)[2]
         early = greedy_with_cache(model, input_ids, mask, images, build_reduction("divprune", keep=0.5), steps=1)[2]
     assert [g.first_layer for g in pyramid.groups] == [0, 1, 2, 3]  # stages at L/4, L/2, 3L/4 of 4 layers
-    capacities = [g.capacity for g in pyramid.groups]
-    assert capacities[0] == full.groups[0].capacity and capacities == sorted(capacities, reverse=True)
+    assert [list(g.layers) for g in pyramid.groups] == [[0], [1], [2], [3]]
+    capacities = [g.cache.max_length for g in pyramid.groups]
+    assert capacities[0] == full.max_length and capacities == sorted(capacities, reverse=True)
     assert len(set(capacities)) == 4
-    assert full.nbytes > early.nbytes and len(early.groups) == 1 and early.groups[0].capacity < full.max_length
+    assert full.nbytes > early.nbytes and len(early.groups) == 1 and early.groups[0].cache.max_length < full.max_length
     assert pyramid.nbytes < full.nbytes
-    assert all(k is not None for g in pyramid.groups for k in g.keys)
+    for group in pyramid.groups:  # each group's cache holds keys for its own layers only
+        assert [layer for layer, k in enumerate(group.cache.keys) if k is not None] == list(group.layers)
 
 
 def test_a_second_prefill_after_a_reduced_one_attends_through_every_group(model):
@@ -284,9 +303,9 @@ def test_a_second_prefill_after_a_reduced_one_attends_through_every_group(model)
     follow_up = torch.tensor([[20, 21, 22], [23, 24, 25]])
     reduction = build_reduction("fastv", keep=0.4)
     with torch.no_grad():
-        cache = KVCache.for_model(model, 2, input_ids.shape[1] + 3)
+        cache = reduction.new_cache(model, 2, input_ids.shape[1] + 3)
         model(input_ids, images, attention_mask=mask, cache=cache, reduction=reduction)
-        continued = model(follow_up, cache=cache)
+        continued = cache.decode(follow_up)
         full = model(torch.cat([input_ids, follow_up], dim=1), images,
                      attention_mask=torch.cat([mask, torch.ones_like(follow_up)], dim=1),
                      reduction=replay(reduction.last_trace))
@@ -306,9 +325,13 @@ def test_bad_settings_are_clear_errors(model):
     with pytest.raises(ValueError, match="layer=7 is outside"):
         model(input_ids, images, attention_mask=mask, reduction=build_reduction("fastv", layer=7))
     with pytest.raises(ValueError, match="empty KV cache"):
-        cache = KVCache.for_model(model, 2, 200)
-        model(input_ids, images, attention_mask=mask, cache=cache)
-        model(input_ids[:, -1:], cache=cache, reduction=build_reduction("fastv"))
+        reduction = build_reduction("fastv")
+        cache = reduction.new_cache(model, 2, 200)
+        model(input_ids, images, attention_mask=mask, cache=cache, reduction=reduction)
+        model(input_ids[:, -1:], cache=cache, reduction=reduction)
+    with pytest.raises(ValueError, match="not a plain KVCache"):
+        model(input_ids, images, attention_mask=mask, cache=KVCache.for_model(model, 2, 200),
+              reduction=build_reduction("fastv"))
     with pytest.raises(ValueError, match="sliding-window"):
         windowed = build_model(sliding_window=8)
         windowed(input_ids, images, attention_mask=mask, reduction=build_reduction("fastv"))
@@ -333,17 +356,17 @@ def test_decode_flops_match_the_matmuls_that_ran_and_count_the_kept_tokens(model
     config = model.decoder.config
     reduction = build_reduction("fastv", keep=0.3, layer=2)
     with torch.no_grad():
-        cache = KVCache.for_model(model, 2, input_ids.shape[1] + 2)
+        cache = reduction.new_cache(model, 2, input_ids.shape[1] + 2)
         model(input_ids, images, attention_mask=mask, cache=cache, last_only=True, reduction=reduction)
         with FlopCounterMode(display=False) as counter:
-            model(torch.tensor([[20], [21]]), cache=cache, last_only=True)
+            cache.decode(torch.tensor([[20], [21]]), last_only=True)
     per_layer = reduction.last_trace.tokens_per_layer()
     assert per_layer[0][:2] == [len(rows[0])] * 2 and per_layer[0][2] < len(rows[0])
     estimate = generation_flops(model, [len(r) for r in rows], decode_steps=1, trace=reduction.last_trace)
     attention = sum(attention_flops(config, t + 1) for row in per_layer for t in row)
     assert counter.get_total_flops() == pytest.approx(estimate.decode - attention, rel=1e-9)
     for group in cache.groups:  # each layer group caches exactly the real tokens its layers processed, plus one
-        real = (group.segment_ids[:, : group.length] != 0).sum(dim=1).tolist()
+        real = (group.cache.segment_ids[:, : group.cache.length] != 0).sum(dim=1).tolist()
         assert real == [per_layer[row][group.first_layer] + 1 for row in range(2)]
     unreduced = generation_flops(model, [len(r) for r in rows], decode_steps=1)
     assert estimate.prefill < unreduced.prefill and estimate.decode < unreduced.decode
@@ -358,7 +381,7 @@ def test_prefill_flops_match_the_matmuls_of_a_reduced_prefill(model):
         embeds, vision_mask = model.embed(input_ids, images[:2])
         reducer = reduction.bind(model.visual_layout(input_ids, images[:2]), config.num_layers)
         with FlopCounterMode(display=False) as counter:  # the decoder's part of a reduced VLM prefill
-            hidden = model.decoder.hidden_states(inputs_embeds=embeds, vision_mask=vision_mask, reducer=reducer)
+            hidden = reduced_hidden_states(model.decoder, embeds, None, None, None, vision_mask, reducer)
             F.linear(hidden[:, -1:], model.decoder.output_weight)
     kept = reduction.last_trace.tokens_per_layer()[0]
     assert kept == [kept[0]] * config.num_layers and kept[0] < len(rows[0])
@@ -385,7 +408,7 @@ def test_measure_generation_reports_times_and_a_smaller_cache(model):
 def test_fastv_at_half_keeps_the_shipped_model_answering_sensibly():
     from monovlm.data.processor import Processor
     from monovlm.data.synthetic import COLORS, KINDS, POSITIONS, SIZES, render_scene, sample_scene, scene_questions
-    from monovlm.quickstart import DEFAULT_MODEL_DIR
+    from monovlm.paths import DEFAULT_MODEL_DIR
     from monovlm.tokenizer import Tokenizer
 
     vlm = EncoderFreeVLM.load(DEFAULT_MODEL_DIR).eval()

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from monovlm.model.decoder import LayerInputs
 from monovlm.config import DecoderConfig, VisionConfig, VLMConfig
 from monovlm.infer.reduction import build_reduction
 from monovlm.infer.reduction.base import ImageView, ReductionContext, budget
@@ -57,7 +58,7 @@ def eager_attention(model, input_ids, images, layer):
     x, _ = model.embed(input_ids, images)
     cos, sin = decoder.rotary(torch.arange(input_ids.shape[1])[None], x.dtype)
     for block in decoder.layers[:layer]:
-        x = block(x, cos, sin, None, True, None, None)
+        x = block(x, LayerInputs(cos, sin, None, True, None))
     block = decoder.layers[layer]
     qkv = block.attn.project(block.attn_norm(x)).transpose(1, 2)  # (1, H + 2Hkv, T, D)
     q, k = apply_rotary(qkv[:, :4], cos, sin), apply_rotary(qkv[:, 4:6], cos, sin).repeat_interleave(2, dim=1)

@@ -2,6 +2,7 @@
 (grouping, batched == one at a time under greedy decoding), the bounded queue, the API key."""
 
 import base64
+import dataclasses
 import io
 import json
 import random
@@ -14,23 +15,24 @@ from PIL import Image, ImageDraw
 
 from monovlm.config import VLMConfig
 from monovlm.data.images import image_to_tensor
-from monovlm.data.processor import IMAGE_MARKER
+from monovlm.data.processor import IMAGE_MARKER, Processor, Turn
 from monovlm.infer.decoding import DAMRO, VCD
 from monovlm.infer.generate import GenerationConfig, generate
 from monovlm.infer.reduction import METHODS, build_reduction
 from monovlm.model.vlm import EncoderFreeVLM
-from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.paths import DEFAULT_MODEL_DIR
 from monovlm.serve.batching import BatchWorker, Delta, Failed, Finished, Job
 from monovlm.serve.limits import Limits
-from monovlm.serve.messages import GenerationOptions, Turn
+from monovlm.serve.messages import GenerationOptions
 from monovlm.serve.methods import InferenceMethods, MethodError
-from monovlm.serve.prompt import chat_prompt
+from monovlm.serve.prompt import PromptError, chat_prompt
+from monovlm.serve.terminal import ChatSession
 from monovlm.tokenizer import Tokenizer
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from monovlm.serve.app import create_app, load_served_model, prepare
+from monovlm.serve.app import ServedModel, create_app, load_served_model, prepare
 from monovlm.serve.messages import parse_chat_request
 
 URL = "/v1/chat/completions"
@@ -213,6 +215,54 @@ def test_multi_turn_prompt_is_the_training_format(served):
     # one user turn is exactly the processor's inference prompt
     single = chat_prompt(processor, [Turn("user", IMAGE_MARKER + "\nWhat color?")], [a])
     assert single.ids == processor.prompt("What color?", [a])[0]
+
+
+SYSTEM_CASES = {  # (the model's configured system prompt, the conversation's own system message)
+    "no system turn": (None, None),
+    "configured (recipe)": ("Answer in one word.", None),
+    "system message": ("Answer in one word.", "Be brief."),  # the message replaces the configured prompt
+}
+
+
+@pytest.mark.parametrize("case", list(SYSTEM_CASES))
+def test_one_conversation_is_the_same_ids_on_every_path(served, tmp_path, case):
+    """Training (Processor.process), evaluation (Processor.prompt, which ModelRunner encodes queries with), the HTTP
+    server (a JSON request through prepare) and the terminal chat (`monovlm chat [--system]`) read one conversation
+    as the same token ids and image tensors, with and without a system turn."""
+    configured, message = SYSTEM_CASES[case]
+    config = dataclasses.replace(served.processor.config, system_prompt=configured)
+    processor = Processor(served.tokenizer, served.processor.vision, config)
+    question, image_path = "What color is it?", tmp_path / "shape.png"
+    shape_image().save(image_path)
+    image = processor.load(image_path)
+    system_turns = [{"from": "system", "value": message}] if message else []
+    sample = processor.process({"conversations": [*system_turns, {"from": "human", "value": "<image>\n" + question},
+                                                  {"from": "gpt", "value": "red"}]}, images=[image])
+    training = sample.input_ids[: len(sample.input_ids) - len(processor.tokenizer.encode("red")) - 2]
+    system_messages = [{"role": "system", "content": message}] if message else []
+    request = {"messages": [*system_messages, *ask(question, image)["messages"]]}
+    serving = prepare(ServedModel(served.name, served.model, processor),
+                      parse_chat_request(json.dumps(request).encode(), Limits()), Limits()).prompt
+    session = ChatSession(served.model, processor, GenerationConfig(), system=message)
+    session.attach(image_path)
+    terminal = session.prompt_for(question)
+    assert serving.ids == training and terminal.ids == training
+    for tensors in (serving.images, terminal.images):
+        assert len(tensors) == 1 and torch.equal(tensors[0], sample.images[0])
+    if message is None:  # evaluation has no per-question system message: it reads the configured one
+        assert processor.prompt(question, [image])[0] == training
+    system = message or configured
+    header = processor.im_start + processor.tokenizer.encode("system\n")
+    headers = sum(training[i : i + len(header)] == header for i in range(len(training)))
+    assert headers == (system is not None)  # one system turn at most: a message replaces the configured prompt
+    if system is not None:  # ... and it opens the prompt
+        opening = processor.encode_chat([Turn("system", system)]).input_ids
+        assert training[: len(opening)] == opening
+
+
+def test_system_message_spelling_a_special_token_is_refused(served):
+    with pytest.raises(PromptError, match="system message.*<\\|im_start\\|>"):
+        ChatSession(served.model, served.processor, GenerationConfig(), system="obey <|im_start|>")
 
 
 def test_images_keep_their_order(served):

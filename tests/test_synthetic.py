@@ -1,4 +1,4 @@
-"""Synthetic data: determinism, split hygiene, balance, and answers that agree with the pixels."""
+"""Synthetic data: determinism, split hygiene, balance, answers and dense labels that agree with the pixels."""
 
 from __future__ import annotations
 
@@ -180,6 +180,27 @@ def test_every_shape_centre_has_its_colour(data, records):
         image = np.asarray(Image.open(data / record["image"]).convert("RGB"))
         for s in record["shapes"]:
             assert tuple(image[s["cy"], s["cx"]]) == syn.COLORS[s["color"]]
+
+
+def test_pixel_labels_match_the_drawn_scene(data):
+    records = _load(data, "scenes.json")
+    scenes = [r for r in records if r["type"] == "scene"]
+    assert any(r["word"] for r in scenes) and any(r["type"] == "maze" for r in records)
+    for record in records:
+        image = np.asarray(Image.open(data / record["image"]).convert("RGB"))
+        colour, kind = syn.pixel_labels(record, image)
+        if record["type"] == "maze":
+            walls = kind == syn.KIND_CLASSES.index("wall")
+            assert 0.2 < walls.mean() < 0.8 and image[walls].mean() < image[~walls].mean()  # walls are the dark part
+            continue
+        coloured = (image != image[..., :1]).any(-1)  # shape pixels; background and text are grey
+        assert np.array_equal(coloured, colour > 0)
+        for shape in record["shapes"]:
+            assert syn.COLOUR_CLASSES[colour[shape["cy"], shape["cx"]]] == shape["color"]
+            assert syn.KIND_CLASSES[kind[shape["cy"], shape["cx"]]] == shape["kind"]
+        assert (kind == syn.KIND_CLASSES.index("text")).any() == bool(record["word"])
+        assert all(tuple(image[y, x]) == syn.COLORS[syn.COLOUR_CLASSES[colour[y, x]]]
+                   for y, x in zip(*np.nonzero(colour)))
 
 
 def test_images_open_with_configured_size(data, records, tmp_path):

@@ -1,6 +1,8 @@
-"""The trainer: a tiny two-stage recipe runs, learns, resumes exactly, freezes what it should."""
+"""The trainer: a tiny two-stage recipe runs, learns, resumes exactly, freezes what it should, counts its FLOPs."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ from monovlm.data.synthetic import synthesize
 from monovlm.train.parts import part_of
 from monovlm.train.recipe import recipe_from_dict
 from monovlm.train.trainer import TrainOptions, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from flops_budget import FlopsPlanner, plan_flops  # noqa: E402  benchmarks/flops_budget.py
 
 
 def tiny_recipe(**stage_overrides):
@@ -82,14 +87,9 @@ def test_frozen_parts_do_not_move_and_metrics_are_written(data_root, tmp_path):
     recipe = tiny_recipe()
     recipe.stages = recipe.stages[:1]  # caption stage: only the embedder trains
     result = train(options(recipe, data_root, tmp_path / "run"))
-    from monovlm.model.vlm import EncoderFreeVLM
-
-    initial = EncoderFreeVLM(result.model.config)  # same seed -> same init as the run's start
-    torch.manual_seed(0)
-    # rebuild exactly as the trainer did to compare decoder weights
     from monovlm.train.build import build_model
 
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)  # rebuilt exactly as the trainer built it: the weights the run started from
     start, _ = build_model(recipe, data_root)
     for name, tensor in result.model.state_dict().items():
         moved = not torch.equal(tensor, start.state_dict()[name])
@@ -99,7 +99,27 @@ def test_frozen_parts_do_not_move_and_metrics_are_written(data_root, tmp_path):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(s["tokens_per_s"] > 0 for s in steps)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
-    del initial
+
+
+def test_a_stages_system_prompt_is_trained_on_and_saved_with_the_model(data_root, tmp_path):
+    from monovlm.data.processor import Processor
+    from monovlm.eval.protocol import ModelRunner
+    from monovlm.train.data import stage_processor
+
+    recipe = tiny_recipe(system_prompt="Answer in one word.")
+    recipe.stages = recipe.stages[1:]
+    recipe.stages[0].steps, recipe.stages[0].save_every = 1, 0
+    result = train(options(recipe, data_root, tmp_path / "run"))
+    record = json.loads((data_root / "instruct_train.json").read_text())[0]
+    trained = stage_processor(recipe.stages[0], result.tokenizer, result.model.config.vision).process(record, data_root)
+    system = result.tokenizer.encode("system\nAnswer in one word.")
+    assert trained.input_ids[1 : 1 + len(system)] == system  # <|im_start|>system\n... opens the sample
+    served = ModelRunner.load(tmp_path / "run" / "final").processor
+    assert served.config.system_prompt == "Answer in one word."
+    ids, _ = served.prompt("What colour is the circle?")
+    plain, _ = Processor(result.tokenizer, result.model.config.vision).prompt("What colour is the circle?")
+    assert ids[: len(trained.input_ids[: 1 + len(system)])] == trained.input_ids[: 1 + len(system)]
+    assert len(ids) > len(plain)
 
 
 def test_training_lowers_the_loss(data_root, tmp_path):
@@ -200,7 +220,6 @@ def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by
     trainer's log exactly, teacher forwards included (the align loss on in the second stage only), also when the QA
     stage merges each image's questions into one multi-turn sample, batches samples of similar length, or reads a
     mixture of files (the QA file twice, grouped, the captions once)."""
-    from monovlm.train.budget import plan_flops
     from monovlm.train.recipe import AlignConfig
 
     recipe = tiny_recipe()
@@ -223,8 +242,6 @@ def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by
 
 
 def test_fit_to_budget_lengthens_only_the_last_stage(data_root, tmp_path):
-    from monovlm.train.budget import FlopsPlanner
-
     recipe = tiny_recipe()
     recipe.stages[1].save_every = 0
     planner = FlopsPlanner(recipe, data_root)
@@ -271,3 +288,145 @@ def test_optimizer_state_loads_by_name_and_refuses_other_parameters():
     fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(ValueError, match=r"missing \[\], unexpected \['1.weight'\]"):
         load_optimizer_state(fresh, fresh_optimizer, named, DistInfo(), "ddp")
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# FLOPs per token and the machine's peak
+
+
+def part_params(model, part, matrices_only=False):
+    return sum(p.numel() for name, p in model.named_parameters()
+               if part_of(name) == part and "embed_tokens" not in name and (p.dim() >= 2 or not matrices_only))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(data_root):
+    """(encoder-free model, baseline with a ViT encoder, one QA batch of the encoder-free model's tokenizer)."""
+    from monovlm.train.build import build_model
+    from monovlm.train.data import stage_dataset, stage_processor, stage_stream
+
+    recipe = tiny_recipe()
+    torch.manual_seed(0)
+    model, tokenizer = build_model(recipe, data_root)
+    baseline_recipe = tiny_recipe()
+    baseline_recipe.model.encoder = {"width": 16, "depth": 1, "heads": 2}
+    baseline, _ = build_model(baseline_recipe, data_root)
+    stage = recipe.stages[1]
+    dataset = stage_dataset(stage, stage_processor(stage, tokenizer, model.config.vision), data_root)
+    batch = stage_stream(stage, dataset, 4, 0, tokenizer.pad_id or 0, announce_epochs=False).next_batch()
+    return model, baseline, batch
+
+
+@pytest.mark.parametrize("baseline,train,per_part", [
+    (False, ["embedder", "decoder"], {"embedder": 6, "decoder": 6}),
+    (False, ["embedder"], {"embedder": 6, "decoder": 4}),  # EVE's pre-align: the frozen decoder still backpropagates
+    (False, ["decoder"], {"embedder": 2, "decoder": 6}),  # nothing trains before the embedder: forward only
+    # LLaVA's alignment stage (its frozen "embedder" part: the CLS and row-separator embeddings beside the projector)
+    (True, ["projector"], {"encoder": 2, "embedder": 2, "projector": 6, "decoder": 4}),
+])
+def test_flops_per_token_counts_frozen_parts_at_what_they_run(tiny_models, baseline, train, per_part):
+    """Per token and weight: 6 FLOPs trained, 4 frozen behind a trained part (forward + its input's gradient), 2
+    frozen with nothing trained before it (forward only); attention 12·L·C·T as something before it trains."""
+    from monovlm.train.flops import flops_per_token
+    from monovlm.train.parts import set_trainable
+
+    model = tiny_models[1] if baseline else tiny_models[0]
+    set_trainable(model, train)
+    config = model.config.decoder
+    head = model.decoder.embed_tokens.weight.numel()  # tied: the output matmul
+    expected = sum(factor * part_params(model, part) for part, factor in per_part.items()) + per_part["decoder"] * head
+    attention = 12 * config.num_layers * config.num_heads * config.resolved_head_dim * 100
+    assert flops_per_token(model, 100) == expected + attention
+
+
+@pytest.mark.parametrize("train,per_weight", [(["embedder", "decoder"], 6), (["embedder"], 4)])
+def test_the_flop_counter_sees_a_frozen_decoder_run_four_flops_per_weight(tiny_models, train, per_weight):
+    """What the count above claims, measured by torch's FLOP counter: the decoder layers' matmuls (forward and
+    backward) cost 6 FLOPs per weight and token when they train and 4 when they are frozen behind a trained embedder,
+    plus 12·L·C·T attention either way."""
+    import re
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from monovlm.train.parts import set_trainable
+    from monovlm.train.trainer import TrainModule
+
+    model, _, batch = tiny_models
+    module = TrainModule(model)
+    set_trainable(module, train)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        ce_sum, _ = module(batch)
+        ce_sum.backward()
+    module.zero_grad(set_to_none=True)
+    layers = [ops for name, ops in counter.get_flop_counts().items() if re.search(r"decoder\.layers\.\d+$", name)]
+    measured = sum(sum(ops.values()) for ops in layers)
+    config = model.config.decoder
+    rows, length = batch.input_ids.shape
+    matrices = sum(p.numel() for p in model.decoder.layers.parameters() if p.dim() >= 2)
+    attention = 12 * config.num_layers * config.num_heads * config.resolved_head_dim * length
+    assert len(layers) == config.num_layers
+    assert measured == (per_weight * matrices + attention) * rows * length
+
+
+def test_the_peak_cache_keeps_the_best_measurement_per_machine(tmp_path, monkeypatch):
+    """A first measurement on a busy machine (low) is raised by a later quiet one and never lowered by a busy one."""
+    from monovlm.train import flops
+
+    measurements = iter([1e12, 0.5e12, 2e12, 3e12, 7e12, 8e12])
+    calls = []
+
+    def fake_measure(dtype, device, seconds=None):
+        calls.append((dtype, seconds))
+        return next(measurements)
+
+    monkeypatch.setattr(flops, "measure_peak_flops", fake_measure)
+    cache = tmp_path / "cache" / "peak_flops.json"
+    bf16, fp32 = flops.peak_key(torch.bfloat16, "cpu"), flops.peak_key(torch.float32, "cpu")
+    assert flops.peak_flops(torch.bfloat16, "cpu", cache) == 1e12  # nothing cached: measured in full
+    assert flops.peak_flops(torch.bfloat16, "cpu", cache) == 1e12  # a busy recheck (0.5e12) does not lower it
+    assert flops.peak_flops(torch.bfloat16, "cpu", cache) == 2e12  # a quiet recheck raises it
+    assert flops.peak_flops(torch.float32, "cpu", cache) == 3e12  # another key: measured in full
+    assert [seconds for _, seconds in calls] == [None, 0.2, 0.2, None]
+    assert json.loads(cache.read_text()) == {bf16: 2e12, fp32: 3e12}
+    assert "threads" in bf16 and "bfloat16" in bf16
+    cache.write_text("{not json")  # a damaged cache is measured again and rewritten, not an error
+    assert flops.peak_flops(torch.bfloat16, "cpu", cache) == 7e12
+    assert json.loads(cache.read_text()) == {bf16: 7e12}
+    assert flops.peak_flops(torch.bfloat16, "cpu", None) == 8e12  # no cache: measured in full, nothing kept
+    assert calls[-1][1] is None and json.loads(cache.read_text()) == {bf16: 7e12}
+
+
+def test_the_peak_cache_lives_in_the_users_cache_folder_unless_told_otherwise(tmp_path, monkeypatch):
+    from monovlm.train.flops import PEAK_CACHE_ENV, peak_cache_path
+
+    monkeypatch.delenv(PEAK_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert peak_cache_path() == tmp_path / "xdg" / "monovlm" / "peak_flops.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert peak_cache_path() == tmp_path / "home" / ".cache" / "monovlm" / "peak_flops.json"
+    monkeypatch.setenv(PEAK_CACHE_ENV, str(tmp_path / "mine.json"))
+    assert peak_cache_path() == tmp_path / "mine.json"
+    monkeypatch.setenv(PEAK_CACHE_ENV, "off")
+    assert peak_cache_path() is None
+
+
+def test_the_measured_peak_is_the_best_burst():
+    from monovlm.train.flops import matmul_rate, measure_peak_flops
+
+    peak = measure_peak_flops(torch.float32, sizes=(32, 64), seconds=0.01)
+    assert 0 < peak < float("inf")
+    assert matmul_rate(torch.float32, 64, seconds=0.0, min_bursts=1) > 0  # at least one burst even with no time
+
+
+def test_mfu_shown_never_exceeds_100_percent(data_root, tmp_path, capsys):
+    from monovlm.train.trainer import Trainer
+
+    trainer = Trainer(options(tiny_recipe(), data_root, tmp_path / "run"))
+    trainer.device_peak = 1e9
+    assert trainer.mfu_text(0.25) == "25.0%"
+    assert trainer.mfu_text(1.4) == "100.0%"
+    assert trainer.mfu_text(1.2) == "100.0%"
+    assert capsys.readouterr().out.count("exceeds the measured matmul peak") == 1  # said once
+    assert trainer.mfu_text(float("nan")) == "nan%"  # no peak measured

@@ -1,34 +1,19 @@
 """The ViT of the encoder-based baseline / EVE teacher: shapes at native aspect ratios, size errors, batching by
-size, position dependence, token counts equal to the encoder-free conv embedder, the dense labels of its synthetic
-pre-training, that pre-training itself (learns, deterministic), and strict save/load."""
+size, position dependence, the baseline's embedder (token counts equal to the encoder-free conv embedder), and strict
+save/load."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import monovlm.model.vit as vit_module
 from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.images import num_image_tokens, resized_size
-from monovlm.data.synthetic import COLORS, synthesize
-from monovlm.model.embedders import ConvEmbedder
+from monovlm.model.embedders import ConvEmbedder, EncoderEmbedder
 from monovlm.model.hf import CheckpointError
-from monovlm.model.vit import (
-    COLOUR_CLASSES, KIND_CLASSES, EncoderEmbedder, ViT, _collate, _pixel_labels, load_patch_dataset, load_vit,
-    pretrain_vit, save_vit, sincos_position_embedding,
-)
+from monovlm.model.vit import ViT, load_vit, save_vit, sincos_position_embedding
 
 TINY = EncoderConfig(width=32, depth=2, heads=2, mlp_ratio=2.0)
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("synthetic")
-    synthesize(folder, n=60, seed=0, image_size=32, progress=False)
-    return folder
 
 
 def test_output_shapes_at_native_aspect_ratios():
@@ -103,64 +88,6 @@ def test_encoder_embedder_merges_neighbouring_patches_and_names_its_parts():
     # Token (r, c) reads exactly ViT tokens (2r..2r+1, 2c..2c+1), in row-major order.
     window = features[0, 2:4, 4:6].reshape(-1)
     torch.testing.assert_close(embedder.grid(pixels)[0, 1, 2], embedder.projector.mlp(window), atol=1e-5, rtol=1e-5)
-
-
-def test_pixel_labels_match_the_drawn_scene(synthetic):
-    records = json.loads((synthetic / "scenes.json").read_text())
-    scenes = [r for r in records if r["type"] == "scene"]
-    assert any(r["word"] for r in scenes) and any(r["type"] == "maze" for r in records)
-    for record in records:
-        image = np.asarray(Image.open(synthetic / record["image"]).convert("RGB"))
-        colour, kind = _pixel_labels(record, image)
-        if record["type"] == "maze":
-            walls = kind == KIND_CLASSES.index("wall")
-            assert 0.2 < walls.mean() < 0.8 and image[walls].mean() < image[~walls].mean()  # walls are the dark part
-            continue
-        coloured = (image != image[..., :1]).any(-1)  # shape pixels; background and text are grey
-        assert np.array_equal(coloured, colour > 0)
-        for shape in record["shapes"]:
-            assert COLOUR_CLASSES[colour[shape["cy"], shape["cx"]]] == shape["color"]
-            assert KIND_CLASSES[kind[shape["cy"], shape["cx"]]] == shape["kind"]
-        assert (kind == KIND_CLASSES.index("text")).any() == bool(record["word"])
-        assert all(tuple(image[y, x]) == COLORS[COLOUR_CLASSES[colour[y, x]]] for y, x in zip(*np.nonzero(colour)))
-
-
-def test_shifted_batches_keep_labels_and_centres_on_their_shapes(synthetic):
-    vision = VisionConfig(patch_size=8, merge=1)
-    samples = [s for s in load_patch_dataset(synthetic, vision, "train") if s["centres"]][:8]
-    shifts = [(3, -4), (-4, 2), (0, 0), (4, 4), (-1, -3), (2, 0), (0, -2), (1, 1)][:len(samples)]
-    batch = _collate(samples, 8, shifts)
-    for image, row, col, colour, kind in batch["centres"].tolist():
-        assert batch["kind"][image, row, col, kind] > 0 and batch["colour"][image, row, col, colour] > 0
-    # pixels and labels move together: every coloured pixel still carries a colour label
-    shifted_labels = torch.stack([vit_module._shift(s["labels"], dy, dx) for s, (dy, dx) in zip(samples, shifts)])
-    grey = (batch["pixels"] == batch["pixels"][:, :1]).all(1)
-    assert torch.equal(~grey, shifted_labels[:, 0] > 0)
-
-
-def test_tiny_pretraining_learns_and_is_deterministic(synthetic):
-    vision = VisionConfig(patch_size=8, merge=1)
-    config = EncoderConfig(width=32, depth=1, heads=2, mlp_ratio=2.0)
-    runs = []
-    for seed, steps in ((0, 30), (0, 30), (1, 3)):
-        report = {}
-        vit = pretrain_vit(synthetic, config, vision, steps=steps, batch_size=8, lr=3e-3, seed=seed, progress=False,
-                           report=report)
-        runs.append((vit, report))
-    (vit_a, report_a), (vit_b, report_b), (_, report_c) = runs
-    losses = report_a["losses"]
-    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
-    assert report_a["losses"] == report_b["losses"]
-    for name, tensor in vit_a.state_dict().items():
-        assert torch.equal(tensor, vit_b.state_dict()[name]), name
-    assert report_c["losses"][0] != report_a["losses"][0]  # another seed: another init and data order
-    assert 0.5 < report_a["test"]["colour"] <= 1.0  # evaluated on the held-out split
-    assert not vit_a.training
-
-
-def test_pretrain_needs_scenes(tmp_path):
-    with pytest.raises(FileNotFoundError, match="scenes.json"):
-        pretrain_vit(tmp_path, TINY, VisionConfig(patch_size=8, merge=1), steps=1, progress=False)
 
 
 def test_save_load_round_trip(tmp_path):

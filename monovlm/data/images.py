@@ -5,9 +5,10 @@ everywhere:
 
     load_image(path | bytes | PIL image)  ->  RGB PIL image        (refuses bombs, applies EXIF, flattens alpha)
     resized_size / grid_size              ->  target size           (native aspect ratio, area budget, no padding)
-    num_image_tokens                      ->  placeholder count     (pure arithmetic, shared by processor and model)
+    num_image_tokens                      ->  placeholder count     (`TokenLayout`, shared by processor and model)
     image_to_tensor                       ->  (3, H, W) float32     (bicubic resize, normalised)
     patchify                              ->  (rows, cols, p*p*C)   (Fuyu's (ph, pw, C) order)
+    group_by_size                         ->  same-size batches     (images of one size batch without padding)
 
 Loading is strict: anything that is not a complete, readable image of a supported format raises `ImageLoadError`,
 whose message names the image and the reason. Datasets catch it to skip and count bad samples.
@@ -29,6 +30,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from monovlm.config import VisionConfig
+from monovlm.data.layout import TokenLayout
 
 # Formats we decode. An allowlist rather than everything Pillow knows: some plugins hand untrusted bytes to outside
 # programs (EPS runs Ghostscript) or to rarely exercised decoders, and a server reads images from anyone.
@@ -294,14 +296,13 @@ def grid_size(height: int, width: int, config: VisionConfig) -> tuple[int, int]:
 
 
 def num_image_tokens(height: int, width: int, config: VisionConfig) -> int:
-    """Placeholder positions for one image of original size `height` × `width` (pure; processor and model agree).
+    """Placeholder positions for one image of original size `height` × `width` (processor and model agree).
 
-    An optional CLS token, then the grid row by row, each row optionally followed by a row-separator token.
-    Image begin/end markers are ordinary text tokens and are not counted.
+    The `TokenLayout` of its grid: an optional CLS token, then the grid row by row, each row optionally followed by
+    a row-separator token. Image begin/end markers are ordinary text tokens and are not counted.
     """
     rows, cols = grid_size(height, width, config)
-    per_row = cols + (1 if config.use_row_separator else 0)
-    return (1 if config.use_cls else 0) + rows * per_row
+    return TokenLayout.of(rows, cols, config).num_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,3 +343,12 @@ def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     patches = patches.permute(0, 2, 4, 3, 5, 1)  # (B, rows, cols, ph, pw, C)
     patches = patches.reshape(batch, rows, cols, patch * patch * channels)  # (B, rows, cols, ph*pw*C)
     return patches if batched else patches[0]
+
+
+def group_by_size(images: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
+    """Indices of `images` (..., H, W) grouped by (H, W), in first-seen order: each group stacks into one batch
+    without padding (native aspect ratios give many sizes)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+    return groups

@@ -7,8 +7,9 @@ A LLaVA-format sample (`{"image": ..., "conversations": [{"from": "human", "valu
   `plain` pre-training template) and IGNORE_INDEX elsewhere;
 - the image tensors, in order of appearance.
 
-Text is encoded piece by piece between fixed template tokens, and inference prompts are built by the same code, so
-training and serving see identical token sequences.
+`Processor.encode_chat` is the one chat builder: training samples, evaluation prompts and the server's and terminal
+chat's prompts all go through it, so the same conversation is the same token ids on every path (the system turn
+included). Text is encoded piece by piece between fixed template tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -28,6 +29,11 @@ from monovlm.data.images import ImageLoadError, image_to_tensor, load_image, num
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class Turn(NamedTuple):
+    role: str  # "system", "user" or "assistant"
+    text: str  # the message text, with IMAGE_MARKER where each of its images goes
 
 
 class SampleError(ValueError):
@@ -104,10 +110,7 @@ class Processor:
             images = [self.load(path) for path in paths]
             keys = _image_names(sample)
         turns = _place_image_markers(turns, len(images))
-        if self.config.template == "plain":
-            result = self._plain(turns, list(images))
-        else:
-            result = self._chatml(turns, list(images))
+        result = self.encode_chat(turns, images)
         if len(result) > self.config.max_length:
             raise SampleError(f"sample has {len(result)} tokens, over max_length={self.config.max_length}")
         if all(label == IGNORE_INDEX for label in result.labels):
@@ -115,7 +118,68 @@ class Processor:
         result.image_keys = keys
         return result
 
-    def _plain(self, turns: list[tuple[str, str]], images: list[Image.Image]) -> ProcessedSample:
+    # ---------------------------------------------------------------------------------------------------------------
+    # the chat builder: training samples and inference prompts
+
+    def encode_chat(self, turns: Sequence[Turn], images: Sequence[Image.Image] = (),
+                    add_generation_prompt: bool = False) -> ProcessedSample:
+        """A conversation -> token ids, labels (on the assistant's replies) and image tensors.
+
+        Each IMAGE_MARKER in a turn's text takes the next image. With `add_generation_prompt` the ids end where the
+        model starts its answer (inference); without, they are a training sample. chatml: the config's system prompt
+        opens the conversation unless it has its own system turn. plain: a training sample is the images, then the
+        caption (the last assistant reply) and eos; a prompt is the one user message with its images."""
+        turns = [Turn(*turn) for turn in turns]
+        images = list(images)
+        markers = sum(turn.text.count(IMAGE_MARKER) for turn in turns)
+        if markers != len(images):
+            raise SampleError(f"the conversation has {markers} image marker(s) ({IMAGE_MARKER}) for {len(images)} "
+                              "image(s)")
+        if self.config.template == "plain":
+            return self._plain_prompt(turns, images) if add_generation_prompt else self._plain(turns, images)
+        result = self._chatml(self._with_system_prompt(turns), images)
+        if add_generation_prompt:  # open the assistant's turn: the model writes from here
+            answer_header = self._header("assistant")
+            result.input_ids += answer_header
+            result.labels += [IGNORE_INDEX] * len(answer_header)
+        return result
+
+    def prompt(self, question: str, images: Sequence[Image.Image] = ()) -> tuple[list[int], list[torch.Tensor]]:
+        """Token ids ending where the model should start answering one question, and the image tensors.
+
+        Images without an `<image>` marker in the question go before it, as in training data."""
+        images = list(images)
+        result = self.encode_chat([question_turn(question, len(images))], images, add_generation_prompt=True)
+        return result.input_ids, result.images
+
+    def _with_system_prompt(self, turns: list[Turn]) -> list[Turn]:
+        # the configured system prompt is the default; a conversation's own system turn replaces it
+        if self.config.system_prompt and not any(turn.role == "system" for turn in turns):
+            return [Turn("system", self.config.system_prompt), *turns]
+        return turns
+
+    def _header(self, role: str) -> list[int]:
+        return self.im_start + self.tokenizer.encode(role + "\n")
+
+    def _chatml(self, turns: list[Turn], images: list[Image.Image]) -> ProcessedSample:
+        # each turn: <|im_start|>role\n body <|im_end|>\n; the loss covers an assistant's body and its <|im_end|>
+        ids: list[int] = []
+        labels: list[int] = []
+        tensors: list[torch.Tensor] = []
+        next_image = 0
+        newline = self.tokenizer.encode("\n")
+        for role, text in turns:
+            header = self._header(role)
+            body, body_images, next_image = self._encode_with_images(text, images, next_image)
+            tensors += body_images
+            ids += header + body + self.im_end + newline
+            if role == "assistant":
+                labels += [IGNORE_INDEX] * len(header) + body + self.im_end + [IGNORE_INDEX] * len(newline)
+            else:
+                labels += [IGNORE_INDEX] * (len(header) + len(body) + len(self.im_end) + len(newline))
+        return ProcessedSample(ids, labels, tensors)
+
+    def _plain(self, turns: list[Turn], images: list[Image.Image]) -> ProcessedSample:
         # Pre-training: the image(s), then the caption (the last reply) and eos; only the caption carries loss.
         prompt_text = "".join(IMAGE_MARKER for _ in images)
         ids, tensors, _ = self._encode_with_images(prompt_text, images, 0)
@@ -125,51 +189,12 @@ class Processor:
         target = self.tokenizer.encode(caption[-1].replace(IMAGE_MARKER, "").strip()) + [self.eos_id]
         return ProcessedSample(ids + target, [IGNORE_INDEX] * len(ids) + target, tensors)
 
-    def _chatml(self, turns: list[tuple[str, str]], images: list[Image.Image]) -> ProcessedSample:
-        ids: list[int] = []
-        labels: list[int] = []
-        tensors: list[torch.Tensor] = []
-        next_image = 0
-        if self.config.system_prompt and not any(role == "system" for role, _ in turns):
-            turns = [("system", self.config.system_prompt)] + turns
-        newline = self.tokenizer.encode("\n")
-        for role, text in turns:
-            header = self.im_start + self.tokenizer.encode(role + "\n")
-            body, body_images, next_image = self._encode_with_images(text, images, next_image)
-            tensors += body_images
-            if role == "assistant":
-                ids += header + body + self.im_end + newline
-                labels += [IGNORE_INDEX] * len(header) + body + self.im_end + [IGNORE_INDEX] * len(newline)
-            else:
-                turn = header + body + self.im_end + newline
-                ids += turn
-                labels += [IGNORE_INDEX] * len(turn)
-        return ProcessedSample(ids, labels, tensors)
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # inference prompts
-
-    def prompt(self, question: str, images: Sequence[Image.Image] = ()) -> tuple[list[int], list[torch.Tensor]]:
-        """Token ids ending where the model should start answering, and the image tensors, for generation.
-
-        Images without an `<image>` marker in the question go before it, as in training data."""
-        images = list(images)
-        text = question
-        if IMAGE_MARKER not in text and images:
-            text = IMAGE_MARKER * len(images) + ("\n" + text if text else "")
-        if text.count(IMAGE_MARKER) != len(images):
-            raise SampleError(f"the question has {text.count(IMAGE_MARKER)} <image> markers for {len(images)} images")
-        if self.config.template == "plain":
-            ids, tensors, _ = self._encode_with_images(text, images, 0)
-            return ids, tensors
-        ids: list[int] = []
-        if self.config.system_prompt:
-            ids += self.im_start + self.tokenizer.encode("system\n" + self.config.system_prompt) + self.im_end
-            ids += self.tokenizer.encode("\n")
-        body, tensors, _ = self._encode_with_images(text, images, 0)
-        ids += self.im_start + self.tokenizer.encode("user\n") + body + self.im_end + self.tokenizer.encode("\n")
-        ids += self.im_start + self.tokenizer.encode("assistant\n")
-        return ids, tensors
+    def _plain_prompt(self, turns: list[Turn], images: list[Image.Image]) -> ProcessedSample:
+        if len(turns) != 1 or turns[0].role != "user":
+            raise SampleError("the 'plain' (pre-training) template reads a single user message with its images, not "
+                              f"a {len(turns)}-turn conversation")
+        ids, tensors, _ = self._encode_with_images(turns[0].text, images, 0)
+        return ProcessedSample(ids, [IGNORE_INDEX] * len(ids), tensors)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -180,11 +205,19 @@ class Processor:
         return stops
 
 
+def question_turn(question: str, num_images: int) -> Turn:
+    """The user turn asking `question` about `num_images` images: unless the question places them with <image>
+    markers, they go before it, on a line of their own, as in training data."""
+    if num_images and IMAGE_MARKER not in question:
+        return Turn("user", IMAGE_MARKER * num_images + ("\n" + question if question else ""))
+    return Turn("user", question)
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # sample parsing helpers
 
 
-def _turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
+def _turns(sample: dict[str, Any]) -> list[Turn]:
     conversations = sample.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise SampleError("sample has no 'conversations' list")
@@ -195,7 +228,7 @@ def _turns(sample: dict[str, Any]) -> list[tuple[str, str]]:
         role = ROLE_NAMES.get(turn.get("from", ""))
         if role is None:
             raise SampleError(f"conversation turn {number} has unknown speaker {turn.get('from')!r}")
-        turns.append((role, turn["value"]))
+        turns.append(Turn(role, turn["value"]))
     return turns
 
 
@@ -224,7 +257,7 @@ def _image_names(sample: dict[str, Any]) -> list[str]:
     return [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
 
 
-def _place_image_markers(turns: list[tuple[str, str]], num_images: int) -> list[tuple[str, str]]:
+def _place_image_markers(turns: list[Turn], num_images: int) -> list[Turn]:
     markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
     if markers == num_images:
         return turns
@@ -233,9 +266,10 @@ def _place_image_markers(turns: list[tuple[str, str]], num_images: int) -> list[
         for index, (role, text) in enumerate(turns):
             if role == "user":
                 turns = list(turns)
-                turns[index] = (role, IMAGE_MARKER * num_images + "\n" + text)
+                turns[index] = Turn(role, IMAGE_MARKER * num_images + "\n" + text)
                 return turns
     raise SampleError(f"sample has {markers} <image> markers but {num_images} image(s)")
 
 
-__all__ = ["IGNORE_INDEX", "ImageLoadError", "ProcessedSample", "Processor", "SampleError"]
+__all__ = ["IGNORE_INDEX", "IMAGE_MARKER", "ImageLoadError", "ProcessedSample", "Processor", "SampleError", "Turn",
+           "question_turn"]

@@ -34,6 +34,9 @@ mazes open 1-3 extra interior walls. The label is *read back from the rendered p
 and wall midpoints are sampled, the passage graph is built, and loops = edges - nodes + components (the first
 Betti number of the free space). Generation checks that the pixel label equals the construction.
 
+Dense labels. `pixel_labels` reads each pixel's colour and kind class (shape kind, text, maze wall or background)
+back from a scenes.json record and its image: the targets of the ViT teacher's pre-training.
+
 Answers are short and lowercase: a colour, a shape, small/large, a position ("top left" ... "bottom right"), a digit
 "0"-"4", yes/no, or the written word.
 """
@@ -139,10 +142,11 @@ _ALPHA_MAZE = math.sqrt(2.0) - 1.0
 
 __all__ = [
     "BACKGROUNDS", "BALANCED", "CATEGORIES", "COLORS", "KINDS", "OBJECTS", "POPE", "POPE_SPLITS", "POSITIONS", "SIZES",
-    "COLOUR_QUESTION", "DATA_FORMAT", "EXISTENCE_DRILLS", "TRAIN_NEGATIVES", "WORDS",
+    "COLOUR_CLASSES", "COLOUR_QUESTION", "DATA_FORMAT", "EXISTENCE_DRILLS", "KIND_CLASSES", "TEXT_CONTRAST",
+    "TRAIN_NEGATIVES", "WORD_CLASSES", "WORDS",
     "Background", "Maze", "MazeTopology", "PopeStats", "Scene", "Shape",
     "colour_questions", "existence_questions", "independent_existence_questions", "maze_caption", "maze_geometry",
-    "maze_questions", "maze_topology", "nearest_color",
+    "maze_questions", "maze_topology", "nearest_color", "pixel_labels",
     "pope_statistics", "render_maze", "render_scene", "sample_maze", "sample_scene", "scene_caption",
     "scene_questions", "synthesize",
 ]
@@ -519,8 +523,9 @@ def existence_questions(
 
 # Existence drills: extra train-split files for a curriculum (written beside the instruction data, used by the eve
 # recipe). A tiny model trained on the colour-and-kind questions alone sits on a loss plateau: it answers them all
-# alike, not even checking colours, for 1,200 steps (BENCHMARKS.md, "Session 8"). Asked "is there anything red?"
-# first, it learns to check colours, carries that over to the colour-and-kind wording, and then learns from it.
+# alike, not even checking colours, for 1,200 steps. Asked "is there anything red?" first, it learns to check
+# colours, carries that over to the colour-and-kind wording, and then learns from it (measurements: docs/experiments.md,
+# "Existence sits on a loss plateau that a colour check alone escapes").
 # - colour_train.json: "Is there anything <colour> in the image?", one yes and one no per train scene.
 # - existence_train.json: "Is there a <colour> <kind> in the image?", EXISTENCE_DRILLS per train scene (fewer for
 #   scenes with fewer objects), each answered yes or no at random: not one of each per image, so that nothing can
@@ -541,7 +546,7 @@ def colour_questions(scene: Scene, rng: np.random.Generator, frequency: dict[str
     67% of the quickstart's questions). That prior is what first pulls the answer to the colour word, and from there
     to the image: with every colour asked yes as often as no the loss sat on its plateau for all 300-400 steps; with
     a 58% prior it left it in one model at step ~200 and not in another by step 400; with this 67% prior it left it
-    at step ~150 and the colour check reached AUC 0.90 (BENCHMARKS.md, session 9)."""
+    at step ~150 and the colour check reached AUC 0.90 (docs/experiments.md, "Existence learnt in the quickstart")."""
     present = sorted({s.color for s in scene.shapes}, key=list(COLORS).index)
     absent = [c for c in COLORS if c not in present]
     questions = [_qa("existence", COLOUR_QUESTION.format(_pick(rng, present)), "yes", drill="colour")]
@@ -703,6 +708,52 @@ def maze_caption(maze: Maze, topology: MazeTopology) -> str:
 
 def maze_questions(topology: MazeTopology) -> list[dict[str, str]]:
     return [_qa("maze", "Does this maze have a loop?", "yes" if topology.loops > 0 else "no")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dense per-pixel labels, read back from a scenes.json record and its image (the ViT teacher's pre-training targets)
+
+COLOUR_CLASSES: tuple[str, ...] = ("none", *COLORS)
+KIND_CLASSES: tuple[str, ...] = ("background", *KINDS, "text", "wall")  # text: the word's strokes; wall: maze walls
+WORD_CLASSES: tuple[str, ...] = ("none", *WORDS)
+TEXT_CONTRAST = 100  # grey levels from the background's nominal level: text is far (>150), gradients + noise near (<80)
+
+
+def pixel_labels(record: dict[str, Any], image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(colour ids, kind ids), each (H, W) int64 indices into COLOUR_CLASSES / KIND_CLASSES, for one scenes.json
+    record and its decoded image (H, W, 3).
+
+    Shapes: pixels inside the shape's box [cx ± r] × [cy ± r] that have exactly its palette colour — exact, since
+    shapes are drawn without antialiasing, never touch, and backgrounds and text are grey. Text: pixels of the word's
+    row band far from the background grey. Maze walls: the block grid rebuilt from `cells` and `passages`.
+    """
+    height, width = image.shape[:2]
+    colour = np.zeros((height, width), dtype=np.int64)
+    kind = np.zeros((height, width), dtype=np.int64)
+    if record["type"] == "maze":
+        cells = record["cells"]
+        units = 2 * cells + 1
+        free = np.zeros((units, units), dtype=bool)
+        free[1::2, 1::2] = True
+        for r1, c1, r2, c2 in record["passages"]:
+            free[r1 + r2 + 1, c1 + c2 + 1] = True
+        unit, margin = maze_geometry(width, cells)
+        walls = np.kron(~free, np.ones((unit, unit), dtype=bool))
+        kind[margin:margin + walls.shape[0], margin:margin + walls.shape[1]][walls] = KIND_CLASSES.index("wall")
+        return colour, kind
+    ys, xs = np.mgrid[0:height, 0:width]
+    for shape in record["shapes"]:
+        cx, cy, r = shape["cx"], shape["cy"], shape["r"]
+        inside = (abs(xs - cx) <= r) & (abs(ys - cy) <= r) & (image == COLORS[shape["color"]]).all(axis=-1)
+        colour[inside] = COLOUR_CLASSES.index(shape["color"])
+        kind[inside] = KIND_CLASSES.index(shape["kind"])
+    if record.get("word"):
+        top, bottom = (round(k * height / GRID) for k in (record["word_row"], record["word_row"] + 1))
+        level = BACKGROUNDS[record["background"]["color"]]
+        band = np.zeros((height, width), dtype=bool)
+        band[top:bottom] = True
+        kind[band & (np.abs(image.astype(np.int64).mean(-1) - level) > TEXT_CONTRAST)] = KIND_CLASSES.index("text")
+    return colour, kind
 
 
 # ---------------------------------------------------------------------------------------------------------------

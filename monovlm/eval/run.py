@@ -11,14 +11,13 @@ import torch
 from monovlm.eval.protocol import ModelRunner
 from monovlm.eval.report import EvalRun, compare_table, evaluate_model, load_runs, markdown, write_report
 from monovlm.eval.tasks import load_task
+from monovlm.paths import DEFAULT_MODEL_DIR
 
 DEFAULT_SYNTHETIC_DATA = Path("runs/quickstart/data")  # what the quickstart (and the shipped model) used
 DEFAULT_KEEPS = (0.5, 0.25, 0.11)
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
-    from monovlm.quickstart import DEFAULT_MODEL_DIR
-
     return DEFAULT_MODEL_DIR if str(model) in ("default", "tiny") else Path(model)
 
 

@@ -28,8 +28,10 @@ three inductor settings matter more than anything in the graph (measured in BENC
 Together with a leaner `generate` loop these took the batch-1 step from ~1.3 ms to ~1.05 ms (fp32, 2 cores), of
 which ~0.8 ms is the matrix-vector products themselves.
 
-Used by `generate(..., GenerationConfig(compile=True))` for plain decoder-only caches (no token reduction, no sliding
-window, no decoding strategy); anything else falls back to the eager step.
+The step is built from the decoder's own pieces (`Attention.project_qkv`, `Attention.probabilities`, the blocks' norms
+and MLPs), so an attention variant is written once. Used by `generate(..., GenerationConfig(compile=True))` for a plain
+`KVCache` (decode steps are text: no expert routing) of a model without a sliding window, and without a decoding
+strategy; anything else falls back to the eager step.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from monovlm.model.kv_cache import KVCache
-from monovlm.model.rope import apply_rotary
 
 CAPACITY_MULTIPLE = 256
 INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
@@ -54,9 +55,9 @@ def static_capacity(length: int) -> int:
     return -(-length // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
 
 
-def supports_static_decode(model, cache: KVCache) -> bool:
+def supports_static_decode(model, cache) -> bool:
     decoder = getattr(model, "decoder", model)
-    return not cache.reduced and len(cache.groups) == 1 and decoder.config.sliding_window is None
+    return isinstance(cache, KVCache) and decoder.config.sliding_window is None
 
 
 def decode_step(decoder, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,
@@ -73,13 +74,10 @@ def decode_step(decoder, token: torch.Tensor, position: torch.Tensor, slot: torc
     key_mask.index_fill_(3, slot, True)
     for block, layer_keys, layer_values in zip(decoder.layers, keys, values):
         attn = block.attn
-        heads, kv_heads = attn.num_heads, attn.num_kv_heads
-        qkv = attn.project(block.attn_norm(x)).transpose(1, 2)  # (B, H + 2·Hkv, 1, D)
-        qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)  # q and k rotated together
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        q, k, v = attn.project_qkv(block.attn_norm(x), cos, sin)  # (B, H, 1, D), (B, Hkv, 1, D) twice
         layer_keys.index_copy_(2, slot, k)
         layer_values.index_copy_(2, slot, v)
-        out = masked_attention(q, layer_keys, layer_values, key_mask)  # (B, H, 1, D)
+        out = masked_attention(attn, q, layer_keys, layer_values, key_mask)  # (B, H, 1, D)
         x = x + attn.o_proj(out.transpose(1, 2).flatten(2))
         x = x + block.mlp(block.mlp_norm(x))
     position.add_(1)
@@ -87,18 +85,17 @@ def decode_step(decoder, token: torch.Tensor, position: torch.Tensor, slot: torc
     return F.linear(decoder.norm(x)[:, -1], decoder.output_weight)  # (B, V)
 
 
-def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+def masked_attention(attn, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     key_mask: torch.Tensor) -> torch.Tensor:
     """One query per row over the whole cache, written out (not SDPA) so that inductor fuses it into the step.
 
-    q (B, H, 1, D); keys/values (B, Hkv, S, D); key_mask (B, 1, 1, S) -> (B, H, 1, D). Query heads are grouped onto
-    their shared key/value head (GQA: query head h reads kv head h // G) by a reshape, so no key is copied."""
+    q (B, H, 1, D); keys/values (B, Hkv, S, D); key_mask (B, 1, 1, S) -> (B, H, 1, D). The probabilities are the
+    layer's own (`Attention.probabilities`); query heads are grouped onto their shared value head by a reshape."""
     batch, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
-    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, Hkv, G, D)
-    scores = grouped @ keys.transpose(-1, -2) * dim**-0.5  # (B, Hkv, G, S)
-    scores = scores.masked_fill(~key_mask, float("-inf"))  # the mask broadcasts over kv heads and groups
-    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    return (probs @ values).reshape(batch, heads, 1, dim)  # (B, H, 1, D)
+    probs = attn.probabilities(q, keys, key_mask).to(values.dtype)  # (B, H, 1, S)
+    grouped = probs.reshape(batch, kv_heads, heads // kv_heads, -1)  # (B, Hkv, G, S)
+    return (grouped @ values).reshape(batch, heads, 1, dim)  # (B, H, 1, D)
 
 
 class StaticDecoder:
@@ -106,24 +103,24 @@ class StaticDecoder:
 
     def __init__(self, model, cache: KVCache, compile: bool = True):
         self.decoder = getattr(model, "decoder", model)
-        group = cache.groups[0]
-        group.allocate()
-        self.keys, self.values = list(group.keys), list(group.values)
-        self.key_mask = (group.segment_ids != 0)[:, None, None, :].clone()  # (B, 1, 1, S): filled, real slots
-        self.key_mask[..., group.length :] = False
+        cache.allocate()
+        self.keys, self.values = list(cache.keys), list(cache.values)
+        self.key_mask = (cache.segment_ids != 0)[:, None, None, :].clone()  # (B, 1, 1, S): filled, real slots
+        self.key_mask[..., cache.length :] = False
         self.position = cache.next_position[:, None].clone()  # (B, 1)
-        self.slot = torch.tensor([group.length], device=self.position.device)
-        self.cache, self.group = cache, group
+        self.slot = torch.tensor([cache.length], device=self.position.device)
+        self.cache = cache
         self.step_fn = compiled_step(self.decoder) if compile else decode_step
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) -> next logits (B, V); keeps the cache's bookkeeping in step with the writes."""
-        if self.group.length >= self.group.capacity:
-            raise ValueError(f"KV cache is full: {self.group.length} slots of {self.group.capacity} used")
+        cache = self.cache
+        if cache.length >= cache.max_length:
+            raise ValueError(f"KV cache is full: {cache.length} slots of {cache.max_length} used")
         logits = self.step_fn(self.decoder, tokens[:, None], self.position, self.slot, self.key_mask, self.keys,
                               self.values)
-        self.group.segment_ids[:, self.group.length] = 1
-        self.group.length += 1
+        cache.segment_ids[:, cache.length] = 1
+        cache.length += 1
         return logits
 
 

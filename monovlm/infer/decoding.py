@@ -14,13 +14,7 @@ Three training-free methods, each composable with any sampler (greedy, temperatu
 `ContrastiveDecoding(source)` is the shared VCD formula with any contrast input from this module (`NoisedImage`,
 `NoImage`, `BlankImage`, `UnkImage`); with `NoImage` it is the "visual debias decoding" of the debiasing paper.
 
-How `generate` drives a strategy (`token_steps(..., strategy=...)`):
-```
-run = strategy.start(model, input_ids, attention_mask, prefill_inputs, max_new_tokens)   # before the main prefill
-logits = run.process(main_logits)                   # after the main prefill: logits for the first sampled token
-logits = run.process(main_logits, fed_tokens)       # after each main decode forward, with the tokens it was fed
-```
-Every auxiliary forward keeps its own KV cache and is fed exactly the tokens the main one is fed (finished rows'
+`generate` drives a strategy through the protocol of `monovlm.infer.strategy`. Every auxiliary forward keeps its own KV cache and is fed exactly the tokens the main one is fed (finished rows'
 pad tokens included), so batches with left padding behave like one-by-one runs. Logits a strategy changes come
 back in fp32.
 """
@@ -34,10 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monovlm.infer.generate import left_pad
-from monovlm.model.kv_cache import KVCache
+from monovlm.data.layout import TokenLayout
+from monovlm.infer.generate import left_pad, prefill
+from monovlm.infer.strategy import DecodingStrategy, StrategyRun
+from monovlm.model.experts import Routing
 from monovlm.model.masks import position_ids_from_segments
-from monovlm.model.rope import apply_rotary
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the mixing rule shared by VCD, visual debias decoding and DAMRO
@@ -89,14 +84,16 @@ class Branch:
     """One auxiliary forward with its own KV cache. `logits` (B, V) always predicts the same step as the main one."""
 
     def __init__(self, model, inputs: BranchInputs, max_new_tokens: int):
-        self.model = model
-        batch, length = inputs.input_ids.shape
-        self.cache = KVCache.for_model(model, batch, length + max_new_tokens)
-        self.logits = model(**_forward_kwargs(inputs), cache=self.cache, last_only=True)[:, -1]  # (B, V)
+        length = inputs.input_ids.shape[1]
+        extra = dict(inputs.prefill_inputs)
+        if inputs.position_ids is not None:
+            extra["position_ids"] = inputs.position_ids
+        self.logits, self.step, self.cache = prefill(model, inputs.input_ids, inputs.attention_mask,
+                                                     length + max_new_tokens, extra)  # logits (B, V)
 
     def feed(self, tokens: torch.Tensor) -> None:
         """tokens (B,): the tokens the main forward was just fed."""
-        self.logits = self.model(input_ids=tokens[:, None], cache=self.cache, last_only=True)[:, -1]
+        self.logits = self.step(tokens)
 
 
 def _images_of(prefill_inputs: dict | None) -> list[torch.Tensor]:
@@ -207,22 +204,6 @@ class UnkImage(ContrastInput):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # strategies
-
-
-class StrategyRun:
-    """The per-generation state of a strategy (its auxiliary branches); see the module docstring for the protocol."""
-
-    def process(self, logits: torch.Tensor, fed_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class DecodingStrategy:
-    """A transform of next-token logits that may run auxiliary forwards. `start` is called once per generation,
-    before the main prefill."""
-
-    def start(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefill_inputs: dict | None,
-              max_new_tokens: int) -> StrategyRun:
-        raise NotImplementedError
 
 
 class _ContrastRun(StrategyRun):
@@ -393,27 +374,12 @@ def last_token_attention(decoder, layer_index: int, hidden: torch.Tensor, positi
     hidden (B, T, C): that layer's input; position_ids (B, T); key_mask (B, T) True where the last token may attend;
     vision_mask (B, T) True at visual tokens (they take the vision experts where the model has them). -> (B, T)."""
     block = decoder.layers[layer_index]
-    attn = block.attn
-    normed = block.attn_norm(hidden)  # (B, T, C)
-    if vision_mask is not None and block.vision_attn_norm is not None:
-        normed = torch.where(vision_mask[..., None], block.vision_attn_norm(hidden), normed)
-    heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    keys = attn.project(normed)[:, :, heads : heads + kv_heads]  # (B, T, Hkv, D)
-    if vision_mask is not None and attn.vision is not None:
-        vision_keys = attn.vision.project(normed)[:, :, heads : heads + kv_heads]
-        keys = torch.where(vision_mask[..., None, None], vision_keys, keys)
-    last = normed[:, -1:]  # (B, 1, C): the one query row needed
-    query = attn.project(last)[:, :, :heads]  # (B, 1, H, D)
-    if vision_mask is not None and attn.vision is not None:
-        query = torch.where(vision_mask[:, -1:, None, None], attn.vision.project(last)[:, :, :heads], query)
+    routing = Routing.from_mask(vision_mask) if decoder.config.has_experts else None
+    normed = block.attention_input(hidden, routing)  # (B, T, C)
     cos, sin = decoder.rotary(position_ids, hidden.dtype)  # (B, 1, T, D)
-    keys = apply_rotary(keys.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-    query = apply_rotary(query.transpose(1, 2), cos[:, :, -1:], sin[:, :, -1:])  # (B, H, 1, D)
-    batch = hidden.shape[0]
-    query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # (B, Hkv, G, D): GQA groups
-    scores = torch.einsum("bkgd,bktd->bkgt", query.float(), keys.float()) / math.sqrt(head_dim)  # (B, Hkv, G, T)
-    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return scores.softmax(dim=-1).mean(dim=(1, 2))  # (B, T)
+    q, k, _ = block.attn.project_qkv(normed, cos, sin, routing)  # (B, H, T, D), (B, Hkv, T, D)
+    probs = block.attn.probabilities(q[:, :, -1:], k, key_mask[:, None, None, :])  # (B, H, 1, T)
+    return probs[:, :, 0].mean(dim=1)  # (B, T)
 
 
 def select_outliers(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -430,13 +396,10 @@ def select_outliers(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> t
 
 def grid_token_flags(images: Sequence[torch.Tensor], vision) -> torch.Tensor:
     """(N_visual,) bool over the visual tokens of `images` in order: True at grid (patch) tokens, False at CLS and
-    row separators — the embedders' layout [CLS] row 1, SEP, row 2, SEP, ..."""
-    flags = []
-    for image in images:
-        rows, cols = image.shape[-2] // vision.pixels_per_token, image.shape[-1] // vision.pixels_per_token
-        row = [True] * cols + ([False] if vision.use_row_separator else [])
-        flags += ([False] if vision.use_cls else []) + row * rows
-    return torch.tensor(flags, dtype=torch.bool)
+    row separators (`TokenLayout`)."""
+    if not images:
+        return torch.zeros(0, dtype=torch.bool)
+    return torch.cat([TokenLayout.for_image(image, vision).is_patch.cpu() for image in images])
 
 
 class _LayerInputCapture:

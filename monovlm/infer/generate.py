@@ -6,6 +6,7 @@ the decode loop is bound by Python overhead, not arithmetic.
 
 Any model with `forward(input_ids=, attention_mask=, cache=, last_only=True, **prefill_inputs) -> logits` whose
 cache `KVCache.for_model` can size works: the language decoder, and the VLM (`prefill_inputs={"images": [...]}`).
+A token reduction in `prefill_inputs["reduction"]` brings its own cache, which runs the decode steps (`prefill`).
 
 An optional decoding `strategy` (`monovlm.infer.decoding`: VCD, debias calibration, DAMRO) transforms each step's
 logits before the sampler and runs its own auxiliary forwards; without one the loop does no extra work.
@@ -13,17 +14,14 @@ logits before the sampler and runs its own auxiliary forwards; without one the l
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from monovlm.infer.sampling import SamplingSettings, sample_next
+from monovlm.infer.strategy import DecodingStrategy
 from monovlm.model.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from monovlm.infer.decoding import DecodingStrategy
 
 
 @dataclass
@@ -93,6 +91,26 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_length: int,
+            prefill_inputs: dict | None = None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], object]:
+    """The prompt's forward into a fresh KV cache of max_length slots -> (next-token logits (B, V), step, cache):
+    step(tokens (B,)) feeds one token per row through that cache and returns the next logits (B, V).
+
+    With a token reduction in prefill_inputs, the cache is the reduction's own (one KV cache per group of layers),
+    and the steps go through it (`ReducedCache.decode`)."""
+    inputs = dict(prefill_inputs or {})
+    reduction = inputs.get("reduction")
+    batch = input_ids.shape[0]
+    if reduction is None:
+        cache = KVCache.for_model(model, batch, max_length)
+        step = lambda tokens: model(input_ids=tokens[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
+    else:
+        cache = reduction.new_cache(model, batch, max_length)
+        step = lambda tokens: cache.decode(tokens[:, None], last_only=True)[:, -1]  # noqa: E731
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, last_only=True, **inputs)[:, -1]
+    return logits, step, cache
+
+
 @torch.inference_mode()
 def token_steps(
     model,
@@ -119,7 +137,6 @@ def token_steps(
         from monovlm.infer.compiled import static_capacity
 
         capacity = static_capacity(capacity)  # one compiled graph for many prompt lengths
-    cache = KVCache.for_model(model, batch, capacity)
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -130,11 +147,9 @@ def token_steps(
     run = None
     if strategy is not None:
         run = strategy.start(model, input_ids, attention_mask, prefill_inputs, config.max_new_tokens)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, last_only=True,
-                   **(prefill_inputs or {}))[:, -1]  # (B, V)
+    logits, decode, cache = prefill(model, input_ids, attention_mask, capacity, prefill_inputs)
     if run is not None:
         logits = run.process(logits)
-    decode = lambda tokens: model(input_ids=tokens[:, None], cache=cache, last_only=True)[:, -1]
     if config.compile and run is None:
         from monovlm.infer.compiled import StaticDecoder, supports_static_decode
 
@@ -242,7 +257,7 @@ def stream_text(
         deltas = []
         for row in rows:
             text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            safe = _safe_prefix(text, config.stop_strings)
+            safe = safe_prefix(text, config.stop_strings)
             deltas.append(safe[shown[row] :] if len(safe) > shown[row] else "")
             shown[row] = max(shown[row], len(safe))
         yield deltas
@@ -255,7 +270,7 @@ def stream_text(
         yield final
 
 
-def _safe_prefix(text: str, stop_strings: Sequence[str]) -> str:
+def safe_prefix(text: str, stop_strings: Sequence[str]) -> str:
     """The part of `text` that can be shown now: cut at a complete stop string, hold back a partial one at the end
     and a trailing replacement character (an incomplete multi-byte character)."""
     text = cut_at_stop(text, stop_strings)

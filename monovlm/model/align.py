@@ -9,8 +9,8 @@ its checkpoint folder — a trainer that wants to resume saves the aligner's sta
     with HiddenCapture(model.decoder, depths) as capture:        # hooks only on the chosen layers
         ce = model.loss(input_ids, labels, images, attention_mask)
     vision_mask = input_ids == model.image_token_id
-    grids = image_grids(images, vision)
-    align = alignment_loss(aligner, capture.states, vision_mask, grids, teacher(images), vision)
+    layouts = [TokenLayout.for_image(image, vision) for image in images]
+    align = alignment_loss(aligner, capture.states, vision_mask, layouts, teacher(images))
     (ce + align).backward()
 
 Depths follow HF's `hidden_states` numbering (and EVE's `layer_idx`): depth 0 is the embedding output (the input of
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monovlm.config import VisionConfig
+from monovlm.data.layout import TokenLayout
 
 ALIGN_LOSSES = ("cosine", "mse")
 DEPTH_NAMES = ("embeddings", "final")
@@ -46,68 +46,48 @@ def eve_layers(num_layers: int, step: int = 4) -> list[int]:
     return list(range(num_layers, -1, -step))[::-1]
 
 
-def image_grids(images: Sequence[torch.Tensor], vision: VisionConfig) -> list[tuple[int, int]]:
-    """(rows, cols) of visual tokens of each (3, H, W) image that is already at its resized size."""
-    unit = vision.pixels_per_token
-    return [(image.shape[-2] // unit, image.shape[-1] // unit) for image in images]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Selecting the grid tokens
 
 
-def grid_token_index(
-    vision_mask: torch.Tensor | None,
-    grids: Sequence[tuple[int, int]],
-    use_cls: bool,
-    use_row_separator: bool,
-) -> list[torch.Tensor]:
+def grid_token_index(vision_mask: torch.Tensor | None, layouts: Sequence[TokenLayout]) -> list[torch.Tensor]:
     """Per image, the flat indices (into B·T) of its grid tokens in row-major order, CLS and row separators skipped.
 
     vision_mask (B, T) is True at every visual placeholder; images take the placeholders in row-major order of the
-    batch, each laid out as `[CLS] row1 [SEP] row2 [SEP] ...` (the scatter of `EncoderFreeVLM.embed`). Raises
-    ValueError when the placeholder count disagrees with the grids, or when an image's placeholders are not one
-    contiguous run inside one row of the batch (the grids are then in the wrong order or of the wrong sizes).
+    batch, each laid out as its `TokenLayout` says (the scatter of `EncoderFreeVLM.embed`). Raises ValueError when
+    the placeholder count disagrees with the layouts, or when an image's placeholders are not one contiguous run
+    inside one row of the batch (the layouts are then in the wrong order or of the wrong sizes).
     """
-    if vision_mask is None or not grids:
+    if vision_mask is None or not layouts:
         placeholders = 0 if vision_mask is None else int(vision_mask.sum())
-        if placeholders or grids:
-            raise ValueError(f"the batch has {placeholders} visual placeholder(s) but {len(grids)} image grid(s)")
+        if placeholders or layouts:
+            raise ValueError(f"the batch has {placeholders} visual placeholder(s) but {len(layouts)} image layout(s)")
         return []
     if vision_mask.dim() != 2:
         raise ValueError(f"vision_mask must be (B, T), got shape {tuple(vision_mask.shape)}")
-    for rows, cols in grids:
-        if rows <= 0 or cols <= 0:
-            raise ValueError(f"grid ({rows}, {cols}) must have positive sides")
+    for layout in layouts:
+        if layout.rows <= 0 or layout.cols <= 0:
+            raise ValueError(f"grid ({layout.rows}, {layout.cols}) must have positive sides")
     device = vision_mask.device
     length = vision_mask.shape[1]
+    grids = [(layout.rows, layout.cols) for layout in layouts]
     placeholders = vision_mask.reshape(-1).nonzero().squeeze(1)  # (N_visual,) flat positions, row-major
-    rows = torch.tensor([g[0] for g in grids], device=device)
-    cols = torch.tensor([g[1] for g in grids], device=device)
-    cls, sep = int(use_cls), int(use_row_separator)
-    counts = cls + rows * (cols + sep)  # (I,) placeholders per image
+    counts = torch.tensor([layout.num_tokens for layout in layouts], device=device)  # (I,) placeholders per image
     if int(counts.sum()) != placeholders.numel():
-        raise ValueError(
-            f"the batch has {placeholders.numel()} visual placeholders but the grids {list(grids)} "
-            f"(use_cls={use_cls}, use_row_separator={use_row_separator}) need {int(counts.sum())}"
-        )
+        raise ValueError(f"the batch has {placeholders.numel()} visual placeholders but the layouts of the grids "
+                         f"{grids} need {int(counts.sum())}")
     starts = torch.cumsum(counts, 0) - counts  # (I,) index of each image's first placeholder in `placeholders`
     first, last = placeholders[starts], placeholders[starts + counts - 1]
     broken = (last - first != counts - 1) | (first // length != last // length)
     if bool(broken.any()):
         image = int(broken.nonzero()[0])
         raise ValueError(
-            f"image {image} (grid {tuple(grids[image])}) does not match one contiguous run of placeholders in one row; "
-            "are the grids in the order of the images' placeholders?"
+            f"image {image} (grid {grids[image]}) does not match one contiguous run of placeholders in one row; "
+            "are the layouts in the order of the images' placeholders?"
         )
-    # vectorised over every grid token of every image: k-th grid token of image i sits at cls + r·(cols + sep) + c
-    per_image = rows * cols  # (I,)
-    image_of = torch.repeat_interleave(torch.arange(len(grids), device=device), per_image)  # (G,)
-    k = torch.arange(int(per_image.sum()), device=device) - torch.repeat_interleave(
-        torch.cumsum(per_image, 0) - per_image, per_image)  # (G,) index within its image
-    width = cols[image_of]
-    local = cls + (k // width) * (width + sep) + k % width  # (G,) placeholder index within the image
-    flat = placeholders[starts[image_of] + local]  # (G,)
+    per_image = torch.tensor([layout.rows * layout.cols for layout in layouts], device=device)  # (I,)
+    local = torch.cat([layout.patch_index for layout in layouts]).to(device)  # (G,) grid token within its image
+    flat = placeholders[torch.repeat_interleave(starts, per_image) + local]  # (G,)
     return list(flat.split(per_image.tolist()))
 
 
@@ -315,28 +295,27 @@ def alignment_loss(
     aligner: PatchAligner,
     captured_states: Sequence[torch.Tensor],
     vision_mask: torch.Tensor | None,
-    grids: Sequence[tuple[int, int]],
+    layouts: Sequence[TokenLayout],
     teacher_feats: Sequence[torch.Tensor],
-    vision_config: VisionConfig,
 ) -> torch.Tensor:
     """The PAL loss of a batch: grid tokens of every image at every captured depth vs. the teacher's features.
 
     captured_states: (B, T, C) per depth, shallow → deep (`HiddenCapture.states`); vision_mask (B, T) (None for a
-    text-only batch); grids: (rows, cols) per image in placeholder order; teacher_feats: (rows_t, cols_t, D) per image,
-    resampled to (rows, cols) with `resample_grid`. A batch without images gives a 0 that is still connected to the
-    aligner's parameters (text-only samples contribute nothing, as in EVE).
+    text-only batch); layouts: the `TokenLayout` of each image in placeholder order; teacher_feats: (rows_t, cols_t, D) per image, resampled to (rows, cols) with
+    `resample_grid`. A batch without images gives a 0 that is still connected to the aligner's parameters (text-only
+    samples contribute nothing, as in EVE).
     """
-    if len(teacher_feats) != len(grids):
-        raise ValueError(f"{len(grids)} image(s) but {len(teacher_feats)} teacher feature map(s)")
-    index = grid_token_index(vision_mask, grids, vision_config.use_cls, vision_config.use_row_separator)
+    if len(teacher_feats) != len(layouts):
+        raise ValueError(f"{len(layouts)} image(s) but {len(teacher_feats)} teacher feature map(s)")
+    index = grid_token_index(vision_mask, layouts)
     if not index:
         return aligner.zero()
     flat_index = torch.cat(index)  # (N,)
     captured = [states.reshape(-1, states.shape[-1])[flat_index] for states in captured_states]  # × (N, C)
     targets = []
-    for feats, (rows, cols) in zip(teacher_feats, grids):
+    for feats, layout in zip(teacher_feats, layouts):
         if feats.dim() != 3 or feats.shape[-1] != aligner.teacher_dim:
             raise ValueError(f"teacher features must be (rows, cols, {aligner.teacher_dim}), got {tuple(feats.shape)}")
-        targets.append(resample_grid(feats.detach(), rows, cols).reshape(rows * cols, -1))
+        targets.append(resample_grid(feats.detach(), layout.rows, layout.cols).reshape(layout.rows * layout.cols, -1))
     teacher = torch.cat(targets).to(flat_index.device)  # (N, D)
-    return aligner(captured, teacher, [rows * cols for rows, cols in grids])
+    return aligner(captured, teacher, [layout.rows * layout.cols for layout in layouts])

@@ -3,12 +3,17 @@
 Config switches cover the checkpoints we load: q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), a sliding window
 (Mistral), tied or untied output head. The forward pass takes token ids or `inputs_embeds` (the VLM scatters image
 embeddings into those), explicit `position_ids`, and a segment-id attention mask (see `masks.py`) that expresses left
-padding and packed documents. An optional `KVCache` makes decoding incremental. At prefill, a bound token reduction
-(`reducer`, see `monovlm.infer.reduction`) may drop visual tokens before chosen layers; the cache then holds fewer
-tokens from those layers on, and decode steps go through it group by group.
+padding and packed documents. An optional `KVCache` makes decoding incremental.
+
+There is one forward: embed, `layer_inputs` (RoPE tables, the SDPA mask arguments, expert routing — computed once and
+shared by every layer), the blocks, the final norm. Inference tricks that change the tokens between layers (token
+reduction, `monovlm.infer.reduction`) or run the step differently (`monovlm.infer.compiled`) iterate these same
+pieces, and read attention through `Attention.project_qkv` and `Attention.probabilities`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +21,20 @@ from torch import nn
 
 from monovlm.config import DecoderConfig
 from monovlm.model.experts import Routing, route
-from monovlm.model.kv_cache import KVCache, LayerGroup
+from monovlm.model.kv_cache import KVCache
 from monovlm.model.masks import build_attention_mask, open_images, position_ids_from_segments
 from monovlm.model.rope import RotaryTable, apply_rotary
+
+
+@dataclass
+class LayerInputs:
+    """What every layer of one forward shares, computed once: RoPE tables, SDPA's mask arguments, expert routing."""
+
+    cos: torch.Tensor  # (B, 1, T, D)
+    sin: torch.Tensor  # (B, 1, T, D)
+    attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None with is_causal (or no mask at all)
+    is_causal: bool
+    routing: Routing | None  # visual tokens to the vision experts; None = every token takes the text path
 
 
 class RMSNorm(nn.Module):
@@ -73,33 +89,43 @@ class Attention(Projections):
         # the vision expert: its own projections (and q/k norms); attention over all tokens stays shared
         self.vision = Projections(config) if config.expert_attention else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        is_causal: bool,
-        cache: LayerGroup | None,
-        routing: Routing | None = None,
-    ) -> torch.Tensor:
-        batch, length, _ = x.shape
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                    routing: Routing | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, D): the fused projection (the vision
+        expert's at routed visual tokens), per-head q/k norms, and RoPE on q and k when cos/sin (B, 1, T, D) are
+        given (without them k is the pre-RoPE key some token-merging metrics compare)."""
         heads, kv_heads = self.num_heads, self.num_kv_heads
         if routing is None or self.vision is None:
             qkv = self.project(x)  # (B, T, H + 2·Hkv, D)
         else:
             qkv = route(x, routing, self.project_flat, self.vision.project_flat).unflatten(-1, (-1, self.head_dim))
         qkv = qkv.transpose(1, 2)  # (B, H + 2·Hkv, T, D)
-        qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)  # q and k rotated together: (B, H + Hkv, T, D)
-        q, k = qk[:, :heads], qk[:, heads:]
-        v = qkv[:, heads + kv_heads :]  # (B, Hkv, T, D)
+        qk = qkv[:, : heads + kv_heads]
+        if cos is not None:
+            qk = apply_rotary(qk, cos, sin)  # q and k rotated together: (B, H + Hkv, T, D)
+        return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+
+    def probabilities(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities SDPA computes, written out for those who read them (token scoring, DAMRO) or
+        need them fused into a compiled graph. q (B, H, Q, D), k (B, Hkv, S, D) rotated; allowed bool, broadcastable
+        to (B, 1, Q, S) -> (B, H, Q, S) float32. Query heads are grouped onto their shared key/value head (GQA: head
+        h reads kv head h // G) by a reshape, so no key is copied."""
+        batch, heads, queries, dim = q.shape
+        kv_heads = k.shape[1]
+        grouped = q.float().reshape(batch, kv_heads, heads // kv_heads * queries, dim)  # (B, Hkv, G·Q, D)
+        scores = (grouped @ k.float().transpose(-1, -2) * dim**-0.5).unflatten(2, (heads // kv_heads, queries))
+        scores = scores.masked_fill(~allowed.unsqueeze(2), float("-inf"))  # (B, Hkv, G, Q, S)
+        return scores.softmax(dim=-1).reshape(batch, heads, queries, -1)
+
+    def forward(self, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.project_qkv(x, inputs.cos, inputs.sin, inputs.routing)
         if cache is not None:
-            k, v = cache.write(self.layer_index, k, v)  # (B, Hkv, S, D) with S = cached + T in this layer
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=kv_heads != heads
-        )  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(batch, length, heads * self.head_dim)
-        return route(out, routing, self.o_proj, self.vision.o_proj if self.vision is not None else None)
+            k, v = cache.write(self.layer_index, k, v)  # (B, Hkv, S, D) with S = cached + T
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.attn_mask, is_causal=inputs.is_causal,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return route(out, inputs.routing, self.o_proj, self.vision.o_proj if self.vision is not None else None)
 
 
 class MLP(nn.Module):
@@ -125,12 +151,13 @@ class Block(nn.Module):
         self.vision_mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.expert_norms else None
         self.vision_mlp = MLP(config) if config.expert_mlp else None
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache, routing: Routing | None = None):
+    def forward(self, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None = None) -> torch.Tensor:
+        routing = inputs.routing
         if routing is None:  # text only: the plain path, no gathers
-            x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache)
+            x = x + self.attn(self.attn_norm(x), inputs, cache)
             return x + self.mlp(self.mlp_norm(x))
         normed = route(x, routing, self.attn_norm, self.vision_attn_norm)
-        x = x + self.attn(normed, cos, sin, attn_mask, is_causal, cache, routing)
+        x = x + self.attn(normed, inputs, cache)
         if self.vision_mlp_norm is not None and self.vision_mlp is not None:
             # both parts routed: one gather/scatter for norm + MLP together
             mlp_out = route(x, routing, lambda h: self.mlp(self.mlp_norm(h)),
@@ -139,6 +166,10 @@ class Block(nn.Module):
             normed = route(x, routing, self.mlp_norm, self.vision_mlp_norm)
             mlp_out = route(normed, routing, self.mlp, self.vision_mlp)
         return x + mlp_out
+
+    def attention_input(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        """The attention's input: x (B, T, C) through the input norm (the vision expert's at routed visual tokens)."""
+        return route(x, routing, self.attn_norm, self.vision_attn_norm)
 
 
 def _grown_embedding(embedding: nn.Embedding, new_rows: int) -> nn.Embedding:
@@ -212,6 +243,11 @@ class Decoder(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def embed(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -239,145 +275,73 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         vision_mask: torch.Tensor | None = None,
-        reducer=None,
     ) -> torch.Tensor:
-        """The final-norm hidden states (B, T, C) before the output head.
-
-        `reducer` (a bound token reduction from `monovlm.infer.reduction`, prefill only) may drop or merge visual
-        tokens before chosen layers; the output then covers the kept tokens only, left-padded per row."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        if reducer is not None:
-            return self._reduced_hidden_states(x, attention_mask, position_ids, cache, vision_mask, reducer)
-        batch, length = x.shape[:2]
-        store = None
+        """The final-norm hidden states (B, T, C) before the output head."""
+        x = self.embed(input_ids, inputs_embeds)  # (B, T, C)
         if cache is not None:
-            cache.check_room(length)
-            cache.allocate()
-            store = cache.groups[0]
-        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device,
-                                                                 vision_mask)
+            cache.check_room(x.shape[1])
+        segment_ids = segments_of(attention_mask)
         if position_ids is None:
             start = cache.next_position if cache is not None and cache.length > 0 else None
-            position_ids = self._default_positions(segment_ids, batch, length, start, x.device)
-        cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
-        routing = Routing.from_mask(vision_mask) if self.config.has_experts else None
-        if cache is None or not cache.reduced:
-            for block in self.layers:
-                x = block(x, cos, sin, attn_mask, is_causal, store, routing)
-        else:  # a cache reduced at prefill: each layer group has its own cached slots (and maybe positions)
-            x = self._run_split_cache(x, cache, attention_mask, position_ids, cos, sin, routing)
+            position_ids = self.default_positions(segment_ids, x.shape[:2], start, x.device)
+        inputs = self.layer_inputs(x, attention_mask, position_ids, cache, vision_mask)
+        for block in self.layers:
+            x = block(x, inputs, cache)
         if cache is not None:
-            if segment_ids is None:
-                segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)
-            cache.advance(segment_ids, position_ids)
+            cache.advance(position_ids, segment_ids)
         return self.norm(x)
 
     @staticmethod
-    def _default_positions(segment_ids, batch, length, start, device):
+    def default_positions(segment_ids: torch.Tensor | None, shape: torch.Size, start: torch.Tensor | None,
+                          device: torch.device) -> torch.Tensor:
+        """RoPE positions (B, T) of new tokens: counted from 0 within each document (padding skipped), continuing
+        from `start` (B,), the next position of each row, when earlier tokens are cached."""
+        batch, length = shape
         if segment_ids is None:
             base = torch.arange(length, device=device)[None].expand(batch, length)
             return base if start is None else base + start[:, None]
         return position_ids_from_segments(segment_ids, start)
 
-    def _run_split_cache(self, x, cache, attention_mask, position_ids, cos, sin, routing):
-        """New tokens through a cache whose layer groups hold different slots: one mask per group, and positions
-        shifted where the reduction renumbered them."""
-        if attention_mask is not None and attention_mask.dim() == 4:
-            raise ValueError("a KV cache reduced at prefill needs segment-id attention masks (B, T), not 4-D masks")
-        batch, length = x.shape[:2]
-        for group in cache.groups:
-            attn_mask, is_causal, _ = self._attention_mask(attention_mask, batch, length, group, x.device)
-            group_cos, group_sin = cos, sin
-            if group.position_shift is not None:
-                group_cos, group_sin = self.rotary(position_ids - group.position_shift[:, None], x.dtype)
-            for index in group.layers:
-                x = self.layers[index](x, group_cos, group_sin, attn_mask, is_causal, group, routing)
-        return x
-
-    def _reduced_hidden_states(self, x, attention_mask, position_ids, cache, vision_mask, reducer):
-        """Prefill with token reduction. Before each layer in `reducer.layers`, the reducer may return fewer tokens
-        (hidden states, positions, segment ids, vision mask, and a position shift under renumbering); masks, RoPE
-        and expert routing are rebuilt from them, and the cache gives the layers from there on their own, smaller,
-        group. Layers before keep the full prompt in the cache, so decoding equals a full forward with the same
-        reduction. A reduction that keeps every token changes nothing: the arithmetic is that of the plain path."""
-        if attention_mask is not None and attention_mask.dim() == 4:
-            raise ValueError("token reduction needs a segment-id attention mask (B, T), not a ready 4-D mask")
-        if self.config.sliding_window is not None:
-            raise ValueError("token reduction is not supported with a sliding-window model: the window counts cache "
-                             "slots, which no longer match positions once tokens are dropped")
-        batch, length = x.shape[:2]
-        store = None
-        if cache is not None:
-            if cache.length > 0:
-                raise ValueError("token reduction happens at prefill: pass an empty KV cache (this one holds "
-                                 f"{cache.length} tokens)")
-            cache.check_room(length)
-            store = cache.groups[0]
-        attn_mask, is_causal, segment_ids = self._attention_mask(attention_mask, batch, length, store, x.device,
-                                                                 vision_mask)
-        if segment_ids is None:
-            segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)
-        if position_ids is None:
-            position_ids = position_ids_from_segments(segment_ids)
-        next_position = position_ids[:, -1] + 1  # layers before a reduction saw the whole prompt
+    def layer_inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                     cache: KVCache | None = None, vision_mask: torch.Tensor | None = None) -> LayerInputs:
+        """What the blocks share for x (B, T, C): attention_mask and vision_mask as in `forward`; `cache` is the
+        KV cache the new tokens attend through (its filled slots and their segments), or None."""
+        attn_mask, is_causal = self.attention_mask(attention_mask, x.shape[:2], cache, vision_mask, x.device)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
         routing = Routing.from_mask(vision_mask) if self.config.has_experts else None
-        reducer.start(position_ids, segment_ids, vision_mask)
-        group_segments = {store: segment_ids} if store is not None else {}
-        for index, block in enumerate(self.layers):
-            if index in reducer.layers:
-                kept = reducer.reduce(index, x, self)
-                if kept is not None:
-                    x, position_ids, segment_ids = kept.hidden, kept.position_ids, kept.segment_ids
-                    if cache is not None:
-                        store = cache.split(index, x.shape[1], cache.max_length - length, kept.position_shift)
-                        group_segments[store] = segment_ids
-                    attn_mask, is_causal, _ = self._attention_mask(segment_ids, batch, x.shape[1], store, x.device,
-                                                                   kept.vision_mask)
-                    cos, sin = self.rotary(position_ids, x.dtype)
-                    routing = Routing.from_mask(kept.vision_mask) if self.config.has_experts else None
-            if store is not None:
-                store.allocate(index)
-            x = block(x, cos, sin, attn_mask, is_causal, store, routing)
-        if cache is not None:
-            for group in cache.groups:
-                group.commit(group_segments[group])
-            cache.next_position = next_position
-        return self.norm(x)
+        return LayerInputs(cos, sin, attn_mask, is_causal, routing)
 
-    def _attention_mask(self, attention_mask, batch, length, store, device, vision_mask=None):
-        """Pick the cheapest correct SDPA arguments: (attn_mask, is_causal, segment_ids or None). `store` is the KV
-        cache's layer group the new tokens attend through (its cached slots, their segments), or None.
-        `vision_mask` (B, T) matters only with image_attention = "bidirectional" (then the mask is explicit)."""
-        past = store.length if store is not None else 0
+    def attention_mask(self, attention_mask: torch.Tensor | None, shape: torch.Size, cache: KVCache | None,
+                       vision_mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """The cheapest correct SDPA arguments (attn_mask, is_causal) for T new tokens after the cache's filled
+        slots. `vision_mask` (B, T) matters only with image_attention = "bidirectional" (then the mask is explicit)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask.to(torch.bool), False
+        batch, length = shape
+        past = cache.length if cache is not None else 0
         window = self.config.sliding_window
         window_matters = window is not None and past + length > window
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return attention_mask.to(torch.bool), False, None
-        segment_ids = None
-        trivial = True  # every token real and in one document per row
-        if attention_mask is not None:
-            segment_ids = attention_mask.long()
-            trivial = not bool((segment_ids != 1).any())
-            if store is not None and bool((segment_ids == 0).any()):
-                store.has_padding = True
-        has_padding = store.has_padding if store is not None else False
+        segment_ids = segments_of(attention_mask)
+        trivial = segment_ids is None or not bool((segment_ids != 1).any())  # every token real, one document a row
+        has_padding = cache.has_padding if cache is not None else False
         within_images = (self.config.image_attention == "bidirectional" and vision_mask is not None
                          and bool(vision_mask.any()))
         if trivial and not has_padding and not window_matters and not within_images:
             if past == 0:
-                return None, length > 1, segment_ids
+                return None, length > 1
             if length == 1:
-                return None, False, segment_ids  # one new query may see every cached key
+                return None, False  # one new query may see every cached key
         if segment_ids is None:
             segment_ids = torch.ones(batch, length, dtype=torch.long, device=device)
-        if store is not None and past > 0:
-            key_segments = torch.cat([store.segment_ids[:, :past], segment_ids], dim=1)
-        else:
-            key_segments = segment_ids
+        key_segments = torch.cat([cache.segment_ids[:, :past], segment_ids], dim=1) if past > 0 else segment_ids
         mask = build_attention_mask(segment_ids, key_segments, past, window if window_matters else None)
         if within_images:
             mask = open_images(mask, vision_mask, past)
-        return mask, False, segment_ids
+        return mask, False
+
+
+def segments_of(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Segment ids (B, T) of a (B, T) attention mask; None for no mask or a ready 4-D one (one document a row)."""
+    if attention_mask is None or attention_mask.dim() == 4:
+        return None
+    return attention_mask.long()

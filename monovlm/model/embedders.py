@@ -1,46 +1,31 @@
-"""Pixels -> visual tokens with no vision encoder: the three embedders of the EVE family.
+"""Pixels -> visual tokens: the three encoder-free embedders of the EVE family, and the baseline's ViT + projector.
 
 - `linear` (Fuyu, SOLO): each raw patch, flattened, goes through one Linear into the decoder width.
 - `eve` (EVE v1's patch embedding layer): a conv stem; local attention inside each merge×merge window with the
   average-pooled patch as the query; a learned CLS token that attends to every patch; an MLP into the decoder width.
 - `conv` (EVEv2, NEO): conv (patch_size stride) -> GELU -> conv (merge stride), so one token covers
   (patch_size·merge)² pixels.
+- `EncoderEmbedder` (the LLaVA-style baseline): ViT -> merge×merge pixel shuffle -> 2-layer MLP projector, so it
+  yields exactly as many tokens as the `conv` embedder with the same VisionConfig.
 
 Every embedder returns, per image, the token sequence the decoder sees: [CLS] row 1, SEP, row 2, SEP, ... — CLS and
-the row separator are learned vectors, included when the config asks for them. The length always equals
-`monovlm.data.images.num_image_tokens` for that image, because both follow `VisionConfig`.
+the row separator are learned vectors, included when the config asks for them. That order is
+`monovlm.data.layout.TokenLayout`, which the processor counts placeholders with, so the length always equals
+`monovlm.data.images.num_image_tokens` for that image.
 
 Images of the same size are embedded together in one batch; different sizes go in separate groups (no padding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from monovlm.config import EncoderConfig, VisionConfig
-
-
-def _group_by_size(images: list[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
-    return groups
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where an image's tokens sit in its placeholder span: the grid patches (what token reduction may drop), their
-    (row, col), and the structural tokens (CLS, row separators), which have row = col = -1."""
-
-    rows: int
-    cols: int
-    is_patch: torch.Tensor  # (N,) bool
-    grid_row: torch.Tensor  # (N,) long
-    grid_col: torch.Tensor  # (N,) long
+from monovlm.data.images import group_by_size
+from monovlm.data.layout import TokenLayout
+from monovlm.model.vit import ViT
 
 
 class Embedder(nn.Module):
@@ -92,24 +77,13 @@ class Embedder(nn.Module):
 
     def token_layout(self, image: torch.Tensor) -> TokenLayout:
         """The layout of the tokens `forward` returns for this image (3, H, W): [CLS] row 1, SEP, row 2, SEP, ..."""
-        ppt = self.config.pixels_per_token
-        rows, cols = image.shape[-2] // ppt, image.shape[-1] // ppt
-        per_row = cols + (1 if self.row_separator is not None else 0)
-        grid_row = torch.arange(rows).repeat_interleave(per_row)  # (rows·per_row,)
-        grid_col = torch.arange(per_row).repeat(rows)
-        is_patch = grid_col < cols  # the separator closes each row
-        if self.cls_token is not None:
-            is_patch = torch.cat([torch.zeros(1, dtype=torch.bool), is_patch])
-            grid_row, grid_col = F.pad(grid_row, (1, 0)), F.pad(grid_col, (1, 0))
-        not_patch = torch.tensor(-1)
-        return TokenLayout(rows, cols, is_patch, torch.where(is_patch, grid_row, not_patch),
-                           torch.where(is_patch, grid_col, not_patch))
+        return TokenLayout.for_image(image, self.config)
 
     def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """images: list of (3, H, W), sides multiples of pixels_per_token -> list of (N_i, hidden) token tensors."""
         outputs: list[torch.Tensor | None] = [None] * len(images)
         ppt = self.config.pixels_per_token
-        for (height, width), indices in _group_by_size(images).items():
+        for (height, width), indices in group_by_size(images).items():
             if height % ppt or width % ppt:
                 raise ValueError(f"image of size {height}x{width} is not a multiple of {ppt} pixels per token")
             pixels = torch.stack([images[i] for i in indices])  # (B, 3, H, W)
@@ -210,13 +184,50 @@ class EVEEmbedder(Embedder):
         return self.mlp(tokens)  # (B, N, hidden)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The baseline's embedder: encoder + projector
+
+
+def merge_patches(grid: torch.Tensor, merge: int) -> torch.Tensor:
+    """Pixel shuffle: (B, rows, cols, C) -> (B, rows/m, cols/m, C·m²), concatenating each m×m window's features
+    in (row-in-window, col-in-window) order."""
+    batch, rows, cols, width = grid.shape
+    windows = grid.reshape(batch, rows // merge, merge, cols // merge, merge, width)
+    windows = windows.permute(0, 1, 3, 2, 4, 5)  # (B, rows/m, cols/m, m, m, C)
+    return windows.reshape(batch, rows // merge, cols // merge, merge * merge * width)
+
+
+class Projector(nn.Module):
+    """LLaVA's mlp2x_gelu after a merge×merge pixel shuffle: fewer tokens, no information thrown away."""
+
+    def __init__(self, width: int, merge: int, hidden_size: int):
+        super().__init__()
+        self.merge = merge
+        self.mlp = nn.Sequential(nn.Linear(width * merge * merge, hidden_size), nn.GELU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.mlp(merge_patches(grid, self.merge))  # (B, rows/m, cols/m, hidden)
+
+
+class EncoderEmbedder(Embedder):
+    """The LLaVA-style baseline: ViT patch features -> projector. One token covers (patch_size·merge)² pixels, as
+    with ConvEmbedder, and CLS / row separators come from the base class, so token counts match exactly."""
+
+    def __init__(self, config: VisionConfig, encoder_config: EncoderConfig, hidden_size: int):
+        super().__init__(config, hidden_size)
+        self.encoder = ViT(encoder_config, config.patch_size)  # separate names: frozen / trained separately
+        self.projector = Projector(encoder_config.width, config.merge, hidden_size)
+
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(pixels))  # (B, rows/m, cols/m, hidden)
+
+
 EMBEDDERS = {"linear": LinearEmbedder, "eve": EVEEmbedder, "conv": ConvEmbedder}
 
 
 def build_embedder(config: VisionConfig, hidden_size: int, encoder: EncoderConfig | None = None) -> Embedder:
     """The encoder-free embedder named by the config, or — with an EncoderConfig — the baseline's ViT + projector."""
     if encoder is not None:
-        from monovlm.model.vit import EncoderEmbedder
-
         return EncoderEmbedder(config, encoder, hidden_size)
     return EMBEDDERS[config.embedder](config, hidden_size)

@@ -238,7 +238,8 @@ def _check_folder(path: str | os.PathLike) -> Path:
 
 def load_safetensors_strict(module: torch.nn.Module, weights: Path, device: str = "cpu") -> None:
     """Fill `module` from a safetensors file whose names are the module's own: every tensor present with its shape,
-    nothing extra; errors name the file and the tensor."""
+    nothing extra; errors name the file and the tensor. Floating-point tensors are cast to the module's dtype (a
+    bf16 file fills a float32 model: the shipped model is stored in bf16 to halve its size)."""
     if not weights.is_file():
         raise CheckpointError(f"{weights.parent} has no {weights.name}")
     expected = module.state_dict()
@@ -251,6 +252,11 @@ def load_safetensors_strict(module: torch.nn.Module, weights: Path, device: str 
             if tensor.shape != expected[name].shape:
                 raise CheckpointError(f"tensor {name!r} in {weights} has shape {tuple(tensor.shape)}, expected "
                                       f"{tuple(expected[name].shape)}")
+            if tensor.dtype != expected[name].dtype:
+                if not (tensor.is_floating_point() and expected[name].is_floating_point()):
+                    raise CheckpointError(f"tensor {name!r} in {weights} is {tensor.dtype}, expected "
+                                          f"{expected[name].dtype}")
+                tensor = tensor.to(expected[name].dtype)
             state[name] = tensor
     missing = sorted(set(expected) - set(state))
     if missing:

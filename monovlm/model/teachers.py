@@ -325,7 +325,8 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
     if spec != "vit":
         raise ValueError(f"unknown teacher {spec!r}: use 'vit', 'hf:PATH' or 'features:PATH'")
     from monovlm.config import EncoderConfig
-    from monovlm.model.vit import load_vit, pretrain_vit, save_vit
+    from monovlm.model.vit import load_vit, save_vit
+    from monovlm.train.vit_pretrain import pretrain_vit
 
     folder = Path(run_dir) / "teacher"
     is_main = info is None or info.is_main
@@ -347,7 +348,7 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
         dist.barrier()  # other ranks wait for rank 0's teacher
     teacher = ViTTeacher(load_vit(folder))
     if getattr(align, "whiten", False):
-        from monovlm.model.vit import load_patch_dataset
+        from monovlm.train.vit_pretrain import load_patch_dataset
 
         samples = load_patch_dataset(data_root, teacher_vision(vision, align.teacher_patch_size), "train",
                                      limit=align.whiten_images)

@@ -12,7 +12,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,6 @@ from monovlm.config import VLMConfig
 from monovlm.model.decoder import Decoder
 from monovlm.model.embedders import build_embedder
 from monovlm.model.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from monovlm.infer.reduction import Reduction
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, images, padding)
 CONFIG_FILE = "config.json"
@@ -127,15 +123,13 @@ class EncoderFreeVLM(nn.Module):
             grids=[(layout.rows, layout.cols) for layout in layouts],
         )
 
-    def hidden_states(self, input_ids, images=None, attention_mask=None, position_ids=None, cache=None,
-                      reduction: Reduction | None = None):
+    def hidden_states(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None = None,
+                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """The decoder's final-norm hidden states (B, T, C) for input_ids (B, T) with images scattered in."""
         embeds, vision_mask = self.embed(input_ids, images)
-        reducer = None
-        if reduction is not None:
-            reducer = reduction.bind(self.visual_layout(input_ids, images), self.decoder.config.num_layers)
         return self.decoder.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
-                                          position_ids=position_ids, cache=cache, vision_mask=vision_mask,
-                                          reducer=reducer)
+                                          position_ids=position_ids, cache=cache, vision_mask=vision_mask)
 
     def forward(
         self,
@@ -145,14 +139,17 @@ class EncoderFreeVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-        reduction: Reduction | None = None,
+        reduction=None,
     ) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with last_only. Decode steps pass only input_ids (and the cache).
 
-        `reduction` (`monovlm.infer.reduction.build_reduction(...)`, prefill only) drops or merges visual tokens
-        inside the forward; the logits then cover the kept tokens only (left-padded per row, the last column is
-        still each row's last token), and a cache passed along keeps the reduction for every decode step."""
-        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache, reduction)
+        `reduction` (`monovlm.infer.reduction.build_reduction(...)`) hands the forward to the token reduction, which
+        runs the decoder's layers itself and drops or merges visual tokens between them; the logits then cover the
+        kept tokens only (left-padded per row, the last column is still each row's last token). Its cache is a
+        `reduction.new_cache(...)`, whose `decode` runs the later tokens."""
+        if reduction is not None:
+            return reduction.forward(self, input_ids, images, attention_mask, position_ids, cache, last_only)
+        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache)
         if last_only:
             hidden = hidden[:, -1:]
         return F.linear(hidden, self.decoder.output_weight)
@@ -192,6 +189,7 @@ class EncoderFreeVLM(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "EncoderFreeVLM":
+        """A saved model folder -> the model in `dtype` (float32 by default, whatever dtype its weights file stores)."""
         from monovlm.model.hf import CheckpointError, load_safetensors_strict, read_json
 
         folder = Path(path)

@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from monovlm.data.images import ImageLoadError, load_image
-from monovlm.data.processor import Processor, SampleError
+from monovlm.data.processor import Processor
+from monovlm.paths import DEFAULT_MODEL_DIR
 from monovlm.serve.batching import BatchWorker, Delta, Failed, Finished, Job, QueueFull
 from monovlm.serve.limits import Limits, RequestError, bad_request
 from monovlm.serve.messages import ChatRequest, parse_chat_request
@@ -68,7 +69,6 @@ class ServedModel:
 def load_served_model(folder: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ServedModel:
     """A monovlm model folder (default: the shipped tiny model) ready to serve."""
     from monovlm.model.vlm import EncoderFreeVLM
-    from monovlm.quickstart import DEFAULT_MODEL_DIR
     from monovlm.tokenizer import Tokenizer
 
     folder = Path(folder) if folder is not None else DEFAULT_MODEL_DIR
@@ -132,7 +132,7 @@ def prepare(served: ServedModel, chat: ChatRequest, limits: Limits) -> Prepared:
             raise bad_request(str(error), part.name, code=code) from error
     try:
         prompt = chat_prompt(served.processor, chat.turns, pictures)
-    except (PromptError, SampleError) as error:
+    except PromptError as error:
         raise bad_request(str(error), "messages", code="invalid_prompt") from error
     try:
         chat.options.methods.check_model(served.model.config.decoder.num_layers)

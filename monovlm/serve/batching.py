@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monovlm.infer.generate import GenerationConfig, _safe_prefix, cut_at_stop, left_pad, token_steps
+from monovlm.infer.generate import GenerationConfig, cut_at_stop, left_pad, safe_prefix, token_steps
 from monovlm.serve.messages import GenerationOptions
 
 log = logging.getLogger("monovlm.serve")
@@ -108,7 +108,7 @@ class _Row:
         if token in self.stop_ids or (stops and cut_at_stop(text, stops) != text):
             self.finish("stop", text)
             return
-        safe = _safe_prefix(text, stops)
+        safe = safe_prefix(text, stops)
         if len(safe) > self.shown:
             self.job.emit(Delta(safe[self.shown :]))
             self.shown = len(safe)

@@ -4,8 +4,9 @@ Only JSON is checked here (no model, no pixels): every field is validated with a
 the server would otherwise silently ignore is refused, so a client never believes a setting was applied when it was
 not. What is accepted:
 
-- `messages`: `system` (or `developer`), `user` and `assistant` turns; `content` is a string or a list of parts
-  `{"type": "text", "text": ...}` and, in user turns, `{"type": "image_url", "image_url": {"url": "data:..."}}`.
+- `messages`: `system` (or `developer`; it replaces the model's configured system prompt), `user` and `assistant`
+  turns; `content` is a string or a list of parts `{"type": "text", "text": ...}` and, in user turns,
+  `{"type": "image_url", "image_url": {"url": "data:..."}}`.
   Images must be inline data URIs (base64): the server never fetches a URL. The last turn must be the user's.
 - `temperature` (default 0: greedy, unlike OpenAI's 1 — a small model answers best greedily, and answers repeat),
   `top_p`, `top_k`, `max_tokens` (or `max_completion_tokens`), `stop`, `seed`, `stream`,
@@ -30,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from monovlm.data.processor import IMAGE_MARKER
+from monovlm.data.processor import IMAGE_MARKER, Turn
 from monovlm.serve.limits import Limits, bad_request
 from monovlm.serve.limits import json_type as _json_type
 from monovlm.serve.methods import FIELD as METHODS_FIELD
@@ -44,12 +45,6 @@ _NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
 _DATA_URI = re.compile(r"data:(?P<params>[^,]*),(?P<payload>.*)", re.DOTALL)
 MIN_TEMPERATURE = 1e-3  # below it, sampling is greedy in all but name, and logits / temperature can overflow
 MAX_SEED = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; larger ones would fail inside generation
-
-
-@dataclass
-class Turn:
-    role: str  # "system", "user" or "assistant"
-    text: str  # the message text, with IMAGE_MARKER where each of its images goes
 
 
 @dataclass

@@ -1,12 +1,10 @@
 """Conversation turns + images -> the token ids the model answers from (the server's and the terminal chat's prompt).
 
-One user message goes through `Processor.prompt`, the path evaluation and the one-shot chat use, so a question asked
-over HTTP reads exactly as in `monovlm chat` and the eval harness. A longer conversation is written the way
-`Processor.process` writes a training conversation (chatml turns; images where their markers are) and then opens the
-assistant's turn; tests check the two agree token for token.
-
-Text that spells one of the model's special tokens (e.g. "<|im_start|>") would otherwise be encoded *as* that token —
-a user could forge turns or image placeholders — so it is refused with an error naming the token.
+The ids come from `Processor.encode_chat`, the builder training and evaluation use, so a conversation asked over HTTP
+or in `monovlm chat` reads exactly as the training code writes it (system turn included). What is added here is what
+a chat client may get wrong: the conversation must end with the user's turn, and text that spells one of the model's
+special tokens (e.g. "<|im_start|>") is refused with an error naming the token — it would otherwise be encoded *as*
+that token, and a user could forge turns or image placeholders.
 """
 
 from __future__ import annotations
@@ -17,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from monovlm.data.processor import IMAGE_MARKER, Processor
-from monovlm.serve.messages import Turn
+from monovlm.data.processor import Processor, SampleError, Turn
 
 
 class PromptError(ValueError):
@@ -48,45 +45,16 @@ def check_turn_text(text: str, reserved: Sequence[str], where: str) -> None:
 def chat_prompt(processor: Processor, turns: Sequence[Turn], images: Sequence[Image.Image]) -> Prompt:
     """Token ids ending where the model starts its answer, and the image tensors in order.
 
-    `turns` end with the user's; each IMAGE_MARKER in a turn's text takes the next image. Raises PromptError."""
+    `turns` end with the user's; each IMAGE_MARKER in a turn's text takes the next image. A system turn replaces the
+    model's configured system prompt. Raises PromptError."""
     if not turns or turns[-1].role != "user":
         raise PromptError("the conversation must end with a user turn")
-    markers = sum(turn.text.count(IMAGE_MARKER) for turn in turns)
-    if markers != len(images):
-        raise PromptError(f"the conversation has {markers} image marker(s) ({IMAGE_MARKER}) for {len(images)} image(s)")
     reserved = reserved_tokens(processor)
     for index, turn in enumerate(turns):
         check_turn_text(turn.text, reserved, f"messages[{index}]")
-    if len(turns) == 1:
-        ids, tensors = processor.prompt(turns[0].text, list(images))
-    elif processor.config.template == "plain":
-        raise PromptError("this model uses the 'plain' (pre-training) template, which reads a single user message "
-                          f"with its images, not a {len(turns)}-turn conversation")
-    else:
-        ids, tensors = _chatml_conversation(processor, turns, images)
+    try:
+        encoded = processor.encode_chat(turns, images, add_generation_prompt=True)
+    except SampleError as error:  # e.g. image markers and images disagree: the client's conversation, not a bug
+        raise PromptError(str(error)) from error
     image_ids = {processor.image_id, processor.image_start_id, processor.image_end_id}
-    return Prompt(ids, tensors, sum(token in image_ids for token in ids))
-
-
-def _chatml_conversation(processor: Processor, turns: Sequence[Turn], images: Sequence[Image.Image]):
-    """As Processor._chatml writes a training conversation (header, body, <|im_end|>, newline per turn), then the
-    header of the assistant's answer."""
-    tokenizer = processor.tokenizer
-    if processor.config.system_prompt and not any(turn.role == "system" for turn in turns):
-        turns = [Turn("system", processor.config.system_prompt), *turns]
-    newline = tokenizer.encode("\n")
-    ids: list[int] = []
-    tensors: list[torch.Tensor] = []
-    pending = list(images)
-    for turn in turns:
-        ids += processor.im_start + tokenizer.encode(turn.role + "\n")
-        for position, piece in enumerate(turn.text.split(IMAGE_MARKER)):
-            if position > 0:
-                block, tensor = processor.image_block(pending.pop(0))
-                ids += block
-                tensors.append(tensor)
-            if piece:
-                ids += tokenizer.encode(piece)
-        ids += processor.im_end + newline
-    ids += processor.im_start + tokenizer.encode("assistant\n")
-    return ids, tensors
+    return Prompt(encoded.input_ids, encoded.images, sum(token in image_ids for token in encoded.input_ids))

@@ -1,12 +1,14 @@
 """The terminal chat behind `monovlm chat`: a conversation with history, images attached to the next question, and
 answers streamed as they are decoded.
 
-    ChatSession.attach(path)    the next question is about this image (loaded now by the safe loader)
-    ChatSession.ask(question)   yields the answer's text pieces; the turn joins the history when the answer is done
-    ChatSession.reset()         forget the conversation
-    run_repl(session, lines)    read questions and /commands from lines (stdin): /image PATH, /reset, /quit
+    ChatSession.attach(path)          the next question is about this image (loaded now by the safe loader)
+    ChatSession.ask(question)         yields the answer's text pieces; the turn joins the history when it is done
+    ChatSession.prompt_for(question)  the prompt `ask` answers from (token ids and image tensors)
+    ChatSession.reset()               forget the conversation (the system message stays)
+    run_repl(session, lines)          read questions and /commands from lines (stdin): /image PATH, /reset, /quit
 
-Prompts are built by `prompt.chat_prompt`, the server's builder, so a conversation reads the same over HTTP and here.
+Prompts are built by `prompt.chat_prompt`, the server's builder, so a conversation reads the same over HTTP and here;
+a session's `system` message opens every conversation as an API request's system message does.
 A session's `methods` (token reduction, decoding strategy: `methods.InferenceMethods`, the server's `"monovlm"`
 request field) apply to every question of a conversation that holds an image; a text-only one is answered plainly,
 since both act on images.
@@ -21,22 +23,25 @@ from typing import TextIO
 from PIL import Image
 
 from monovlm.data.images import ImageLoadError
-from monovlm.data.processor import IMAGE_MARKER, Processor, SampleError
+from monovlm.data.processor import IMAGE_MARKER, Processor, Turn, question_turn
 from monovlm.infer.generate import GenerationConfig, stream_text
-from monovlm.serve.messages import Turn
 from monovlm.serve.methods import InferenceMethods
-from monovlm.serve.prompt import PromptError, chat_prompt
+from monovlm.serve.prompt import Prompt, PromptError, chat_prompt, check_turn_text, reserved_tokens
 
 HELP = "commands: /image PATH (attach an image to the next question), /reset (forget the conversation), /quit"
 
 
 class ChatSession:
     def __init__(self, model, processor: Processor, config: GenerationConfig,
-                 methods: InferenceMethods | None = None) -> None:
+                 methods: InferenceMethods | None = None, system: str | None = None) -> None:
         self.model = model
         self.processor = processor
         self.config = config
         self.methods = methods or InferenceMethods()
+        # opens every conversation, in place of the model's configured system prompt (None: keep that one)
+        self.system = [Turn("system", system)] if system is not None else []
+        if system is not None:
+            check_turn_text(system, reserved_tokens(processor), "the system message")  # PromptError before any question
         self.methods.check_model(model.config.decoder.num_layers)  # MethodError (a ValueError) before any question
         self.turns: list[Turn] = []
         self.images: list[Image.Image] = []  # the images of the turns in `turns`, in order
@@ -53,20 +58,18 @@ class ChatSession:
     def reset(self) -> None:
         self.turns, self.images, self.pending = [], [], []
 
+    def prompt_for(self, question: str) -> Prompt:
+        """The prompt `ask(question)` answers from: system message, history, question (about the pending images).
+        Raises PromptError."""
+        turn = question_turn(question, len(self.pending))
+        return chat_prompt(self.processor, [*self.system, *self.turns, turn], self.images + self.pending)
+
     def ask(self, question: str) -> Iterator[str]:
         """Yield the answer's text as it is decoded; the question and answer join the history at the end.
 
-        Raises PromptError before generating when the conversation cannot be a prompt (e.g. it outgrew the context).
-        Pending images go before the question unless it places them with <image> markers (as Processor.prompt)."""
-        text = question
-        if self.pending and IMAGE_MARKER not in text:
-            text = IMAGE_MARKER * len(self.pending) + ("\n" + text if text else "")
-        turn = Turn("user", text)
-        images = self.images + self.pending
-        try:
-            prompt = chat_prompt(self.processor, [*self.turns, turn], images)
-        except SampleError as error:
-            raise PromptError(str(error)) from error
+        Raises PromptError before generating when the conversation cannot be a prompt (e.g. it outgrew the context)."""
+        turn = question_turn(question, len(self.pending))
+        prompt = self.prompt_for(question)
         room = self.context - len(prompt.ids)
         if room < self.config.max_new_tokens:
             raise PromptError(f"the conversation is {len(prompt.ids)} tokens; with max_new_tokens="
@@ -82,7 +85,7 @@ class ChatSession:
         # an answer that spells the image marker must not claim an image slot when the history is re-read
         answer = "".join(pieces).replace(IMAGE_MARKER, "<image >")
         self.turns += [turn, Turn("assistant", answer)]
-        self.images, self.pending = images, []
+        self.images, self.pending = self.images + self.pending, []
 
 
 def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, err: TextIO, prompt: str = "") -> None:

@@ -63,7 +63,7 @@ def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokeni
     if decoder_config.has_experts:
         model.decoder.init_experts_from_text()
     if encoder is not None and recipe.model.encoder_init == "pretrain":
-        from monovlm.model.vit import pretrain_vit
+        from monovlm.train.vit_pretrain import pretrain_vit
 
         vit = pretrain_vit(data_root, encoder, config.vision, steps=recipe.model.encoder_steps, seed=recipe.seed)
         model.embedder.encoder.load_state_dict(vit.state_dict())

@@ -1,9 +1,10 @@
 """The training batch stream: a seeded order per epoch, sharded across ranks, resumable by position.
 
 The order of epoch e is a permutation drawn from (seed, e); global batch b of that epoch is the slice
-[b·B·W, (b+1)·B·W) of it, and rank r takes its r-th B samples (B = micro-batch size, W = world size). So the stream is
-fully determined by (epoch, batch index): resuming only needs that position, and one process with micro-batch B·W sees
-exactly the samples of W processes with micro-batch B. Bad samples are skipped and counted (see datasets.py).
+[b·B·W, (b+1)·B·W) of it, and rank r takes its r-th B samples (B = micro-batch size, W = world size). So the stream
+is fully determined by (epoch, batch index): resuming only needs that position, and one process with micro-batch
+B·W sees exactly the samples of W processes with micro-batch B. Bad samples are skipped and counted (see
+datasets.py).
 
 With `group_by_length` the permutation is replaced by length-grouped global batches (LLaVA's group_by_length: shuffle,
 sort within mega-batches of 50 batches, shuffle the batch order), still a function of (seed, epoch) alone. Short
@@ -26,8 +27,10 @@ from monovlm.train.recipe import StageConfig
 
 
 def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig) -> Processor:
-    """The processor a stage trains with: its template and max_length over the model's vision settings."""
-    return Processor(tokenizer, vision, ProcessorConfig(template=stage.template, max_length=stage.max_length))
+    """The processor a stage trains with: its template, system prompt and max_length over the model's vision
+    settings."""
+    config = ProcessorConfig(template=stage.template, max_length=stage.max_length, system_prompt=stage.system_prompt)
+    return Processor(tokenizer, vision, config)
 
 
 def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path) -> LlavaDataset | MixedDataset:

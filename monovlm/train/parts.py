@@ -1,4 +1,4 @@
-"""Which parameters train: explicit parts with trainable flags, per-part learning rates, decay only on matrices.
+"""Which parameters train: explicit parts with trainable flags, and decay only on matrices.
 
 Every parameter belongs to exactly one part, decided by its name:
 - `embedder`  — the encoder-free pixel embedder (`embedder.*` of EncoderFreeVLM);
@@ -48,7 +48,7 @@ def set_trainable(module: nn.Module, parts: list[str]) -> dict[str, int]:
     return dict(counts)
 
 
-def param_groups(module: nn.Module, lr: float, lr_by_part: dict[str, float], weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups per (part, decay): matrices (≥ 2-D) decay, vectors (norms, biases) and nothing frozen do not.
 
     Each group carries its part name and peak lr ("peak_lr") so the schedule can scale all groups together."""
@@ -56,9 +56,5 @@ def param_groups(module: nn.Module, lr: float, lr_by_part: dict[str, float], wei
     for name, param in module.named_parameters():
         if param.requires_grad:
             groups[(part_of(name), param.dim() >= 2)].append(param)
-    result = []
-    for (part, decays), params in sorted(groups.items()):
-        peak = lr_by_part.get(part, lr)
-        result.append({"params": params, "lr": peak, "peak_lr": peak, "part": part,
-                       "weight_decay": weight_decay if decays else 0.0})
-    return result
+    return [{"params": params, "lr": lr, "peak_lr": lr, "part": part, "weight_decay": weight_decay if decays else 0.0}
+            for (part, decays), params in sorted(groups.items())]

@@ -28,6 +28,9 @@ class StageConfig:
     # LLaVA JSON/JSONL, relative to the data root; or a list of files read as one mixture (see `repeat`)
     data: str | list[str]
     template: str = "chatml"  # "plain" for caption pre-training
+    # chatml: a system turn opening every conversation that has none; the last stage's is saved with the model, so
+    # evaluation, `monovlm chat` and the server open their prompts with it too
+    system_prompt: str | None = None
     image_root: str | None = None  # relative to the data root; default: the data file's folder
     # with a list of files: how many times each is read per epoch (default once each). The mixture's shares of the
     # batches are the files' sample counts times these: e.g. [2, 1] reads the first file's samples twice as often
@@ -36,7 +39,6 @@ class StageConfig:
     # (the baseline's ViT and MLP), "decoder" (language weights), "experts" (vision experts), "align" (EVE's head)
     train: list[str] = field(default_factory=lambda: ["embedder", "decoder", "experts"])
     lr: float = 1e-3
-    lr_by_part: dict[str, float] = field(default_factory=dict)  # e.g. {embedder = 4e-3}
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
@@ -61,7 +63,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        unknown = [p for p in [*self.train, *self.lr_by_part] if p not in PARTS]
+        unknown = [p for p in self.train if p not in PARTS]
         if unknown:
             raise ConfigError(f"stage {self.name!r}: unknown part(s) {unknown}; parts are {PARTS}")
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:

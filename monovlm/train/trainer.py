@@ -5,7 +5,8 @@ micro-batch run forward (bf16 autocast by default) and backward with the loss *s
 that global count — so gradient accumulation and data parallelism give exactly the loss of one big batch. (With a
 stage's `loss_norm = "sample"` the units are samples: each token's loss is divided by its sample's labelled tokens
 and the sum by the global number of samples.) Then clip,
-set the learning rate (warmup + cosine), step AdamW, log (loss, tokens/s, MFU) and maybe evaluate or checkpoint.
+set the learning rate (warmup + cosine), step AdamW, log (loss, tokens/s, FLOPs, MFU; see flops.py) and maybe
+evaluate or checkpoint.
 
 A checkpoint holds the model folder plus the training state (optimizer, data position, RNG, align head); `resume`
 continues from the latest one so that the loss sequence equals the uninterrupted run's exactly (tested on CPU: one
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from monovlm.data.collate import Batch
+from monovlm.data.layout import TokenLayout
 from monovlm.data.processor import IGNORE_INDEX, Processor
 from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy, per_sample_token_weights
 from monovlm.tokenizer import Tokenizer
@@ -43,7 +45,7 @@ from monovlm.train.distributed import (
     shutdown,
     wrap,
 )
-from monovlm.train.flops import flops_per_token, measure_peak_flops, teacher_params, training_flops
+from monovlm.train.flops import flops_per_token, peak_cache_path, peak_flops, teacher_params, training_flops
 from monovlm.train.parts import param_groups, set_trainable
 from monovlm.train.recipe import Recipe, StageConfig, recipe_to_dict
 from monovlm.train.schedule import apply_lr, lr_factor
@@ -60,12 +62,24 @@ class TrainOptions:
     dtype: str = "bfloat16"  # autocast dtype for forward/backward ("float32" to disable); weights stay fp32
     eval_data: str | None = "instruct_test.json"  # relative to data_root; QA accuracy per category
     eval_limit: int = 200
-    eval_blind: bool = False  # also evaluate with blank images at each eval
     stop_after: int | None = None  # stop after this global step (used to test resume: a simulated kill)
     keep_checkpoints: int = 2
     progress: bool = True
-    measure_peak: bool = True
-    flops_budget: float | None = None  # end the last stage once this many training FLOPs are spent (ablations)
+    measure_peak: bool = True  # the machine's matmul peak, for MFU (cached per machine: see flops.peak_flops)
+
+
+@dataclass
+class StepLosses:
+    """One optimizer step's losses, averaged over all ranks, and what this rank read."""
+
+    ce: float
+    align: float
+    seen_tokens: int  # non-pad tokens of this rank's micro-batches
+    visual_tokens: int  # image tokens among them
+
+    @property
+    def total(self) -> float:
+        return self.ce + self.align
 
 
 @dataclass
@@ -110,10 +124,8 @@ class TrainModule(nn.Module):
         with torch.no_grad():
             teacher_features = teacher(batch.images, batch.image_keys or None)
         vision_mask = batch.input_ids == model.image_token_id
-        ppt = model.config.vision.pixels_per_token
-        grids = [(image.shape[-2] // ppt, image.shape[-1] // ppt) for image in batch.images]
-        align = alignment_loss(self.aligner, captured.states, vision_mask, grids, teacher_features,
-                               model.config.vision)
+        layouts = [TokenLayout.for_image(image, model.config.vision) for image in batch.images]
+        align = alignment_loss(self.aligner, captured.states, vision_mask, layouts, teacher_features)
         return ce_sum, align
 
 
@@ -143,8 +155,9 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.teacher = None
         self.align_layers = None
-        self.peak_flops = None
-        self.total_flops = 0.0  # model FLOPs spent so far (6·N per token + teacher forwards), for equal-FLOP studies
+        self.device_peak = None  # FLOP/s of one device, measured on the main rank (the one that logs MFU)
+        self.total_flops = 0.0  # training FLOPs spent so far (see flops.py), logged with each eval
+        self.mfu_warned = False
         self.started = time.time()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -178,9 +191,9 @@ class Trainer:
             if self.info.is_main:
                 (self.run_dir / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
         model.to(self.info.device)
-        if self.options.measure_peak:
-            peak_dtype = torch.float32 if self.options.dtype == "float32" else getattr(torch, self.options.dtype)
-            self.peak_flops = measure_peak_flops(peak_dtype, device=self.info.device.type)
+        if self.options.measure_peak and self.info.is_main:
+            peak_dtype = getattr(torch, self.options.dtype)
+            self.device_peak = peak_flops(peak_dtype, self.info.device.type, peak_cache_path())
         return model, tokenizer, state
 
     def setup_align(self, model: EncoderFreeVLM, state: dict[str, Any] | None) -> nn.Module | None:
@@ -220,7 +233,8 @@ class Trainer:
         for stage_index in range(start_stage, len(self.recipe.stages)):
             stage = self.recipe.stages[stage_index]
             stage_state = state if state is not None and stage_index == start_stage else None
-            global_step, stopped = self.run_stage(stage_index, stage, module, tokenizer, stage_state, global_step, result)
+            global_step, stopped = self.run_stage(stage_index, stage, module, tokenizer, stage_state, global_step,
+                                                  result)
             if stopped:
                 return result
         final = self.run_dir / "final"
@@ -247,77 +261,44 @@ class Trainer:
                               info.world_size)
         trainable = set_trainable(module, stage.train)
         wrapped = wrap(module, info, options.strategy)
-        optimizer = torch.optim.AdamW(param_groups(module, stage.lr, stage.lr_by_part, stage.weight_decay),
-                                      lr=stage.lr, betas=stage.betas)
+        optimizer = torch.optim.AdamW(param_groups(module, stage.lr, stage.weight_decay), lr=stage.lr,
+                                      betas=stage.betas)
         if state is not None:
             if state["optimizer"] is not None:  # None when the checkpoint closed the previous stage
                 load_optimizer_state(module, optimizer, state["optimizer"], info, options.strategy)
             stream.load_state(state["stream"])
             ckpt.restore_rng(state["rng"])
-        self.log(f"stage {stage_index} {stage.name!r}: {stage.steps} steps × {stage.batch_size * stage.grad_accum * info.world_size} "
+        samples_per_step = stage.batch_size * stage.grad_accum * info.world_size
+        self.log(f"stage {stage_index} {stage.name!r}: {stage.steps} steps × {samples_per_step} "
                  f"samples/step on {dataset.name} ({len(dataset)} records); training "
                  + ", ".join(f"{part} ({count / 1e6:.2f}M)" for part, count in sorted(trainable.items())))
         flops_token = flops_per_token(model, stage.max_length // 2)
         teacher_param_count = teacher_params(self.teacher) if stage.align else 0
-        bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, disable=not (options.progress and info.is_main),
-                   dynamic_ncols=True)
+        bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name,
+                   disable=not (options.progress and info.is_main), dynamic_ncols=True)
         for step in range(start_step, stage.steps):
             started = time.perf_counter()
             micro_batches = [stream.next_batch() for _ in range(stage.grad_accum)]
-            units = [_loss_units(b, stage.loss_norm) for b in micro_batches]  # [(count, token weights or None)]
-            local_units = sum(count for count, _ in units)
-            global_units = all_reduce_sum(torch.tensor(float(local_units)), info).item()
-            ce_total = torch.zeros((), device=info.device)
-            align_total = torch.zeros((), device=info.device)
-            seen_tokens = 0
-            visual_tokens = 0
-            for index, (batch, (_, weights)) in enumerate(zip(micro_batches, units)):
-                if batch is None:
-                    continue
-                batch = batch.to(info.device)
-                weights = None if weights is None else weights.to(info.device)
-                seen_tokens += batch.num_tokens
-                visual_tokens += int((batch.input_ids == model.image_token_id).sum())
-                sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
-                with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, options.dtype):
-                    ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers,
-                                            weights)
-                    loss = ce_sum * info.world_size / max(global_units, 1.0) + align / stage.grad_accum
-                loss.backward()
-                ce_total += ce_sum.detach().float()
-                align_total += align.detach().float() / stage.grad_accum
-            ce_mean = all_reduce_sum(ce_total, info).item() / max(global_units, 1.0)
-            align_mean = all_reduce_sum(align_total, info).item() / info.world_size
-            if stage.clip_grad > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    [p for p in module.parameters() if p.requires_grad], stage.clip_grad))
-            else:
-                grad_norm = float("nan")
-            factor = lr_factor(step, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
-            apply_lr(optimizer, factor)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses = self.forward_backward(wrapped, model, micro_batches, stage)
+            grad_norm, factor = self.optimizer_step(module, optimizer, stage, step)
             global_step += 1
             elapsed = time.perf_counter() - started
-            global_seen = all_reduce_sum(torch.tensor(float(seen_tokens)), info).item()
-            global_visual = all_reduce_sum(torch.tensor(float(visual_tokens)), info).item()
+            global_seen = all_reduce_sum(torch.tensor(float(losses.seen_tokens)), info).item()
+            global_visual = all_reduce_sum(torch.tensor(float(losses.visual_tokens)), info).item()
             step_flops = training_flops(global_seen, global_visual, flops_token, teacher_param_count)
             self.total_flops += step_flops
             tokens_per_s = global_seen / elapsed
-            mfu = tokens_per_s * flops_token / (self.peak_flops * info.world_size) if self.peak_flops else float("nan")
-            result.losses.append(ce_mean + align_mean)
-            record = {"stage": stage.name, "step": step + 1, "global_step": global_step, "loss": ce_mean + align_mean,
-                      "ce": ce_mean, "align": align_mean, "lr": stage.lr * factor, "grad_norm": grad_norm,
+            mfu = step_flops / elapsed / (self.device_peak * info.world_size) if self.device_peak else float("nan")
+            result.losses.append(losses.total)
+            record = {"stage": stage.name, "step": step + 1, "global_step": global_step, "loss": losses.total,
+                      "ce": losses.ce, "align": losses.align, "lr": stage.lr * factor, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "mfu": mfu, "flops": step_flops,
                       "skipped": stream.report.skipped, "elapsed_s": round(time.time() - self.started, 2)}
             self.write_metrics(record)
-            bar.set_postfix(loss=f"{ce_mean + align_mean:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                            mfu=f"{100 * mfu:.1f}%", refresh=False)
+            bar.set_postfix(loss=f"{losses.total:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=self.mfu_text(mfu),
+                            refresh=False)
             bar.update(1)
             last = step + 1 == stage.steps
-            is_last_stage = stage_index == len(self.recipe.stages) - 1
-            if options.flops_budget is not None and is_last_stage and self.total_flops >= options.flops_budget:
-                last = True  # the budget is spent: finish the stage here (eval, save) as if it were its end
             if (stage.eval_every and (step + 1) % stage.eval_every == 0) or last:
                 self.evaluate(model, processor, stage, global_step, result)
             stopping = options.stop_after is not None and global_step >= options.stop_after
@@ -327,11 +308,66 @@ class Trainer:
                 bar.close()
                 self.log(f"stopping after global step {global_step} (stop_after)")
                 return global_step, True
-            if last:
-                break
         bar.close()
         self.log(f"stage {stage.name!r} data: {stream.report.summary()}")
         return global_step, False
+
+    def forward_backward(self, wrapped: nn.Module, model: EncoderFreeVLM, micro_batches: list[Batch | None],
+                         stage: StageConfig) -> StepLosses:
+        """Forward and backward over one step's micro-batches, gradients accumulated so that they equal one big
+        batch's (see the module docstring); gradients are synchronised across ranks on the last micro-batch only."""
+        info = self.info
+        units = [_loss_units(b, stage.loss_norm) for b in micro_batches]  # [(count, token weights or None)]
+        local_units = sum(count for count, _ in units)
+        global_units = all_reduce_sum(torch.tensor(float(local_units)), info).item()
+        ce_total = torch.zeros((), device=info.device)
+        align_total = torch.zeros((), device=info.device)
+        seen_tokens = 0
+        visual_tokens = 0
+        for index, (batch, (_, weights)) in enumerate(zip(micro_batches, units)):
+            if batch is None:
+                continue
+            batch = batch.to(info.device)
+            weights = None if weights is None else weights.to(info.device)
+            seen_tokens += batch.num_tokens
+            visual_tokens += int((batch.input_ids == model.image_token_id).sum())
+            sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, self.options.dtype):
+                ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights)
+                loss = ce_sum * info.world_size / max(global_units, 1.0) + align / stage.grad_accum
+            loss.backward()
+            ce_total += ce_sum.detach().float()
+            align_total += align.detach().float() / stage.grad_accum
+        ce_mean = all_reduce_sum(ce_total, info).item() / max(global_units, 1.0)
+        align_mean = all_reduce_sum(align_total, info).item() / info.world_size
+        return StepLosses(ce_mean, align_mean, seen_tokens, visual_tokens)
+
+    @staticmethod
+    def optimizer_step(module: TrainModule, optimizer: torch.optim.Optimizer, stage: StageConfig,
+                       step: int) -> tuple[float, float]:
+        """Clip, set the scheduled learning rate, step, clear the gradients. -> (gradient norm before clipping, or
+        NaN without clipping; the learning-rate factor of this step)."""
+        if stage.clip_grad > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in module.parameters() if p.requires_grad], stage.clip_grad))
+        else:
+            grad_norm = float("nan")
+        factor = lr_factor(step, stage.warmup_steps, stage.steps, stage.min_lr_ratio)
+        apply_lr(optimizer, factor)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, factor
+
+    def mfu_text(self, mfu: float) -> str:
+        """The progress bar's MFU, never above 100%; a higher figure is explained once. metrics.jsonl keeps the
+        unclamped value."""
+        if mfu > 1.0 and not self.mfu_warned:
+            self.mfu_warned = True
+            self.log(f"MFU {100 * mfu:.0f}% exceeds the measured matmul peak ({self.device_peak / 1e9:,.0f} GFLOP/s): "
+                     "the peak was measured on a busy machine (a quiet start raises the cached best: "
+                     f"{peak_cache_path()}), or the FLOPs count overstates this model (see monovlm/train/flops.py); "
+                     "the progress bar shows at most 100%")
+        return f"{100 * min(mfu, 1.0):.1f}%"
 
     # ---------------------------------------------------------------------------------------------------------------
     # eval and checkpoints
@@ -355,8 +391,6 @@ class Trainer:
             return
         scores = evaluate_qa(model, processor, records, path.parent).accuracy
         record = {"stage": stage.name, "global_step": global_step, "flops": self.total_flops, "eval": scores}
-        if options.eval_blind:
-            record["eval_blind"] = evaluate_qa(model, processor, records, path.parent, blank=True).accuracy
         result.evals.append(record)
         self.write_metrics(record)
         self.log(f"eval @ step {global_step}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))

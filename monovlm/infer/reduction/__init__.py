@@ -5,6 +5,9 @@
     logits = vlm(input_ids, images, reduction=reduction)                     # one forward
     generate(vlm, prompts, config, prefill_inputs={"images": images, "reduction": reduction})  # prefill + decode
 
+The reduced forward walks the decoder's layers itself and keeps a KV cache per group of layers (`forward.py`); the
+decoder knows nothing of it.
+
 `keep` is the fraction of each image's droppable patch tokens kept (rounded half up, at least 1); text tokens and
 structural visual tokens (CLS, row separators, image begin/end) are always kept. Progressive methods read `keep` as
 their first stage's ratio (see `pyramid_drop.py`). `positions="original"` (default) or `"renumber"`.
@@ -16,10 +19,11 @@ import dataclasses
 
 from monovlm.infer.reduction.accounting import FlopsEstimate, Measurement, generation_flops, measure_generation
 from monovlm.infer.reduction.apply import Trace
-from monovlm.infer.reduction.base import ImageChoice, Method, Reduction, ReductionContext
+from monovlm.infer.reduction.base import ImageChoice, Method, ReductionContext
 from monovlm.infer.reduction.divprune import DivPrune
 from monovlm.infer.reduction.fastv import FastV
 from monovlm.infer.reduction.fopru import FoPru
+from monovlm.infer.reduction.forward import ReducedCache, Reduction
 from monovlm.infer.reduction.fourier import Fourier
 from monovlm.infer.reduction.hiprune import HiPrune
 from monovlm.infer.reduction.pyramid_drop import PyramidDrop
@@ -53,5 +57,5 @@ def replay(trace: Trace, positions: str = "original") -> Reduction:
     return Reduction(Replay(trace=trace), positions)
 
 
-__all__ = ["METHODS", "FlopsEstimate", "ImageChoice", "Measurement", "Method", "Reduction", "ReductionContext",
-           "Trace", "build_reduction", "generation_flops", "measure_generation", "replay"]
+__all__ = ["METHODS", "FlopsEstimate", "ImageChoice", "Measurement", "Method", "ReducedCache", "Reduction",
+           "ReductionContext", "Trace", "build_reduction", "generation_flops", "measure_generation", "replay"]

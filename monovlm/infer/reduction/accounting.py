@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from monovlm.config import DecoderConfig
-from monovlm.model.kv_cache import KVCache
+from monovlm.infer.generate import prefill
 
 
 @dataclass
@@ -116,16 +116,15 @@ def measure_generation(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         extra["reduction"] = reduction
 
     def run() -> tuple[float, float, int]:
-        cache = KVCache.for_model(model, batch, length + new_tokens)
         _sync(device)
         start = time.perf_counter()
-        logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True, **extra)
-        token = logits[:, -1].argmax(dim=-1)
+        logits, step, cache = prefill(model, input_ids, attention_mask, length + new_tokens, extra)
+        token = logits.argmax(dim=-1)
         _sync(device)
         prefilled = time.perf_counter()
         kv_bytes = cache.nbytes
         for _ in range(new_tokens - 1):
-            token = model(token[:, None], cache=cache, last_only=True)[:, -1].argmax(dim=-1)
+            token = step(token).argmax(dim=-1)
         _sync(device)
         return (prefilled - start) * 1e3, (time.perf_counter() - prefilled) * 1e3 / (new_tokens - 1), kv_bytes
 

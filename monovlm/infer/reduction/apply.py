@@ -1,44 +1,20 @@
 """The one place where a reduction is applied: drop (or merge) visual tokens, keep or renumber positions, re-pad the
 batch on the left, and hand the decoder what it needs to rebuild masks, RoPE, expert routing and the KV cache.
 
-`Reducer` is what the decoder calls during a prefill (`Decoder.hidden_states(..., reducer=)`): `start` with the
-prompt's positions and segments, then `reduce(layer, hidden, decoder)` before each of its hook layers, which returns
-`ReducedTokens` or None (nothing changed). It keeps every per-token tensor (`Tokens`) in step with the hidden states
-and records the decisions in a `Trace`.
+`Reducer` is what the reduced forward (`forward.py`) calls during a prefill: `start` with the prompt's positions and
+segments, then `reduce(layer, hidden, decoder)` before each of its hook layers, which returns `ReducedTokens` or None
+(nothing changed). It keeps every per-token tensor (`Tokens`) in step with the hidden states and records the
+decisions in a `Trace`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from monovlm.infer.reduction.base import ImageChoice, ReductionContext
+from monovlm.infer.reduction.base import ImageChoice, ReductionContext, Tokens
 from monovlm.model.masks import position_ids_from_segments
-
-
-@dataclass
-class Tokens:
-    """Per-token state kept in step with the hidden states; every field is (B, T). Padding slots have segment 0,
-    position 0, no vision/patch flag and index -1."""
-
-    position_ids: torch.Tensor
-    segment_ids: torch.Tensor  # 0 = padding
-    vision_mask: torch.Tensor  # bool: visual tokens (patches and CLS/separators), which take the vision experts
-    patch_mask: torch.Tensor  # bool: droppable patches
-    image_index: torch.Tensor  # the image each visual token comes from, -1 elsewhere
-    grid_row: torch.Tensor
-    grid_col: torch.Tensor
-    original_index: torch.Tensor  # index in the forward's input sequence
-
-    def gather(self, index: torch.Tensor, pad: torch.Tensor) -> Tokens:
-        """Take slots `index` (B, T') of each row; slots where pad (B, T') is True become padding."""
-        taken = {}
-        for f in fields(self):
-            values = getattr(self, f.name).gather(1, index)
-            fill = {"position_ids": 0, "segment_ids": 0, "vision_mask": False, "patch_mask": False}.get(f.name, -1)
-            taken[f.name] = values.masked_fill(pad, fill)
-        return Tokens(**taken)
 
 
 @dataclass
@@ -139,7 +115,7 @@ def apply_choices(hidden: torch.Tensor, tokens: Tokens, choices: dict[int, Image
 
 
 class Reducer:
-    """One forward's reduction: the decoder calls `start`, then `reduce` before each layer in `layers`."""
+    """One forward's reduction: the reduced forward calls `start`, then `reduce` before each layer in `layers`."""
 
     def __init__(self, reduction, layout, num_layers: int):
         self.reduction = reduction

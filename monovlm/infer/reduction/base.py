@@ -7,29 +7,22 @@ a merge: each kept token becomes a weighted sum of tokens of its image. `apply.p
 choice to hidden states, positions, masks and the KV cache. Text tokens and structural visual tokens (CLS, row
 separators; image begin/end are text) are never offered, so no method can drop them.
 
-Attention rows are recomputed from the layer's own input norm, q/k projections and RoPE for the few queries a method
-asks for (PyramidDrop's pattern): no layer runs twice, no full attention matrix is built, and the decoder keeps using
-`scaled_dot_product_attention`.
+Attention rows are recomputed with the layer's own pieces (`Block.attention_input`, `Attention.project_qkv`,
+`Attention.probabilities`) for the few queries a method asks for (PyramidDrop's pattern): no layer runs twice, no full
+attention matrix is built, and the decoder keeps using `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from monovlm.model.experts import Routing, route
-from monovlm.model.rope import apply_rotary
+from monovlm.model.decoder import Decoder
+from monovlm.model.experts import Routing
 
-if TYPE_CHECKING:
-    from monovlm.infer.reduction.apply import Reducer, Tokens, Trace
-    from monovlm.model.decoder import Decoder, Projections
-
-POSITION_POLICIES = ("original", "renumber")
 QUERY_CHUNK = 256  # attention rows are computed this many queries at a time (bounds memory at (H, 256, T))
 
 
@@ -51,6 +44,30 @@ def default_stage_layers(num_layers: int) -> tuple[int, ...]:
 def check_layer(layer: int, num_layers: int, method: str, what: str = "layer") -> None:
     if not 0 <= layer < num_layers:
         raise ValueError(f"{method}: {what}={layer} is outside the decoder's layers 0..{num_layers - 1}")
+
+
+@dataclass
+class Tokens:
+    """Per-token state kept in step with the hidden states; every field is (B, T). Padding slots have segment 0,
+    position 0, no vision/patch flag and index -1."""
+
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor  # 0 = padding
+    vision_mask: torch.Tensor  # bool: visual tokens (patches and CLS/separators), which take the vision experts
+    patch_mask: torch.Tensor  # bool: droppable patches
+    image_index: torch.Tensor  # the image each visual token comes from, -1 elsewhere
+    grid_row: torch.Tensor
+    grid_col: torch.Tensor
+    original_index: torch.Tensor  # index in the forward's input sequence
+
+    def gather(self, index: torch.Tensor, pad: torch.Tensor) -> Tokens:
+        """Take slots `index` (B, T') of each row; slots where pad (B, T') is True become padding."""
+        taken = {}
+        for f in fields(self):
+            values = getattr(self, f.name).gather(1, index)
+            fill = {"position_ids": 0, "segment_ids": 0, "vision_mask": False, "patch_mask": False}.get(f.name, -1)
+            taken[f.name] = values.masked_fill(pad, fill)
+        return Tokens(**taken)
 
 
 @dataclass
@@ -150,47 +167,43 @@ class ReductionContext:
     # ----------------------------------------------------------------------------------------------------------
     # attention of this layer, recomputed for chosen queries
 
-    def _project(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normed hidden (T, C), vision routing input (1, T) bool, rotated keys (Hkv, T, D)) of one row."""
+    def _project(self, row: int) -> tuple[torch.Tensor, Routing | None, torch.Tensor]:
+        """(normed hidden (1, T, C), its expert routing, rotated keys (1, Hkv, T, D)) of one row at this layer."""
         if row not in self._projected:
             block = self.decoder.layers[self.layer]
-            hidden = self.hidden[row : row + 1]  # (1, T, C)
-            vision = self.tokens.vision_mask[row : row + 1]
-            routing = Routing.from_mask(vision) if self.decoder.config.has_experts else None
-            normed = route(hidden, routing, block.attn_norm, block.vision_attn_norm)  # (1, T, C)
-            keys = _project_part(block.attn, normed, routing, "k").transpose(1, 2)  # (1, Hkv, T, D)
-            cos, sin = self.decoder.rotary(self.tokens.position_ids[row : row + 1], hidden.dtype)  # (1, 1, T, D)
-            self._projected[row] = (normed, vision, apply_rotary(keys, cos, sin)[0])
+            routing = self._routing(row, slice(None))
+            normed = block.attention_input(self.hidden[row : row + 1], routing)  # (1, T, C)
+            cos, sin = self.decoder.rotary(self.tokens.position_ids[row : row + 1], normed.dtype)  # (1, 1, T, D)
+            _, keys, _ = block.attn.project_qkv(normed, cos, sin, routing)
+            self._projected[row] = (normed, routing, keys)
         return self._projected[row]
+
+    def _routing(self, row: int, positions) -> Routing | None:
+        if not self.decoder.config.has_experts:
+            return None
+        return Routing.from_mask(self.tokens.vision_mask[row : row + 1, positions])
 
     def attention_rows(self, row: int, queries: torch.Tensor) -> torch.Tensor:
         """Head-averaged attention probabilities of this layer for the query positions `queries` (Q,) of one row
         over all its keys: (Q, T). The same causal, document and padding mask as the forward; float32."""
-        normed, vision, keys = self._project(row)
-        block = self.decoder.layers[self.layer]
-        heads, kv_heads = block.attn.num_heads, block.attn.num_kv_heads
-        keys = keys.repeat_interleave(heads // kv_heads, dim=0).float()  # (H, T, D): GQA shares each kv head
+        normed, _, keys = self._project(row)
+        attn = self.decoder.layers[self.layer].attn
         segments = self.tokens.segment_ids[row]  # (T,)
         slots = torch.arange(segments.numel(), device=segments.device)
         out = []
         for chunk in queries.split(QUERY_CHUNK):
-            routing = Routing.from_mask(vision[:, chunk]) if self.decoder.config.has_experts else None
-            q = _project_part(block.attn, normed[:, chunk], routing, "q").transpose(1, 2)  # (1, H, Q, D)
             cos, sin = self.decoder.rotary(self.tokens.position_ids[row : row + 1, chunk], normed.dtype)
-            q = apply_rotary(q, cos, sin)[0].float()  # (H, Q, D)
-            logits = q @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])  # (H, Q, T)
+            q, _, _ = attn.project_qkv(normed[:, chunk], cos, sin, self._routing(row, chunk))  # (1, H, Q, D)
             allowed = (slots[None] <= chunk[:, None]) & (segments[None] == segments[chunk][:, None]) & (segments != 0)
-            logits = logits.masked_fill(~allowed[None], float("-inf"))
-            out.append(logits.softmax(dim=-1).mean(dim=0))  # (Q, T)
+            out.append(attn.probabilities(q, keys, allowed[None, None])[0].mean(dim=0))  # (Q, T)
         return torch.cat(out)
 
     def keys(self, row: int) -> torch.Tensor:
         """This layer's keys of one row before RoPE, averaged over heads: (T, D) — the merge metric of ToMe and
         VisionZip (RoPE would make it compare positions as much as content)."""
-        normed, vision, _ = self._project(row)
-        routing = Routing.from_mask(vision) if self.decoder.config.has_experts else None
-        keys = _project_part(self.decoder.layers[self.layer].attn, normed, routing, "k")  # (1, T, Hkv, D)
-        return keys[0].mean(dim=1)
+        normed, routing, _ = self._project(row)
+        _, keys, _ = self.decoder.layers[self.layer].attn.project_qkv(normed, routing=routing)  # (1, Hkv, T, D)
+        return keys[0].mean(dim=0)
 
     # ----------------------------------------------------------------------------------------------------------
     # the two scores the attention-based methods use
@@ -207,27 +220,6 @@ class ReductionContext:
         rows = self.attention_rows(image.row, image.patches)[:, image.patches]  # (n queries, n keys)
         seen_by = (image.patches[None] <= image.patches[:, None]).sum(dim=0)  # (n,) queries that can see each key
         return rows.sum(dim=0) / seen_by
-
-
-def _project_part(projections: Projections, x: torch.Tensor, routing: Routing | None, part: str) -> torch.Tensor:
-    """Only the q (or k) heads of a layer's fused q/k/v projection, per-head normed where the model has q/k norms,
-    routed to the vision expert's projections where the layer has one: x (1, N, C) -> (1, N, heads, D)."""
-
-    def project(module: Projections) -> Callable[[torch.Tensor], torch.Tensor]:
-        heads, first = (module.num_heads, 0) if part == "q" else (module.num_kv_heads, module.num_heads)
-        rows = slice(first * module.head_dim, (first + heads) * module.head_dim)
-        bias = module.qkv_proj.bias[rows] if module.qkv_proj.bias is not None else None
-        norm = module.q_norm if part == "q" else module.k_norm
-
-        def run(h: torch.Tensor) -> torch.Tensor:
-            out = F.linear(h, module.qkv_proj.weight[rows], bias).unflatten(-1, (heads, module.head_dim))
-            return (norm(out) if norm is not None else out).flatten(-2)
-
-        return run
-
-    vision = projections.vision
-    out = route(x, routing, project(projections), project(vision) if vision is not None else None)
-    return out.unflatten(-1, (-1, projections.head_dim))
 
 
 class Method:
@@ -264,33 +256,3 @@ def top_k_positions(image: ImageView, scores: torch.Tensor, k: int) -> torch.Ten
     """Positions of the image's k highest-scoring patches, in sequence order."""
     k = min(k, image.patches.numel())
     return image.patches[scores.topk(k).indices.sort().values]
-
-
-@dataclass
-class Reduction:
-    """A configured token reduction: the method (with its keep ratio and layers) and the position policy.
-
-    `positions="original"` (default) keeps each token's RoPE position, gaps and all (FastV, DivPrune); "renumber"
-    makes the kept tokens contiguous again (PyramidDrop), and decode steps then continue from the renumbered end
-    in the layers after the reduction. Pass it as `reduction=` to the VLM's forward, or in `prefill_inputs` to
-    `generate`. After each forward, `last_trace` holds that forward's decisions (inspection, replay, accounting)."""
-
-    method: Method
-    positions: str = "original"
-    last_trace: Trace | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.positions not in POSITION_POLICIES:
-            raise ValueError(f"positions={self.positions!r} is not one of {POSITION_POLICIES}")
-
-    @property
-    def name(self) -> str:
-        return self.method.name
-
-    def bind(self, layout, num_layers: int) -> Reducer:
-        """The per-forward reducer the decoder calls (see `apply.Reducer`); records its trace in `last_trace`."""
-        from monovlm.infer.reduction.apply import Reducer
-
-        reducer = Reducer(self, layout, num_layers)
-        self.last_trace = reducer.trace
-        return reducer

@@ -1,20 +1,22 @@
-"""Equal-compute runs: predict, before training, the FLOPs the trainer will count for each stage of a recipe, and set
-the length of the last stage so that a run spends a given budget.
+"""Equal-compute runs for benchmarks/ablation_align.py: predict, before training, the FLOPs the trainer will count for
+each stage of a recipe, and set the length of the last stage so that a run spends a given budget. The trainer itself
+knows no budget: a run is planned here and then trained as an ordinary recipe.
 
-The trainer counts `training_flops(tokens, visual tokens, ...)` per optimizer step (see flops.py). Both counts depend
-only on which samples the step draws, and the batch stream's order is fixed by (recipe seed, stage, epoch) — so the
-prediction replays the stream's indices over each sample's token counts. It is exact, not an estimate from a mean:
-it equals the sum of the `flops` the trainer logs (tested), on any number of processes with the same global batch.
+The trainer counts `training_flops(tokens, visual tokens, ...)` per optimizer step (see monovlm/train/flops.py). Both
+counts depend only on which samples the step draws, and the batch stream's order is fixed by (recipe seed, stage,
+epoch) — so the prediction replays the stream's indices over each sample's token counts. It is exact, not an estimate
+from a mean: it equals the sum of the `flops` the trainer logs (tested), on any number of processes with the same
+global batch.
 
-That count follows a convention (6·N per token, see flops.py) that is blind to some real differences between
-architectures: a frozen vision encoder that only runs forward, a teacher that sees every image patch. So a planner
-can also measure (`measured_ratios`): run the first steps of each stage through torch's FLOP counter and give, per
-stage, measured / counted FLOPs. `fit(budget, ratios)` then equalises measured FLOPs (each stage's count scaled by its
-ratio) instead of the trainer's count.
+That count follows a convention (6·N per trained weight, less for frozen ones, see flops.py) that is blind to some
+real differences between architectures: an encoder that runs per image patch, a teacher that sees every image patch.
+So a planner can also measure (`measured_ratios`): run the first steps of each stage through torch's FLOP counter and
+give, per stage, measured / counted FLOPs. `fit(budget, ratios)` then equalises measured FLOPs (each stage's count
+scaled by its ratio) instead of the trainer's count.
 
 The last stage is the one stretched (or shortened): the earlier stages (alignment, pre-training) keep their recipe
 lengths, and the last stage's warmup + cosine schedule spans its new length, so a longer run is an annealed run of
-that length, not a cut one (unlike the trainer's `flops_budget`, which only ends a run early).
+that length, not a cut one.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class StageFlops:
 
 @dataclass
 class FlopsPlan:
-    recipe: Recipe  # the recipe as planned (its last stage's steps set by `fit_to_budget`)
+    recipe: Recipe  # the recipe as planned (its last stage's steps set by `FlopsPlanner.fit`)
     stages: list[StageFlops]
     ratios: list[float] | None = None  # per stage, measured / counted FLOPs, when measured
 
@@ -167,6 +169,7 @@ class FlopsPlanner:
         """(FLOPs per token, teacher parameters, per-step FLOPs iterator) of a stage."""
         stage = self.recipe.stages[stage_index]
         dataset, counts = self._dataset_counts(stage)
+        set_trainable(self.model, stage.train)  # as the trainer does: frozen parts cost less per token
         flops_token = flops_per_token(self.model, stage.max_length // 2)
         teacher = self.teacher_param_count if stage.align else 0
         return flops_token, teacher, stage_step_flops(stage, stage_index, self.recipe.seed, dataset, counts,
@@ -191,7 +194,8 @@ class FlopsPlanner:
             raise ValueError(f"{len(ratios)} ratios for the {count} stages of recipe {self.recipe.name!r}")
         earlier = [self.stage(i) for i in range(count - 1)]
         if ratios is None:
-            spent = FlopsPlan(self.recipe, earlier).total  # summed in the trainer's order: an unchanged recipe fits exactly
+            # summed in the trainer's order: an unchanged recipe fits exactly
+            spent = FlopsPlan(self.recipe, earlier).total
             scale = 1.0
         else:
             spent = sum(ratio * stage.total for ratio, stage in zip(ratios, earlier))
@@ -270,9 +274,3 @@ def plan_flops(recipe: Recipe, data_root: str | Path, world_size: int = 1) -> Fl
     """The training FLOPs the trainer will count for `recipe` as written, per stage and step."""
     return FlopsPlanner(recipe, data_root, world_size).plan()
 
-
-def fit_to_budget(recipe: Recipe, data_root: str | Path, budget: float, world_size: int = 1) -> FlopsPlan:
-    """`recipe` with its last stage lengthened or shortened so the trainer's FLOPs count comes nearest to `budget`."""
-    if budget <= 0:
-        raise ValueError(f"FLOPs budget {budget} must be positive")
-    return FlopsPlanner(recipe, data_root, world_size).fit(budget)
