@@ -32,7 +32,7 @@ from monovlm.eval.report import evaluate_model
 from monovlm.eval.run import resolve_data
 from monovlm.infer.generate import left_pad
 from monovlm.infer.reduction import METHODS, build_reduction, generation_flops, measure_generation
-from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.paths import DEFAULT_MODEL_DIR
 
 SECTION = "## Visual token reduction (synthetic suites)"
 TASKS = ("synthetic", "synthetic_pope")

@@ -519,6 +519,7 @@ def test_hf_teacher_errors(tmp_path, monkeypatch):
         HFVisionTeacher.from_folder(folder, vision=vision)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_runtime_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import monovlm.model.align, monovlm.model.teachers\n")

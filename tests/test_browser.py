@@ -15,6 +15,8 @@ import pytest
 
 from monovlm.infer.generate import GenerationConfig, generate
 
+pytestmark = pytest.mark.slow  # a real server and headless Chromium
+
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 

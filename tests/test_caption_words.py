@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from collections import Counter
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from monovlm.data.synthetic import synthesize
-from monovlm.quickstart import DEFAULT_MODEL_DIR
+from monovlm.data.synthetic import COLORS, KINDS, SIZES, synthesize
+from monovlm.paths import DEFAULT_MODEL_DIR
 from monovlm.tokenizer import Tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "caption_words.py"
@@ -48,11 +50,20 @@ def test_accuracy_reads_the_prediction_made_one_position_before_each_word(tmp_pa
     assert constant["kind"][0] == circles / len(shapes) and constant["color"][0] == 0.0
 
 
+@pytest.mark.slow  # benchmark script run
 def test_script_runs_on_the_shipped_model(tmp_path):
     synthesize(tmp_path, n=40, seed=0, maze_fraction=0.0, progress=False)
     output = subprocess.run([sys.executable, str(SCRIPT), "--model", "default", "--data", str(tmp_path),
                              "--scenes", "5"], capture_output=True, text=True, check=True).stdout
     rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row[0].strip() for row in rows] == ["attribute", "color", "size", "kind"]
+    # the words it scored and the commonest word's share, counted here from the same captions
+    scenes = [r for r in json.loads((tmp_path / "scenes.json").read_text())
+              if r["type"] == "scene" and r["split"] == "test"][:5]
+    words = " ".join(r["caption"] for r in scenes).replace(",", " ").replace(".", " ").split()
+    vocabularies = {"color": set(COLORS), "size": set(SIZES), "kind": set(KINDS)}
     for row in rows[1:]:
-        assert 0.0 <= float(row[2]) <= 100.0 and 0.0 < float(row[3]) <= 100.0
+        counts = Counter(word for word in words if word in vocabularies[row[0].strip()])
+        assert int(row[1]) == sum(counts.values()) > 0
+        assert float(row[3]) == round(100 * max(counts.values()) / sum(counts.values()), 1)
+        assert 0.0 <= float(row[2]) <= 100.0

@@ -83,6 +83,7 @@ def test_one_question_is_answered_and_the_command_exits(scenes, model, capsys):
     assert capsys.readouterr().out == answer_alone(model, question, [image]) + "\n"
 
 
+@pytest.mark.slow  # a monovlm process
 def test_piped_chat_keeps_history_and_handles_commands(scenes, model, tmp_path):
     (first_image, first_question), (second_image, second_question) = scenes
     script = "\n".join([

@@ -11,6 +11,8 @@ from monovlm.infer.generate import GenerationConfig, generate
 from monovlm.model.decoder import Decoder
 from monovlm.model.kv_cache import KVCache
 
+pytestmark = pytest.mark.slow  # inductor compiles
+
 PROMPTS = [[5, 9, 3, 17, 4, 22, 8], [11, 2, 30]]  # different lengths: the batch is left-padded
 
 

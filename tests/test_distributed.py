@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from monovlm.data.synthetic import synthesize
 
+pytestmark = pytest.mark.slow  # torchrun launches
+
 RECIPE = """
 name = "dist"
 seed = 0

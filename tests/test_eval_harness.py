@@ -132,6 +132,7 @@ def test_unreadable_images_are_skipped_and_counted(runner, data, test_records, t
 # the harness agrees with the trainer's eval, and reports
 
 
+@pytest.mark.slow  # a training run
 def test_eval_agrees_with_the_trainers_periodic_eval(runner, data, test_records):
     limit = 40
     trainer_view = evaluate_qa(runner.model, runner.processor, test_records[:limit], data)

@@ -43,6 +43,7 @@ def test_auc_counts_ties_half_and_is_nan_without_a_side():
     assert auc(torch.tensor([]), torch.tensor([1.0])) != auc(torch.tensor([]), torch.tensor([1.0]))  # NaN
 
 
+@pytest.mark.slow  # benchmark script run
 def test_script_runs_on_the_shipped_model(tmp_path):
     synthesize(tmp_path, n=40, seed=0, maze_fraction=0.3, progress=False)
     output = subprocess.run([sys.executable, str(SCRIPT), "--model", "default", "--data", str(tmp_path),
@@ -53,3 +54,6 @@ def test_script_runs_on_the_shipped_model(tmp_path):
     assert sum(int(row[1]) for row in rows) == 12
     for row in rows[1:]:
         assert 0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[5]) <= 1.0
+    # the shipped model looks: with the real image it leans to "yes" for objects that are there, far more than with a
+    # blank image (where it says "no" with confidence)
+    assert float(rows[0][2]) > float(rows[0][4]) + 1.0

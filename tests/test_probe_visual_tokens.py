@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from monovlm.data.synthetic import synthesize
@@ -37,6 +38,7 @@ def test_probe_accuracy_learns_a_separable_label_and_not_noise():
     assert probe_accuracy(features, separable, is_test, linear=True) > 0.8
 
 
+@pytest.mark.slow  # benchmark script runs
 def test_script_on_pixels_and_on_the_shipped_model(tmp_path):
     synthesize(tmp_path, n=60, seed=0, maze_fraction=0.0, progress=False)
     pixels = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), "--pixels", "10"],
