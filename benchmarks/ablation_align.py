@@ -1,6 +1,6 @@
 """Ablation: EVE with and without the patch-align loss, and the encoder-based (LLaVA-style) baseline, trained on the
-same synthetic data — with `--equal-flops`, at equal training FLOPs — and evaluated per category beside each model's
-blind baseline (the same model answering with blank images).
+same synthetic data (recipes `eve-synthetic`, `llava-synthetic`) — with `--equal-flops`, at equal training FLOPs —
+and evaluated per category beside each model's blind baseline (the same model answering with blank images).
 
     python benchmarks/ablation_align.py --out runs/ablation --equal-flops --write   # ~1 h on 2 CPU cores
 
@@ -52,14 +52,14 @@ LABELS = {"eve": "eve (align loss, cosine, ViT teacher)", "eve-no-align": "eve w
 
 
 def variants(eval_every: int, scale: float, pretrain_steps: int | None = None, seed: int = 0) -> dict[str, Recipe]:
-    eve = load_recipe("eve")
+    eve = load_recipe("eve-synthetic")  # the quickstart's recipe; the drills and mixture fit the synthetic data
     no_align = copy.deepcopy(eve)
     no_align.name = "eve-no-align"
     no_align.align = None
     for stage in no_align.stages:
         stage.align = False
         stage.train = [p for p in stage.train if p != "align"]
-    llava = load_recipe("llava")
+    llava = load_recipe("llava-synthetic")
     runs = {"eve": eve, "eve-no-align": no_align, "llava": llava}
     for recipe in runs.values():
         recipe.seed = seed  # initialisation, teacher/encoder pretraining and batch order
@@ -269,9 +269,9 @@ def section(args: argparse.Namespace, records: list[dict], budget: float | None,
     heading = f"{SECTION}, at equal training FLOPs" if budget is not None else SECTION
     toy_note = ("**Smoke-test sizes (scaled-down data or steps): these numbers show the script works, they are not "
                 "a result.**")
-    setting = (f"Command: `{command}` ({args.n} synthetic images, seed {args.seed}; shipped recipes `eve`, `eve` with "
-               f"the align loss removed, `llava`). Date: {date.today().isoformat()}; {platform.machine()}, "
-               f"{torch.get_num_threads()} threads, torch {torch.__version__}. {how}")
+    setting = (f"Command: `{command}` ({args.n} synthetic images, seed {args.seed}; shipped recipes `eve-synthetic`, "
+               f"`eve-synthetic` with the align loss removed, `llava-synthetic`). Date: {date.today().isoformat()}; "
+               f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. {how}")
     scores = (f"Final exact-match accuracy (%) on the first {args.eval_limit} test questions of the `synthetic` task, "
               f"each model beside its blind baseline (the same model, blank images); TFLOPs actually spent, summed "
               f"from the trainer's metrics. {measured}")

@@ -153,9 +153,11 @@ class FlopsPlanner:
 
             config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads)
             return ViTTeacher(ViT(config, self.model.config.vision.patch_size))
+        from monovlm.data.image_files import stage_sources
         from monovlm.model.teachers import build_teacher
 
-        return build_teacher(align, self.model.config.vision, self.data_root, run_dir=None)
+        return build_teacher(align, self.model.config.vision, self.data_root, run_dir=None,
+                             sources=stage_sources(self.recipe.stages))
 
     def _dataset_counts(self, stage: StageConfig) -> tuple[LlavaDataset, SampleCounts]:
         key = (tuple(stage.data_files), stage.image_root, stage.template, stage.max_length)

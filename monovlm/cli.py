@@ -23,10 +23,13 @@ from monovlm.commands import (
     eval_command,
     generate_text,
     quickstart,
+    recipes_command,
     serve,
+    teacher_features,
     train_command,
     train_tokenizer,
 )
+from monovlm.errors import run_command
 
 # verb -> function, in the order `monovlm --help` lists them; "group verb" makes a subcommand ("data synth")
 COMMANDS: dict[str, Callable] = {
@@ -34,6 +37,8 @@ COMMANDS: dict[str, Callable] = {
     "train-tokenizer": train_tokenizer,
     "data synth": data_synth,
     "train": train_command,
+    "recipes": recipes_command,
+    "teacher features": teacher_features,
     "quickstart": quickstart,
     "eval": eval_command,
     "compare": compare_command,
@@ -119,12 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "subcommand", "_function", "_name")}
     positional = [kwargs.pop(p.name) for p in inspect.signature(function).parameters.values()
                   if p.kind is inspect.Parameter.POSITIONAL_ONLY]
-    try:
-        function(*positional, **kwargs)
-    except (ValueError, FileNotFoundError) as error:  # our errors name the thing and the reason; no traceback needed
-        print(f"monovlm {args._name}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    # an error the user can fix (ours, a full disk, a damaged file) is one line naming the file, exit 2; a bug raises
+    return run_command(args._name, function, *positional, **kwargs)
 
 
 if __name__ == "__main__":

@@ -47,16 +47,19 @@ def generate_text(
     tokenizer = Tokenizer.from_folder(model)
     decoder = load_hf_decoder(model, dtype=torch_dtype).eval()
     text = prompt
+    end_of_turn = None
     if chat:
         try:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            end_of_turn = tokenizer.end_of_turn_token()  # e.g. <|eot_id|>, which need not be eos
         except TokenizerError:
             pass  # no chat template: a base model continues the raw prompt
     prompt_ids = tokenizer.encode(text)
     eos = decoder.config.eos_token_id
     stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_id is not None and tokenizer.eos_id not in stop_ids:
-        stop_ids.append(tokenizer.eos_id)
+    for extra in (tokenizer.eos_id, tokenizer.token_to_id(end_of_turn) if end_of_turn is not None else None):
+        if extra is not None and extra not in stop_ids:
+            stop_ids.append(extra)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               stop_ids=stop_ids, stop_strings=stop or (), seed=seed)
     for deltas in stream_text(decoder, [prompt_ids], tokenizer, config, pad_id=tokenizer.pad_id or 0):
@@ -109,8 +112,8 @@ def data_synth(
 ) -> None:
     """Write a seeded synthetic VLM data set (PNGs + LLaVA JSON): captions (pretrain.json), QA by category with
     POPE-style existence (instruct_train.json, instruct_test.json), mazes with pixel-derived loop labels, and the
-    existence drills of the eve recipe (colour_train.json, existence_train.json, instruct_train_no_existence.json).
-    The same seed gives byte-identical files.
+    existence drills of the eve-synthetic recipe (colour_train.json, existence_train.json,
+    instruct_train_no_existence.json). The same seed gives byte-identical files.
 
     Args:
         out: output folder
@@ -132,11 +135,58 @@ def data_synth(
     print(json.dumps(summary, indent=1, sort_keys=True))
 
 
+def teacher_features(
+    *,
+    teacher: str,
+    data: Path,
+    out: Path,
+    files: list[str] | None = None,
+    recipe: str | None = None,
+    dtype: str = "float16",
+    batch_size: int = 32,
+    select_layer: int = -2,
+    image_size: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> None:
+    """Precompute an HF vision teacher's patch features for the images of LLaVA data files, for a recipe's
+    `align.teacher = "features:PATH"` (a relative PATH is read under --data): the teacher then never runs in training.
+
+    Args:
+        teacher: hf:PATH, a local CLIP/SigLIP vision model folder
+        data: data root (the data files and their images are relative to it)
+        out: the safetensors file to write (features keyed by image path)
+        files: LLaVA JSON/JSONL files whose images to read (default: every stage's files of --recipe)
+        recipe: the recipe whose image settings ([model.vision]) and, without --files, data files to use
+        dtype: float16, bfloat16 or float32 storage
+        batch_size: images per teacher forward
+        select_layer: the hidden layer whose patch features are kept (-2: the penultimate, as LLaVA)
+        image_size: the teacher's input side in pixels (default: its config's)
+        device: cpu or cuda
+        progress: show a progress bar
+    """
+    from monovlm.config import VisionConfig
+    from monovlm.data.image_files import stage_sources
+    from monovlm.train.recipe import load_recipe
+    from monovlm.train.teacher_features import precompute_teacher_features
+
+    vision, sources = None, list(files or [])
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        vision = VisionConfig(**loaded.model.vision)
+        sources = sources or stage_sources(loaded.stages)
+    if not sources:
+        raise ValueError("name the data files with --files (or a --recipe whose stages name them)")
+    precompute_teacher_features(teacher, data, sources, out, vision=vision, dtype=dtype, batch_size=batch_size,
+                                select_layer=select_layer, image_size=image_size, device=device, progress=progress)
+
+
 def train_command(
     recipe: str,
     *,
     data: Path,
     out: Path,
+    set: list[str] | None = None,
     resume: bool = False,
     strategy: str = "ddp",
     dtype: str = "bfloat16",
@@ -147,14 +197,20 @@ def train_command(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> None:
-    """Train a VLM with a recipe (eve, evev2, solo, llava, or a path to a TOML file). Works under torchrun:
+    """Train a VLM with a recipe on a LLaVA-format data folder: eve, evev2, solo, llava (your data: captions.json,
+    instruct.json and the images), eve-synthetic, llava-synthetic (the output of `monovlm data synth`), or a path to
+    a TOML file. `monovlm recipes NAME` lists a recipe's stages, files and every key --set changes, e.g.
+    `monovlm train eve --data DIR --out RUN --set stages.instruct.steps=2000 --set model.init=path/to/llm
+    --set align.teacher=hf:path/to/siglip`. The recipe as run (overrides applied) is written to RUN/recipe.json;
+    --resume refuses a recipe that differs from it. Works under torchrun:
     `torchrun --nproc-per-node 8 -m monovlm train eve --data DIR --out RUN --strategy fsdp`.
 
     Args:
         recipe: shipped recipe name or path to a recipe TOML
-        data: data root (the recipe's data paths are relative to it), e.g. the output of `monovlm data synth`
-        out: run folder for checkpoints, metrics.jsonl and the final model
-        resume: continue from the latest checkpoint in --out
+        data: data root (the recipe's data files and image paths are relative to it)
+        out: run folder for checkpoints, metrics.jsonl, recipe.json and the final model
+        set: KEY=VALUE overriding a recipe value, e.g. stages.instruct.steps=2000 (keys: `monovlm recipes NAME`)
+        resume: continue from the latest checkpoint in --out (with the recipe and overrides it was started with)
         strategy: with torchrun: ddp or fsdp
         dtype: autocast dtype: bfloat16 or float32 (weights stay fp32)
         device: cpu or cuda (default: cuda when available)
@@ -164,7 +220,9 @@ def train_command(
         stop_after: stop after this many optimizer steps in total (a checkpoint boundary lets --resume continue)
         progress: show progress bars
     """
-    from monovlm.train.recipe import load_recipe
+    import os
+
+    from monovlm.train.recipe import load_recipe, resolve_data
     from monovlm.train.trainer import TrainOptions, train
 
     if strategy not in ("ddp", "fsdp"):
@@ -173,15 +231,38 @@ def train_command(
         raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
-    train(TrainOptions(recipe=load_recipe(recipe), data_root=data, run_dir=out, resume=resume, device=device,
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this; one of them speaks
+    # every file checked before the model is built or a teacher trained: a missing one is one error, not a crash later
+    resolved = resolve_data(load_recipe(recipe, set or ()), data, log=print if main_rank else None)
+    train(TrainOptions(recipe=resolved, data_root=data, run_dir=out, resume=resume, device=device,
                        strategy=strategy, dtype=dtype, eval_data=eval_data if eval else None, eval_limit=eval_limit,
                        stop_after=stop_after, progress=progress))
+
+
+def recipes_command(name: str | None = None, /) -> None:
+    """List the shipped training recipes, or describe one (a name or a TOML path): the data files it reads, its
+    stages, and every key `monovlm train NAME --set KEY=VALUE` can change, with its value and type.
+
+    Args:
+        name: a shipped recipe name or a recipe TOML path (omit it to list the shipped recipes)
+    """
+    from monovlm.train.recipe import describe_recipe, load_recipe, recipe_path, shipped_recipes
+
+    if name is not None:
+        print(describe_recipe(load_recipe(name), recipe_path(name)))
+        return
+    recipes = {shipped: load_recipe(shipped) for shipped in shipped_recipes()}
+    width = max(len(shipped) for shipped in recipes)
+    for shipped, loaded in recipes.items():
+        stages = " -> ".join(stage.name for stage in loaded.stages)
+        print(f"{shipped:<{width}}  {loaded.description}\n{'':<{width}}  stages: {stages}")
+    print("\n`monovlm recipes NAME` describes one: its files, stages and the keys --set changes")
 
 
 def quickstart(
     *,
     out: Path = Path("runs/quickstart"),
-    recipe: str = "eve",
+    recipe: str = "eve-synthetic",
     n: int = 4000,
     maze_fraction: float = 0.2,
     seed: int = 0,
@@ -190,8 +271,8 @@ def quickstart(
     force_ship: bool = False,
     progress: bool = True,
 ) -> None:
-    """Synthesise data, train the tiny encoder-free model (EVE recipe), evaluate it beside a blind baseline, and
-    answer questions about held-out images. About 15 minutes on 2 CPU cores; fully offline.
+    """Synthesise data, train the tiny encoder-free model (the eve-synthetic recipe), evaluate it beside a blind
+    baseline, and answer questions about held-out images. About 15 minutes on 2 CPU cores; fully offline.
 
     Args:
         out: output folder (data, run, report)
@@ -337,6 +418,12 @@ def serve(
     max_body_mb: float = 10.0,
     max_images: int = 8,
     max_image_pixels: int = 25_000_000,
+    max_request_pixels: int = 64_000_000,
+    max_decode_pixels: int = 32_000_000,
+    max_buffered_mb: float = 256.0,
+    max_connections: int = 256,
+    header_timeout: int = 10,
+    body_timeout: int = 60,
     max_tokens: int = 512,
     access_log: bool = True,
 ) -> None:
@@ -344,6 +431,9 @@ def serve(
     /health, and a web page at / to ask about an image. Binds to the loopback address unless --host says otherwise.
     A request may choose visual token reduction and a decoding strategy in its "monovlm" field, e.g.
     {"monovlm": {"reduction": "fastv", "keep": 0.5, "decoding": "vcd"}} (see monovlm/serve/methods.py).
+    Memory above the model is bounded by the limits: request bytes <= --max-buffered-mb, images being decoded <=
+    --max-decode-pixels x 34 bytes at worst (float TIFF; ~10 for RGB PNG / JPEG), so the default 32 MP takes at most
+    ~1.1 GB (~320 MB for RGB). A client that stalls is cut off after --header-timeout / --body-timeout seconds.
 
     Args:
         model: a monovlm model folder (default: the shipped tiny model)
@@ -356,24 +446,30 @@ def serve(
         max_body_mb: largest request body in MiB (base64 images included)
         max_images: most images in one request
         max_image_pixels: largest image (width x height of the file, checked before decoding)
+        max_request_pixels: most pixels of all of one request's images together (checked before decoding)
+        max_decode_pixels: most image pixels decoded at once, all requests together (>= max_image_pixels)
+        max_buffered_mb: most MiB of request bodies (then their image files, until decoded) held at once, all requests
+        max_connections: most open connections; one more is answered 429 and closed
+        header_timeout: seconds a request's headers may take to arrive; then 408 and the connection closes
+        body_timeout: seconds a request's body may take after its headers; then 408 and the connection closes
         max_tokens: most tokens one answer may ask for
         access_log: log every request
     """
     import os
 
-    import uvicorn
-
-    from monovlm.serve.app import create_app, load_served_model
+    from monovlm.serve.app import create_app, load_served_model, run_server
     from monovlm.serve.limits import Limits
 
     if max_body_mb <= 0:
         raise ValueError(f"--max-body-mb {max_body_mb} must be positive")
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_image_pixels=max_image_pixels,
                     max_tokens=max_tokens, default_max_tokens=min(128, max_tokens), max_batch=max_batch,
-                    max_queue=max_queue)
+                    max_queue=max_queue, max_request_pixels=max_request_pixels, max_decode_pixels=max_decode_pixels,
+                    max_buffered_bytes=int(max_buffered_mb * 2**20), max_connections=max_connections,
+                    header_timeout_s=header_timeout, body_timeout_s=body_timeout)
     key = api_key or os.environ.get("MONOVLM_API_KEY") or None
     served = load_served_model(model, device=device)
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {host} without an API key: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {served.name} at http://{host}:{port}/ (API: /v1/chat/completions)", file=sys.stderr)
-    uvicorn.run(create_app(served, limits, key), host=host, port=port, access_log=access_log, log_level="info")
+    run_server(create_app(served, limits, key), host=host, port=port, access_log=access_log)

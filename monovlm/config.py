@@ -182,15 +182,17 @@ class VisionConfig:
         return strict_from_dict(cls, values)
 
 
-TEMPLATES = ("plain", "chatml")
+TEMPLATES = ("plain", "chatml", "hf", "auto")
 
 
 @dataclass
 class ProcessorConfig:
     """How conversations become token ids; saved with every model so training and inference agree."""
 
-    template: str = "chatml"  # "plain": image then caption (pre-training); "chatml": <|im_start|>role ... turns
-    # chatml: the system turn that opens every conversation without one of its own, in training, evaluation and
+    # "plain": image then caption (pre-training); "chatml": monovlm's <|im_start|>role ... turns; "hf": the tokenizer's
+    # own chat template (an HF LLM's, with its special tokens); "auto": "hf" if the tokenizer has a template, else chatml
+    template: str = "chatml"
+    # chatml and hf: the system turn that opens every conversation without one of its own, in training, evaluation and
     # serving alike (a request's system message, or `monovlm chat --system`, replaces it)
     system_prompt: str | None = None
     max_length: int = 2048  # longer samples are skipped and counted, never truncated through an image

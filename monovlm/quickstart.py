@@ -146,9 +146,9 @@ def ship(model, tokenizer, report: dict[str, Any]) -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int = 0, eval_limit: int = 1000,
-                   examples: int = 6, ship: bool = False, force_ship: bool = False, progress: bool = True,
-                   maze_fraction: float = 0.2) -> dict[str, Any]:
+def run_quickstart(out: Path, recipe_name: str = "eve-synthetic", n: int = 4000, seed: int = 0,
+                   eval_limit: int = 1000, examples: int = 6, ship: bool = False, force_ship: bool = False,
+                   progress: bool = True, maze_fraction: float = 0.2) -> dict[str, Any]:
     """Data, training, evaluation beside the blind baseline, example answers; with `ship`, the model (its weights
     rounded to SHIP_DTYPE before it is evaluated) replaces the shipped one when it is materially better, or always
     with `force_ship`."""
@@ -178,7 +178,7 @@ def run_quickstart(out: Path, recipe_name: str = "eve", n: int = 4000, seed: int
     blind = evaluate_qa(model, processor, records, data, blank=True, progress=progress)
     table = report_table(scores.accuracy, blind.accuracy, scores.counts)
     print(table)
-    print(f"[4/4] a few answers about test images")
+    print("[4/4] a few answers about test images")
     shown = records[:: max(1, len(records) // examples)][:examples]
     images = [processor.load(data / r["image"]) for r in shown]
     answers = answer(model, processor, [question_of(r) for r in shown], images)

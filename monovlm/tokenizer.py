@@ -259,11 +259,29 @@ class Tokenizer:
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
         text = _compile_chat_template(template).render(
-            messages=_template_data(list(messages)),
+            messages=_template_data([_without_none(message) for message in messages]),
             add_generation_prompt=add_generation_prompt,
             **_template_data(variables),
         )
         return self.encode(text) if tokenize else text
+
+    def end_of_turn_token(self, chat_template: str | None = None) -> str | None:
+        """The special token the chat template closes an assistant reply with (e.g. "<|im_end|>", "<|eot_id|>",
+        "</s>"): the first special token it writes after the reply. None when it writes none there.
+
+        Generation must stop on it: it need not be eos (Llama 3's base eos is <|end_of_text|>, its turns end with
+        <|eot_id|>). Raises TokenizerError when there is no template or it cannot render a user/assistant exchange."""
+        exchange = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        try:
+            text = self.apply_chat_template(exchange, add_generation_prompt=False, chat_template=chat_template)
+        except jinja2.TemplateError as error:
+            raise TokenizerError(f"the chat template cannot render a user/assistant exchange: {error}") from error
+        if "Hello" not in text:
+            raise TokenizerError("the chat template does not write an assistant reply's text")
+        closing = text[text.rindex("Hello") + len("Hello"):]
+        special = {token.content for token in self.backend.get_added_tokens_decoder().values() if token.special}
+        found = sorted((closing.find(token), -len(token), token) for token in special if token in closing)
+        return found[0][2] if found else None  # the earliest; of two starting there, the longer one
 
     def _resolve_chat_template(self, chat_template: str | None) -> str:
         if chat_template is not None:
@@ -431,6 +449,15 @@ def _template_data(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_template_data(item) for item in value)
     return f"<{type(value).__name__}>"
+
+
+def _without_none(message: Any) -> Any:
+    """A message without its None-valued keys, as transformers hands it to templates: OpenAI clients send
+    `content=None`, `tool_calls=None`, `name=None`, and a template that tests `is defined` (or prints the value)
+    would otherwise render them."""
+    if isinstance(message, Mapping):
+        return {key: value for key, value in message.items() if value is not None}
+    return message
 
 
 def _raise_exception(message: str) -> None:

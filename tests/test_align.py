@@ -385,7 +385,7 @@ def test_vit_teacher_patch_size_keeps_the_students_image_sizes(tmp_path):
         teacher_vision(vision, 3)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
     align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
-                            teacher_lr=1e-3, teacher_patch_size=8)
+                            teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels", whiten=False)
     teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
     assert teacher.vit.patch_size == 8
     assert [tuple(f.shape) for f in teacher([torch.randn(3, 32, 32)])] == [(4, 4, 16)]  # one feature per token
@@ -402,7 +402,7 @@ def test_vit_teacher_is_reused_only_with_the_same_settings_and_data(tmp_path, mo
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
     align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
-                            teacher_lr=1e-3, teacher_patch_size=8)
+                            teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels", whiten=False)
     build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
     build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)  # resume: reused
     assert calls == [2]
@@ -444,8 +444,10 @@ def test_build_teacher_whitens_when_the_recipe_asks(tmp_path):
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
     align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
-                            teacher_lr=1e-3, teacher_patch_size=8, whiten=True, whiten_images=8)
-    teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
+                            teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels", whiten=True,
+                            whiten_images=8)
+    teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False,
+                            sources=["pretrain.json"])
     assert isinstance(teacher, WhitenedTeacher) and teacher.feature_dim == 16
     from monovlm.train.flops import teacher_params
 
@@ -545,3 +547,119 @@ def test_precomputed_teacher_round_trip_and_missing_key(tmp_path):
         teacher([images["a.png"]])
     with pytest.raises(ValueError, match="duplicate"):
         precompute_features(source, [("x", images["a.png"]), ("x", images["a.png"])], tmp_path / "dup.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Teachers on a user's data: the "mae" ViT, whitening for every teacher, features: paths, float16 features
+
+
+def tiny_vit_align(**overrides):
+    values = dict(teacher="vit", teacher_objective="mae", teacher_width=16, teacher_depth=1, teacher_heads=2,
+                  teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, whiten=False, whiten_images=8)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_float16_teacher_features_train_under_bf16_autocast():
+    """A features file saved in float16 beside a bf16 autocast forward: torch.cat of float16 targets inside autocast
+    raised "Unexpected floating ScalarType"; the targets are cast to float32 first, and give float32's loss."""
+    torch.manual_seed(0)
+    aligner = PatchAligner(hidden_size=16, teacher_dim=8, num_layers=2, heads=2)
+    layouts = layouts_of([(2, 3), (2, 2)], use_cls=False, use_sep=False)
+    states = [torch.randn(1, 12, 16) for _ in range(2)]
+    vision_mask = torch.ones(1, 12, dtype=torch.bool)
+    vision_mask[0, :2] = False  # two text tokens, then the 6 + 4 visual tokens
+    teacher = [torch.randn(4, 4, 8).half(), torch.randn(2, 2, 8).half()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = alignment_loss(aligner, states, vision_mask, layouts, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = alignment_loss(aligner, states, vision_mask, layouts, [t.float() for t in teacher])
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    torch.testing.assert_close(half, full)
+
+
+def test_mae_vit_teacher_trains_on_a_users_folder_and_whitens_on_its_images(tmp_path, monkeypatch):
+    from image_folder import write_llava_folder
+
+    from monovlm.model.teachers import build_teacher
+    from monovlm.train import vit_pretrain
+
+    data = write_llava_folder(tmp_path / "data", n=10, size=(32, 32))
+    assert not (data / "scenes.json").exists()
+    calls = []
+    original = vit_pretrain.pretrain_vit
+    monkeypatch.setattr(vit_pretrain, "pretrain_vit",
+                        lambda *a, **k: calls.append((k["objective"], list(k["sources"]))) or original(*a, **k))
+    vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
+    teacher = build_teacher(tiny_vit_align(whiten=True, whiten_images=10), vision, data, tmp_path / "run",
+                            progress=False, sources=[("captions.json", None)])
+    assert calls == [("mae", [("captions.json", None)])]
+    assert isinstance(teacher, WhitenedTeacher) and teacher.teacher.vit.patch_size == 8
+    # whitened on the folder's 10 images: unit covariance over their patches (10 images × 16 patches > 16 dims)
+    from monovlm.data.image_files import data_images, load_pixels
+
+    pixels = [load_pixels(image, vision) for image in data_images(data, ["captions.json"])]
+    whitened = torch.cat([f.reshape(-1, 16) for f in teacher(pixels)])
+    assert whitened.mean(0).abs().max() < 1e-3
+    # every direction at unit variance, but one: the ViT's final LayerNorm makes each feature sum to ~0 over its
+    # channels, a direction without variance that whitening leaves (floored) at ~0
+    spectrum = torch.linalg.eigvalsh(torch.cov(whitened.T))
+    assert spectrum[0] < 1e-2 and torch.allclose(spectrum[1:], torch.ones(15), atol=0.05)
+    build_teacher(tiny_vit_align(), vision, data, tmp_path / "run", progress=False, sources=[("captions.json", None)])
+    assert len(calls) == 1  # same settings and data files: reused
+    # no sources given: those of the recipe the trainer recorded in RUN/recipe.json (here another file: retrained)
+    (tmp_path / "run" / "recipe.json").write_text(json.dumps({"stages": [{"data": ["qa.json"], "image_root": None}]}))
+    build_teacher(tiny_vit_align(), vision, data, tmp_path / "run", progress=False)
+    assert calls[1] == ("mae", [("qa.json", None)])
+    with pytest.raises(FileNotFoundError, match="recipe.json"):
+        build_teacher(tiny_vit_align(), vision, data, tmp_path / "other_run", progress=False)
+    with pytest.raises(ValueError, match="teacher_objective='clip'"):
+        build_teacher(tiny_vit_align(teacher_objective="clip"), vision, data, tmp_path / "run", progress=False)
+    with pytest.raises(FileNotFoundError, match="scenes.json"):  # the labels objective needs synthetic data
+        build_teacher(tiny_vit_align(teacher_objective="labels"), vision, data, tmp_path / "run", progress=False,
+                      sources=["captions.json"])
+
+
+def test_whitening_applies_to_features_teachers_and_their_path_is_read_under_the_data_root(tmp_path, monkeypatch):
+    from image_folder import write_llava_folder
+
+    from monovlm.data.image_files import data_images, load_pixels
+    from monovlm.model.teachers import build_teacher
+
+    data = write_llava_folder(tmp_path / "data", n=10, size=(32, 32))
+    vision = VisionConfig(patch_size=8, merge=1, max_pixels=32 * 32)
+    source = ViTTeacher(TinyViT(width=8))
+    images = data_images(data, ["captions.json"])
+    pixels = {image.key: load_pixels(image, vision) for image in images}
+    precompute_features(source, pixels.items(), data / "feats" / "teacher.safetensors", dtype=torch.float16)
+    monkeypatch.chdir(tmp_path)  # a relative path must not be read from the working directory
+    align = SimpleNamespace(teacher="features:feats/teacher.safetensors", whiten=False, whiten_images=512)
+    plain = build_teacher(align, vision, data, tmp_path / "run", sources=["captions.json"])
+    assert isinstance(plain, PrecomputedTeacher) and plain.path == data / "feats" / "teacher.safetensors"
+    whitened = build_teacher(SimpleNamespace(**{**vars(align), "whiten": True}), vision, data, tmp_path / "run",
+                             sources=["captions.json"])
+    assert isinstance(whitened, WhitenedTeacher)
+    keys = list(pixels)
+    features = torch.cat([f.reshape(-1, 8).float() for f in whitened(None, keys)])  # read by key, no pixels
+    assert torch.allclose(torch.cov(features.T), torch.eye(8), atol=1e-2)
+    with pytest.raises(FileNotFoundError, match=r"data root, --data .*monovlm teacher features"):
+        build_teacher(SimpleNamespace(**{**vars(align), "teacher": "features:nothere.safetensors"}), vision, data,
+                      tmp_path / "run")
+    absolute = SimpleNamespace(**{**vars(align), "teacher": f"features:{data / 'feats' / 'teacher.safetensors'}"})
+    assert build_teacher(absolute, vision, tmp_path, tmp_path / "run").path == data / "feats" / "teacher.safetensors"
+
+
+def test_whitening_applies_to_hf_teachers(tmp_path):
+    pytest.importorskip("transformers")
+    from image_folder import write_llava_folder
+
+    from monovlm.model.teachers import build_teacher
+
+    data = write_llava_folder(tmp_path / "data", n=12, size=(32, 32))
+    folder, _ = save_tiny_hf(tmp_path, "siglip")
+    vision = VisionConfig(patch_size=8, merge=1, max_pixels=32 * 32)
+    align = SimpleNamespace(teacher=f"hf:{folder}", whiten=True, whiten_images=12)
+    teacher = build_teacher(align, vision, data, tmp_path / "run", sources=["captions.json"])
+    assert isinstance(teacher, WhitenedTeacher) and isinstance(teacher.teacher, HFVisionTeacher)
+    plain = HFVisionTeacher.from_folder(folder, vision=vision)
+    image = torch.randn(3, 32, 32)
+    torch.testing.assert_close(teacher([image])[0], (plain([image])[0] - teacher.mean) @ teacher.transform)

@@ -14,8 +14,34 @@ from monovlm.tokenizer import Tokenizer
 
 def test_help_lists_every_verb():
     out = subprocess.run([sys.executable, "-m", "monovlm", "--help"], capture_output=True, text=True, check=True)
-    for verb in ("generate-text", "train-tokenizer", "data", "train", "quickstart", "eval", "compare", "chat", "serve"):
+    for verb in ("generate-text", "train-tokenizer", "data", "train", "recipes", "quickstart", "eval", "compare",
+                 "chat", "serve"):
         assert verb in out.stdout
+
+
+def test_recipes_lists_the_shipped_ones_and_describes_one(capsys):
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("eve", "eve-synthetic", "evev2", "solo", "llava", "llava-synthetic"):
+        assert f"\n{name} " in f"\n{listing}"
+    assert "stages: prealign -> pretrain -> instruct" in listing
+    assert main(["recipes", "eve"]) == 0
+    described = capsys.readouterr().out
+    assert 'data.captions = "captions.json"  read by prealign, pretrain' in described
+    assert "3. instruct" in described and "stages.NAME.KEY (NAME: prealign, pretrain, instruct" in described
+    assert main(["recipes", "no-such-recipe"]) == 2
+    assert "shipped recipes: [" in capsys.readouterr().err
+
+
+def test_train_refuses_a_bad_override_before_reading_data(tmp_path, capsys):
+    assert main(["train", "eve", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--set", "stages.instruct.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage key 'stepz'" in err and "Traceback" not in err
+    assert main(["train", "eve", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "missing captions.json (read by prealign, pretrain); instruct.json (read by instruct)" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_every_command_function_is_a_listed_verb():

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from monovlm.cli import main
 from monovlm.config import ConfigError
 from monovlm.data.synthetic import synthesize
-from monovlm.eval.harness import OVERALL, run_task
+from monovlm.eval.harness import OVERALL, TaskResult, run_task
 from monovlm.eval.lmms import MonovlmLMMS
+from monovlm.eval.metrics import answer_type
 from monovlm.eval.protocol import LoglikelihoodRequest, ModelRunner, Query
 from monovlm.eval.qa import evaluate_qa
-from monovlm.eval.report import compare_table, evaluate_model, load_runs, write_report
+from monovlm.eval.report import (
+    EvalRun,
+    compare_table,
+    evaluate_model,
+    limit_per_group,
+    load_runs,
+    markdown,
+    write_report,
+)
+from monovlm.eval.run import run_eval
 from monovlm.eval.samples import EvalSample
 from monovlm.eval.tasks import load_task, shipped_tasks
 from monovlm.infer.generate import GenerationConfig
@@ -228,3 +241,118 @@ def test_eval_with_a_reduction_sweep_plots_accuracy_against_tokens_kept(data, tm
     assert [p["output"] for p in runs[1].results[0].predictions] == [p["output"] for p in runs[0].results[0].predictions]
     assert (out / "synthetic_vs_tokens_kept.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["eval", "default", "--data", str(data), "--reduce", "no-such-method"]) == 2
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# the report survives the file system
+
+
+def test_eval_prints_its_tables_before_a_report_that_cannot_be_written(data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError) as raised:
+        run_eval("default", ["synthetic"], data=data, out=blocker / "report", limit=4, progress=False)
+    assert str(blocker) in str(raised.value)
+    printed = capsys.readouterr().out
+    assert "blind accuracy" in printed and "**overall**" in printed  # the results were not lost
+
+
+def _small_run(predictions: int) -> EvalRun:
+    result = TaskResult("synthetic", "exact_match", "accuracy", False, {OVERALL: {"accuracy": 0.5}}, {OVERALL: 2},
+                        [{"id": str(i), "output": "x" * 100} for i in range(predictions)])
+    return EvalRun("tiny", {}, [result])
+
+
+def test_a_full_disk_leaves_the_previous_report_whole(tmp_path):
+    write_report(_small_run(2), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # a file size limit makes every write past 20 kB fail as a full disk would, in a child process only
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+from test_eval_harness import _small_run
+from monovlm.eval.report import write_report
+try:
+    write_report(_small_run(2000), {str(tmp_path)!r})
+except OSError as error:
+    print("failed:", error)
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "failed:" in child.stdout and "report.json" in child.stdout, child.stdout + child.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files whole, no temporary left
+    assert load_runs(tmp_path)[0].results[0].predictions == _small_run(2).results[0].predictions
+
+
+def _mme_release(root: Path, subtasks: dict[str, int]) -> Path:
+    """A tiny MME release folder: per subtask, `n` images with MME's yes and no question each."""
+    for subtask, images in subtasks.items():
+        folder = root / subtask
+        folder.mkdir(parents=True)
+        for i in range(images):
+            Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(folder / f"{i:04d}.png")
+            (folder / f"{i:04d}.txt").write_text(f"Is it {i}? Please answer yes or no.\tYes\n"
+                                                 f"Is it {i + 1}? Please answer yes or no.\tNo\n")
+    return root
+
+
+def test_mme_limit_applies_per_subtask_and_partial_totals_are_marked(runner, tmp_path):
+    data = _mme_release(tmp_path / "mme", {"OCR": 3, "artwork": 3, "color": 1})
+    with pytest.warns(UserWarning) as caught:
+        run = evaluate_model(runner, ["mme"], data, limit=3, blind=False, progress=False)
+    result = run.results[0]
+    # whole images up to the limit in every subtask (a first-3 cut would have scored OCR alone)
+    assert result.counts == {"OCR": 4, "artwork": 4, "color": 2, OVERALL: 10}
+    assert result.scores[OVERALL]["score"] == pytest.approx(sum(result.scores[g]["score"] for g in ("OCR", "artwork",
+                                                                                                       "color")))
+    assert len(result.notes) == 2 and len(caught) == 2
+    assert result.notes[0].startswith("--limit 3 per subtask cut 2 subtask(s) (OCR, artwork)")
+    assert result.notes[1].startswith("partial totals: 3 of MME's 14 subtasks present")
+    assert "**Note:** partial totals" in markdown([run])
+    assert _through_json(run).results[0].notes == result.notes  # kept in report.json
+
+
+def _through_json(run: EvalRun) -> EvalRun:
+    return EvalRun.from_dict(json.loads(json.dumps(run.to_dict())))
+
+
+def test_limit_per_group_keeps_whole_images_in_order():
+    samples = [EvalSample(id=f"{c}{i}", question="q", image=None, answers=["yes"], category=c,
+                          meta={"image_key": f"{c}{i // 2}"}) for c in "ab" for i in range(6)]
+    kept, cut = limit_per_group(samples, 3)
+    assert [s.id for s in kept] == ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"] and cut == ["a", "b"]
+    assert limit_per_group(samples, 6) == (samples, [])
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# the llava task on a user's file
+
+
+def test_llava_task_reads_any_file_and_breaks_down_by_answer_type(data, test_records, tmp_path, capsys):
+    task = load_task("llava")
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "a.json").write_text("[]")
+    assert task.resolved_reader_args(folder / "a.json") == {"path": str(folder / "a.json"), "image_root": str(folder)}
+    assert task.resolved_reader_args(folder)["path"] == str(folder / "a.json")  # the folder's only JSON file
+    (folder / "b.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"reads .*questions\.json, which does not exist \(it holds a\.json, "
+                                          r"b\.jsonl\); pass the file itself as --data"):
+        task.resolved_reader_args(folder)
+    (folder / "questions.json").write_text("[]")
+    assert task.resolved_reader_args(folder)["path"] == str(folder / "questions.json")
+
+    # records without a category, in a file of any name beside the images
+    records = [{k: v for k, v in r.items() if k != "category"} for r in test_records[:12]]
+    file = data / "my_questions.json"
+    file.write_text(json.dumps(records))
+    try:
+        assert main(["eval", "default", "--tasks", "llava", "--data", str(file), "--limit", "12", "--no-blind",
+                     "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    finally:
+        file.unlink()  # the module's data folder is shared with other tests
+    result = load_runs(tmp_path / "out")[0].results[0]
+    kinds = {answer_type(r["answer"]) for r in records}
+    assert set(result.counts) == kinds | {OVERALL} and len(kinds) > 1
+    assert sum(n for group, n in result.counts.items() if group != OVERALL) == result.counts[OVERALL] == 12

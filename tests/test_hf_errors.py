@@ -104,3 +104,71 @@ def test_special_tokens_survive_a_round_trip(tmp_path):
     model = Decoder(DecoderConfig(vocab_size=600, special_tokens={"image": 512}))
     save_hf_decoder(model, tmp_path)
     assert load_hf_decoder(tmp_path).config.special_tokens == {"image": 512}
+
+
+def test_tied_config_refuses_a_different_lm_head_and_accepts_a_copy(tmp_path):
+    # transformers keeps a stored lm_head.weight; dropping a different one silently would change every logit
+    model = Decoder(DecoderConfig(tie_word_embeddings=True))
+    save_hf_decoder(model, tmp_path)
+    embeddings = model.embed_tokens.weight.detach().clone()
+    rewrite(tmp_path, lambda t: t.update({"lm_head.weight": embeddings.clone()}))  # a redundant copy: fine
+    assert torch.equal(load_hf_decoder(tmp_path).embed_tokens.weight, embeddings)
+    rewrite(tmp_path, lambda t: t.update({"lm_head.weight": embeddings + 1.0}))
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true, but .*model\.safetensors holds an "
+                                              r"lm_head\.weight that differs from model\.embed_tokens\.weight"):
+        load_hf_decoder(tmp_path)
+    rewrite(tmp_path, lambda t: t.update({"lm_head.weight": embeddings[:-1].clone()}))  # another shape: differs too
+    with pytest.raises(CheckpointError, match="differs"):
+        load_hf_decoder(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_safetensors_is_named(checkpoint, keep, tmp_path):
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_hf_decoder(checkpoint)
+    source = torch.nn.Linear(4, 3)
+    save_file(source.state_dict(), tmp_path / "small.safetensors")
+    (tmp_path / "small.safetensors").write_bytes((tmp_path / "small.safetensors").read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match=r"small\.safetensors is not a readable safetensors file"):
+        load_safetensors_strict(torch.nn.Linear(4, 3), tmp_path / "small.safetensors")
+
+
+def test_index_naming_a_tensor_its_shard_lacks_is_named(tmp_path):
+    save_hf_decoder(Decoder(DecoderConfig()), tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    index["weight_map"]["model.layers.0.extra.weight"] = shard
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"index\.json says tensor 'model\.layers\.0\.extra\.weight' is in "
+                                              rf"{shard}, but .*{shard} does not hold it"):
+        load_hf_decoder(tmp_path)
+
+
+def test_bin_shards_are_refused_by_name(tmp_path):
+    save_hf_decoder(Decoder(DecoderConfig()), tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02not safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "pytorch_model.bin"}}))
+    with pytest.raises(CheckpointError, match=r"lists shard pytorch_model\.bin, which is not a safetensors file"):
+        load_hf_decoder(tmp_path)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"neither .* \(it has pytorch_model\.bin: monovlm reads safetensors"):
+        load_hf_decoder(tmp_path)
+
+
+@pytest.mark.parametrize("text, kind", [("[1, 2]", "array"), ('"llama"', "string"), ("null", "null"), ("7", "number")])
+def test_config_or_index_that_is_not_an_object_is_named(checkpoint, text, kind):
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"config\.json must hold a JSON object, found a JSON {kind}"):
+        load_hf_decoder(checkpoint)
+    save_hf_decoder(Decoder(DecoderConfig()), checkpoint)
+    (checkpoint / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"index\.json must hold a JSON object, found a JSON {kind}"):
+        load_hf_decoder(checkpoint)
+    (checkpoint / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    with pytest.raises(CheckpointError, match=r"index\.json has no 'weight_map' object"):
+        load_hf_decoder(checkpoint)

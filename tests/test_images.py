@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
 import zlib
 
@@ -23,6 +24,8 @@ from PIL import Image
 from monovlm.config import VisionConfig
 from monovlm.data.images import (
     ImageLoadError,
+    ImagePathError,
+    image_path_under,
     grid_size,
     group_by_size,
     image_to_tensor,
@@ -500,3 +503,46 @@ def test_concurrent_loads_leave_the_warning_filters_alone(tmp_path):
     assert all(result == (1, 2, 3) for result in results[1::2])
     assert all("decompression-bomb" in result for result in results[0::2])
     assert warnings.filters == filters_before
+
+
+def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path):
+    # opening a FIFO for reading blocks until some writer appears: the loader must refuse it without opening it
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(ImageLoadError, load_image, fifo).value),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # unblock the hung open so the test process can end, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_image blocked on a FIFO")
+    assert outcome and outcome[0].reason == "is not a regular file (it is a FIFO)"
+    (tmp_path / "link.png").symlink_to(fifo)  # a link to one is no better
+    assert "FIFO" in pytest.raises(ImageLoadError, load_image, tmp_path / "link.png").value.reason
+    assert pytest.raises(ImageLoadError, load_image, tmp_path / "a\0.png").value.reason == (
+        "is not a usable path (embedded null byte)")
+    if os.path.exists("/dev/zero"):  # an endless character device would otherwise be read forever
+        error = pytest.raises(ImageLoadError, load_image, "/dev/zero").value
+        assert error.reason == "is not a regular file (it is a character device)"
+
+
+def test_image_path_under_resolves_links_and_refuses_what_leaves_the_folder(tmp_path):
+    root, store = tmp_path / "images", tmp_path / "store"
+    root.mkdir()
+    store.mkdir()
+    (root / "a.png").write_bytes(b"")
+    (root / "alias.png").symlink_to(root / "a.png")
+    (root / "out.png").symlink_to(store / "b.png")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    assert image_path_under(root, "a.png") == root.resolve() / "a.png"
+    assert image_path_under(root, "alias.png") == root.resolve() / "a.png"
+    assert image_path_under(root, "not/yet/there.png") == root.resolve() / "not/yet/there.png"  # the loader's job
+    assert str(pytest.raises(ImagePathError, image_path_under, root, "out.png").value) == (
+        f"image path 'out.png' escapes the image root {root.resolve()} through a symbolic link to "
+        f"{store.resolve() / 'b.png'}")
+    for name in ("../x.png", "/etc/hostname", "sub/../../x.png"):
+        assert "escapes the image root" in str(pytest.raises(ImagePathError, image_path_under, root, name).value)
+    assert "cannot be resolved" in str(pytest.raises(ImagePathError, image_path_under, root, "loop.png").value)
+    assert "cannot be resolved" in str(pytest.raises(ImagePathError, image_path_under, root, "a\0.png").value)

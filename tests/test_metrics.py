@@ -8,12 +8,15 @@ implementation (pycocoevalcap's Bleu / Cider scorers).
 import math
 import os
 import random
+import shutil
+import subprocess
 
 import pytest
 
 from monovlm.eval.metrics import (
     MME_COGNITION,
     MME_PERCEPTION,
+    answer_type,
     bleu,
     choice_by_loglik,
     cider_d,
@@ -276,6 +279,61 @@ def test_ptb_tokenize_matches_java_tokeniser(raw, java):
     assert ptb_tokenize(raw) == java
 
 
+# Unicode punctuation, recorded the same way: the Java lexer writes curly/angle quotes, dashes and the ellipsis as
+# their ASCII PTB tokens, which the drop list then removes; a curly apostrophe still splits clitics.
+UNICODE_PUNCTUATION = [
+    ("A \u201cquoted\u201d man\u2019s dog \u2018runs\u2019 \u2014 fast \u2013 slow\u2026 ok",
+     "a quoted man 's dog runs fast slow ok"),
+    ("A dog\u2014a cat, 10\u201320 people \u2015 wait\u2026", "a dog a cat 10 20 people wait"),
+    ("\u00ab Guillemets \u00bb and \u2039single\u203a angles", "guillemets and single angles"),
+    ("\u201cHi,\u201d she said\u2026 \u201cIt\u2019s fine.\u201d", "hi she said it 's fine"),
+    ("It\u2019s, don\u2019t, can\u2019t, won\u2019t, I\u2019m, we\u2019ve, they\u2019re, she\u2019d, it\u2019ll",
+     "it 's do n't ca n't wo n't i 'm we 've they 're she 'd it 'll"),
+    ("The cats\u2019 bowls and O\u2019Neil\u2019s hat", "the cats bowls and o\u2019neil 's hat"),
+    ("He said \u2018hello\u2019.", "he said hello"),
+    ("A well\u2010known dog and a\u2012b", "a well\u2010known dog and a b"),
+    ("Wait\u2026. the end\u2026", "wait the end"),
+    ("dogs \u00b4s and \u201bx\u201f with \u201elow\u201c and \u201alow\u2018",
+     "dogs \u00b4 s and x \u201f with \u201e low and \u201a low"),
+    ("prime \u2032 and \u2033 marks, \u22125 degrees", "prime \u2032 and \u2033 marks \u2212 5 degrees"),
+]
+
+
+@pytest.mark.parametrize("raw, java", UNICODE_PUNCTUATION)
+def test_ptb_tokenize_drops_unicode_punctuation_as_the_java_tokeniser_does(raw, java):
+    assert ptb_tokenize(raw) == java
+
+
+def test_ptb_tokenize_drops_every_token_of_the_official_punctuation_list():
+    ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    # with -lowerCase the Java tokeniser writes brackets as -lrb- etc., which the upper-case entries never match
+    dropped = [p for p in ptb.PUNCTUATIONS if not p.startswith("-L") and not p.startswith("-R")]
+    for mark in dropped:
+        assert ptb_tokenize(f"a {mark} b") == "a b", mark
+    assert ptb_tokenize("a ( b )") == "a -lrb- b -rrb-"
+
+
+def _java_ptb(lines: list[str]) -> list[str] | None:
+    """coco-caption's own tokenisation (its jar, its flags, its drop list), or None where Java is not installed."""
+    ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    jar = os.path.join(os.path.dirname(ptb.__file__), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    if shutil.which("java") is None or not os.path.isfile(jar):
+        return None
+    command = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+    output = subprocess.run(command, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120,
+                            check=True).stdout
+    return [" ".join(w for w in line.split(" ") if w not in ptb.PUNCTUATIONS) for line in output.splitlines()]
+
+
+def test_recorded_tokenisations_match_the_java_tokeniser_live():
+    raws = [raw for raw, _ in UNICODE_PUNCTUATION]
+    java = _java_ptb(raws)
+    if java is None:
+        pytest.skip("java is not installed; the recorded outputs above stand in for it")
+    assert java == [expected for _, expected in UNICODE_PUNCTUATION]
+    assert [ptb_tokenize(raw) for raw in raws] == java
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # BLEU (coco-caption): hand-worked
 
@@ -454,3 +512,10 @@ def test_confusion_matrix_and_markdown():
         confusion_matrix(["green"], ["red"], classes=["red"])
     with pytest.raises(ValueError, match="also a class"):
         confusion_matrix(["other"], ["other"])
+
+
+@pytest.mark.parametrize("answer, kind", [("yes", "yes/no"), ("No.", "yes/no"), ("2", "number"), ("two", "number"),
+                                          ("1,000", "number"), ("3.5", "number"), ("none", "number"),
+                                          ("red", "other"), ("2 dogs", "other"), ("yes and no", "other")])
+def test_answer_type_follows_vqav2(answer, kind):
+    assert answer_type(answer) == kind

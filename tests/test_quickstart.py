@@ -104,3 +104,20 @@ def test_ship_writes_bf16_weights_that_load_as_float32(tmp_path, monkeypatch):
         assert tensor.dtype == torch.float32 and torch.equal(tensor, model.state_dict()[name]), name
     with safe_open(str(target / "model.safetensors"), framework="pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+
+
+def test_the_quickstarts_recipe_reads_what_the_synthetic_generator_writes(tmp_path):
+    """The quickstart trains `eve-synthetic` (the generic `eve` reads a user's captions.json / instruct.json); every
+    file it reads is in the data the quickstart synthesises, and the generic recipes' are not."""
+    import inspect
+
+    from monovlm.quickstart import run_quickstart
+    from monovlm.train.recipe import load_recipe, resolve_data
+
+    name = inspect.signature(run_quickstart).parameters["recipe_name"].default
+    assert name == "eve-synthetic"
+    synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
+    resolve_data(load_recipe(name), tmp_path / "data")  # raises, naming the file, if one is missing
+    resolve_data(load_recipe("llava-synthetic"), tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="missing captions.json"):
+        resolve_data(load_recipe("eve"), tmp_path / "data")

@@ -2,6 +2,7 @@
 bad files refused by name. Image files are empty: readers only check that they exist."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -360,10 +361,10 @@ def test_llava_exact_samples_and_skips(tmp_path):
     assert result.samples == [
         EvalSample(id="a", question="What is it?", image=tmp_path / "x.png", answers=["a cat"], category="animals",
                    meta={"source": "web"}),
-        EvalSample(id="b", question="Text only?", image=None, answers=["yes", "yeah"]),
+        EvalSample(id="b", question="Text only?", image=None, answers=["yes", "yeah"], category="yes/no"),
         EvalSample(id="2", question="Which colour? A. red B. blue", image=tmp_path / "x.png", answers=["A"],
-                   choices=["red", "blue"]),
-        EvalSample(id="i", question="Own question?", image=None, answers=["own"]),
+                   category="multiple choice", choices=["red", "blue"]),
+        EvalSample(id="i", question="Own question?", image=None, answers=["own"], category="other"),
     ]
     assert reasons(result) == {"image missing": 1, "missing question": 1, "missing answer": 1, "malformed line": 1,
                                "multiple images": 1, "invalid category": 1}
@@ -505,3 +506,54 @@ def test_mme_tsv_oversized_field_is_one_bad_row(tmp_path):
     result = read_mme(path)
     assert [s.id for s in result.samples] == ["0", "2"]
     assert reasons(result) == {"malformed row": 1}
+
+
+def test_links_out_of_the_image_folder_are_refused_as_in_training(tmp_path):
+    # the rule training applies (links resolved, the target must stay inside the image root), in every reader
+    outside = touch(tmp_path / "store", "cat.png")
+    images = touch(tmp_path / "imgs", "real.png")
+    (images / "inside.png").symlink_to(images / "real.png")  # a link that stays inside is an ordinary image
+    (images / "outside.png").symlink_to(outside / "cat.png")
+    (images / "sub").symlink_to(outside, target_is_directory=True)
+    path = write_json(tmp_path / "eval.json", [
+        {"id": name, "image": name, "conversations": _turns("Q?", "A")}
+        for name in ("real.png", "inside.png", "outside.png", "sub/cat.png")
+    ])
+    result = read_llava(path, image_root=images)
+    assert [(s.id, s.image) for s in result.samples] == [("real.png", images.resolve() / "real.png"),
+                                                         ("inside.png", images.resolve() / "real.png")]
+    assert reasons(result) == {"image path escapes root": 2}
+    assert "through a symbolic link" in result.skipped.examples[0].detail
+
+    pope = write_lines(tmp_path / "pope.jsonl", [
+        {"question_id": 1, "image": "outside.png", "text": "Is there a cat?", "label": "yes"}])
+    assert reasons(read_pope(pope, image_root=images)) == {"image path escapes root": 1}
+
+
+def test_mme_release_image_linked_out_of_the_folder_is_refused(tmp_path):
+    store = touch(tmp_path / "store", "0001.png")
+    subtask = touch(tmp_path / "mme" / "OCR", "0002.png")
+    (subtask / "0001.png").symlink_to(store / "0001.png")
+    (subtask / "0001.txt").write_text("Q1?\tYes\nQ2?\tNo\n")
+    (subtask / "0002.txt").write_text("Q1?\tYes\n")
+    result = read_mme(tmp_path / "mme")
+    assert [s.id for s in result.samples] == ["OCR/0002.png:0"]
+    assert reasons(result) == {"image path escapes root": 2}
+
+
+def test_a_fifo_named_as_an_image_is_skipped(tmp_path):
+    images = touch(tmp_path / "imgs", "real.png")
+    os.mkfifo(images / "pipe.png")
+    path = write_json(tmp_path / "eval.json", [
+        {"id": n, "image": n, "conversations": _turns("Q?", "A")} for n in ("real.png", "pipe.png")])
+    result = read_llava(path, image_root=images)
+    assert [s.id for s in result.samples] == ["real.png"]
+    assert reasons(result) == {"image missing": 1}
+
+
+def test_llava_records_without_a_category_are_grouped_by_answer_type(tmp_path):
+    answers = ["Yes", "no.", "3", "Two", "-1.5", "a red ball", "yes, it is"]
+    path = write_json(tmp_path / "eval.json", [{"id": str(i), "question": "Q?", "answer": a}
+                                                 for i, a in enumerate(answers)])
+    assert [s.category for s in read_llava(path).samples] == ["yes/no", "yes/no", "number", "number", "number",
+                                                              "other", "other"]

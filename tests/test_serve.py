@@ -758,11 +758,17 @@ def test_unknown_model_path_and_method(client):
     assert_error(client.get(URL), 405, "Method Not Allowed")
 
 
+# JSON that json.dumps cannot write (or that must travel as text): put in place of these strings after dumping
+RAW_JUNK = {"@big-int@": "9" * 5000, "@huge-int@": "1" + "0" * 400, "@deep-list@": "[" * 5000 + "]" * 5000,
+            "@deep-object@": '{"a":' * 400 + "1" + "}" * 400}
+
+
 def test_random_mutations_never_cause_a_5xx(client):
-    """Seeded type and value swaps over every field of a valid request: each answer is 200 or a 4xx with a reason."""
+    """Seeded type and value swaps over every field of a valid request (integers too long to read or too large for
+    a float, deep nesting, wrong types): each answer is 200 or a 4xx with a reason."""
     rng = random.Random(0)
     junk = [None, True, -1, 0, 3.5, 1e-300, float("inf"), "", "text", "\ud800", [], [1, "a"], {},
-            {"url": "data:image/png;base64,AAAA"}, "data:image/png;base64," + BAD_IMAGE, 2**80]
+            {"url": "data:image/png;base64,AAAA"}, "data:image/png;base64," + BAD_IMAGE, 2**80, *RAW_JUNK]
     valid = ask("What color?", shape_image(), max_tokens=4, temperature=0.5, top_p=0.9, stop=["."], seed=1,
                 monovlm={"reduction": "fastv", "keep": 0.5, "decoding": "vcd", "alpha": 1, "beta": 0.1})
     paths = [("temperature",), ("top_p",), ("max_tokens",), ("stop",), ("seed",), ("stream",), ("messages",),
@@ -772,14 +778,17 @@ def test_random_mutations_never_cause_a_5xx(client):
              ("messages", 0, "content", 0, "image_url"), ("messages", 0, "content", 0, "image_url", "url"),
              ("messages", 0, "content", 1, "text"), ("messages", 0, "content", 1, "type")]
     statuses = []
-    for _ in range(120):
+    for _ in range(160):
         body = json.loads(json.dumps(valid))
         *parents, last = rng.choice(paths)
         target = body
         for key in parents:
             target = target[key]
         target[last] = rng.choice(junk)
-        raw = json.dumps(body, allow_nan=True).encode()  # ASCII: lone surrogates travel as \ud800 escapes
+        raw = json.dumps(body, allow_nan=True)  # ASCII: lone surrogates travel as \ud800 escapes
+        for name, text in RAW_JUNK.items():
+            raw = raw.replace(json.dumps(name), text)
+        raw = raw.encode()
         response = client.post(URL, content=raw, headers={"content-type": "application/json"})
         statuses.append(response.status_code)
         assert response.status_code < 500, (body, response.text)

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from tokenizers import Tokenizer as BackendTokenizer
 
 from monovlm.config import DecoderConfig
 from monovlm.model.decoder import Decoder
@@ -116,6 +117,26 @@ def test_missing_chat_template_is_an_error():
     tokenizer = train_bpe_tokenizer(corpus(50), vocab_size=300, chat_template=None)
     with pytest.raises(TokenizerError, match="no chat template"):
         tokenizer.apply_chat_template(CONVERSATION)
+
+
+def test_end_of_turn_token_is_what_the_template_closes_a_reply_with(trained, tmp_path):
+    assert trained.end_of_turn_token() == "<|im_end|>"  # monovlm's ChatML
+    hf = build_hf_folder(tmp_path)  # Llama-2-like: " reply</s>"
+    assert Tokenizer.from_folder(tmp_path).end_of_turn_token() == hf.eos_token == "</s>"
+    # of two special tokens starting at the same place, the longer is what the tokenizer reads there
+    backend = BackendTokenizer.from_str(trained.backend.to_str())  # a copy: the module's tokenizer stays as it is
+    tokenizer = Tokenizer(backend, {"eos": ENDOFTEXT, "end": "<|end|>", "end_tool": "<|end|><|tool|>"},
+                          {"default": "{% for m in messages %}{{ m['content'] }}<|end|><|tool|>\n{% endfor %}"})
+    assert tokenizer.end_of_turn_token() == "<|end|><|tool|>"
+    assert tokenizer.encode("Hello<|end|><|tool|>")[-1] == tokenizer.token_to_id("<|end|><|tool|>")
+    # a template that closes replies with plain text has none; no template, or one that cannot render, is an error
+    plain = Tokenizer(trained.backend, {}, {"default": "{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}"})
+    assert plain.end_of_turn_token() is None
+    with pytest.raises(TokenizerError, match="no chat template"):
+        Tokenizer(trained.backend).end_of_turn_token()
+    refusing = Tokenizer(trained.backend, {}, {"default": "{{ raise_exception('roles must alternate') }}"})
+    with pytest.raises(TokenizerError, match="cannot render a user/assistant exchange: roles must alternate"):
+        refusing.end_of_turn_token()
 
 
 # ---------------------------------------------------------------------- saving and loading
@@ -346,3 +367,30 @@ def test_bad_json_is_named(trained, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{\"truncated\": ")
     with pytest.raises(TokenizerError, match=r"tokenizer\.json could not be parsed"):
         Tokenizer.from_folder(tmp_path)
+
+
+# What an OpenAI client sends: optional keys present with the value None
+OPENAI_STYLE = [
+    {"role": "system", "content": "Be brief.", "name": None},
+    {"role": "user", "content": "What is 2 + 2?", "name": None, "tool_calls": None},
+    {"role": "assistant", "content": None, "refusal": None,
+     "tool_calls": [{"id": "1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+    {"role": "tool", "content": "4", "tool_call_id": "1", "name": None},
+]
+NONE_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>"
+    "{% if m.name is defined %}[name={{ m.name }}]{% endif %}"
+    "{% if m.content is defined %}{{ m.content }}{% endif %}"
+    "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}{{ c.function.name }}(){% endfor %}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_none_valued_message_keys_render_as_transformers_renders_them(tmp_path):
+    hf = build_hf_folder(tmp_path)
+    ours = Tokenizer.from_folder(tmp_path)
+    theirs = hf.apply_chat_template(OPENAI_STYLE, chat_template=NONE_TEMPLATE, tokenize=False,
+                                    add_generation_prompt=False)
+    assert ours.apply_chat_template(OPENAI_STYLE, chat_template=NONE_TEMPLATE, add_generation_prompt=False) == theirs
+    assert "None" not in theirs and "<assistant>add()" in theirs
+    assert OPENAI_STYLE[0]["name"] is None  # the caller's messages are left as they were

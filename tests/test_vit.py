@@ -36,6 +36,24 @@ def test_features_equal_per_image_forward():
         torch.testing.assert_close(feature, vit(image[None])[0], atol=1e-5, rtol=1e-5)
 
 
+def test_encoding_a_subset_of_tokens_keeps_their_positions():
+    """Masked-patch pretraining runs the blocks on the visible tokens only: embed + encode must equal the forward,
+    and a subset encoded alone must match the full forward when no block mixes the tokens."""
+    vit = ViT(TINY, patch_size=4).eval()
+    pixels = torch.randn(2, 3, 8, 12)
+    tokens = vit.embed(pixels)  # (2, 2, 3, 32)
+    assert tokens.shape == (2, 2, 3, 32)
+    torch.testing.assert_close(vit.encode(tokens.reshape(2, 6, 32)).view(2, 2, 3, 32), vit(pixels))
+    no_blocks = ViT(TINY, patch_size=4).eval()
+    no_blocks.blocks = torch.nn.ModuleList()  # per-token stem, positions and norm only
+    full = no_blocks(pixels).reshape(2, 6, 32)
+    keep = torch.tensor([[5, 0], [2, 3]])
+    visible = no_blocks.embed(pixels).reshape(2, 6, 32).gather(1, keep[..., None].expand(-1, -1, 32))
+    torch.testing.assert_close(no_blocks.encode(visible), full.gather(1, keep[..., None].expand(-1, -1, 32)))
+    with pytest.raises(ValueError, match="10x12"):
+        vit.embed(torch.randn(1, 3, 10, 12))
+
+
 def test_position_embeddings_are_a_function_of_the_position_only():
     small, large = sincos_position_embedding(3, 5, 16), sincos_position_embedding(7, 9, 16)
     torch.testing.assert_close(small, large[:3, :5])  # no table to interpolate: a patch keeps its embedding

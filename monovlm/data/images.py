@@ -20,6 +20,7 @@ import io
 import math
 import os
 import re
+import stat
 import threading
 import warnings
 from collections.abc import Sequence
@@ -70,6 +71,30 @@ class ImageLoadError(ValueError):
         return (type(self), (self.source, self.reason))
 
 
+class ImagePathError(ValueError):
+    """An image name that leaves its image folder; the message names the image, the folder and the reason."""
+
+
+def image_path_under(root: str | os.PathLike, name: str | os.PathLike) -> Path:
+    """`name` joined to the image folder `root`, symlinks resolved; `ImagePathError` if the file it names is not
+    inside `root` (`..`, an absolute name, or a link pointing out of the folder).
+
+    The one rule for every reader of image folders (training and evaluation alike): a data file may only reach the
+    images its folder holds, however its links are laid out. A link farm into a shared store is refused; pass the
+    store itself as the image root instead.
+    """
+    base = Path(root).resolve()
+    try:
+        path = (base / name).resolve()  # not strict: a missing image is the loader's error to name, not this one's
+    except (OSError, RuntimeError, ValueError) as error:  # a link loop, a NUL in the name, a name too long
+        raise ImagePathError(f"image path {str(name)!r} under {base} cannot be resolved ({error})") from error
+    if not path.is_relative_to(base):
+        lexical = Path(os.path.normpath(base / name))
+        how = f" through a symbolic link to {path}" if lexical.is_relative_to(base) else ""
+        raise ImagePathError(f"image path {str(name)!r} escapes the image root {base}{how}")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -112,18 +137,53 @@ def _load_from_path(
     path: Path, name: str | None, max_source_pixels: int, background: tuple[int, int, int]
 ) -> Image.Image:
     label = name or f"'{path}'"
-    if not path.exists():
-        raise ImageLoadError(label, "does not exist")
-    if path.is_dir():
-        raise ImageLoadError(label, "is a directory, not an image file")
     try:
-        with open(path, "rb") as file:  # our own handle, closed on every path out, success or error
+        kind = path.stat().st_mode  # follows links: what matters is what the open would read
+    except FileNotFoundError:
+        raise ImageLoadError(label, "does not exist") from None
+    except OSError as error:  # permission denied on a parent folder, a name too long, ...
+        raise ImageLoadError(label, f"cannot be read ({error.strerror or error})") from error
+    except ValueError as error:  # a NUL byte in the name: no file can have it
+        raise ImageLoadError(label, f"is not a usable path ({error})") from error
+    if stat.S_ISDIR(kind):
+        raise ImageLoadError(label, "is a directory, not an image file")
+    if not stat.S_ISREG(kind):
+        # Opening a FIFO blocks until a writer appears (the loader would hang), and a device may never end or may
+        # act on being opened; an image is always a regular file.
+        raise ImageLoadError(label, f"is not a regular file (it is a {_file_kind(kind)})")
+    try:
+        with _open_regular(path, label) as file:  # our own handle, closed on every path out, success or error
             prefix = file.read(16)
             if not prefix:
                 raise ImageLoadError(label, "is empty (0 bytes)")
             return _load_from_stream(file, prefix, label, max_source_pixels, background)
     except OSError as error:  # permission denied, I/O error, ... (decoding errors are already ImageLoadError)
         raise ImageLoadError(label, f"cannot be read ({error.strerror or error})") from error
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _open_regular(path: Path, label: str) -> io.BufferedReader:
+    """Open for reading without blocking, then check the opened file itself: the path may have been replaced by a
+    FIFO since it was checked, and O_NONBLOCK keeps even that open from hanging."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX only; elsewhere FIFOs are not files on a path anyway
+    descriptor = os.open(path, os.O_RDONLY | nonblocking)
+    try:
+        kind = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(kind):
+            raise ImageLoadError(label, f"is not a regular file (it is a {_file_kind(kind)})")
+        if nonblocking:
+            os.set_blocking(descriptor, True)  # a regular file: ordinary blocking reads from here on
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def _load_from_stream(

@@ -10,6 +10,19 @@ A LLaVA-format sample (`{"image": ..., "conversations": [{"from": "human", "valu
 `Processor.encode_chat` is the one chat builder: training samples, evaluation prompts and the server's and terminal
 chat's prompts all go through it, so the same conversation is the same token ids on every path (the system turn
 included). Text is encoded piece by piece between fixed template tokens.
+
+Templates (`ProcessorConfig.template`):
+- `plain`: the image(s), then the caption and eos (pre-training);
+- `chatml`: monovlm's own `<|im_start|>role ... <|im_end|>` turns, built token by token;
+- `hf`: the tokenizer's own Jinja chat template (e.g. Qwen2's ChatML with its default system prompt, Llama-3's
+  `<|start_header_id|>` headers), rendered as transformers renders it. The conversation is rendered whole, and once
+  more up to each assistant reply (with the generation prompt) and through it, which finds where each reply starts and
+  ends in the text; the text is then encoded piece by piece between those points and the image markers. So a training
+  sample's ids are exactly the inference prompt's ids followed by the reply's, and the loss covers each reply up to and
+  including the template's end-of-turn token (the first special token the template writes after a reply: `<|im_end|>`,
+  `<|eot_id|>`, `</s>`), which is also where generation stops;
+- `auto`: `hf` when the tokenizer has a chat template, else `chatml`. On a tokenizer monovlm trained (its template is
+  ChatML) both give the same ids.
 """
 
 from __future__ import annotations
@@ -21,10 +34,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 
 from monovlm.config import ConfigError, ProcessorConfig, VisionConfig
-from monovlm.data.images import ImageLoadError, image_to_tensor, load_image, num_image_tokens
+from monovlm.data.images import (
+    ImageLoadError,
+    ImagePathError,
+    image_path_under,
+    image_to_tensor,
+    load_image,
+    num_image_tokens,
+)
+from monovlm.tokenizer import TokenizerError
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
@@ -63,12 +85,16 @@ class Processor:
                 raise ConfigError(f"the tokenizer has no {name!r} special token; call add_image_special_tokens first")
         self.image_id, self.image_start_id, self.image_end_id = ids["image"], ids["image_start"], ids["image_end"]
         self.eos_id = tokenizer.eos_id
-        if self.config.template == "chatml":
+        self.template = resolve_template(self.config.template, tokenizer)  # "plain", "chatml" or "hf"
+        self.end_of_turn: list[int] = []  # hf: the token(s) the chat template closes an assistant reply with
+        if self.template == "chatml":
             for token in ("<|im_start|>", "<|im_end|>"):
                 if tokenizer.token_to_id(token) is None:
                     raise ConfigError(f"template 'chatml' needs the special token {token} in the tokenizer")
             self.im_start = [tokenizer.token_to_id("<|im_start|>")]
             self.im_end = [tokenizer.token_to_id("<|im_end|>")]
+        elif self.template == "hf":
+            self.end_of_turn = self._probe_chat_template()
         elif self.eos_id is None:
             raise ConfigError("template 'plain' ends each caption with eos, but the tokenizer has no eos token")
 
@@ -126,17 +152,19 @@ class Processor:
         """A conversation -> token ids, labels (on the assistant's replies) and image tensors.
 
         Each IMAGE_MARKER in a turn's text takes the next image. With `add_generation_prompt` the ids end where the
-        model starts its answer (inference); without, they are a training sample. chatml: the config's system prompt
-        opens the conversation unless it has its own system turn. plain: a training sample is the images, then the
-        caption (the last assistant reply) and eos; a prompt is the one user message with its images."""
+        model starts its answer (inference); without, they are a training sample. chatml and hf: the config's system
+        prompt opens the conversation unless it has its own system turn. plain: a training sample is the images, then
+        the caption (the last assistant reply) and eos; a prompt is the one user message with its images."""
         turns = [Turn(*turn) for turn in turns]
         images = list(images)
         markers = sum(turn.text.count(IMAGE_MARKER) for turn in turns)
         if markers != len(images):
             raise SampleError(f"the conversation has {markers} image marker(s) ({IMAGE_MARKER}) for {len(images)} "
                               "image(s)")
-        if self.config.template == "plain":
+        if self.template == "plain":
             return self._plain_prompt(turns, images) if add_generation_prompt else self._plain(turns, images)
+        if self.template == "hf":
+            return self._hf(self._with_system_prompt(turns), images, add_generation_prompt)
         result = self._chatml(self._with_system_prompt(turns), images)
         if add_generation_prompt:  # open the assistant's turn: the model writes from here
             answer_header = self._header("assistant")
@@ -179,6 +207,90 @@ class Processor:
                 labels += [IGNORE_INDEX] * (len(header) + len(body) + len(self.im_end) + len(newline))
         return ProcessedSample(ids, labels, tensors)
 
+    # ---------------------------------------------------------------------------------------------------------------
+    # the tokenizer's own chat template
+
+    def _render(self, turns: Sequence[Turn], add_generation_prompt: bool) -> str:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except (TemplateError, TokenizerError) as error:  # e.g. the template's raise_exception on a role it refuses
+            raise SampleError(f"the tokenizer's chat template cannot render this conversation: {error}") from error
+
+    def _reply_spans(self, turns: Sequence[Turn], text: str) -> list[tuple[int, int]]:
+        """(start, end) in `text` (the whole conversation, rendered) of each assistant reply with its closing.
+
+        A reply starts where the conversation before it, rendered with the generation prompt, ends, and ends where
+        the conversation through it ends. Both must be prefixes of `text`: a template that renders earlier turns
+        differently as the conversation grows (e.g. dropping past reasoning) has no one token sequence per turn."""
+        spans = []
+        for index, turn in enumerate(turns):
+            if turn.role != "assistant":
+                continue
+            before = self._render(turns[:index], add_generation_prompt=True)
+            through = self._render(turns[: index + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise SampleError(f"the tokenizer's chat template renders the conversation up to assistant turn "
+                                  f"{index} differently once it goes on (the rendering of a shorter conversation is "
+                                  "not a prefix of the longer one), so its replies cannot be located; use template "
+                                  "'chatml'")
+            spans.append((len(before), len(through)))
+        return spans
+
+    def _hf(self, turns: list[Turn], images: list[Image.Image], add_generation_prompt: bool) -> ProcessedSample:
+        text = self._render(turns, add_generation_prompt)
+        spans = self._reply_spans(turns, text)
+        if text.count(IMAGE_MARKER) != len(images):
+            raise SampleError(f"the chat template's rendering has {text.count(IMAGE_MARKER)} image marker(s) "
+                              f"({IMAGE_MARKER}) for {len(images)} image(s) (a template that drops or repeats a "
+                              "message's text cannot place images)")
+        # Cut the text at every reply's start and end: each piece is encoded on its own, so the ids up to a reply
+        # are the same whether or not the reply follows (a tokenizer could otherwise merge across the boundary).
+        cuts = sorted({0, len(text), *(point for span in spans for point in span)})
+        ids: list[int] = []
+        labels: list[int] = []
+        tensors: list[torch.Tensor] = []
+        next_image = 0
+        starts = {start for start, _ in spans}
+        for start, end in zip(cuts, cuts[1:]):
+            piece_ids, piece_images, next_image = self._encode_with_images(text[start:end], images, next_image)
+            tensors += piece_images
+            ids += piece_ids
+            labels += self._reply_labels(piece_ids) if start in starts else [IGNORE_INDEX] * len(piece_ids)
+        return ProcessedSample(ids, labels, tensors)
+
+    def _reply_labels(self, reply: list[int]) -> list[int]:
+        # the loss covers the reply through its end-of-turn token, not what the template writes after it (a newline):
+        # generation stops at that token, so nothing after it is ever predicted
+        end = next((i for i, token in enumerate(reply) if token in self.end_of_turn), None)
+        if end is None:
+            raise SampleError("an assistant reply has no end-of-turn token "
+                              f"({[self.tokenizer.id_to_token(t) for t in self.end_of_turn]}) after it")
+        return reply[: end + 1] + [IGNORE_INDEX] * (len(reply) - end - 1)
+
+    def _probe_chat_template(self) -> list[int]:
+        """The end-of-turn token of the tokenizer's chat template, after checking on a two-exchange conversation
+        that the template can serve as a training template. Raises ConfigError when it does not render, its replies
+        cannot be located, or nothing special closes a reply (the model could then never learn where to stop)."""
+        if self.tokenizer.chat_template is None:
+            raise ConfigError("template 'hf' uses the tokenizer's chat template, but the tokenizer has none; use "
+                              "'chatml' (or 'auto', which falls back to it)")
+        # with the configured system prompt, so a template refusing a system turn fails here, not on every sample
+        probe = self._with_system_prompt([Turn("user", "Hi"), Turn("assistant", "Hello"), Turn("user", "Bye"),
+                                          Turn("assistant", "Bye")])
+        try:
+            self._reply_spans(probe, self._render(probe, add_generation_prompt=False))
+            token = self.tokenizer.end_of_turn_token()
+        except (SampleError, TokenizerError) as error:
+            raise ConfigError(f"template 'hf': {error}") from error
+        if token is None:
+            raise ConfigError("template 'hf': the tokenizer's chat template writes no special token after an "
+                              "assistant reply, so there is no token to end an answer on")
+        return [self.tokenizer.token_to_id(token)]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # pre-training captions
+
     def _plain(self, turns: list[Turn], images: list[Image.Image]) -> ProcessedSample:
         # Pre-training: the image(s), then the caption (the last reply) and eos; only the caption carries loss.
         prompt_text = "".join(IMAGE_MARKER for _ in images)
@@ -198,11 +310,19 @@ class Processor:
 
     @property
     def stop_ids(self) -> list[int]:
-        """Tokens that end an answer: <|im_end|> for chatml, eos for both."""
-        stops = list(self.im_end) if self.config.template == "chatml" else []
+        """Tokens that end an answer: <|im_end|> for chatml, the template's end-of-turn token for hf; eos for all."""
+        stops = list(self.im_end) if self.template == "chatml" else list(self.end_of_turn)
         if self.eos_id is not None and self.eos_id not in stops:
             stops.append(self.eos_id)
         return stops
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    """The template a processor builds with: "auto" becomes "hf" when the tokenizer has a chat template, else
+    "chatml"; the others are themselves."""
+    if template == "auto":
+        return "hf" if tokenizer.chat_template is not None else "chatml"
+    return template
 
 
 def question_turn(question: str, num_images: int) -> Turn:
@@ -240,15 +360,15 @@ def _image_paths(sample: dict[str, Any], image_root: str | os.PathLike | None) -
     names = [entry] if isinstance(entry, str) else entry
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise SampleError("'image' must be a path string or a list of path strings")
-    root = Path(image_root).resolve() if image_root is not None else None
     paths = []
     for name in names:
-        path = Path(name)
-        if root is not None:
-            path = (root / path).resolve()
-            if not path.is_relative_to(root):
-                raise SampleError(f"image path {name!r} escapes the image root {root}")
-        paths.append(path)
+        if image_root is None:
+            paths.append(Path(name))
+            continue
+        try:
+            paths.append(image_path_under(image_root, name))  # the rule the eval readers apply too
+        except ImagePathError as error:
+            raise SampleError(str(error)) from error
     return paths
 
 
@@ -272,4 +392,4 @@ def _place_image_markers(turns: list[Turn], num_images: int) -> list[Turn]:
 
 
 __all__ = ["IGNORE_INDEX", "IMAGE_MARKER", "ImageLoadError", "ProcessedSample", "Processor", "SampleError", "Turn",
-           "question_turn"]
+           "question_turn", "resolve_template"]

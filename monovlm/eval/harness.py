@@ -46,6 +46,7 @@ class TaskResult:
     predictions: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
     skip_summary: str = ""
+    notes: list[str] = field(default_factory=list)  # what a reader of the numbers must know (e.g. partial totals)
 
     def headline(self) -> dict[str, float]:
         return {group: values[self.primary] for group, values in self.scores.items() if self.primary in values}

@@ -112,6 +112,18 @@ def _vqa_clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_type(answer: str) -> str:
+    """VQAv2's answer types for an answer: "yes/no", "number" (digits or a number word, after VQA normalisation:
+    "Two." -> "2") or "other"."""
+    normalized = normalize_vqa_answer(answer)
+    if normalized in ("yes", "no"):
+        return "yes/no"
+    return "number" if _NUMBER.fullmatch(normalized) else "other"
+
+
 def vqa_score(prediction: str, annotator_answers: Sequence[str], official_quirk: bool = True) -> float:
     """VQA accuracy of one prediction: mean over annotators i of min(1, #{other annotators j with a_j == pred} / 3).
 
@@ -386,17 +398,23 @@ def mme_scores(subtasks: Sequence[str], image_ids: Sequence[str], predictions: S
 # which the Java tokeniser turns into `` or '' before the drop. Brackets are NOT dropped: with -lowerCase the Java
 # tokeniser writes "-lrb-" while the drop list holds "-LRB-", so coco-caption keeps them; we do the same.
 _PTB_DROP = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'}
+# Unicode punctuation the Java lexer writes as its ASCII PTB token (then dropped above): curly and angle quotes as
+# `` '' ` ', dashes as --, the ellipsis as ... . U+2010 and U+2012 standing alone are "untokenizable" to it and
+# deleted (a U+2010 inside a word joins it, as "-" does). „ ‚ ‟ ′ ″ are not normalised by it: they stay tokens.
+_PTB_UNICODE = {"\u201c": "``", "\u201d": "''", "\u00ab": "``", "\u00bb": "''", "\u2018": "`", "\u2019": "'",
+                "\u201b": "`", "\u2039": "`", "\u203a": "'", "\u2013": "--", "\u2014": "--", "\u2015": "--",
+                "\u2026": "...", "\u2010": "", "\u2012": ""}
 _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_PTB_SPLITS = [  # applied to lower-cased text, in order
+_PTB_SPLITS = [  # applied to lower-cased text, in order; a clitic's curly apostrophe comes out as the ASCII one
     (re.compile(r"\b(can)(not)\b"), r"\1 \2"),
     (re.compile(r"\b(gon|got|wan)(na|ta)\b"), r"\1 \2"),
-    (re.compile(r"(?<=\w)n't\b"), " n't"),
-    (re.compile(r"(?<=\w)'(s|re|ve|ll|d|m)\b"), r" '\1"),
+    (re.compile(r"(?<=\w)n['\u2019]t\b"), " n't"),
+    (re.compile(r"(?<=\w)['\u2019](s|re|ve|ll|d|m)\b"), r" '\1"),
 ]
 _PTB_TOKEN = re.compile(
     r"n't|'(?:s|re|ve|ll|d|m)\b"  # clitics split off above
     r"|\b(?:mrs?|ms|dr|st|jr|sr|vs)\."  # a few abbreviations keep their period
-    r"|(?:(?<!\S)-(?=\d))?\w+(?:(?:[-'./]|(?<=\d)[,:](?=\d))\w+)*(?:(?<=\.[^\W\d_])\.)?"  # -5 3.5 1,000 a.m.
+    r"|(?:(?<!\S)-(?=\d))?\w+(?:(?:[-\u2010'\u2019./]|(?<=\d)[,:](?=\d))\w+)*(?:(?<=\.[^\W\d_])\.)?"  # 3.5 a.m.
     r"|\.{2,}|-{2,}|[?!]+"  # runs: ... -- ?!
     r"|\S"  # any other single character
 )
@@ -418,8 +436,8 @@ def ptb_tokenize(text: str) -> str:
     tokens = []
     for token in _PTB_TOKEN.findall(lowered):
         token = "..." if token.startswith("..") else "--" if token.startswith("--") else token
-        token = _PTB_BRACKETS.get(token, token)
-        if token not in _PTB_DROP:
+        token = _PTB_BRACKETS.get(token, _PTB_UNICODE.get(token, token))
+        if token and token not in _PTB_DROP:
             tokens.append(token)
     return " ".join(tokens)
 

@@ -8,7 +8,8 @@
 | `pope`          | JSON lines {question_id, image, text, label, (category)}                    | POPE split      |
 | `mme`           | the release folder (`<subtask>/...txt`: question<TAB>answer) or a flat TSV  | subtask         |
 | `coco_captions` | `captions_*.json` {"images": [{id, file_name}], "annotations": [...]}       | "all"           |
-| `llava`         | LLaVA JSON list / JSONL with conversations (human/gpt)                      | record category |
+| `llava`         | LLaVA JSON list / JSONL with conversations (human/gpt)                      | category or     |
+|                 |                                                                             | answer type     |
 | `synthetic`     | `instruct_{split}.json` written by `monovlm.data.synthetic.synthesize`      | skill category  |
 
 Rules shared by all readers:
@@ -17,8 +18,9 @@ Rules shared by all readers:
   in the `SkipReport` with a short reason ("missing question", "image missing", ...) and a detail naming it;
   reading never stops for a bad record.
 - Images are only checked to exist (not decoded): decoding is the harness's job, with the one safe loader. An image
-  path is joined to the image root (default: the folder of the file read) and must stay inside it, as in training.
-  Symlinks are not resolved, so an image folder may be a farm of links into a shared dataset store.
+  path is joined to the image root (default: the folder of the file read) and must stay inside it with its links
+  resolved: `monovlm.data.images.image_path_under`, the rule training applies too (a link farm into a shared
+  dataset store is refused; pass the store as the image root). Only regular files count as images.
 - Order is the file's order (folders: sorted names); `limit` keeps the first `limit` usable samples and stops there.
 - Questions and references lose surrounding whitespace and image markers; their text is otherwise unchanged
   (normalisation belongs to each metric, which differ: see reference/evaluation.md §1.3).
@@ -36,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from monovlm.data.datasets import DatasetError, SkippedSample, SkipReport
+from monovlm.data.images import ImagePathError, image_path_under
 from monovlm.data.processor import IMAGE_MARKER, ROLE_NAMES
+from monovlm.eval.metrics import answer_type
 from monovlm.eval.samples import EvalSample, ReadResult
 
 PathLike = str | os.PathLike
@@ -117,11 +121,14 @@ class _Images:
     def path(self, name: Any, field: str = "image") -> Path:
         if not isinstance(name, str) or not name.strip():
             raise _Bad(f"invalid {field}", f"{field!r} must be a non-empty path string, got {name!r}")
-        path = Path(os.path.normpath(self.root / name))  # lexical: `..` cannot climb out, links stay links
-        if not path.is_relative_to(self.root):
-            raise _Bad("image path escapes root", f"image path {name!r} escapes the image root {self.root}")
-        if not path.is_file():
-            raise _Bad("image missing", f"image {path} " + ("is not a file" if path.exists() else "does not exist"))
+        try:
+            path = image_path_under(self.root, name)
+        except ImagePathError as error:
+            reason = "image path escapes root" if "escapes" in str(error) else "invalid image path"
+            raise _Bad(reason, str(error)) from error
+        if not path.is_file():  # is_file: a regular file (a FIFO or a device is not an image)
+            raise _Bad("image missing", f"image {path} " + ("is not a regular file" if path.exists()
+                                                            else "does not exist"))
         return path
 
 
@@ -428,13 +435,14 @@ def _mme_line(line: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _mme_sample(subtask: str, image: Path | None, k: int, line: str, missing: str) -> EvalSample:
+def _mme_sample(subtask: str, images: _Images, image: Path | None, k: int, line: str, missing: str) -> EvalSample:
     question, answer = _mme_line(line)
     if image is None:
         raise _Bad("image missing", missing)
-    key = f"{subtask}/{image.name}"
-    return EvalSample(id=f"{key}:{k}", question=_question(question), image=Path(os.path.abspath(image)),
-                      answers=[answer], category=subtask, meta={"image_key": key})
+    key = f"{subtask}/{image.name}"  # the name as the release writes it, whatever a link points at
+    return EvalSample(id=f"{key}:{k}", question=_question(question),
+                      image=images.path(str(image.relative_to(images.root))), answers=[answer], category=subtask,
+                      meta={"image_key": key})
 
 
 def _mme_folder(root: Path, collector: _Collector) -> None:
@@ -453,6 +461,7 @@ def _mme_folder(root: Path, collector: _Collector) -> None:
             f"no MME subtask folders under {root}: expected <subtask>/questions_answers_YN/*.txt with "
             "<subtask>/images/, or <subtask>/*.txt beside the images (point at the folder that holds the subtasks)"
         )
+    images = _Images(root)
     for subtask, texts, image_dir in plan:
         for text_file in texts:
             if collector.full:
@@ -463,14 +472,14 @@ def _mme_folder(root: Path, collector: _Collector) -> None:
             except (OSError, UnicodeDecodeError) as error:
                 collector.skip(where, "unreadable question file", f"{text_file}: {error}")
                 continue
-            image = next((image_dir / (text_file.stem + s) for s in MME_IMAGE_SUFFIXES
+            image = next((images.root / image_dir.relative_to(root) / (text_file.stem + s) for s in MME_IMAGE_SUFFIXES
                           if (image_dir / (text_file.stem + s)).is_file()), None)
 
             missing = f"no image {text_file.stem}({'|'.join(MME_IMAGE_SUFFIXES)}) in {image_dir}"
             for k, line in enumerate(lines):
                 if collector.full:
                     return
-                collector.take(f"{where} line {k + 1}", _mme_sample, subtask, image, k, line, missing)
+                collector.take(f"{where} line {k + 1}", _mme_sample, subtask, images, image, k, line, missing)
 
 
 def _mme_tsv(path: Path, image_root: PathLike | None, collector: _Collector) -> None:
@@ -669,9 +678,12 @@ def _llava_sample(record: Any, position: int, images: _Images) -> EvalSample:
         answers = [turn_answer.strip()]
     else:
         raise _Bad("missing answer", "no 'answers', no 'answer' and no assistant turn after the question")
-    category = _text(record, "category") if "category" in record else "all"
     choice_key = "choices" if "choices" in record else "options" if "options" in record else None
     choices = _strings(record, choice_key) if choice_key else None
+    if "category" in record:
+        category = _text(record, "category")
+    else:  # no grouping of its own: one row per answer type, as VQAv2 reports, says more than one "all" row
+        category = "multiple choice" if choices else answer_type(answers[0])
     image = _llava_image(record, images)
     meta = {k: v for k, v in record.items() if k not in _LLAVA_FIELDS}
     return EvalSample(id=sample_id, question=question, image=image, answers=answers, category=category,
@@ -683,7 +695,8 @@ def read_llava(path: PathLike, image_root: PathLike | None = None, limit: int | 
     `answers` (a list), else `answer`, else the first assistant turn after it.
 
     A record's own `question` wins over its conversations. id is the record's `id`, else its 0-based position.
-    Category is `category` ("all" when absent); `choices` (or `options`) become the multiple-choice options;
+    Category is `category`; without one, the first reference's answer type as VQAv2 names them ("yes/no",
+    "number", "other"; "multiple choice" for records with options); `choices` (or `options`) become the options;
     every other field goes to meta. A record may have no image (text-only) or one; more than one is skipped.
     """
     collector = _Collector(limit)

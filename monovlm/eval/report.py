@@ -14,15 +14,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from monovlm.data.datasets import SkipReport
 from monovlm.eval.harness import OVERALL, TaskResult, run_task, selected
+from monovlm.eval.metrics import MME_COGNITION, MME_PERCEPTION
 from monovlm.eval.protocol import ModelRunner
 from monovlm.eval.readers import read
+from monovlm.eval.samples import EvalSample
 from monovlm.eval.tasks import Task, load_task
 
 EXTRA_COLUMNS = {"pope": ("f1", "yes_ratio"), "captions": ("bleu4",), "mme": ("acc", "acc_plus")}
@@ -52,13 +56,57 @@ class EvalRun:
                    [TaskResult(**r) for r in values.get("blind", [])], values.get("read_skips", {}))
 
 
-def read_task_samples(task: Task, data: str | os.PathLike | None, limit: int | None):
-    """The task's samples (reader skips counted) — read once, shared by the model and the blind runs."""
-    result = read(task.reader, **task.resolved_reader_args(data), limit=None if task.where else limit)
-    samples = result.samples
-    if task.where:  # filter first, then limit, so --limit counts the task's own samples
-        samples = selected(task, samples)[:limit] if limit else selected(task, samples)
-    return samples, result.skipped
+def read_task_samples(task: Task, data: str | os.PathLike | None,
+                      limit: int | None) -> tuple[list[EvalSample], SkipReport, list[str]]:
+    """The task's samples (reader skips counted) — read once, shared by the model and the blind runs — and notes on
+    what the selection means for the numbers.
+
+    MME's totals add up per-subtask scores, so `limit` applies per subtask there (the first `limit` questions of
+    each, images kept whole for acc+): a plain first-`limit` cut would leave the later subtasks out of the total.
+    """
+    per_subtask = task.metric == "mme" and limit is not None
+    result = read(task.reader, **task.resolved_reader_args(data), limit=None if task.where or per_subtask else limit)
+    samples = selected(task, result.samples) if task.where else result.samples
+    notes: list[str] = []
+    if per_subtask:
+        samples, cut = limit_per_group(samples, limit)
+        if cut:
+            notes.append(f"--limit {limit} per subtask cut {len(cut)} subtask(s) ({', '.join(cut)}): scores and "
+                         "totals cover part of each of them, not the full benchmark")
+    elif task.where and limit:  # filter first, then limit, so --limit counts the task's own samples
+        samples = samples[:limit]
+    return samples, result.skipped, notes
+
+
+def limit_per_group(samples: Sequence[EvalSample], limit: int) -> tuple[list[EvalSample], list[str]]:
+    """The first samples of each category, whole images at a time (MME's acc+ needs both questions of an image),
+    until it holds `limit` (at least one image each); in the original order. Also the categories that were cut."""
+    kept_images: dict[str, set[str]] = defaultdict(set)
+    counts: Counter[str] = Counter()
+    totals: Counter[str] = Counter(s.category for s in samples)
+    kept = []
+    for sample in samples:
+        image = str(sample.meta.get("image_key", sample.image))
+        images = kept_images[sample.category]
+        if image not in images:
+            if images and counts[sample.category] >= limit:
+                continue
+            images.add(image)
+        counts[sample.category] += 1
+        kept.append(sample)
+    cut = [category for category in totals if counts[category] < totals[category]]
+    return kept, cut
+
+
+def _partial_totals_note(result: TaskResult) -> str | None:
+    """MME's perception and cognition totals are sums over official subtasks: say so when some are absent."""
+    present = {group.lower() for group in result.counts if group != OVERALL}
+    official = MME_PERCEPTION + MME_COGNITION
+    missing = [name for name in official if name.lower() not in present]
+    if not missing or len(missing) == len(official):  # complete, or not MME's subtasks at all (a custom TSV)
+        return None
+    return (f"partial totals: {len(official) - len(missing)} of MME's {len(official)} subtasks present (missing "
+            f"{', '.join(missing)}); the score, perception and cognition sums are not comparable with full MME")
 
 
 def evaluate_model(runner: ModelRunner, tasks: Sequence[str | Task], data: str | os.PathLike | None = None,
@@ -68,11 +116,19 @@ def evaluate_model(runner: ModelRunner, tasks: Sequence[str | Task], data: str |
     run = EvalRun(runner.name, dict(setting or {}), [])
     for item in tasks:
         task = item if isinstance(item, Task) else load_task(item)
-        samples, read_skips = read_task_samples(task, data, limit)
+        samples, read_skips, notes = read_task_samples(task, data, limit)
         run.read_skips[task.name] = read_skips.summary()
-        run.results.append(run_task(runner, task, samples, skipped=SkipReport(), progress=progress))
+        results = [run_task(runner, task, samples, skipped=SkipReport(), progress=progress)]
         if blind:
-            run.blind.append(run_task(runner, task, samples, blank=True, skipped=SkipReport(), progress=progress))
+            results.append(run_task(runner, task, samples, blank=True, skipped=SkipReport(), progress=progress))
+        if task.metric == "mme" and task.group_by == "category":
+            notes += [n for n in [_partial_totals_note(results[0])] if n]
+        for note in notes:
+            warnings.warn(f"task {task.name!r}: {note}", stacklevel=2)
+        for result in results:
+            result.notes.extend(notes)
+        run.results.append(results[0])
+        run.blind.extend(results[1:])
     return run
 
 
@@ -127,6 +183,7 @@ def markdown(runs: Sequence[EvalRun]) -> str:
             parts.append(task_table(result, blind_by_task.get(result.task)) + "\n")
             notes = [s for s in (run.read_skips.get(result.task, ""), result.skip_summary) if s and "skipped" in s]
             parts += [f"_{n.splitlines()[0]}_\n" for n in notes]
+            parts += [f"**Note:** {note}\n" for note in result.notes]
     return "\n".join(parts)
 
 
@@ -223,20 +280,42 @@ def plot_vs_tokens(runs: Sequence[EvalRun], task: str, path: Path) -> Path:
 # files
 
 
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(temporary)` into a hidden sibling of `path`, then rename it over `path`: a full disk or a crash leaves
+    the previous file whole (never half a report), and the temporary is removed. An OSError names `path`."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells savefig the format
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.filename is None:  # a failed write() names no file; the user needs to know which one
+            raise type(error)(error.errno, error.strerror or str(error), str(path)) from error
+        raise
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_report(runs: EvalRun | Sequence[EvalRun], out: str | os.PathLike) -> list[Path]:
+    """report.json first (every number; the plots are redrawn from it), then report.md, then the plots, each written
+    atomically."""
     runs = [runs] if isinstance(runs, EvalRun) else list(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.json", out / "report.md"]
-    (out / "report.json").write_text(json.dumps([r.to_dict() for r in runs], indent=1) + "\n")
-    (out / "report.md").write_text("# monovlm eval\n\n" + markdown(runs))
+    report = json.dumps([r.to_dict() for r in runs], indent=1) + "\n"
+    written = [write_atomic(out / "report.json", lambda p: p.write_text(report)),
+               write_atomic(out / "report.md", lambda p: p.write_text("# monovlm eval\n\n" + markdown(runs)))]
     base = next((r for r in runs if not r.setting), runs[0])
     blind_by_task = {r.task: r for r in base.blind}
     for result in base.results:
-        written.append(plot_per_category(result, blind_by_task.get(result.task), out / f"{result.task}_per_category.png"))
+        written.append(write_atomic(out / f"{result.task}_per_category.png",
+                                    lambda p: plot_per_category(result, blind_by_task.get(result.task), p)))
     if any(r.setting.get("keep") is not None for r in runs):
         for result in base.results:
-            written.append(plot_vs_tokens(runs, result.task, out / f"{result.task}_vs_tokens_kept.png"))
+            written.append(write_atomic(out / f"{result.task}_vs_tokens_kept.png",
+                                        lambda p: plot_vs_tokens(runs, result.task, p)))
     return written
 
 

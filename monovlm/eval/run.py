@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 
 from monovlm.eval.protocol import ModelRunner
-from monovlm.eval.report import EvalRun, compare_table, evaluate_model, load_runs, markdown, write_report
+from monovlm.eval.report import (
+    EvalRun,
+    compare_table,
+    evaluate_model,
+    load_runs,
+    markdown,
+    write_atomic,
+    write_report,
+)
 from monovlm.eval.tasks import load_task
 from monovlm.paths import DEFAULT_MODEL_DIR
 
@@ -64,8 +72,8 @@ def run_eval(model: str | os.PathLike, tasks: Sequence[str], data=None, out=None
         runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress, setting=setting))
     runner.prefill_options = {}
     out = Path(out) if out is not None else Path("runs/eval") / folder.name
+    print(markdown(runs), flush=True)  # first: the results are on screen even if the report cannot be written
     written = write_report(runs, out)
-    print(markdown(runs))
     print("wrote " + ", ".join(str(p) for p in written))
     return runs
 
@@ -83,5 +91,5 @@ def run_compare(items: Sequence[str], tasks: Sequence[str] = ("synthetic",), dat
     table = compare_table(runs)
     print(table)
     if out is not None:
-        Path(out).write_text(table + "\n")
+        write_atomic(Path(out), lambda p: p.write_text(table + "\n"))
     return table

@@ -17,6 +17,10 @@ max_new_tokens = 8
 path = "{data}/coco_pope_random.json"
 image_dir = "{data}/val2014"
 ```
+
+A task that reads one file of the user's choosing sets `data_file` (its default name) and writes `{data_file}`:
+`--data` may then name that file itself (any name; `{data}` becomes the file's folder) or a folder, where the task
+reads `data_file`, else the folder's only JSON / JSON-lines file.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Task:
     max_new_tokens: int = 16
     where: dict[str, Any] = field(default_factory=dict)  # keep samples whose category / meta fields equal these
     group_by: str = "category"  # "category" or a meta key: the rows of the per-category report
+    data_file: str = ""  # the file `{data_file}` names when --data is a folder (see the module docstring)
 
     def __post_init__(self) -> None:
         checks = {"metric": (self.metric, METRICS), "extract": (self.extract, EXTRACTORS),
@@ -63,15 +68,37 @@ class Task:
         return f"{question}\n{self.post_prompt}" if self.post_prompt else question
 
     def resolved_reader_args(self, data: str | Path | None) -> dict[str, Any]:
-        """Reader arguments with `{data}` replaced; an error if a task needs `--data` and none was given."""
+        """Reader arguments with `{data}` (and `{data_file}`) replaced; an error if a task needs `--data` and none
+        was given."""
         resolved = {}
+        paths: tuple[Path, Path] | None = None
         for key, value in self.reader_args.items():
-            if isinstance(value, str) and "{data}" in value:
+            if isinstance(value, str) and ("{data}" in value or "{data_file}" in value):
                 if data is None:
                     raise ConfigError(f"task {self.name!r} reads files under a data folder: pass --data")
-                value = value.replace("{data}", str(data))
+                if not self.data_file:
+                    value = value.replace("{data}", str(data))
+                else:
+                    paths = paths or self.data_paths(data)
+                    value = value.replace("{data_file}", str(paths[1])).replace("{data}", str(paths[0]))
             resolved[key] = value
         return resolved
+
+    def data_paths(self, data: str | Path) -> tuple[Path, Path]:
+        """(data folder, data file) for a task with a `data_file`: --data names the file, or the folder holding it."""
+        data = Path(data)
+        if data.is_file():
+            return data.parent, data
+        if not data.is_dir():
+            raise ConfigError(f"task {self.name!r}: --data {data} does not exist")
+        if (data / self.data_file).is_file():
+            return data, data / self.data_file
+        candidates = sorted(p for p in data.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
+        if len(candidates) == 1:
+            return data, candidates[0]
+        found = f"it holds {', '.join(p.name for p in candidates)}" if candidates else "it holds no .json/.jsonl file"
+        raise ConfigError(f"task {self.name!r} reads {data / self.data_file}, which does not exist ({found}); "
+                          "pass the file itself as --data")
 
 
 def shipped_tasks() -> list[str]:

@@ -316,6 +316,9 @@ def alignment_loss(
     for feats, layout in zip(teacher_feats, layouts):
         if feats.dim() != 3 or feats.shape[-1] != aligner.teacher_dim:
             raise ValueError(f"teacher features must be (rows, cols, {aligner.teacher_dim}), got {tuple(feats.shape)}")
-        targets.append(resample_grid(feats.detach(), layout.rows, layout.cols).reshape(layout.rows * layout.cols, -1))
+        # float32 targets whatever the teacher's storage dtype: float16 features (a precomputed file) inside a bf16
+        # autocast region make torch.cat fail ("Unexpected floating ScalarType"), and the loss is float32 anyway
+        feats = feats.detach().float()
+        targets.append(resample_grid(feats, layout.rows, layout.cols).reshape(layout.rows * layout.cols, -1))
     teacher = torch.cat(targets).to(flat_index.device)  # (N, D)
     return aligner(captured, teacher, [layout.rows * layout.cols for layout in layouts])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +43,25 @@ class CheckpointError(ValueError):
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file; CheckpointError naming the file when it is missing, unreadable, not
+    JSON, or JSON but not an object (a config or an index is always an object)."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path} is not UTF-8 text (a JSON file is): {error}") from error
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found a JSON {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -198,15 +213,45 @@ def weight_map(config: DecoderConfig) -> dict[str, Target]:
 
 
 def _is_ignorable(hf_name: str, config: DecoderConfig) -> bool:
-    # Old checkpoints stored RoPE's inverse frequencies (recomputed from the config), and some tied models still
-    # carry a copy of the output head that the tie makes redundant.
-    if hf_name.endswith("rotary_emb.inv_freq"):
-        return True
-    return config.tie_word_embeddings and hf_name == "lm_head.weight"
+    # Old checkpoints stored RoPE's inverse frequencies (recomputed from the config).
+    return hf_name.endswith("rotary_emb.inv_freq")
+
+
+def _check_tied_head(head: torch.Tensor, file: Path, embeddings: torch.Tensor, folder: Path) -> None:
+    """Some tied models still carry a copy of the output head, which the tie makes redundant: fine when it is a copy.
+    A head that differs is a real second matrix; transformers keeps it, so dropping it would change every logit."""
+    same = tuple(head.shape) == tuple(embeddings.shape) and torch.equal(head.to(embeddings.dtype), embeddings)
+    if not same:
+        raise CheckpointError(
+            f"{folder / 'config.json'} sets tie_word_embeddings=true, but {file} holds an lm_head.weight that "
+            "differs from model.embed_tokens.weight: the model was trained with a separate output head. Set "
+            "tie_word_embeddings to false in config.json to load that head, or remove lm_head.weight from the file "
+            "to tie the head to the embeddings")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # loading
+
+
+@contextmanager
+def open_safetensors(file: Path, device: str = "cpu") -> Iterator[Any]:
+    """`safe_open`, with a damaged file (truncated download, an interrupted copy, a pickle named .safetensors) or an
+    unreadable one turned into a CheckpointError naming it, instead of the library's message naming nothing."""
+    try:
+        handle = safe_open(str(file), framework="pt", device=device)
+    except OSError as error:
+        raise CheckpointError(f"{file} cannot be read: {error.strerror or error}") from error
+    except Exception as error:  # safetensors raises its own SafetensorError (not an OSError) for a bad file
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    with handle as f:
+        yield f
+
+
+def _get_tensor(f: Any, name: str, file: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as error:  # an I/O error or a damaged data section, surfacing only when the tensor is read
+        raise CheckpointError(f"tensor {name!r} in {file} cannot be read: {error}") from error
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -214,17 +259,29 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     index_path, single_path = folder / INDEX_FILE, folder / SINGLE_FILE
     if index_path.exists():
         index = read_json(index_path)
-        if "weight_map" not in index:
-            raise CheckpointError(f"{index_path} has no 'weight_map'")
-        files = {name: folder / file for name, file in index["weight_map"].items()}
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path} has no 'weight_map' object (tensor name -> shard file name)")
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or not file or Path(file).name != file:
+                raise CheckpointError(f"{index_path} maps {name!r} to {file!r}, which is not a file name in {folder}")
+            if not file.endswith(".safetensors"):
+                raise CheckpointError(
+                    f"{index_path} lists shard {file}, which is not a safetensors file: monovlm reads safetensors "
+                    "only (pickled .bin weights can run code when loaded); convert the checkpoint, e.g. with "
+                    "transformers' save_pretrained(..., safe_serialization=True)")
+        files = {name: folder / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():
                 raise CheckpointError(f"{index_path} lists shard {file.name}, which does not exist in {folder}")
         return files
     if single_path.is_file():
-        with safe_open(str(single_path), framework="pt") as f:
+        with open_safetensors(single_path) as f:
             return {name: single_path for name in f.keys()}
-    raise CheckpointError(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    bins = sorted(p.name for p in folder.glob("*.bin"))
+    hint = f" (it has {', '.join(bins)}: monovlm reads safetensors only; convert with transformers' " \
+           "save_pretrained(..., safe_serialization=True))" if bins else ""
+    raise CheckpointError(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
 def _check_folder(path: str | os.PathLike) -> Path:
@@ -244,11 +301,11 @@ def load_safetensors_strict(module: torch.nn.Module, weights: Path, device: str 
         raise CheckpointError(f"{weights.parent} has no {weights.name}")
     expected = module.state_dict()
     state = {}
-    with safe_open(str(weights), framework="pt", device=device) as f:
+    with open_safetensors(weights, device) as f:
         for name in f.keys():
             if name not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in {weights}")
-            tensor = f.get_tensor(name)
+            tensor = _get_tensor(f, name, weights)
             if tensor.shape != expected[name].shape:
                 raise CheckpointError(f"tensor {name!r} in {weights} has shape {tuple(tensor.shape)}, expected "
                                       f"{tuple(expected[name].shape)}")
@@ -283,17 +340,25 @@ def load_hf_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     files = checkpoint_files(folder)
     state: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
+    tied_head: tuple[torch.Tensor, Path] | None = None
     by_file: dict[Path, list[str]] = {}
     for hf_name, file in files.items():
         by_file.setdefault(file, []).append(hf_name)
     for file, hf_names in by_file.items():
-        with safe_open(str(file), framework="pt", device=device) as f:
+        with open_safetensors(file, device) as f:
+            present = set(f.keys())
             for hf_name in hf_names:
+                if hf_name not in present:  # only an index can name a tensor its shard does not hold
+                    raise CheckpointError(f"{folder / INDEX_FILE} says tensor {hf_name!r} is in {file.name}, but "
+                                          f"{file} does not hold it")
                 if hf_name not in names:
+                    if config.tie_word_embeddings and hf_name == "lm_head.weight":
+                        tied_head = (_get_tensor(f, hf_name, file), file)  # checked against the embeddings below
+                        continue
                     if _is_ignorable(hf_name, config):
                         continue
                     raise CheckpointError(f"unexpected tensor {hf_name!r} in {file} (no monovlm parameter maps to it)")
-                tensor = f.get_tensor(hf_name)
+                tensor = _get_tensor(f, hf_name, file)
                 ours, rows = names[hf_name]
                 target_shape = tuple(expected[ours].shape)
                 if rows is not None:
@@ -313,6 +378,8 @@ def load_hf_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     missing = [hf for hf in names if hf not in loaded]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is missing tensor(s): {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
+    if tied_head is not None:
+        _check_tied_head(*tied_head, state["embed_tokens.weight"], folder)
     # own the memory: tensors still mapped from the file would pin it on disk (and may sit unaligned)
     state = {name: tensor.clone() if tensor.data_ptr() else tensor for name, tensor in state.items()}
     model.load_state_dict(state, strict=True, assign=True)  # the meta tensors are replaced by the loaded ones

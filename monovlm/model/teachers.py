@@ -9,8 +9,13 @@ never saved with the inference model.
 - `ViTTeacher`: monovlm's own small ViT (`monovlm.model.vit`), e.g. the encoder of a trained baseline.
 - `HFVisionTeacher`: a local CLIP or SigLIP folder read with `transformers` (an optional dependency, imported only
   here, only when used). EVE used CLIP ViT-L/14-336 with `select_layer=-2`.
-- `PrecomputedTeacher`: features computed once (`precompute_features`) and stored in a safetensors file by key, so
-  training pays nothing for the teacher.
+- `PrecomputedTeacher`: features computed once (`precompute_features`; for a data folder
+  `monovlm.train.teacher_features`) and stored in a safetensors file by key, so training pays nothing for the teacher.
+- `WhitenedTeacher`: any of these with ZCA-whitened features.
+
+`build_teacher` makes the one a recipe's [align] table names. Everything it reads besides the teacher itself — the
+images the "vit" teacher pretrains on, the images whitening is fitted on — comes from the recipe's own LLaVA data
+files, so a teacher works on any data set.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from monovlm.config import VisionConfig
+from monovlm.data.image_files import DataSource, data_images, iter_pixels
 
 # Defaults when a folder has no preprocessor_config.json: OpenAI CLIP's and SigLIP's published normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,6 +43,9 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 FEATURES_KIND = "monovlm-teacher-features"  # metadata tag of a precomputed-features file
+
+# how the "vit" teacher is pretrained: "mae" on any images, "labels" on the synthetic scenes (monovlm.train.vit_pretrain)
+TEACHER_OBJECTIVES = ("mae", "labels")
 
 
 @runtime_checkable
@@ -301,60 +310,134 @@ def _read_json_or_none(path: Path) -> Any:
         return None
 
 
-def _vit_teacher_settings(align, vision: VisionConfig, data_root) -> dict[str, Any]:
-    """What a pretrained "vit" teacher depends on: its settings, the image geometry and the data (scenes.json's
-    hash). RUN/teacher is reused (resume, a second run into the same folder) only when all of these match."""
-    scenes = Path(data_root) / "scenes.json"
-    digest = hashlib.sha256(scenes.read_bytes()).hexdigest() if scenes.is_file() else None
-    settings = {"width": align.teacher_width, "depth": align.teacher_depth, "heads": align.teacher_heads,
-                "steps": align.teacher_steps, "lr": align.teacher_lr,
-                "vision": teacher_vision(vision, align.teacher_patch_size).to_dict(), "scenes_sha256": digest}
+def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Sequence) -> dict[str, Any]:
+    """What a pretrained "vit" teacher depends on: its settings, the image geometry and the data it read (the hash
+    of scenes.json for "labels", of the data files for "mae"). RUN/teacher is reused (resume, a second run into the
+    same folder) only when all of these match."""
+    root = Path(data_root)
+    digest = hashlib.sha256()
+    if align.teacher_objective == "labels":
+        files = [root / "scenes.json"]
+    else:
+        files = [root / (source if isinstance(source, str) else source[0]) for source in sources]
+        digest.update(json.dumps([list(s) if not isinstance(s, str) else s for s in sources]).encode())
+    for file in files:
+        digest.update(file.read_bytes() if file.is_file() else b"(missing)")
+    settings = {"objective": align.teacher_objective, "width": align.teacher_width, "depth": align.teacher_depth,
+                "heads": align.teacher_heads, "steps": align.teacher_steps, "lr": align.teacher_lr,
+                "vision": teacher_vision(vision, align.teacher_patch_size).to_dict(), "data_sha256": digest.hexdigest()}
     return json.loads(json.dumps(settings))  # as read back from the file: tuples become lists
 
 
-def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True) -> Teacher:
-    """The teacher an [align] recipe table names. "vit": monovlm's own small ViT, pretrained once on the recipe's
-    synthetic data and kept in RUN/teacher (reused while its settings and data match, e.g. on resume), ZCA-whitened
-    when `align.whiten`; "hf:PATH": a local CLIP/SigLIP folder; "features:PATH": precomputed features keyed by image
-    path."""
+def recorded_sources(run_dir) -> list[DataSource]:
+    """The (data file, image root) pairs of every stage of the recipe the trainer recorded in RUN/recipe.json, each
+    once (as `stage_sources` gives them for the recipe object)."""
+    if run_dir is None:
+        raise ValueError("the teacher reads the images of the recipe's data files: pass sources= "
+                         "(monovlm.data.image_files.stage_sources(recipe.stages)) or the run folder")
+    recipe_file = Path(run_dir) / "recipe.json"
+    if not recipe_file.is_file():
+        raise FileNotFoundError(f"the teacher reads the images of the recipe's data files, but none were given and "
+                                f"{recipe_file} (where the trainer records the recipe) does not exist")
+    sources: dict[DataSource, None] = {}
+    for stage in json.loads(recipe_file.read_text()).get("stages", []):
+        for file in [stage["data"]] if isinstance(stage["data"], str) else stage["data"]:
+            sources[(file, stage.get("image_root"))] = None
+    return list(sources)
+
+
+def resolve_features_path(spec_path: str, data_root) -> Path:
+    """A `features:PATH` file: an absolute PATH as is, a relative one under the data root (like the data files)."""
+    path = Path(spec_path).expanduser()
+    if not path.is_absolute():
+        path = Path(data_root) / path
+    if not path.is_file():
+        raise FileNotFoundError(f"precomputed teacher features {path} do not exist (a relative features: path is read "
+                                f"under the data root, --data {data_root}); write them with `monovlm teacher features`")
+    return path
+
+
+def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True,
+                  sources: Sequence | None = None) -> Teacher:
+    """The teacher an [align] recipe table names, ZCA-whitened when `align.whiten` (any teacher):
+
+    - "vit": monovlm's own small ViT, pretrained once with `align.teacher_objective` — "mae" (masked patch
+      prediction on the images of the recipe's data files: any data) or "labels" (the synthetic scenes' dense
+      labels) — and kept in RUN/teacher (reused while its settings and data match, e.g. on resume);
+    - "hf:PATH": a local CLIP/SigLIP folder;
+    - "features:PATH": precomputed features keyed by image path (a relative PATH is read under `data_root`).
+
+    `sources`: the (data file, image root) pairs whose images the "mae" objective and whitening read (relative to
+    `data_root`; `monovlm.data.image_files.stage_sources(recipe.stages)`); None = those of the recipe the trainer
+    recorded in RUN/recipe.json.
+    """
     spec = align.teacher
-    if spec.startswith("hf:"):
-        return HFVisionTeacher.from_folder(spec[3:], vision=vision)
-    if spec.startswith("features:"):
-        return PrecomputedTeacher(spec[len("features:"):])
-    if spec != "vit":
-        raise ValueError(f"unknown teacher {spec!r}: use 'vit', 'hf:PATH' or 'features:PATH'")
-    from monovlm.config import EncoderConfig
-    from monovlm.model.vit import load_vit, save_vit
-    from monovlm.train.vit_pretrain import pretrain_vit
-
-    folder = Path(run_dir) / "teacher"
     is_main = info is None or info.is_main
-    made_with = _vit_teacher_settings(align, vision, data_root)
-    if is_main and _read_json_or_none(folder / TEACHER_SETTINGS_FILE) != made_with:
-        if (folder / "vit.json").is_file():
-            print(f"{folder} was pretrained with other settings or data: pretraining the teacher again")
-        config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads)
-        report: dict = {}
-        vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
-                           steps=align.teacher_steps, lr=align.teacher_lr, seed=0, report=report, progress=progress)
-        save_vit(vit, folder)
-        (folder / "pretrain_report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "losses"},
-                                                               indent=1))
-        (folder / TEACHER_SETTINGS_FILE).write_text(json.dumps(made_with, indent=1) + "\n")
-    if info is not None and info.enabled:
-        import torch.distributed as dist
+    if spec.startswith("hf:"):
+        teacher = HFVisionTeacher.from_folder(spec[3:], vision=vision)
+    elif spec.startswith("features:"):
+        teacher = PrecomputedTeacher(resolve_features_path(spec[len("features:"):], data_root))
+    elif spec == "vit":
+        if align.teacher_objective not in TEACHER_OBJECTIVES:
+            raise ValueError(f"[align] teacher_objective={align.teacher_objective!r} is not one of "
+                             f"{TEACHER_OBJECTIVES}")
+        from monovlm.config import EncoderConfig
+        from monovlm.model.vit import load_vit, save_vit
+        from monovlm.train.vit_pretrain import pretrain_vit
 
-        dist.barrier()  # other ranks wait for rank 0's teacher
-    teacher = ViTTeacher(load_vit(folder))
-    if getattr(align, "whiten", False):
-        from monovlm.train.vit_pretrain import load_patch_dataset
+        folder = Path(run_dir) / "teacher"
+        if is_main:
+            if align.teacher_objective == "mae" and sources is None:
+                sources = recorded_sources(run_dir)
+            made_with = _vit_teacher_settings(align, vision, data_root, sources or [])
+            if _read_json_or_none(folder / TEACHER_SETTINGS_FILE) != made_with:
+                if (folder / "vit.json").is_file():
+                    print(f"{folder} was pretrained with other settings or data: pretraining the teacher again")
+                config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth,
+                                       heads=align.teacher_heads)
+                report: dict = {}
+                vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
+                                   steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,
+                                   lr=align.teacher_lr, seed=0, report=report, progress=progress)
+                save_vit(vit, folder)
+                (folder / "pretrain_report.json").write_text(
+                    json.dumps({k: v for k, v in report.items() if k != "losses"}, indent=1))
+                (folder / TEACHER_SETTINGS_FILE).write_text(json.dumps(made_with, indent=1) + "\n")
+        if info is not None and info.enabled:
+            import torch.distributed as dist
 
-        samples = load_patch_dataset(data_root, teacher_vision(vision, align.teacher_patch_size), "train",
-                                     limit=align.whiten_images)
-        images = [s["pixels"] for s in samples]
-        teacher = WhitenedTeacher.fit(teacher, images)
+            dist.barrier()  # other ranks wait for rank 0's teacher
+        teacher = ViTTeacher(load_vit(folder))
+    else:
+        raise ValueError(f"unknown teacher {spec!r}: use 'vit', 'hf:PATH' or 'features:PATH'")
+    if align.whiten:
+        if sources is None:
+            sources = recorded_sources(run_dir)
+        teacher = whiten_on_data(teacher, vision, data_root, sources, align.whiten_images)
     return teacher
+
+
+def whiten_on_data(teacher: Teacher, vision: VisionConfig, data_root, sources: Sequence,
+                   limit: int) -> "WhitenedTeacher":
+    """Fit `WhitenedTeacher` on the first `limit` images the data files name (the images training feeds the
+    teacher: the safe loader, `vision`'s resize policy). A `PrecomputedTeacher` is fitted on its stored features of
+    those images (no pixels read); unreadable images and images without stored features are passed over."""
+    listed = data_images(data_root, sources)
+    if isinstance(teacher, PrecomputedTeacher):
+        keys = [image.key for image in listed if image.key in teacher][:limit]
+        if not keys:
+            raise ValueError(f"whitening the teacher: none of the {len(listed)} images of the data files has "
+                             f"features in {teacher.path}")
+        return WhitenedTeacher.fit(teacher, None, keys=keys)
+    images = []
+    for _, pixels in iter_pixels(listed, vision):
+        images.append(pixels)
+        if len(images) == limit:
+            break
+    if not images:
+        raise ValueError(f"whitening the teacher needs images; the data files {list(sources)} under {data_root} "
+                         "name none that can be read")
+    return WhitenedTeacher.fit(teacher, images)
 
 
 class WhitenedTeacher:
@@ -367,12 +450,18 @@ class WhitenedTeacher:
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, teacher: Teacher, images: Sequence[torch.Tensor], eps: float = 1e-3,
-            batch: int = 64) -> "WhitenedTeacher":
-        if not images:
+    def fit(cls, teacher: Teacher, images: Sequence[torch.Tensor] | None, eps: float = 1e-3, batch: int = 64,
+            keys: Sequence[str] | None = None) -> "WhitenedTeacher":
+        """Fit on the teacher's features of `images` (or, for a `PrecomputedTeacher`, of `keys`; images None)."""
+        count = len(images) if images is not None else len(keys or ())
+        if not count:
             raise ValueError("whitening the teacher needs at least one image")
-        features = torch.cat([f.reshape(-1, f.shape[-1]).float() for start in range(0, len(images), batch)
-                              for f in teacher(images[start:start + batch])])  # (N_patches, D)
+        chunks = []
+        for start in range(0, count, batch):
+            chunk_images = images[start:start + batch] if images is not None else None
+            chunk_keys = keys[start:start + batch] if keys is not None else None
+            chunks += [f.reshape(-1, f.shape[-1]).float() for f in teacher(chunk_images, chunk_keys)]
+        features = torch.cat(chunks)  # (N_patches, D)
         mean = features.mean(0)
         covariance = torch.cov((features - mean).T)  # (D, D)
         values, vectors = torch.linalg.eigh(covariance)

@@ -5,7 +5,8 @@
 - `save_vit` / `load_vit`: a folder with `vit.json` (EncoderConfig + patch_size) and `vit.safetensors`.
 
 The baseline's embedder around it (ViT -> projector) is `monovlm.model.embedders.EncoderEmbedder`; its offline
-pre-training on the synthetic data is `monovlm.train.vit_pretrain`.
+pre-training (masked patch prediction on any images, or the synthetic data's dense labels) is
+`monovlm.train.vit_pretrain`.
 """
 
 from __future__ import annotations
@@ -104,16 +105,27 @@ class ViT(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W), sides multiples of patch_size -> patch features (B, rows, cols, width)."""
-        batch, _, height, width_px = pixels.shape
+        tokens = self.embed(pixels)  # (B, rows, cols, W)
+        batch, rows, cols, _ = tokens.shape
+        return self.encode(tokens.reshape(batch, rows * cols, self.width)).view(batch, rows, cols, self.width)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) -> patch tokens with their positions added (B, rows, cols, width), before the blocks.
+
+        Split from `encode` so that masked-patch pretraining can run the blocks on a subset of the tokens (each
+        token carries its own position, so any subset is a valid input)."""
+        height, width_px = pixels.shape[-2:]
         if height % self.patch_size or width_px % self.patch_size:
             raise ValueError(f"image of size {height}x{width_px} is not a multiple of patch_size={self.patch_size}")
         x = self.patch_embed(pixels).permute(0, 2, 3, 1)  # (B, rows, cols, W)
         rows, cols = x.shape[1:3]
-        x = x + sincos_position_embedding(rows, cols, self.width).to(x.device, x.dtype)
-        x = x.reshape(batch, rows * cols, self.width)  # (B, N, W)
+        return x + sincos_position_embedding(rows, cols, self.width).to(x.device, x.dtype)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, width) from `embed` (all of them, or any subset) -> features (B, N, width)."""
         for block in self.blocks:
-            x = block(x)
-        return self.norm(x).view(batch, rows, cols, self.width)
+            tokens = block(tokens)
+        return self.norm(tokens)
 
     def features(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """images [(3, H, W), ...] of any sizes -> [(rows, cols, width), ...]; same-size images share one batch."""

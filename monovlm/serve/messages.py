@@ -28,11 +28,12 @@ import itertools
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from monovlm.data.processor import IMAGE_MARKER, Turn
-from monovlm.serve.limits import Limits, bad_request
+from monovlm.serve.limits import Limits, bad_request, shown_number
 from monovlm.serve.limits import json_type as _json_type
 from monovlm.serve.methods import FIELD as METHODS_FIELD
 from monovlm.serve.methods import InferenceMethods, parse_methods
@@ -145,6 +146,11 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
                           code="invalid_json") from error
     except RecursionError as error:
         raise bad_request("request body nests JSON too deeply", code="invalid_json") from error
+    except ValueError as error:  # an integer literal of more digits than Python converts (4,300 by default)
+        if "digits" not in str(error):
+            raise bad_request(f"request body cannot be read as JSON ({error})", code="invalid_json") from error
+        raise bad_request(f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits, which "
+                          "this server does not read", code="invalid_json") from error
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(body)}", code="invalid_json")
     return body
@@ -284,7 +290,7 @@ def parse_options(body: dict[str, Any], limits: Limits) -> GenerationOptions:
                           "max_tokens")
     max_tokens = max_tokens if max_tokens is not None else completion
     if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise bad_request(f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
+        raise bad_request(f"max_tokens={shown_number(max_tokens)} is over this server's limit of {limits.max_tokens}",
                           "max_tokens", code="max_tokens_too_large")
     seed = _integer(body, "seed", 0, MAX_SEED - 1)
     return GenerationOptions(max_tokens=max_tokens, temperature=0.0 if temperature is None else temperature,
@@ -295,11 +301,11 @@ def _number(body: dict, name: str, low: float, high: float, low_open: bool = Fal
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise bad_request(f"{name} must be a finite number, not {_json_type(value)}", name)
     if value > high or value < low or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise bad_request(f"{name}={value} is outside {interval}", name)
+        raise bad_request(f"{name}={shown_number(value)} is outside {interval}", name)
     return float(value)
 
 
@@ -310,8 +316,14 @@ def _integer(body: dict, name: str, low: int, high: int | None) -> int | None:
     if type(value) is not int:
         raise bad_request(f"{name} must be an integer, not {_json_type(value)}", name)
     if value < low or (high is not None and value > high):
-        raise bad_request(f"{name}={value} must be >= {low}" + (f" and <= {high}" if high is not None else ""), name)
+        upper = f" and <= {high}" if high is not None else ""
+        raise bad_request(f"{name}={shown_number(value)} must be >= {low}{upper}", name)
     return value
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite without its OverflowError: an integer too large for a float is still finite, but out of range."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _stop(value: Any, limits: Limits) -> tuple[str, ...]:

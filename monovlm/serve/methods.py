@@ -35,7 +35,7 @@ from typing import Any
 
 from monovlm.infer.decoding import DAMRO, VCD, DecodingStrategy
 from monovlm.infer.reduction import METHODS, Reduction, build_reduction
-from monovlm.serve.limits import bad_request
+from monovlm.serve.limits import bad_request, shown_number
 from monovlm.serve.limits import json_type as _kind
 
 FIELD = "monovlm"  # the request body's extension object
@@ -186,9 +186,11 @@ def _number(value: dict, name: str, low: float, high: float, low_open: bool = Fa
     number = value.get(name)
     if number is None:
         return None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+    # an int is finite even when too large for a float (math.isfinite would raise OverflowError on it)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or \
+            not (isinstance(number, int) or math.isfinite(number)):
         raise bad_request(f"{FIELD}.{name} must be a finite number, not {_kind(number)}", f"{FIELD}.{name}")
     if number < low or (low_open and number == low) or number > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise bad_request(f"{FIELD}.{name}={number} is outside {interval}", f"{FIELD}.{name}")
+        raise bad_request(f"{FIELD}.{name}={shown_number(number)} is outside {interval}", f"{FIELD}.{name}")
     return float(number)

@@ -7,12 +7,16 @@ import json
 from pathlib import Path
 
 from monovlm.config import DecoderConfig, EncoderConfig, ProcessorConfig, VisionConfig, VLMConfig
+from monovlm.data.processor import resolve_template
 from monovlm.model.decoder import Decoder
 from monovlm.model.vlm import EncoderFreeVLM
 from monovlm.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer, add_image_special_tokens, train_bpe_tokenizer
 from monovlm.train.recipe import Recipe
 
 _EXPERT_KEYS = ("expert_norms", "expert_attention", "expert_mlp")
+# the baseline encoder's start: random, or pretrained by masked patch prediction on the recipe's images ("mae", any
+# data) or on the synthetic scenes' dense labels ("labels")
+ENCODER_INITS = ("random", "mae", "labels")
 
 
 def recipe_texts(recipe: Recipe, data_root: Path):
@@ -37,7 +41,10 @@ def build_tokenizer(recipe: Recipe, data_root: Path) -> Tokenizer:
 
 def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokenizer]:
     tokenizer = build_tokenizer(recipe, data_root)
-    tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)  # chatml turns; atomic even for HF tokenizers without them
+    if any(resolve_template(stage.template, tokenizer) == "chatml" for stage in recipe.stages):
+        # chatml turns, atomic even for HF tokenizers without them; an HF LLM trained with its own chat template
+        # ("hf"/"auto") keeps its vocabulary, growing only by the image tokens
+        tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
     decoder_values = dict(recipe.model.decoder)
     experts = {key: decoder_values.pop(key) for key in _EXPERT_KEYS if key in decoder_values}
     if recipe.model.init == "scratch":
@@ -62,11 +69,14 @@ def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokeni
     assert not unexpected and all("vision" in name for name in missing), (missing, unexpected)
     if decoder_config.has_experts:
         model.decoder.init_experts_from_text()
-    if encoder is not None and recipe.model.encoder_init == "pretrain":
+    if recipe.model.encoder_init not in ENCODER_INITS:
+        raise ValueError(f"[model] encoder_init={recipe.model.encoder_init!r} is not one of {ENCODER_INITS}")
+    if encoder is not None and recipe.model.encoder_init != "random":
+        from monovlm.data.image_files import stage_sources
         from monovlm.train.vit_pretrain import pretrain_vit
 
-        vit = pretrain_vit(data_root, encoder, config.vision, steps=recipe.model.encoder_steps, seed=recipe.seed)
+        vit = pretrain_vit(data_root, encoder, config.vision, steps=recipe.model.encoder_steps,
+                           objective=recipe.model.encoder_init,
+                           sources=stage_sources(recipe.stages), seed=recipe.seed)
         model.embedder.encoder.load_state_dict(vit.state_dict())
-    elif recipe.model.encoder_init not in ("random", "pretrain"):
-        raise ValueError(f"[model] encoder_init={recipe.model.encoder_init!r}: use 'random' or 'pretrain'")
     return model, tokenizer

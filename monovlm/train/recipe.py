@@ -1,20 +1,32 @@
-"""Training recipes as TOML files: the model to build, the teacher for EVE's align loss, and the stages.
+"""Training recipes as TOML files: the data files, the model to build, the teacher for EVE's align loss, and the
+stages.
 
 A stage names its data, its template, what trains, its learning rates and its length. Stages run in order, each
 starting from the previous one's weights with a fresh optimizer and schedule (as EVE's separate stage scripts do).
 Everything not written in the file takes the dataclass default below, and unknown keys are errors that name the key,
 so a typo never silently falls back to a default.
+
+The data files are named once, in the `[data]` table (LLaVA's two-file layout: captions for pre-alignment and
+pre-training, conversations for instruction tuning); a stage reads them as `data = "{captions}"` / `"{instruct}"`, so
+pointing a recipe at other files is one change. Any value can be overridden from the command line, torchtune style:
+`--set stages.instruct.steps=2000 --set model.init=path/to/llm` (`apply_overrides`: the value is read as TOML and
+checked against the field's type; unknown keys are refused with the valid ones listed). `resolve_data` checks, before
+any training, that every file a recipe reads is in the data folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monovlm.config import ConfigError
+from monovlm.config import TEMPLATES, ConfigError, DecoderConfig, EncoderConfig, VisionConfig
 
 PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align")
 
@@ -68,6 +80,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: unknown part(s) {unknown}; parts are {PARTS}")
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError(f"stage {self.name!r}: steps, batch_size and grad_accum must be positive")
+        if self.template not in TEMPLATES:  # caught at load time, not when the stage starts hours later
+            raise ConfigError(f"stage {self.name!r}: template {self.template!r} is not one of {TEMPLATES}")
         self._check_data()
         if self.loss_norm not in LOSS_NORMS:
             raise ConfigError(f"stage {self.name!r}: loss_norm {self.loss_norm!r} is not one of {LOSS_NORMS}")
@@ -108,6 +122,9 @@ class StageConfig:
 @dataclass
 class AlignConfig:
     teacher: str = "vit"  # "vit" (monovlm's own, pretrained on the data), "hf:PATH" (CLIP/SigLIP), "features:PATH"
+    # how the "vit" teacher is pretrained: "mae" (masked patch prediction on the images of the recipe's data files:
+    # any data) or "labels" (the synthetic scenes' dense colour/shape/word labels: `monovlm data synth` data only)
+    teacher_objective: str = "mae"
     teacher_steps: int = 300  # pretraining steps of the "vit" teacher
     teacher_lr: float = 2e-3
     teacher_width: int = 128
@@ -139,24 +156,73 @@ class ModelRecipe:
     decoder: dict[str, Any] = field(default_factory=dict)  # DecoderConfig fields (scratch) or overrides (experts)
     vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig fields
     encoder: dict[str, Any] | None = None  # EncoderConfig fields: makes the encoder-based baseline
-    encoder_init: str = "random"  # "random", or "pretrain": train the ViT on the data first (LLaVA's CLIP stand-in)
+    # the baseline ViT's start (LLaVA starts from a pretrained CLIP): "random"; "mae": pretrained by masked patch
+    # prediction on the images of the recipe's data files (any data); "labels": on the synthetic
+    # scenes' pixel labels (scenes.json: `monovlm data synth` data only)
+    encoder_init: str = "random"
     encoder_steps: int = 300
+
+    def __post_init__(self) -> None:
+        # checked here, not first when the model is built: a typo fails at load time, before any data is read
+        for table, config in (("decoder", DecoderConfig), ("vision", VisionConfig), ("encoder", EncoderConfig)):
+            unknown = sorted(set(getattr(self, table) or {}) - {f.name for f in dataclasses.fields(config)})
+            if unknown:
+                raise ConfigError(f"[model.{table}]: unknown {config.__name__} field(s) {unknown}; known: "
+                                  f"{sorted(f.name for f in dataclasses.fields(config))}")
+
+
+_MISSING = object()  # a key a table does not have (None is a value)
+
+# what the stages that read the captions file do when the data folder has none (QA data only)
+NO_CAPTIONS = ("error", "instruct", "skip")
+DATA_FILES = ("captions", "instruct")  # the [data] files a stage's `data` names as "{captions}" and "{instruct}"
+
+
+@dataclass
+class DataConfig:
+    """The data files, named once for all stages: LLaVA JSON/JSONL, relative to the data root (`--data`)."""
+
+    captions: str = "captions.json"  # image-caption pairs, e.g. LLaVA-Pretrain's blip_laion_cc_sbu_558k.json
+    instruct: str = "instruct.json"  # conversations about images, e.g. LLaVA-v1.5's llava_v1_5_mix665k.json
+    # the folder each file's image paths are relative to, itself relative to the data root (default: the file's own
+    # folder); LLaVA-Pretrain's paths start under its images/ folder, LLaVA-v1.5's under the data root. A stage's own
+    # image_root wins
+    captions_image_root: str | None = None
+    instruct_image_root: str | None = None
+    # without the captions file: "error" (stop before training, naming it); "instruct" (the caption stages read the
+    # instruction file instead: each image with its conversation's last answer as the caption, the plain template's
+    # reading); "skip" (the caption stages are left out, and with them what they would teach)
+    no_captions: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.no_captions not in NO_CAPTIONS:
+            raise ConfigError(f"[data] no_captions={self.no_captions!r} is not one of {NO_CAPTIONS}")
+        for key in DATA_FILES:
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"[data] {key} must be a file name, got {getattr(self, key)!r}")
 
 
 @dataclass
 class Recipe:
     name: str
     seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelRecipe = field(default_factory=ModelRecipe)
     align: AlignConfig | None = None
     stages: list[StageConfig] = field(default_factory=list)
     description: str = ""
+    # the KEY=VALUE overrides applied over the recipe file, in order: a record of how this recipe was made (the values
+    # above already include them)
+    overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError(f"recipe {self.name!r} has no [[stages]]")
         if any(stage.align for stage in self.stages) and self.align is None:
             raise ConfigError(f"recipe {self.name!r}: a stage sets align = true but there is no [align] table")
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):  # overrides and resume checks address stages by name
+            raise ConfigError(f"recipe {self.name!r}: stage names must be unique, got {names}")
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -167,32 +233,412 @@ def _build(cls, values: dict[str, Any], where: str):
     return cls(**values)
 
 
+def _with_data_files(values: dict[str, Any], data: DataConfig, where: str) -> dict[str, Any]:
+    """A stage's values with "{captions}"/"{instruct}" in its `data` replaced by the [data] table's file names and,
+    unless it names its own, the image root of the file it reads (a stage has one image root: its [data] files must
+    agree on it)."""
+    roots = set()
+
+    def file_name(name):
+        if isinstance(name, str) and name.startswith("{") and name.endswith("}"):
+            if name[1:-1] not in DATA_FILES:
+                raise ConfigError(f"{where}: data {name!r} names no [data] file; use "
+                                  + " or ".join("{%s}" % key for key in DATA_FILES) + ", or a file name")
+            roots.add(getattr(data, f"{name[1:-1]}_image_root"))
+            return getattr(data, name[1:-1])
+        return name
+
+    values = dict(values)
+    if "data" in values:
+        values["data"] = ([file_name(n) for n in values["data"]] if isinstance(values["data"], list)
+                          else file_name(values["data"]))
+    if values.get("image_root") is None and roots - {None}:
+        if len(roots) > 1:
+            raise ConfigError(f"{where}: its [data] files have different image roots {sorted(roots, key=str)}; "
+                              "a stage reads its images from one (set the stage's image_root)")
+        values["image_root"] = roots.pop()
+    return values
+
+
 def recipe_from_dict(values: dict[str, Any], where: str = "recipe") -> Recipe:
     values = dict(values)
+    data = _build(DataConfig, values.pop("data", {}), f"{where} [data]")
     model = _build(ModelRecipe, values.pop("model", {}), f"{where} [model]")
     align = values.pop("align", None)
     align = _build(AlignConfig, align, f"{where} [align]") if align is not None else None
-    stages = [_build(StageConfig, stage, f"{where} stage {i}") for i, stage in enumerate(values.pop("stages", []))]
-    return _build(Recipe, {**values, "model": model, "align": align, "stages": stages}, where)
+    stages = []
+    for i, stage in enumerate(values.pop("stages", [])):
+        stage_where = f"{where} stage {i}" + (f" ({stage['name']!r})" if isinstance(stage, dict) and "name" in stage
+                                              else "")
+        if not isinstance(stage, dict):
+            raise ConfigError(f"{stage_where}: a stage is a table ([[stages]]), got {stage!r}")
+        stages.append(_build(StageConfig, _with_data_files(stage, data, stage_where), stage_where))
+    return _build(Recipe, {**values, "data": data, "model": model, "align": align, "stages": stages}, where)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# overrides: --set KEY=VALUE
+
+# the recipe's tables and the dataclass whose fields are each one's keys
+TABLES: dict[tuple[type, str], type] = {
+    (Recipe, "data"): DataConfig, (Recipe, "model"): ModelRecipe, (Recipe, "align"): AlignConfig,
+    (ModelRecipe, "decoder"): DecoderConfig, (ModelRecipe, "vision"): VisionConfig,
+    (ModelRecipe, "encoder"): EncoderConfig,
+}
+EXPERT_FLAGS = ("expert_norms", "expert_attention", "expert_mlp")  # decoder keys that hold with an HF init too
+NOT_SETTABLE = {Recipe: ("stages", "overrides"), StageConfig: ("name",)}  # addressed otherwise / a record only
+
+
+def settable_keys(cls: type) -> dict[str, Any]:
+    """{key: its type} of the keys `--set` may change in a table whose keys are `cls`'s fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in NOT_SETTABLE.get(cls, ())}
+
+
+def type_name(hint) -> str:
+    """A field's type as a user reads it: "int", "str or none", "list[str]"."""
+    if hint is Any:
+        return "any value"
+    if hint is type(None):
+        return "none"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is not None:
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value: Any, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+        return isinstance(value, list) and len(value) == len(args) and all(map(_matches, value, args))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is float:  # TOML's 1 is an int; a float field takes it
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def parse_value(raw: str, hint, key: str) -> Any:
+    """The text after `=` as a value of the field's type: read as TOML (`2000`, `2e-4`, `true`, `[2, 1]`,
+    `"quoted text"`); for a field that takes a string, unquoted text that is not TOML is the string itself
+    (`model.init=path/to/llm`, `align.teacher=hf:path/to/siglip`)."""
+    text = raw.strip()
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+        parsed = True
+    except tomllib.TOMLDecodeError:
+        value, parsed = None, False
+    if parsed and _matches(value, hint):
+        return float(value) if hint is float else value
+    if _matches("text", hint) and text and text[0] not in "\"'[":  # "{captions}" is bare text too
+        return text
+    raise ConfigError(f"--set {key}={raw}: {key} takes {type_name(hint)}, and {raw!r} is not one")
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A recipe's TOML values with `KEY=VALUE` overrides applied in order (a new dict; `values` is not changed).
+
+    KEY is a dotted path: `seed`, `data.captions`, `model.init`, `model.decoder.hidden_size`, `align.teacher`, or
+    `stages.NAME.KEY` (a stage by its name; `stages.*.KEY` sets it in every stage). VALUE is parsed as TOML and
+    checked against the field's type (`parse_value`). A table that the recipe does not have yet is added (e.g.
+    `align.teacher` in a recipe without [align]). Unknown keys and mistyped values are ConfigErrors that name the key
+    and list the valid keys at that level; the recipe built from the result checks everything else.
+
+    `model.init=PATH` on a recipe file that builds a scratch decoder replaces that decoder: the file's [model.decoder]
+    shape keys give way to the HF model's own config (its expert flags stay, and so do decoder keys set with --set)."""
+    values = json.loads(json.dumps(values))  # a deep copy; TOML values are JSON values
+    model = values.get("model") if isinstance(values.get("model"), dict) else {}
+    file_scratch = model.get("init", "scratch") == "scratch"
+    file_shape = [k for k in model.get("decoder") or {} if k not in EXPERT_FLAGS]
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: write KEY=VALUE, e.g. stages.instruct.steps=2000")
+        parts = key.split(".")
+        if parts[0] == "stages":
+            _set_stage_value(values, parts, raw, key)
+        else:
+            _set_table_value(values, Recipe, parts, raw, key, "")
+            if parts[:2] == ["model", "decoder"] and len(parts) == 3 and parts[2] in file_shape:
+                file_shape.remove(parts[2])  # set on the command line: kept (the build says if it cannot be)
+    decoder = values.get("model", {}).get("decoder")
+    if file_scratch and values.get("model", {}).get("init", "scratch") != "scratch" and decoder:
+        values["model"]["decoder"] = {k: v for k, v in decoder.items() if k not in file_shape}
+    return values
+
+
+def _set_table_value(table: dict, cls: type, parts: list[str], raw: str, key: str, prefix: str) -> None:
+    keys = settable_keys(cls)
+    name = parts[0]
+    if name not in keys:
+        valid = [prefix + k for k in keys] + (["stages.NAME.KEY"] if cls is Recipe else [])
+        raise ConfigError(f"--set {key}: unknown key {prefix + name!r}; valid keys here: {', '.join(valid)}")
+    sub = TABLES.get((cls, name))
+    if sub is not None:
+        if len(parts) == 1:
+            raise ConfigError(f"--set {key}: {prefix + name} is a table; set one of its keys: "
+                              + ", ".join(f"{prefix}{name}.{k}" for k in settable_keys(sub)))
+        if not isinstance(table.get(name), dict):
+            table[name] = {}
+        _set_table_value(table[name], sub, parts[1:], raw, key, f"{prefix}{name}.")
+        return
+    if len(parts) > 1:
+        raise ConfigError(f"--set {key}: {prefix + name} is a value ({type_name(keys[name])}), not a table")
+    table[name] = parse_value(raw, keys[name], key)
+
+
+def _set_stage_value(values: dict, parts: list[str], raw: str, key: str) -> None:
+    stages = [s for s in values.get("stages", []) if isinstance(s, dict)]
+    names = [str(s.get("name")) for s in stages]
+    if len(parts) != 3:
+        raise ConfigError(f"--set {key}: a stage's key is stages.NAME.KEY (stages: {', '.join(names)}; "
+                          "stages.*.KEY sets every stage)")
+    _, name, field_name = parts
+    chosen = stages if name == "*" else [s for s in stages if s.get("name") == name]
+    if not chosen:
+        raise ConfigError(f"--set {key}: the recipe has no stage {name!r}; stages: {', '.join(names)} "
+                          "(or * for every stage)")
+    keys = settable_keys(StageConfig)
+    if field_name not in keys:
+        raise ConfigError(f"--set {key}: unknown stage key {field_name!r}; stage keys: {', '.join(keys)}")
+    value = parse_value(raw, keys[field_name], key)
+    for stage in chosen:
+        stage[field_name] = json.loads(json.dumps(value))  # each stage its own list
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading, describing
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A recipe by file path, or by name from the recipes shipped with monovlm (eve, evev2, solo, llava)."""
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """The TOML file of a recipe given by path or by the name of a shipped one."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.toml"
     if not path.is_file():
-        shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-        raise ConfigError(f"recipe {name_or_path!r} not found (looked at {path}); shipped recipes: {shipped}")
+        raise ConfigError(f"recipe {str(name_or_path)!r} not found (looked at {path}); shipped recipes: "
+                          f"{shipped_recipes()}")
+    return path
+
+
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """A recipe by file path, or by name from the recipes shipped with monovlm (`shipped_recipes()`), with
+    `KEY=VALUE` overrides applied (see `apply_overrides`) and recorded in `Recipe.overrides`."""
+    path = recipe_path(name_or_path)
     try:
         values = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from error
-    return recipe_from_dict(values, where=str(path))
+    recipe = recipe_from_dict(apply_overrides(values, overrides), where=str(path))
+    recipe.overrides = [*recipe.overrides, *overrides]
+    return recipe
+
+
+def describe_recipe(recipe: Recipe, source: str | Path | None = None) -> str:
+    """What `monovlm recipes NAME` prints: the recipe's files, its stages and every key `--set` can change, with its
+    value and type."""
+    lines = [f"{recipe.name}: {recipe.description}" + (f"  ({source})" if source else ""), ""]
+    read = {file for stage in recipe.stages for file, _, _ in stage.data_files}
+    lines.append("files ([data], relative to --data; LLaVA JSON/JSONL):")
+    for key in DATA_FILES:
+        file = getattr(recipe.data, key)
+        users = [stage.name for stage in recipe.stages if file in [f for f, _, _ in stage.data_files]]
+        lines.append(f"  data.{key} = {json.dumps(file)}  " + (f"read by {', '.join(users)}" if users else
+                                                               "(read by no stage)"))
+    others = sorted(read - {recipe.data.captions, recipe.data.instruct})
+    if others:
+        lines.append(f"  other files the stages read: {', '.join(others)}")
+    for key in DATA_FILES:
+        image_root = _value_text(getattr(recipe.data, f"{key}_image_root"), f"none (the folder of data.{key})")
+        lines.append(f"  data.{key}_image_root = {image_root}")
+    lines.append(f"  data.no_captions = {json.dumps(recipe.data.no_captions)}  (without the captions file: "
+                 + " | ".join(NO_CAPTIONS) + ")")
+    lines += ["", "stages (in order; each from the previous one's weights, with a fresh optimizer):"]
+    width = max(len(stage.name) for stage in recipe.stages)
+    for i, stage in enumerate(recipe.stages, 1):
+        files = " + ".join(f"{file}" + (f" ×{repeat}" if repeat > 1 else "") for file, repeat, _ in stage.data_files)
+        lines.append(f"  {i}. {stage.name:<{width}}  {files}  ({stage.template}); trains {', '.join(stage.train)}; "
+                     f"{stage.steps} steps × {stage.batch_size} samples, lr {stage.lr:g}"
+                     + ("; align loss" if stage.align else ""))
+    lines += ["", "keys --set KEY=VALUE changes (VALUE is TOML: 2000, 2e-4, true, [\"a.json\", \"b.json\"]; bare "
+              "text for strings):"]
+    values = recipe_to_dict(recipe)
+    for key, hint in settable_keys(Recipe).items():
+        if (Recipe, key) not in TABLES:
+            lines.append(f"  {key} = {_value_text(values[key])}  ({type_name(hint)})")
+    for key in ("data", "model", "align"):
+        table = values.get(key)
+        sub = TABLES[(Recipe, key)]
+        if table is None:
+            lines.append(f"  {key}.KEY: the recipe has no [{key}] table; setting a key adds one with the defaults. "
+                         "KEY: " + ", ".join(f"{k} ({type_name(h)})" for k, h in settable_keys(sub).items()))
+            continue
+        for name, hint in settable_keys(sub).items():
+            nested = TABLES.get((sub, name))
+            if nested is None:
+                lines.append(f"  {key}.{name} = {_value_text(table[name])}  ({type_name(hint)})")
+                continue
+            given = table.get(name) or {}
+            shown = ", ".join(f"{k}={_value_text(v)}" for k, v in given.items())
+            lines.append(f"  {key}.{name}.FIELD: any {nested.__name__} field ({shown or 'none set'}); fields: "
+                         + ", ".join(settable_keys(nested)))
+    stage_keys = settable_keys(StageConfig)
+    lines.append(f"  stages.NAME.KEY (NAME: {', '.join(stage.name for stage in recipe.stages)}, or * for every "
+                 "stage); KEY: " + ", ".join(f"{k} ({type_name(h)})" for k, h in stage_keys.items()))
+    return "\n".join(lines)
+
+
+def _value_text(value: Any, none: str = "none") -> str:
+    return none if value is None else json.dumps(value)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe on a data folder
+
+def resolve_data(recipe: Recipe, data_root: str | Path, log=None) -> Recipe:
+    """The recipe as it runs on `data_root`, checked before any training (a new Recipe; `recipe` is not changed).
+
+    Without the captions file, the stages that read it follow `data.no_captions` ("instruct": they read the
+    instruction file; "skip": they are left out; `log`, if given, is told which). Then every file a stage reads, and
+    every image folder it names, must exist: one FileNotFoundError names all that are missing, the stages that read
+    them, and the folder layout the recipe expects."""
+    root = Path(data_root)
+    captions = recipe.data.captions
+    reads_captions = [s.name for s in recipe.stages if captions in [f for f, _, _ in s.data_files]]
+    recipe = dataclasses.replace(recipe, stages=list(recipe.stages))
+    if reads_captions and not (root / captions).is_file() and recipe.data.no_captions != "error":
+        recipe.stages = _without_captions(recipe)
+        if log is not None:
+            what = (f"read {recipe.data.instruct} instead" if recipe.data.no_captions == "instruct"
+                    else "are left out")
+            log(f"{root / captions} does not exist: stage(s) {', '.join(reads_captions)} {what} "
+                f"(data.no_captions = {recipe.data.no_captions!r})")
+    missing: dict[str, list[str]] = {}
+    for stage in recipe.stages:
+        for file, _, _ in stage.data_files:
+            if not (root / file).is_file():
+                missing.setdefault(file, []).append(stage.name)
+        if stage.image_root and not (root / stage.image_root).is_dir():
+            missing.setdefault(stage.image_root + "/", []).append(stage.name)
+    if missing:
+        raise FileNotFoundError(_layout_message(recipe, root, missing))
+    return recipe
+
+
+def _without_captions(recipe: Recipe) -> list[StageConfig]:
+    """The stages with the captions file replaced by the instruction file, or removed (and a stage that read nothing
+    else with it), as `data.no_captions` says."""
+    captions, instruct = recipe.data.captions, recipe.data.instruct
+    stages = []
+    for stage in recipe.stages:
+        rows = stage.data_files  # [(file, repeat, grouped)]
+        if captions not in [file for file, _, _ in rows]:
+            stages.append(stage)
+        elif recipe.data.no_captions == "instruct":
+            # the stage's images move with its file: the captions' image root was the stage's only as theirs
+            image_root = (recipe.data.instruct_image_root if stage.image_root == recipe.data.captions_image_root
+                          else stage.image_root)
+            stages.append(dataclasses.replace(stage, image_root=image_root,
+                                              data=instruct if isinstance(stage.data, str) else
+                                              [instruct if f == captions else f for f in stage.data]))
+        else:
+            kept = [row for row in rows if row[0] != captions]
+            if kept:
+                stages.append(dataclasses.replace(
+                    stage, data=[f for f, _, _ in kept], repeat=[r for _, r, _ in kept] if stage.repeat else None,
+                    group_by_image=([g for _, _, g in kept] if isinstance(stage.group_by_image, list)
+                                    else stage.group_by_image)))
+    if not stages:
+        raise ConfigError(f"recipe {recipe.name!r}: every stage reads only {captions}, so data.no_captions = 'skip' "
+                          "leaves nothing to train; use 'instruct' or give the captions file")
+    return stages
+
+
+def _layout_message(recipe: Recipe, root: Path, missing: dict[str, list[str]]) -> str:
+    captions, instruct = recipe.data.captions, recipe.data.instruct
+    image = '"image": "images/0001.jpg"'
+    examples = {
+        captions: ("image-caption pairs: [{" + image + ', "conversations": [{"from": "human", "value": "<image>"}, '
+                   '{"from": "gpt", "value": "A red circle above a blue square."}]}, ...]'),
+        instruct: ("conversations about images: [{" + image + ', "conversations": [{"from": "human", "value": '
+                   '"<image>\\nWhat colour is the circle?"}, {"from": "gpt", "value": "Red."}, ...]}, ...]'),
+    }
+    files = list(dict.fromkeys(f for stage in recipe.stages for f, _, _ in stage.data_files))
+    roots = sorted({s.image_root for s in recipe.stages if s.image_root})
+    images = " ".join(f"{r}/" for r in roots) or "images/"
+    width = max(len(f) for f in files + [images])
+    lines = [f"recipe {recipe.name!r} ({recipe.description}) cannot run on {root}: missing "
+             + "; ".join(f"{file} (read by {', '.join(stages)})" for file, stages in missing.items()) + ".",
+             "It reads this layout (LLaVA JSON or JSONL; image paths relative to the JSON file's folder"
+             + (f" or to the image root set for it: {images}" if roots else "") + "):", f"  {root}/"]
+    for file in files:
+        mark = "  <- missing" if file in missing else ""
+        lines.append(f"    {file:<{width}}  {examples.get(file, 'LLaVA records')}{mark}")
+    lines.append(f"    {images:<{width}}  the image files")
+    hints = []
+    if set(missing) & {captions, instruct}:
+        hints.append("files of other names: --set data.captions=FILE --set data.instruct=FILE")
+    if captions in missing:
+        hints.append("no captions (QA data only): --set data.no_captions=instruct (the caption stages read "
+                     f"{instruct}) or --set data.no_captions=skip (they are left out)")
+    return "\n".join(lines + hints)
+
+
+def recipe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How the recipe given now differs from the one a run recorded (both as `recipe_to_dict` gives them), one
+    "KEY: RUN's value in the run, NOW's value now" per differing key, stages by name. The `overrides` record is not
+    compared (the values are), and stages after the recorded ones are no difference: a resumed run trains them next."""
+    recorded, current = json.loads(json.dumps(recorded)), json.loads(json.dumps(current))  # tuples as lists
+    for values in (recorded, current):
+        values.pop("overrides", None)
+    old_stages, new_stages = recorded.pop("stages", []), current.pop("stages", [])
+    differences = _differences(recorded, current, "")
+    for index, old in enumerate(old_stages):
+        if index >= len(new_stages):
+            differences.append(f"stages: the run has stage {old.get('name')!r} (number {index + 1}), the recipe now "
+                               f"ends before it")
+            continue
+        new = new_stages[index]
+        label = f"stages.{old.get('name')}" if old.get("name") == new.get("name") else f"stages[{index}]"
+        differences += _differences(old, new, label + ".")
+    return differences
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {_show(a)} in the run, {_show(b)} now")
+    return found
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is _MISSING else json.dumps(value)

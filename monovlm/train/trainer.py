@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from monovlm.config import ConfigError
 from monovlm.data.collate import Batch
 from monovlm.data.layout import TokenLayout
 from monovlm.data.processor import IGNORE_INDEX, Processor
@@ -47,7 +49,7 @@ from monovlm.train.distributed import (
 )
 from monovlm.train.flops import flops_per_token, peak_cache_path, peak_flops, teacher_params, training_flops
 from monovlm.train.parts import param_groups, set_trainable
-from monovlm.train.recipe import Recipe, StageConfig, recipe_to_dict
+from monovlm.train.recipe import Recipe, StageConfig, recipe_differences, recipe_to_dict
 from monovlm.train.schedule import apply_lr, lr_factor
 
 
@@ -177,7 +179,14 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)
         state = None
         latest = ckpt.latest_checkpoint(self.run_dir) if self.options.resume else None
+        recorded = self.run_dir / "recipe.json"  # the recipe as run, overrides applied
         if latest is not None:
+            differences = (recipe_differences(json.loads(recorded.read_text()), recipe_to_dict(self.recipe))
+                           if recorded.is_file() else [])
+            if differences:  # a checkpoint continued under other settings would be a run nobody wrote down
+                raise ConfigError(f"cannot resume {self.run_dir}: the recipe differs from the one it was started with "
+                                  f"({recorded}): " + "; ".join(differences) + ". Resume with the same recipe and "
+                                  "--set overrides (stages may be added at the end), or train into a new --out")
             self.log(f"resuming from {latest}")
             model = EncoderFreeVLM.load(latest)
             tokenizer = Tokenizer.from_folder(latest)
@@ -188,8 +197,8 @@ class Trainer:
             elif self.metrics_path.exists() and self.info.is_main:
                 self.metrics_path.unlink()  # a fresh run: old metrics would mix with new ones
             model, tokenizer = build_model(self.recipe, self.options.data_root)
-            if self.info.is_main:
-                (self.run_dir / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
+        if self.info.is_main:  # also on resume: stages added at the end are part of what ran
+            recorded.write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
         model.to(self.info.device)
         if self.options.measure_peak and self.info.is_main:
             peak_dtype = getattr(torch, self.options.dtype)
@@ -201,10 +210,12 @@ class Trainer:
         if align is None:
             return None
         from monovlm.model.align import PatchAligner, eve_layers
+        from monovlm.data.image_files import stage_sources
         from monovlm.model.teachers import build_teacher
 
+        # the teacher (pretrained, whitened) reads the images of the data files the recipe trains on
         self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info,
-                                     progress=self.options.progress)
+                                     progress=self.options.progress, sources=stage_sources(self.recipe.stages))
         num_layers = model.config.decoder.num_layers
         self.align_layers = align.layers if align.layers is not None else eve_layers(num_layers)
         generator_state = torch.get_rng_state()
@@ -242,6 +253,7 @@ class Trainer:
         if self.info.is_main:
             model.save(final, tokenizer, state_dict={k.removeprefix("model."): v for k, v in full_state.items()
                                                      if k.startswith("model.")})
+            shutil.copyfile(self.run_dir / "recipe.json", final / "recipe.json")  # what made this model
             self.log(f"saved the trained model to {final}")
         barrier(self.info)
         result.final_dir = final

@@ -1,15 +1,29 @@
-"""Pre-training monovlm's ViT offline on the synthetic data, so the whole EVE recipe (its teacher) and the baseline's
-encoder run without downloads.
+"""Pre-training monovlm's ViT offline — EVE's teacher and the LLaVA-style baseline's encoder — with one of two
+objectives.
 
-Every patch gets two coverage distributions — which colour and which kind of thing (a shape kind, text, a maze
-wall or background) covers how much of it — and the ViT learns to predict them with linear heads, so its patch
-features must carry colour, shape and (through the dense layout) position. Soft targets (coverage fractions, not a
-thresholded label) mean a small shape that covers a quarter of a patch is still visible there. Two more terms:
-each shape's colour and kind at its centre patch (see `_losses`), and the written word from the mean patch feature.
-The per-pixel labels come from the scenes' ground truth (`monovlm.data.synthetic.pixel_labels`).
+**"mae", for any data** (the default): masked patch prediction as in MAE (He et al., 2022). Each step hides 75% of
+an image's patches; the ViT encodes the visible quarter (`ViT.embed` then `ViT.encode` on the kept tokens), and a
+small decoder (`MAEDecoder`) puts mask tokens in the hidden places and predicts their pixels; the loss is the MSE on
+the hidden patches only. It needs nothing but the user's images (no labels, no captions, no text tower), read from
+the recipe's LLaVA data files through the safe loader (`monovlm.data.image_files`). Why this objective and not
+CLIP-style contrastive on image/caption pairs: EVE's align loss is per patch, and MAE's target is per patch too,
+dense, and forces each patch's feature to carry its own content and — to fill its hidden neighbours — the shape and
+layout around it; a contrastive loss supervises one pooled vector per image, needs a text tower and large batches of
+negatives, and a few thousand captions are too few for it. Encoding only the visible quarter also makes a step ~4×
+cheaper than a full forward. The pixels are the model's normalised ones, not MAE's per-patch normalised ones: on
+flat-colour images a per-patch normalisation would erase the colour, which is most of what a patch holds.
 
-- `load_patch_dataset`: a split's images as model input with their dense labels.
-- `pretrain_vit`: the training loop (heads discarded after); `evaluate_patches`: the heads' accuracies.
+**"labels", synthetic data only**: every patch gets two coverage distributions — which colour and which kind of thing
+(a shape kind, text, a maze wall or background) covers how much of it — and the ViT learns to predict them with
+linear heads, so its patch features must carry colour, shape and (through the dense layout) position. Soft targets
+(coverage fractions, not a thresholded label) mean a small shape that covers a quarter of a patch is still visible
+there. Two more terms: each shape's colour and kind at its centre patch (see `_losses`), and the written word from the
+mean patch feature. The per-pixel labels come from the scenes' ground truth (`monovlm.data.synthetic.pixel_labels`),
+which only `monovlm data synth` writes.
+
+- `pretrain_vit`: either objective (the heads / the decoder are discarded after).
+- `pretrain_vit_mae`, `MAEDecoder`, `masked_patch_loss`: the "mae" objective.
+- `pretrain_vit_labels`, `load_patch_dataset`, `evaluate_patches`: the "labels" objective and its accuracies.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +43,13 @@ from torch import nn
 from tqdm import tqdm
 
 from monovlm.config import EncoderConfig, VisionConfig
-from monovlm.data.images import group_by_size, image_to_tensor, load_image
+from monovlm.data.datasets import SkipReport
+from monovlm.data.image_files import DataImage, DataSource, data_images, iter_pixels
+from monovlm.data.images import group_by_size, image_to_tensor, load_image, patchify
 from monovlm.data.synthetic import COLOUR_CLASSES, KIND_CLASSES, WORD_CLASSES, pixel_labels
-from monovlm.model.vit import ViT
+from monovlm.model.vit import Block, ViT, sincos_position_embedding
+
+OBJECTIVES = ("mae", "labels")
 
 
 def _label_maps(colour_ids: np.ndarray, kind_ids: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -211,7 +230,7 @@ def evaluate_patches(
     return {name: correct / total if total else float("nan") for name, (correct, total) in counts.items()}
 
 
-def pretrain_vit(
+def pretrain_vit_labels(
     data_dir: str | os.PathLike,
     config: EncoderConfig,
     vision: VisionConfig,
@@ -279,3 +298,213 @@ def pretrain_vit(
             if progress:
                 print("pretrain vit test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["test"].items()))
     return vit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "mae": masked patch prediction on any images
+
+
+class MAEDecoder(nn.Module):
+    """MAE's light decoder (pretraining only, discarded after): visible features -> pixels of every patch.
+
+    The encoder's visible features are projected to the decoder's width and put back at their grid places; every
+    hidden place gets the one learned mask token; sin-cos positions are added (the mask token alone does not say
+    where it is), then `depth` ViT blocks and a linear head to the patch's pixels in `patchify` order (ph, pw, C).
+    Kept small so the encoder, not the decoder, has to carry the content: its features are what the teacher gives."""
+
+    def __init__(self, encoder_width: int, width: int, depth: int, heads: int, patch_size: int):
+        super().__init__()
+        self.width = width
+        self.embed = nn.Linear(encoder_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        block_config = EncoderConfig(width=width, depth=depth, heads=heads)
+        self.blocks = nn.ModuleList(Block(block_config) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, patch_size * patch_size * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, visible: torch.Tensor, keep: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """visible (B, K, encoder_width) at grid indices keep (B, K) -> predicted pixels (B, rows*cols, p*p*3)."""
+        batch = visible.shape[0]
+        x = self.mask_token.to(visible.dtype).expand(batch, rows * cols, self.width).clone()  # (B, N, w)
+        x = x.scatter(1, keep[..., None].expand(-1, -1, self.width), self.embed(visible))
+        x = x + sincos_position_embedding(rows, cols, self.width).to(x.device, x.dtype).view(rows * cols, self.width)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))  # (B, N, p*p*3)
+
+
+def masked_patch_loss(vit: ViT, decoder: MAEDecoder, pixels: torch.Tensor, mask_ratio: float,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """pixels (B, 3, H, W) -> (summed squared error over the hidden patches' pixel values, number of those values).
+
+    A sum, not a mean, so a batch of several image sizes (one call per size) adds up to one mean over all hidden
+    pixels. Each image hides its own random `mask_ratio` of the patches (at least one kept, at least one hidden)."""
+    tokens = vit.embed(pixels)  # (B, rows, cols, W)
+    batch, rows, cols, width = tokens.shape
+    count = rows * cols
+    kept = min(max(1, round(count * (1.0 - mask_ratio))), count - 1) if count > 1 else 1
+    order = torch.rand(batch, count, generator=generator).argsort(dim=1).to(pixels.device)  # (B, N) random per image
+    keep, hidden = order[:, :kept], order[:, kept:]  # (B, K), (B, N-K)
+    visible = tokens.reshape(batch, count, width).gather(1, keep[..., None].expand(-1, -1, width))  # (B, K, W)
+    predicted = decoder(vit.encode(visible), keep, rows, cols)  # (B, N, p*p*3)
+    target = patchify(pixels, vit.patch_size).reshape(batch, count, -1)  # (B, N, p*p*3)
+    if count == 1:  # nothing to hide: reconstruct the one patch (degenerate, but keeps a 1-patch image usable)
+        hidden = keep
+    index = hidden[..., None].expand(-1, -1, target.shape[-1])
+    error = (predicted.gather(1, index).float() - target.gather(1, index).float()).pow(2)
+    return error.sum(), error.numel()
+
+
+def pretrain_vit_mae(
+    images: Sequence[DataImage],
+    config: EncoderConfig,
+    vision: VisionConfig,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    mask_ratio: float = 0.75,
+    decoder_depth: int = 2,
+    cache_bytes: int = 512 * 2**20,
+    progress: bool = True,
+    report: dict[str, Any] | None = None,
+) -> ViT:
+    """Train a ViT (patch `vision.patch_size`, images at `vision`'s resize policy) by masked patch prediction on
+    `images`; return it in eval mode (the decoder is discarded). Images of several sizes in one batch run as one
+    forward per size. Each image is randomly shifted by up to half a patch (edges repeated), so a feature describes
+    what is in a patch at any offset to the grid. Loaded images are kept in memory up to `cache_bytes` (the
+    synthetic suite fits whole; a large data set is re-read from disk). Unreadable images are skipped and counted.
+    Deterministic for a seed (same torch version and thread count).
+
+    The decoder is half the encoder's width (at least 32), `decoder_depth` blocks.
+
+    `report`, if given, receives: losses (per step: mean squared error on the hidden patches' normalised pixels),
+    seconds, images (how many were read) and skipped (the unreadable-image summary).
+    """
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps={steps} and batch_size={batch_size} must be positive")
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio={mask_ratio} must be between 0 and 1 (exclusive)")
+    if not images:
+        raise ValueError("masked patch pretraining needs images; the data files name none")
+    decoder_width = max(32, config.width // 2 // 4 * 4)  # a multiple of 4 for the 2-D sin-cos positions
+    decoder_heads = max(1, min(config.heads, decoder_width // 16))
+    while decoder_width % decoder_heads:
+        decoder_heads -= 1
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        vit = ViT(config, vision.patch_size)
+        decoder = MAEDecoder(config.width, decoder_width, decoder_depth, decoder_heads, vision.patch_size)
+    parameters = [p for m in (vit, decoder) for p in m.parameters()]
+    decay = [p for p in parameters if p.dim() >= 2]  # weight decay on matrices only, not on biases and norms
+    no_decay = [p for p in parameters if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(seed)
+    skipped = SkipReport()
+    cache: dict[int, torch.Tensor] = {}
+    unreadable: set[int] = set()
+    cached_bytes = 0
+
+    def load(indices: list[int]) -> list[torch.Tensor]:
+        nonlocal cached_bytes
+        loaded = []
+        for index in indices:
+            if index in unreadable:
+                continue
+            pixels = cache.get(index)
+            if pixels is None:
+                found = list(iter_pixels([images[index]], vision, skipped))
+                if not found:
+                    unreadable.add(index)
+                    continue
+                pixels = found[0][1]
+                if cached_bytes + pixels.numel() * pixels.element_size() <= cache_bytes:
+                    cache[index] = pixels
+                    cached_bytes += pixels.numel() * pixels.element_size()
+            loaded.append(pixels)
+        return loaded
+
+    def batches():
+        while True:  # endless epochs, each a fresh permutation
+            order = torch.randperm(len(images), generator=generator).tolist()
+            for start in range(0, len(order), batch_size):
+                yield order[start:start + batch_size]
+
+    max_shift = vision.patch_size // 2
+    losses = []
+    vit.train()
+    decoder.train()
+    started = time.perf_counter()
+    stream = batches()
+    bar = tqdm(range(steps), desc="pretrain vit (mae)", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, lr)
+        pixels = []
+        for _ in range(len(images) + 1):  # a batch whose images are all unreadable: draw the next one
+            pixels = load(next(stream))
+            if pixels or len(unreadable) == len(images):
+                break
+        if not pixels:
+            raise ValueError(f"none of the {len(images)} images could be read:\n{skipped.summary()}")
+        shifts = torch.randint(-max_shift, max_shift + 1, (len(pixels), 2), generator=generator).tolist()
+        pixels = [_shift(image, dy, dx) for image, (dy, dx) in zip(pixels, shifts)]
+        total, values = 0.0, 0
+        for indices in group_by_size(pixels).values():
+            error, count = masked_patch_loss(vit, decoder, torch.stack([pixels[i] for i in indices]), mask_ratio,
+                                             generator)
+            total, values = total + error, values + count
+        loss = total / values
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if progress and step % 10 == 0:
+            bar.set_postfix({"loss": f"{losses[-1]:.4f}"})
+    vit.eval()
+    if progress and skipped.skipped:
+        print(f"pretrain vit (mae): {skipped.summary()}")
+    if report is not None:
+        report["losses"] = losses
+        report["seconds"] = time.perf_counter() - started
+        report["images"] = len(images) - len(unreadable)
+        report["skipped"] = skipped.summary()
+    return vit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Either objective
+
+
+def pretrain_vit(
+    data_root: str | os.PathLike,
+    config: EncoderConfig,
+    vision: VisionConfig,
+    steps: int,
+    objective: str = "mae",
+    sources: Sequence[DataSource | str] | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    report: dict[str, Any] | None = None,
+) -> ViT:
+    """Pretrain a ViT with `objective` (see the module docstring): "mae" on the images that the LLaVA data files
+    `sources` ((file, image root) pairs or file names, relative to `data_root`) name; "labels" on `data_root`'s
+    synthetic scenes.json (its train split; `sources` is not read)."""
+    if objective == "labels":
+        return pretrain_vit_labels(data_root, config, vision, steps, batch_size=batch_size, lr=lr, seed=seed,
+                                   progress=progress, report=report)
+    if objective != "mae":
+        raise ValueError(f"unknown ViT pretraining objective {objective!r}; objectives are {OBJECTIVES}")
+    if not sources:
+        raise ValueError("the 'mae' objective reads the images of the recipe's data files; none were given")
+    listing = SkipReport()
+    images = data_images(data_root, sources, listing)
+    if progress and listing.skipped:
+        print(f"pretrain vit (mae): records of the data files: {listing.summary()}")
+    return pretrain_vit_mae(images, config, vision, steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                            report=report)
