@@ -263,6 +263,7 @@ def _small_run(predictions: int) -> EvalRun:
     return EvalRun("tiny", {}, [result])
 
 
+@pytest.mark.slow  # a child process
 def test_a_full_disk_leaves_the_previous_report_whole(tmp_path):
     write_report(_small_run(2), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

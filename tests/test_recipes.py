@@ -279,6 +279,7 @@ def test_recipe_differences_name_the_keys_and_allow_stages_added_at_the_end():
         "stages: the run has stage 'instruct' (number 3), the recipe now ends before it"]
 
 
+@pytest.mark.slow  # training runs through the CLI
 def test_training_on_a_user_folder_records_the_recipe_and_resume_refuses_other_overrides(tmp_path, capsys):
     data = write_user_folder(tmp_path / "mine")
     run = tmp_path / "run"
