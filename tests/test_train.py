@@ -388,7 +388,7 @@ def test_the_peak_cache_keeps_the_best_measurement_per_machine(tmp_path, monkeyp
     assert flops.peak_flops(torch.bfloat16, "cpu", cache) == 1e12  # a busy recheck (0.5e12) does not lower it
     assert flops.peak_flops(torch.bfloat16, "cpu", cache) == 2e12  # a quiet recheck raises it
     assert flops.peak_flops(torch.float32, "cpu", cache) == 3e12  # another key: measured in full
-    assert [seconds for _, seconds in calls] == [None, 0.2, 0.2, None]
+    assert [budget for _, budget in calls] == [None, 0.2, 0.2, None]  # a full measurement, then brief rechecks
     assert json.loads(cache.read_text()) == {bf16: 2e12, fp32: 3e12}
     assert "threads" in bf16 and "bfloat16" in bf16
     cache.write_text("{not json")  # a damaged cache is measured again and rewritten, not an error
@@ -413,12 +413,24 @@ def test_the_peak_cache_lives_in_the_users_cache_folder_unless_told_otherwise(tm
     assert peak_cache_path() is None
 
 
-def test_the_measured_peak_is_the_best_burst():
-    from monovlm.train.flops import matmul_rate, measure_peak_flops
+def test_the_measured_peak_is_the_best_burst(monkeypatch):
+    """On a scripted clock (each matmul takes the next duration): the rate of the fastest timed burst, warm-ups not
+    timed, at least min_bursts even with no time budget, and the best size wins."""
+    from monovlm.train import flops
 
-    peak = measure_peak_flops(torch.float32, sizes=(32, 64), seconds=0.01)
-    assert 0 < peak < float("inf")
-    assert matmul_rate(torch.float32, 64, seconds=0.0, min_bursts=1) > 0  # at least one burst even with no time
+    clock = {"now": 0.0, "durations": iter([9.0, 9.0, 0.5, 0.25, 1.0])}  # two warm-ups, then three timed bursts
+    real_matmul = torch.matmul
+
+    def scripted_matmul(*args, **kwargs):
+        clock["now"] += next(clock["durations"])
+        return real_matmul(*args, **kwargs)
+
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(torch, "matmul", scripted_matmul)
+    assert flops.matmul_rate(torch.float32, 64, seconds=0.0, min_bursts=3) == 2.0 * 64**3 / 0.25
+    clock["durations"] = iter([1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 4.0, 4.0, 4.0])  # size 32: bursts of 2 s; 64: 4 s
+    peak = flops.measure_peak_flops(torch.float32, sizes=(32, 64), seconds=0.0)
+    assert peak == max(2.0 * 32**3 / 2.0, 2.0 * 64**3 / 4.0)
 
 
 def test_mfu_shown_never_exceeds_100_percent(data_root, tmp_path, capsys):

@@ -18,7 +18,7 @@ import torch
 
 from monovlm.config import VisionConfig
 from monovlm.data.datasets import DatasetError, SkippedSample, SkipReport, read_records
-from monovlm.data.images import ImageLoadError, image_to_tensor, load_image
+from monovlm.data.images import ImageLoadError, ImagePathError, image_path_under, image_to_tensor, load_image
 
 # (data file, image root or None), both relative to the data root; None = the data file's folder
 DataSource = tuple[str, str | None]
@@ -68,10 +68,10 @@ def data_images(data_root: str | os.PathLike, sources: Sequence[DataSource | str
             if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
                 _skip(report, where, "malformed image entry", "'image' must be a path string or a list of them")
                 continue
-            resolved = [(base / name).resolve() for name in names]
-            escaping = [name for name, p in zip(names, resolved) if not p.is_relative_to(base)]
-            if escaping:
-                _skip(report, where, "image path escapes the root", f"{escaping[0]!r} escapes {base}")
+            try:
+                resolved = [image_path_under(base, name) for name in names]  # the readers' one rule
+            except ImagePathError as error:
+                _skip(report, where, "image path escapes the root", str(error))
                 continue
             if report is not None:
                 report.record(record)
