@@ -188,6 +188,7 @@ def train_command(
     out: Path,
     set: list[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     strategy: str = "ddp",
     dtype: str = "bfloat16",
     device: str | None = None,
@@ -202,7 +203,8 @@ def train_command(
     a TOML file. `monovlm recipes NAME` lists a recipe's stages, files and every key --set changes, e.g.
     `monovlm train eve --data DIR --out RUN --set stages.instruct.steps=2000 --set model.init=path/to/llm
     --set align.teacher=hf:path/to/siglip`. The recipe as run (overrides applied) is written to RUN/recipe.json;
-    --resume refuses a recipe that differs from it. Works under torchrun:
+    --resume refuses a recipe that differs from it, and data files that changed (RUN/data.json); a fresh run into a
+    folder that holds a run stops unless --overwrite. Works under torchrun:
     `torchrun --nproc-per-node 8 -m monovlm train eve --data DIR --out RUN --strategy fsdp`.
 
     Args:
@@ -210,7 +212,9 @@ def train_command(
         data: data root (the recipe's data files and image paths are relative to it)
         out: run folder for checkpoints, metrics.jsonl, recipe.json and the final model
         set: KEY=VALUE overriding a recipe value, e.g. stages.instruct.steps=2000 (keys: `monovlm recipes NAME`)
-        resume: continue from the latest checkpoint in --out (with the recipe and overrides it was started with)
+        resume: continue from the newest checkpoint in --out that loads (with the recipe, overrides and data it was
+            started with)
+        overwrite: replace the run --out already holds (without it a fresh run into a folder holding a run stops)
         strategy: with torchrun: ddp or fsdp
         dtype: autocast dtype: bfloat16 or float32 (weights stay fp32)
         device: cpu or cuda (default: cuda when available)
@@ -234,9 +238,9 @@ def train_command(
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this; one of them speaks
     # every file checked before the model is built or a teacher trained: a missing one is one error, not a crash later
     resolved = resolve_data(load_recipe(recipe, set or ()), data, log=print if main_rank else None)
-    train(TrainOptions(recipe=resolved, data_root=data, run_dir=out, resume=resume, device=device,
-                       strategy=strategy, dtype=dtype, eval_data=eval_data if eval else None, eval_limit=eval_limit,
-                       stop_after=stop_after, progress=progress))
+    train(TrainOptions(recipe=resolved, data_root=data, run_dir=out, resume=resume, overwrite=overwrite,
+                       device=device, strategy=strategy, dtype=dtype, eval_data=eval_data if eval else None,
+                       eval_limit=eval_limit, stop_after=stop_after, progress=progress))
 
 
 def recipes_command(name: str | None = None, /) -> None:

@@ -11,11 +11,11 @@ overrides): each re-ship adds the weights' size to the repository's history for 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from monovlm.files import write_folder_atomic
 from monovlm.paths import DEFAULT_MODEL_DIR, PACKAGE_DIR
 
 # a re-ship must beat the shipped model's overall accuracy by this much: 1000 questions measure accuracy to about
@@ -131,18 +131,13 @@ def ship(model, tokenizer, report: dict[str, Any]) -> Path:
     import torch
 
     dtype = getattr(torch, SHIP_DTYPE)
-    staging = DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + ".new")
-    previous = DEFAULT_MODEL_DIR.with_name(DEFAULT_MODEL_DIR.name + ".old")
-    for stale in (staging, previous):
-        if stale.exists():
-            shutil.rmtree(stale)
     state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in model.state_dict().items()}
-    model.save(staging, tokenizer, state_dict=state)
-    (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    if DEFAULT_MODEL_DIR.exists():
-        DEFAULT_MODEL_DIR.rename(previous)
-    staging.rename(DEFAULT_MODEL_DIR)
-    shutil.rmtree(previous, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        model.save(folder, tokenizer, state_dict=state)
+        (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    write_folder_atomic(DEFAULT_MODEL_DIR, write)
     return DEFAULT_MODEL_DIR
 
 
@@ -166,7 +161,8 @@ def run_quickstart(out: Path, recipe_name: str = "eve-synthetic", n: int = 4000,
     recipe = load_recipe(recipe_name)
     recipe.seed = seed
     print(f"[2/4] training with the {recipe.name!r} recipe ({len(recipe.stages)} stages)")
-    result = train(TrainOptions(recipe=recipe, data_root=data, run_dir=out / "run", eval_data=None,
+    # the quickstart's folder is its own: a second quickstart into it replaces the first one's run
+    result = train(TrainOptions(recipe=recipe, data_root=data, run_dir=out / "run", eval_data=None, overwrite=True,
                                 progress=progress))
     model, tokenizer = result.model.eval(), result.tokenizer
     if ship:

@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from monovlm.eval.protocol import ModelRunner
 from monovlm.eval.readers import read
 from monovlm.eval.samples import EvalSample
 from monovlm.eval.tasks import Task, load_task
+from monovlm.files import write_atomic
 
 EXTRA_COLUMNS = {"pope": ("f1", "yes_ratio"), "captions": ("bleu4",), "mme": ("acc", "acc_plus")}
 
@@ -278,24 +279,6 @@ def plot_vs_tokens(runs: Sequence[EvalRun], task: str, path: Path) -> Path:
 
 # -------------------------------------------------------------------------------------------------------------------
 # files
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """`write(temporary)` into a hidden sibling of `path`, then rename it over `path`: a full disk or a crash leaves
-    the previous file whole (never half a report), and the temporary is removed. An OSError names `path`."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells savefig the format
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        if error.filename is None:  # a failed write() names no file; the user needs to know which one
-            raise type(error)(error.errno, error.strerror or str(error), str(path)) from error
-        raise
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_report(runs: EvalRun | Sequence[EvalRun], out: str | os.PathLike) -> list[Path]:

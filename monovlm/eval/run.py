@@ -15,10 +15,10 @@ from monovlm.eval.report import (
     evaluate_model,
     load_runs,
     markdown,
-    write_atomic,
     write_report,
 )
 from monovlm.eval.tasks import load_task
+from monovlm.files import write_atomic
 from monovlm.paths import DEFAULT_MODEL_DIR
 
 DEFAULT_SYNTHETIC_DATA = Path("runs/quickstart/data")  # what the quickstart (and the shipped model) used

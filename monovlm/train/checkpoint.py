@@ -2,13 +2,12 @@
 
 `runs/NAME/checkpoints/step_000200/` holds config.json, model.safetensors and the tokenizer (loadable for inference
 as is) and `train_state.pt` (optimizer, schedule position, data position, RNG states, the align head). A checkpoint
-is written into `step_000200.tmp/` and renamed into place only when complete, so an interrupted write never damages
-the previous checkpoint and `latest_checkpoint` never returns a half-written one.
+is written into `step_000200.tmp/` and renamed into place only when complete (`files.write_folder_atomic`), so an
+interrupted write never damages the previous checkpoint and `latest_checkpoint` never returns a half-written one.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from monovlm.files import write_folder_atomic
 
 TRAIN_STATE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -27,31 +28,37 @@ def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
 
 def save_checkpoint(folder: Path, model, tokenizer, train_state: dict[str, Any], keep: int = 2,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    folder = Path(folder)
-    temporary = folder.with_name(folder.name + ".tmp")
-    if temporary.exists():
-        shutil.rmtree(temporary)  # leftovers of an interrupted write
-    model.save(temporary, tokenizer, state_dict=state_dict)
-    torch.save(train_state, temporary / TRAIN_STATE)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(temporary, folder)
-    _prune(folder.parent, keep)
-    return folder
+    def write(temporary: Path) -> None:
+        model.save(temporary, tokenizer, state_dict=state_dict)
+        torch.save(train_state, temporary / TRAIN_STATE)
+
+    write_folder_atomic(folder, write)
+    _prune(Path(folder).parent, keep)
+    return Path(folder)
+
+
+def _step(folder: Path) -> int:
+    return int(_STEP_DIR.match(folder.name).group(1))
 
 
 def _prune(checkpoints: Path, keep: int) -> None:
-    steps = sorted(p for p in checkpoints.iterdir() if _STEP_DIR.match(p.name))
+    steps = sorted((p for p in checkpoints.iterdir() if _STEP_DIR.match(p.name)), key=_step)
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (those holding a training state), newest first."""
     checkpoints = Path(run_dir) / "checkpoints"
     if not checkpoints.is_dir():
-        return None
+        return []
     complete = [p for p in checkpoints.iterdir() if _STEP_DIR.match(p.name) and (p / TRAIN_STATE).is_file()]
-    return max(complete, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+    return sorted(complete, key=_step, reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    newest = checkpoints_newest_first(run_dir)
+    return newest[0] if newest else None
 
 
 def load_train_state(folder: Path) -> dict[str, Any]:

@@ -51,6 +51,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from monovlm.files import write_text_atomic
+
 PEAK_CACHE_ENV = "MONOVLM_PEAK_CACHE"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _HEAD_STATION = 1 << 30  # after every decoder layer
@@ -213,9 +215,7 @@ def _read_cache(path: Path) -> dict[str, float]:
 
 def _write_cache(path: Path, peaks: dict[str, float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never half a file
-    temporary.write_text(json.dumps(peaks, indent=1, sort_keys=True))
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(peaks, indent=1, sort_keys=True))
 
 
 def peak_flops(dtype: torch.dtype, device: str, cache: Path | None, recheck_seconds: float = 0.2) -> float:

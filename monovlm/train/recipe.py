@@ -175,7 +175,8 @@ _MISSING = object()  # a key a table does not have (None is a value)
 
 # what the stages that read the captions file do when the data folder has none (QA data only)
 NO_CAPTIONS = ("error", "instruct", "skip")
-DATA_FILES = ("captions", "instruct")  # the [data] files a stage's `data` names as "{captions}" and "{instruct}"
+DATA_FILES = ("captions", "instruct")
+OVER_MAX_SKIPPED = ("error", "warn")  # the [data] files a stage's `data` names as "{captions}" and "{instruct}"
 
 
 @dataclass
@@ -193,10 +194,19 @@ class DataConfig:
     # instruction file instead: each image with its conversation's last answer as the caption, the plain template's
     # reading); "skip" (the caption stages are left out, and with them what they would teach)
     no_captions: str = "error"
+    # the share of a stage's samples that may be unusable (missing or broken images, malformed records, too long)
+    # before the run stops: "error" stops it naming the reasons, "warn" says so loudly once and trains on. A stage
+    # with no usable sample at all always stops.
+    max_skipped: float = 0.05
+    over_max_skipped: str = "error"
 
     def __post_init__(self) -> None:
         if self.no_captions not in NO_CAPTIONS:
             raise ConfigError(f"[data] no_captions={self.no_captions!r} is not one of {NO_CAPTIONS}")
+        if not 0.0 <= self.max_skipped <= 1.0:
+            raise ConfigError(f"[data] max_skipped={self.max_skipped!r} must be a share between 0 and 1")
+        if self.over_max_skipped not in OVER_MAX_SKIPPED:
+            raise ConfigError(f"[data] over_max_skipped={self.over_max_skipped!r} is not one of {OVER_MAX_SKIPPED}")
         for key in DATA_FILES:
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError(f"[data] {key} must be a file name, got {getattr(self, key)!r}")

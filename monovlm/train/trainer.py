@@ -30,11 +30,14 @@ from tqdm import tqdm
 
 from monovlm.config import ConfigError
 from monovlm.data.collate import Batch
+from monovlm.data.datasets import DatasetError
 from monovlm.data.layout import TokenLayout
 from monovlm.data.processor import IGNORE_INDEX, Processor
+from monovlm.files import write_folder_atomic
 from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy, per_sample_token_weights
 from monovlm.tokenizer import Tokenizer
 from monovlm.train import checkpoint as ckpt
+from monovlm.train import run_folder
 from monovlm.train.build import build_model
 from monovlm.train.data import BatchStream, stage_dataset, stage_processor, stage_stream
 from monovlm.train.distributed import (
@@ -49,8 +52,11 @@ from monovlm.train.distributed import (
 )
 from monovlm.train.flops import flops_per_token, peak_cache_path, peak_flops, teacher_params, training_flops
 from monovlm.train.parts import param_groups, set_trainable
-from monovlm.train.recipe import Recipe, StageConfig, recipe_differences, recipe_to_dict
+from monovlm.train.recipe import Recipe, StageConfig
 from monovlm.train.schedule import apply_lr, lr_factor
+
+# a stage's skipped share is judged once this many samples (or the whole data set, if smaller) were read
+SKIP_CHECK_SAMPLES = 200
 
 
 @dataclass
@@ -59,6 +65,7 @@ class TrainOptions:
     data_root: Path
     run_dir: Path
     resume: bool = False
+    overwrite: bool = False  # a fresh run into a folder holding another run replaces it (else: refused)
     device: str | None = None
     strategy: str = "ddp"  # with torchrun: "ddp" or "fsdp"
     dtype: str = "bfloat16"  # autocast dtype for forward/backward ("float32" to disable); weights stay fp32
@@ -160,6 +167,7 @@ class Trainer:
         self.device_peak = None  # FLOP/s of one device, measured on the main rank (the one that logs MFU)
         self.total_flops = 0.0  # training FLOPs spent so far (see flops.py), logged with each eval
         self.mfu_warned = False
+        self.skip_warned = False
         self.started = time.time()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -175,35 +183,70 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def setup(self) -> tuple[EncoderFreeVLM, Tokenizer, dict[str, Any] | None]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """The model to train: from the newest checkpoint that loads (with --resume), else built fresh. Checks the
+        run folder's identity first (see run_folder.py) and records it."""
+        options, info = self.options, self.info
         torch.manual_seed(self.recipe.seed)
-        state = None
-        latest = ckpt.latest_checkpoint(self.run_dir) if self.options.resume else None
-        recorded = self.run_dir / "recipe.json"  # the recipe as run, overrides applied
-        if latest is not None:
-            differences = (recipe_differences(json.loads(recorded.read_text()), recipe_to_dict(self.recipe))
-                           if recorded.is_file() else [])
-            if differences:  # a checkpoint continued under other settings would be a run nobody wrote down
-                raise ConfigError(f"cannot resume {self.run_dir}: the recipe differs from the one it was started with "
-                                  f"({recorded}): " + "; ".join(differences) + ". Resume with the same recipe and "
-                                  "--set overrides (stages may be added at the end), or train into a new --out")
-            self.log(f"resuming from {latest}")
-            model = EncoderFreeVLM.load(latest)
-            tokenizer = Tokenizer.from_folder(latest)
-            state = ckpt.load_train_state(latest)
+        fingerprint = run_folder.data_fingerprint(self.recipe, options.data_root)
+        if options.resume:
+            run_folder.check_resume(self.run_dir, self.recipe, fingerprint)
         else:
-            if self.options.resume:
+            run_folder.check_fresh(self.run_dir, options.overwrite)
+        barrier(info)  # every rank has looked at the folder before the main one changes it
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not options.resume:
+                run_folder.clear_run(self.run_dir)  # with --overwrite: the run that was there
+            run_folder.record_identity(self.run_dir, self.recipe, fingerprint)
+        self.warn_without_eval_data()
+        loaded = self.load_newest_checkpoint() if options.resume else None
+        if loaded is None:
+            if options.resume:
                 self.log(f"no checkpoint in {self.run_dir}; starting fresh")
-            elif self.metrics_path.exists() and self.info.is_main:
-                self.metrics_path.unlink()  # a fresh run: old metrics would mix with new ones
-            model, tokenizer = build_model(self.recipe, self.options.data_root)
-        if self.info.is_main:  # also on resume: stages added at the end are part of what ran
-            recorded.write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
-        model.to(self.info.device)
-        if self.options.measure_peak and self.info.is_main:
-            peak_dtype = getattr(torch, self.options.dtype)
-            self.device_peak = peak_flops(peak_dtype, self.info.device.type, peak_cache_path())
+                if info.is_main:
+                    self.metrics_path.unlink(missing_ok=True)  # a fresh start: old metrics would mix with new ones
+            model, tokenizer = build_model(self.recipe, options.data_root)
+            state = None
+        else:
+            model, tokenizer, state = loaded
+            if info.is_main:
+                dropped = run_folder.truncate_metrics(self.metrics_path, state["global_step"])
+                if dropped:
+                    self.log(f"metrics.jsonl: dropped {dropped} record(s) logged after step {state['global_step']} "
+                             "(those steps run again)")
+        barrier(info)
+        model.to(info.device)
+        if options.measure_peak and info.is_main:
+            peak_dtype = getattr(torch, options.dtype)
+            self.device_peak = peak_flops(peak_dtype, info.device.type, peak_cache_path())
         return model, tokenizer, state
+
+    def load_newest_checkpoint(self) -> tuple[EncoderFreeVLM, Tokenizer, dict[str, Any]] | None:
+        """(model, tokenizer, training state) of the newest checkpoint that loads; a damaged one (truncated weights,
+        an unreadable training state, a broken config) is passed over, saying which and why. None without
+        checkpoints; an error when none of them loads."""
+        candidates = ckpt.checkpoints_newest_first(self.run_dir)
+        failures = []
+        for folder in candidates:
+            try:
+                loaded = (EncoderFreeVLM.load(folder), Tokenizer.from_folder(folder), ckpt.load_train_state(folder))
+            except Exception as error:  # any damage to the files; the next older checkpoint may be whole
+                reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                failures.append(f"{folder.name} ({reason})")
+                self.log(f"checkpoint {folder} does not load, passed over: {reason}")
+                continue
+            self.log(f"resuming from {folder}" + (f" (skipped: {', '.join(failures)})" if failures else ""))
+            return loaded
+        if failures:
+            raise ConfigError(f"cannot resume {self.run_dir}: none of its {len(failures)} checkpoint(s) loads: "
+                              + "; ".join(failures))
+        return None
+
+    def warn_without_eval_data(self) -> None:
+        options = self.options
+        if options.eval_data and not (options.data_root / options.eval_data).is_file():
+            self.log(f"no periodic eval: {options.data_root / options.eval_data} does not exist (give a QA file with "
+                     "--eval-data FILE, or --no-eval to silence this)")
 
     def setup_align(self, model: EncoderFreeVLM, state: dict[str, Any] | None) -> nn.Module | None:
         align = self.recipe.align
@@ -251,9 +294,13 @@ class Trainer:
         final = self.run_dir / "final"
         full_state, _ = gather_state(module, None, self.info, self.options.strategy, with_optimizer=False)
         if self.info.is_main:
-            model.save(final, tokenizer, state_dict={k.removeprefix("model."): v for k, v in full_state.items()
-                                                     if k.startswith("model.")})
-            shutil.copyfile(self.run_dir / "recipe.json", final / "recipe.json")  # what made this model
+            model_state = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
+
+            def write(folder: Path) -> None:
+                model.save(folder, tokenizer, state_dict=model_state)
+                shutil.copyfile(self.run_dir / run_folder.RECIPE_FILE, folder / "recipe.json")  # what made this model
+
+            write_folder_atomic(final, write)
             self.log(f"saved the trained model to {final}")
         barrier(self.info)
         result.final_dir = final
@@ -307,6 +354,7 @@ class Trainer:
                       "tokens_per_s": tokens_per_s, "mfu": mfu, "flops": step_flops,
                       "skipped": stream.report.skipped, "elapsed_s": round(time.time() - self.started, 2)}
             self.write_metrics(record)
+            self.check_skipped(stage, stream, stage_end=step + 1 == stage.steps)
             bar.set_postfix(loss=f"{losses.total:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=self.mfu_text(mfu),
                             refresh=False)
             bar.update(1)
@@ -323,6 +371,31 @@ class Trainer:
         bar.close()
         self.log(f"stage {stage.name!r} data: {stream.report.summary()}")
         return global_step, False
+
+    def check_skipped(self, stage: StageConfig, stream: BatchStream, stage_end: bool = False) -> None:
+        """Stop a stage that has no usable sample, and one whose skipped share passes `[data] max_skipped` (or warn
+        once, with `over_max_skipped = "warn"`): a wrong image folder or a broken file must not train a model on
+        nothing, or on what is left of the data, without saying so. Judged once enough samples were read for the
+        share to mean something, or at the stage's end (all ranks' reads summed, so every rank stops together)."""
+        counts = all_reduce_sum(torch.tensor([float(stream.report.skipped), float(stream.report.total)]), self.info)
+        skipped, total = (int(value) for value in counts.tolist())
+        if total == 0 or (total < min(len(stream.dataset), SKIP_CHECK_SAMPLES) and not stage_end):
+            return
+        data = self.recipe.data
+        where = f"stage {stage.name!r} ({stream.dataset.name} under {self.options.data_root})"
+        if skipped >= total:
+            raise DatasetError(f"{where}: none of the {total} samples read so far is usable — "
+                               f"{stream.report.summary()}")
+        share = skipped / total
+        if share <= data.max_skipped or (data.over_max_skipped == "warn" and self.skip_warned):
+            return
+        message = (f"{where}: {100 * share:.1f}% of the {total} samples read so far are unusable, more than "
+                   f"[data] max_skipped = {100 * data.max_skipped:g}% — {stream.report.summary()}")
+        if data.over_max_skipped == "error":
+            raise DatasetError(message + "\n(fix the data, or accept the loss with --set data.max_skipped=SHARE or "
+                               "--set data.over_max_skipped=warn)")
+        self.skip_warned = True
+        self.log("WARNING: " + message + "\n(training goes on: [data] over_max_skipped = \"warn\")")
 
     def forward_backward(self, wrapped: nn.Module, model: EncoderFreeVLM, micro_batches: list[Batch | None],
                          stage: StageConfig) -> StepLosses:
