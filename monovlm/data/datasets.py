@@ -12,14 +12,22 @@ import bisect
 import json
 import os
 import random
+import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monovlm.data.images import ImageLoadError
-from monovlm.data.processor import IMAGE_MARKER, ProcessedSample, Processor, SampleError
+from monovlm.data.images import (
+    ImageLoadError,
+    image_header_size,
+    image_path_under,
+    max_image_tokens,
+    num_image_tokens,
+)
+from monovlm.data.processor import IMAGE_MARKER, ProcessedSample, Processor, SampleError, has_lone_surrogate
 
 
 class DatasetError(ValueError):
@@ -65,54 +73,163 @@ class SkipReport:
         return "\n".join(lines)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"  # some editors start UTF-8 files with it; JSON readers must not see it
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate (paired or lone)
+
+
+class _TooLongNumber:
+    """What the JSON reader makes of an integer longer than Python converts, so the record holding it is skipped
+    rather than the whole file failing."""
+
+
+_TOO_LONG = _TooLongNumber()
+
+
 def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[SkippedSample]]:
-    """Records of a .json (a list) or .jsonl (one object per line) file, and the malformed ones as skips."""
+    """Records of a .json (a list) or .jsonl (one object per line) file, and the unusable ones as skips.
+
+    A record is skipped, by line (.jsonl) or index (.json) and reason, when it is not a JSON object, is not JSON
+    (.jsonl), holds bytes that are not UTF-8 or a lone surrogate escape ("invalid UTF-8": text no tokenizer takes), or
+    holds an integer longer than Python reads ("number too long", over `sys.get_int_max_str_digits()`). Only a .json
+    file that is not a JSON list at all stops the run, as a `DatasetError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist" if not path.exists() else f"{path} is not a file")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    records: list[dict[str, Any]] = []
-    skipped: list[SkippedSample] = []
+    data = path.read_bytes().removeprefix(_UTF8_BOM)
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                skipped.append(SkippedSample(f"{path.name} line {number}", "malformed line", str(error)))
-                continue
-            if not isinstance(record, dict):
-                skipped.append(SkippedSample(f"{path.name} line {number}", "malformed line", "not a JSON object"))
-                continue
-            records.append(record)
-        return records, skipped
+        return _read_lines(data, path.name)
     try:
-        data = json.loads(text)
+        text, undecodable = data.decode("utf-8"), False
+    except UnicodeDecodeError:  # the records holding such bytes are skipped below, not the file
+        text, undecodable = data.decode("utf-8", errors="surrogateescape"), True
+    try:
+        values, huge = _parse_json(text)
     except json.JSONDecodeError as error:
         raise DatasetError(f"{path} is not valid JSON ({error}); use .jsonl for line-by-line tolerance") from error
-    if not isinstance(data, list):
+    except RecursionError as error:
+        raise DatasetError(f"{path} nests JSON deeper than Python's reader allows; use .jsonl for line-by-line "
+                           "tolerance") from error
+    if not isinstance(values, list):
         raise DatasetError(f"{path} must hold a JSON list of samples")
-    for number, record in enumerate(data):
-        if isinstance(record, dict):
-            records.append(record)
+    check = undecodable or huge or _may_hold_surrogates(text)  # else no record can hold a text fault: skip the walk
+    records: list[dict[str, Any]] = []
+    skipped: list[SkippedSample] = []
+    for number, record in enumerate(values):
+        where = f"{path.name} record {number}"
+        fault = _text_fault(record) if check else None
+        if fault is not None:
+            skipped.append(SkippedSample(_with_id(where, record), *fault))
+        elif not isinstance(record, dict):
+            skipped.append(SkippedSample(where, "malformed record", "not a JSON object"))
         else:
-            skipped.append(SkippedSample(f"{path.name} record {number}", "malformed record", "not a JSON object"))
+            records.append(record)
+    return records, skipped
+
+
+def _parse_int(digits: str) -> int | _TooLongNumber:
+    try:
+        return int(digits)
+    except ValueError:  # over Python's int-string limit (4,300 digits by default)
+        return _TOO_LONG
+
+
+def _parse_json(text: str) -> tuple[Any, bool]:
+    """json.loads(text), and whether an integer in it was too long for Python (it is then `_TOO_LONG`). The hook
+    only runs on a second parse, after the fast one failed on such a number. Raises JSONDecodeError, RecursionError."""
+    try:
+        return json.loads(text), False
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # json.loads raises a plain ValueError for an integer over the int-string limit
+        return json.loads(text, parse_int=_parse_int), True
+
+
+def _may_hold_surrogates(text: str) -> bool:
+    return "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
+
+
+def _text_fault(value: Any) -> tuple[str, str] | None:
+    """(reason, detail) if a parsed JSON value holds a too-long integer or a lone surrogate, else None. Iterative:
+    a value nested as deep as the JSON reader allows must not overflow the stack here."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is _TOO_LONG:
+            return "number too long", (f"an integer has more than {sys.get_int_max_str_digits()} digits, more than "
+                                       "Python reads (sys.set_int_max_str_digits)")
+        if isinstance(item, str):
+            if has_lone_surrogate(item):
+                return "invalid UTF-8", ("a string holds bytes that are not UTF-8 or a lone surrogate escape "
+                                         "(\\ud800-\\udfff), which is not text")
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _with_id(where: str, record: Any) -> str:
+    record_id = record.get("id") if isinstance(record, dict) else None
+    if isinstance(record_id, (str, int)) and _text_fault(record_id) is None:
+        return f"{where} (id={record_id})"
+    return where
+
+
+def _read_lines(data: bytes, name: str) -> tuple[list[dict[str, Any]], list[SkippedSample]]:
+    """The records of a .jsonl file's bytes, one per non-blank line; each unusable line a skip naming it."""
+    records: list[dict[str, Any]] = []
+    skipped: list[SkippedSample] = []
+    # bytes split only at \n, \r\n and \r: str.splitlines would also split at U+2028 and the like, which may stand
+    # unescaped inside a JSON string
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{name} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            skipped.append(SkippedSample(where, "invalid UTF-8", f"byte {error.start + 1} of the line is not UTF-8 "
+                                                                f"({error.reason})"))
+            continue
+        try:
+            record, huge = _parse_json(line)
+        except json.JSONDecodeError as error:
+            skipped.append(SkippedSample(where, "malformed line", str(error)))
+            continue
+        except RecursionError:
+            skipped.append(SkippedSample(where, "malformed line", "nested deeper than Python's JSON reader allows"))
+            continue
+        if not isinstance(record, dict):
+            skipped.append(SkippedSample(where, "malformed line", "not a JSON object"))
+            continue
+        fault = _text_fault(record) if huge or _may_hold_surrogates(line) else None
+        if fault is not None:
+            skipped.append(SkippedSample(where, *fault))
+            continue
+        records.append(record)
     return records, skipped
 
 
 def _reason(error: Exception) -> str:
     if isinstance(error, ImageLoadError):
-        return "image unreadable"
+        return "image path invalid" if "is not a usable path" in error.reason else "image unreadable"
     message = str(error)
     if "escapes the image root" in message:
         return "image path escapes root"
+    if "cannot be resolved" in message:
+        return "image path invalid"
     if "max_length" in message:
         return "too long"
+    if "lone surrogate" in message:
+        return "invalid UTF-8"
+    if f"{IMAGE_MARKER} markers" in message:
+        return "image marker count"
     return "invalid sample"
 
 
-def merge_turns_by_image(records: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+def merge_turns_by_image(records: Sequence[dict[str, Any]], seed: int = 0,
+                         fits: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
     """Merge the single-image records of one image into one multi-turn conversation, as LLaVA's instruction data is.
 
     A data set written one question per record (VQA-style, or monovlm's synthetic QA) then costs one pass over the
@@ -121,33 +238,104 @@ def merge_turns_by_image(records: Sequence[dict[str, Any]], seed: int = 0) -> li
     merged record are put in a seeded random order per image: data files often list an image's questions in a fixed
     order (attribute first, ...), and a model trained on that order learns to answer the first turn by its category
     without reading it (tried: it then answered every single-turn eval question with a colour or a shape). The image
-    marker goes on the first question only. Records with no image, several images or an image given as a list pass
-    through unchanged, as does any record whose conversation is not (human, gpt) pairs.
+    marker goes on the first question only.
+
+    Only a record merging cannot change is merged: one image given as a string, a conversation of (human, gpt) pairs,
+    and at most one image marker, in a question. Any other record passes through unchanged (no image, several
+    images, other speakers, or two markers for one image, which the processor then skips by the record's own name
+    instead of the merge quietly dropping a marker, or carrying one in an answer into the merged conversation).
+
+    `fits(record)` says whether a record stays within the processor's max_length. Given, a merged conversation that
+    does not fit is split rather than lost whole: a record too long on its own passes through unchanged (the processor
+    skips it alone, as too long), and the others' pairs, in their seeded order, are cut into consecutive
+    conversations that each fit. A group that fits is merged exactly as without `fits`.
     """
-    merged: list[dict[str, Any]] = []
-    by_image: dict[str, dict[str, Any]] = {}  # image -> its merged record (conversations filled in at the end)
-    pairs_of: dict[str, list[tuple[str, str]]] = {}  # image -> its (question, answer) pairs
+    slots: list[list[dict[str, Any]] | str] = []  # a passed-through record, or the image whose group goes there
+    groups: dict[str, list[dict[str, Any]]] = {}  # image -> its records to merge, in order
     for record in records:
-        image, turns = record.get("image"), record.get("conversations")
-        pairs = isinstance(turns, list) and len(turns) % 2 == 0 and all(
-            isinstance(t, dict) and t.get("from") == ("human", "gpt")[i % 2] and isinstance(t.get("value"), str)
-            for i, t in enumerate(turns))
-        if not isinstance(image, str) or not pairs or not turns:
-            merged.append(record)
+        image = record.get("image")
+        if not isinstance(image, str) or not _mergeable(record.get("conversations")):
+            slots.append([record])
             continue
-        if image not in by_image:
-            by_image[image] = {"id": record.get("id"), "image": image}
-            pairs_of[image] = []
-            merged.append(by_image[image])
-        for question, answer in zip(turns[::2], turns[1::2]):
-            pairs_of[image].append((question["value"].replace(IMAGE_MARKER, "").strip(), answer["value"]))
-    for image, group in by_image.items():
-        pairs = pairs_of[image]
-        random.Random(f"{seed}:{image}").shuffle(pairs)
-        group["conversations"] = [
-            {"from": role, "value": (IMAGE_MARKER + "\n" + text) if i == 0 and role == "human" else text}
-            for i, (question, answer) in enumerate(pairs) for role, text in (("human", question), ("gpt", answer))]
+        if image not in groups:
+            groups[image] = []
+            slots.append(image)
+        groups[image].append(record)
+    merged: list[dict[str, Any]] = []
+    for slot in slots:
+        merged += _merge_group(slot, groups[slot], seed, fits) if isinstance(slot, str) else slot
     return merged
+
+
+def _mergeable(turns: Any) -> bool:
+    """(human, gpt) pairs of strings with at most one image marker, in a question."""
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        return False
+    if not all(isinstance(t, dict) and t.get("from") == ("human", "gpt")[i % 2] and isinstance(t.get("value"), str)
+               for i, t in enumerate(turns)):
+        return False
+    markers = [turn["value"].count(IMAGE_MARKER) for turn in turns]
+    return sum(markers) <= 1 and sum(markers[1::2]) == 0
+
+
+def _merge_group(image: str, group: list[dict[str, Any]], seed: int,
+                 fits: Callable[[dict[str, Any]], bool] | None) -> list[dict[str, Any]]:
+    """One image's records as one conversation or, where that does not fit, as several (see merge_turns_by_image)."""
+    record_id = group[0].get("id")
+    whole = _conversation(record_id, image, _shuffled_pairs(group, image, seed))
+    if fits is None or fits(whole):
+        return [whole]
+    too_long = [not fits(record) for record in group]
+    chunks: list[list[tuple[str, str]]] = []
+    for pair in _shuffled_pairs([r for r, long in zip(group, too_long) if not long], image, seed):
+        if chunks and fits(_conversation(record_id, image, chunks[-1] + [pair])):
+            chunks[-1].append(pair)
+        else:
+            chunks.append([pair])  # alone it fits, as its record does (else the processor skips it as too long)
+    return [_conversation(record_id, image, chunk) for chunk in chunks] + \
+        [record for record, long in zip(group, too_long) if long]
+
+
+def _shuffled_pairs(group: list[dict[str, Any]], image: str, seed: int) -> list[tuple[str, str]]:
+    pairs = [(question["value"].replace(IMAGE_MARKER, "").strip(), answer["value"])
+             for record in group for question, answer in zip(record["conversations"][::2],
+                                                             record["conversations"][1::2])]
+    random.Random(f"{seed}:{image}").shuffle(pairs)
+    return pairs
+
+
+def _conversation(record_id: Any, image: str, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"id": record_id, "image": image, "conversations": [
+        {"from": role, "value": (IMAGE_MARKER + "\n" + text) if i == 0 and role == "human" else text}
+        for i, (question, answer) in enumerate(pairs) for role, text in (("human", question), ("gpt", answer))]}
+
+
+def _length_check(processor: Processor, image_root: Path) -> Callable[[dict[str, Any]], bool]:
+    """fits(record) for `merge_turns_by_image`: whether the processor's tokens for a record of one image stay within
+    its max_length, measured without decoding the image. The text is tokenized exactly; the image counts as the most
+    visual tokens any image can take, and only when that would not fit is its header read (and both orientations'
+    counts taken, the larger: EXIF rotation is not read). A record that cannot be measured (its image missing, its
+    conversation refused) counts as fitting: the processor names its fault when it reads it."""
+    limit = processor.config.max_length
+    most = max_image_tokens(processor.vision)
+    image_tokens: dict[str, int] = {}  # image name -> its visual tokens, read once per image
+
+    def tokens_of(name: str) -> int:
+        if name not in image_tokens:
+            height, width = image_header_size(image_path_under(image_root, name))
+            image_tokens[name] = max(num_image_tokens(height, width, processor.vision),
+                                     num_image_tokens(width, height, processor.vision))
+        return image_tokens[name]
+
+    def fits(record: dict[str, Any]) -> bool:
+        try:
+            if processor.token_count(record, [most]) <= limit:
+                return True
+            return processor.token_count(record, [tokens_of(record["image"])]) <= limit
+        except ValueError:  # SampleError, ImageLoadError, ImagePathError: the processor's to report
+            return True
+
+    return fits
 
 
 class LlavaDataset:
@@ -162,7 +350,8 @@ class LlavaDataset:
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.records, self.malformed = read_records(self.path)
         if group_by_image:
-            self.records = merge_turns_by_image(self.records, seed=group_seed)
+            self.records = merge_turns_by_image(self.records, seed=group_seed,
+                                                fits=_length_check(processor, self.image_root))
 
     def __len__(self) -> int:
         return len(self.records)

@@ -133,10 +133,27 @@ def load_image(
     raise TypeError(f"load_image takes a path, bytes or a PIL image, not {type(source).__name__}")
 
 
-def _load_from_path(
-    path: Path, name: str | None, max_source_pixels: int, background: tuple[int, int, int]
-) -> Image.Image:
+def image_header_size(path: str | os.PathLike, name: str | None = None) -> tuple[int, int]:
+    """(height, width) of the image file at `path` as its header declares them, without decoding a pixel: a cheap
+    size for planning, e.g. how many visual tokens a sample will have. EXIF orientation is not applied (for some
+    formats reading it means decoding the image), so a rotated photo's sides may be swapped compared with what
+    `load_image` returns. Raises `ImageLoadError` where `load_image` would for the path or the header."""
+    path = Path(path)
     label = name or f"'{path}'"
+    _check_regular_file(path, label)
+    try:
+        with _open_regular(path, label) as file:
+            prefix = file.read(16)
+            if not prefix:
+                raise ImageLoadError(label, "is empty (0 bytes)")
+            with _open_header(file, prefix, label) as image:
+                width, height = image.size
+    except OSError as error:  # permission denied, I/O error, ... (decoding errors are already ImageLoadError)
+        raise ImageLoadError(label, f"cannot be read ({error.strerror or error})") from error
+    return height, width
+
+
+def _check_regular_file(path: Path, label: str) -> None:
     try:
         kind = path.stat().st_mode  # follows links: what matters is what the open would read
     except FileNotFoundError:
@@ -151,6 +168,13 @@ def _load_from_path(
         # Opening a FIFO blocks until a writer appears (the loader would hang), and a device may never end or may
         # act on being opened; an image is always a regular file.
         raise ImageLoadError(label, f"is not a regular file (it is a {_file_kind(kind)})")
+
+
+def _load_from_path(
+    path: Path, name: str | None, max_source_pixels: int, background: tuple[int, int, int]
+) -> Image.Image:
+    label = name or f"'{path}'"
+    _check_regular_file(path, label)
     try:
         with _open_regular(path, label) as file:  # our own handle, closed on every path out, success or error
             prefix = file.read(16)
@@ -363,6 +387,15 @@ def num_image_tokens(height: int, width: int, config: VisionConfig) -> int:
     """
     rows, cols = grid_size(height, width, config)
     return TokenLayout.of(rows, cols, config).num_tokens
+
+
+def max_image_tokens(config: VisionConfig) -> int:
+    """The most placeholder positions any image can take under `config` (an upper bound for planning lengths).
+
+    A resized image has rows × cols <= max_pixels / pixels_per_token² tokens in its grid; with a row separator after
+    each row the most positions come from a one-column grid of that many rows."""
+    grid = config.max_pixels // config.pixels_per_token**2
+    return int(config.use_cls) + grid * (2 if config.use_row_separator else 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

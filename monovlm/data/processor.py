@@ -28,6 +28,7 @@ Templates (`ProcessorConfig.template`):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from monovlm.tokenizer import TokenizerError
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class Turn(NamedTuple):
@@ -109,15 +111,21 @@ class Processor:
         count = num_image_tokens(image.height, image.width, self.vision)
         return [self.image_start_id] + [self.image_id] * count + [self.image_end_id], image_to_tensor(image, self.vision)
 
-    def _encode_with_images(self, text: str, images: list[Image.Image], next_image: int) -> tuple[list[int], list[torch.Tensor], int]:
+    def _encode_with_images(self, text: str, images: list[Image.Image | int],
+                            next_image: int) -> tuple[list[int], list[torch.Tensor], int]:
+        # an int in `images` stands for an image of that many visual tokens: its block's ids, no pixels (token_count)
         ids: list[int] = []
         tensors: list[torch.Tensor] = []
         pieces = text.split(IMAGE_MARKER)
         for position, piece in enumerate(pieces):
             if position > 0:
-                block, tensor = self.image_block(images[next_image])
-                ids += block
-                tensors.append(tensor)
+                image = images[next_image]
+                if isinstance(image, int):
+                    ids += [self.image_start_id] + [self.image_id] * image + [self.image_end_id]
+                else:
+                    block, tensor = self.image_block(image)
+                    ids += block
+                    tensors.append(tensor)
                 next_image += 1
             if piece:
                 ids += self.tokenizer.encode(piece)
@@ -144,17 +152,25 @@ class Processor:
         result.image_keys = keys
         return result
 
+    def token_count(self, sample: dict[str, Any], image_tokens: Sequence[int]) -> int:
+        """The length `process` gives `sample` when its images have these numbers of visual tokens
+        (`num_image_tokens`), measured without reading an image: the same ids are built, each image's block of
+        placeholders without its pixels. Raises SampleError for a sample `process` refuses for its form."""
+        turns = _place_image_markers(_turns(sample), len(image_tokens))
+        return len(self.encode_chat(turns, list(image_tokens)))
+
     # ---------------------------------------------------------------------------------------------------------------
     # the chat builder: training samples and inference prompts
 
-    def encode_chat(self, turns: Sequence[Turn], images: Sequence[Image.Image] = (),
+    def encode_chat(self, turns: Sequence[Turn], images: Sequence[Image.Image | int] = (),
                     add_generation_prompt: bool = False) -> ProcessedSample:
         """A conversation -> token ids, labels (on the assistant's replies) and image tensors.
 
         Each IMAGE_MARKER in a turn's text takes the next image. With `add_generation_prompt` the ids end where the
         model starts its answer (inference); without, they are a training sample. chatml and hf: the config's system
         prompt opens the conversation unless it has its own system turn. plain: a training sample is the images, then
-        the caption (the last assistant reply) and eos; a prompt is the one user message with its images."""
+        the caption (the last assistant reply) and eos; a prompt is the one user message with its images. An int in
+        `images` stands for an image of that many visual tokens: its block's ids are built, no pixels (token_count)."""
         turns = [Turn(*turn) for turn in turns]
         images = list(images)
         markers = sum(turn.text.count(IMAGE_MARKER) for turn in turns)
@@ -345,11 +361,20 @@ def _turns(sample: dict[str, Any]) -> list[Turn]:
     for number, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise SampleError(f"conversation turn {number} is not an object with a string 'value'")
-        role = ROLE_NAMES.get(turn.get("from", ""))
+        if has_lone_surrogate(turn["value"]):
+            raise SampleError(f"conversation turn {number} holds a lone surrogate (text no UTF-8 can encode)")
+        speaker = turn.get("from", "")
+        role = ROLE_NAMES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
             raise SampleError(f"conversation turn {number} has unknown speaker {turn.get('from')!r}")
         turns.append(Turn(role, turn["value"]))
     return turns
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate (U+D800..U+DFFF): a str Python allows (from a "\\ud800" escape in JSON,
+    or bytes decoded with errors="surrogateescape") but no UTF-8 can encode and no tokenizer takes."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _image_paths(sample: dict[str, Any], image_root: str | os.PathLike | None) -> list[Path]:
@@ -392,4 +417,4 @@ def _place_image_markers(turns: list[Turn], num_images: int) -> list[Turn]:
 
 
 __all__ = ["IGNORE_INDEX", "IMAGE_MARKER", "ImageLoadError", "ProcessedSample", "Processor", "SampleError", "Turn",
-           "question_turn", "resolve_template"]
+           "has_lone_surrogate", "question_turn", "resolve_template"]

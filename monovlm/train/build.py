@@ -3,10 +3,12 @@ from a local HF LLM, with the image special tokens added and vision experts copi
 
 from __future__ import annotations
 
-import json
+import os
+from collections import Counter
 from pathlib import Path
 
 from monovlm.config import DecoderConfig, EncoderConfig, ProcessorConfig, VisionConfig, VLMConfig
+from monovlm.data.datasets import SkippedSample, read_records
 from monovlm.data.processor import resolve_template
 from monovlm.model.decoder import Decoder
 from monovlm.model.vlm import EncoderFreeVLM
@@ -19,16 +21,33 @@ _EXPERT_KEYS = ("expert_norms", "expert_attention", "expert_mlp")
 ENCODER_INITS = ("random", "mae", "labels")
 
 
-def recipe_texts(recipe: Recipe, data_root: Path):
-    """Every conversation turn of every stage's data (image markers removed): the tokenizer's training corpus."""
+def recipe_texts(recipe: Recipe, data_root: Path, skipped: dict[str, list[SkippedSample]] | None = None):
+    """Every conversation turn of every stage's data (image markers removed): the tokenizer's training corpus.
+
+    Records are read as the datasets read them (`read_records`), so a record they skip is skipped here too rather
+    than stopping the run; each file's skipped records are put in `skipped`, under the file's name."""
     for file in (file for stage in recipe.stages for file, _, _ in stage.data_files):  # once per stage that reads it
-        path = data_root / file
-        lines = path.read_text().splitlines() if path.suffix == ".jsonl" else None
-        records = [json.loads(line) for line in lines if line.strip()] if lines is not None else json.loads(path.read_text())
+        records, unusable = read_records(data_root / file)
+        if skipped is not None:
+            skipped[file] = unusable
         for record in records:
-            for turn in record.get("conversations", []) if isinstance(record, dict) else []:
+            turns = record.get("conversations")
+            for turn in turns if isinstance(turns, list) else []:
                 if isinstance(turn, dict) and isinstance(turn.get("value"), str):
                     yield turn["value"].replace("<image>", "")
+
+
+def skipped_line(skipped: dict[str, list[SkippedSample]]) -> str | None:
+    """One line counting the records the tokenizer's corpus skipped, per file and reason; None if none was."""
+    parts = []
+    for file, items in skipped.items():
+        if items:
+            reasons = Counter(item.reason for item in items)
+            parts.append(f"{file}: {len(items)} ({', '.join(f'{count} × {r}' for r, count in reasons.most_common())})")
+    if not parts:
+        return None
+    return ("tokenizer corpus: skipped unusable records (the datasets skip them too, naming each) in "
+            + "; ".join(parts))
 
 
 def build_tokenizer(recipe: Recipe, data_root: Path) -> Tokenizer:
@@ -36,7 +55,12 @@ def build_tokenizer(recipe: Recipe, data_root: Path) -> Tokenizer:
         return Tokenizer.from_folder(recipe.model.tokenizer)
     if recipe.model.init != "scratch":
         return Tokenizer.from_folder(recipe.model.init)
-    return train_bpe_tokenizer(recipe_texts(recipe, data_root), vocab_size=recipe.model.vocab_size)
+    skipped: dict[str, list[SkippedSample]] = {}
+    tokenizer = train_bpe_tokenizer(recipe_texts(recipe, data_root, skipped), vocab_size=recipe.model.vocab_size)
+    line = skipped_line(skipped)
+    if line is not None and os.environ.get("RANK", "0") == "0":  # every rank builds it; one line is enough
+        print(line)
+    return tokenizer
 
 
 def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokenizer]:
