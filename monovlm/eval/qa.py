@@ -21,12 +21,14 @@ from PIL import Image
 from monovlm.data.datasets import SkipReport
 from monovlm.data.processor import IMAGE_MARKER, Processor
 from monovlm.eval.harness import OVERALL, blank_like, run_task
+from monovlm.eval.metrics import answer_type
 from monovlm.eval.protocol import ModelRunner, Query
 from monovlm.eval.samples import EvalSample
 from monovlm.eval.tasks import load_task
 from monovlm.infer.generate import GenerationConfig
 
-__all__ = ["QAResult", "answer", "answer_of", "blank_like", "evaluate_qa", "question_of", "samples_from_records"]
+__all__ = ["BlindGap", "QAResult", "answer", "answer_of", "blank_like", "blind_gaps", "evaluate_qa", "question_of",
+           "samples_from_records"]
 
 
 def question_of(record: dict[str, Any]) -> str:
@@ -44,9 +46,12 @@ def answer_of(record: dict[str, Any]) -> str:
 
 
 def samples_from_records(records: Sequence[dict[str, Any]], image_root: str | os.PathLike) -> list[EvalSample]:
+    """Eval samples grouped by the records' `category`, or, where a record has none, by its answer's VQAv2 answer
+    type (yes/no, number, other)."""
     root = Path(image_root)
     return [EvalSample(id=str(r.get("id", index)), question=question_of(r), answers=[answer_of(r)],
-                       image=root / r["image"] if r.get("image") else None, category=r.get("category", "all"))
+                       image=root / r["image"] if r.get("image") else None,
+                       category=r.get("category") or answer_type(answer_of(r)))
             for index, r in enumerate(records)]
 
 
@@ -81,3 +86,44 @@ def evaluate_qa(model, processor: Processor, records: Sequence[dict[str, Any]], 
     accuracy[OVERALL] = result.scores[OVERALL]["accuracy"]
     counts = {group: n for group, n in result.counts.items() if group != OVERALL}
     return QAResult(accuracy, counts, result.predictions, result.skipped)
+
+
+@dataclass
+class BlindGap:
+    """One answer group's accuracy with the image and with a blank one, on the same questions."""
+
+    group: str
+    questions: int
+    model: float
+    blind: float
+    same_answers: float  # share of questions answered exactly as with the blank image
+    noise: float  # two standard errors of the paired accuracy difference (model minus blind, question by question)
+
+    @property
+    def looks(self) -> bool:
+        """The image raises the accuracy by more than noise (and by at least one point)."""
+        return self.model - self.blind > max(self.noise, 0.01)
+
+    def line(self) -> str:
+        verdict = "" if self.looks else "  <- at blind: answers from the wording alone"
+        return (f"{self.group:<12} {self.questions:>5}  model {100 * self.model:5.1f}%  blind {100 * self.blind:5.1f}%  "
+                f"(±{100 * self.noise:.1f})  same answer as blind {100 * self.same_answers:5.1f}%{verdict}")
+
+
+def blind_gaps(model_result: QAResult, blind_result: QAResult) -> list[BlindGap]:
+    """Per answer group (category, else answer type) of an `evaluate_qa` run and its `blank=True` twin: model vs
+    blind accuracy, the noise of their difference, and how often the two answers agree. An answer group within noise
+    of blind is one the model answers from the question's wording: the plateau a model that does not look sits on."""
+    blind_by_id = {p["id"]: p for p in blind_result.predictions}
+    gaps = []
+    for group in sorted(model_result.counts):
+        pairs = [(p, blind_by_id[p["id"]]) for p in model_result.predictions
+                 if p["group"] == group and p["id"] in blind_by_id]
+        n = max(len(pairs), 1)
+        differences = [m["score"] - b["score"] for m, b in pairs]  # per question: 1, 0 or -1 for exact match
+        mean = sum(differences) / n
+        variance = max(sum(d * d for d in differences) / n - mean * mean, 0.0)
+        same = sum(m["prediction"] == b["prediction"] for m, b in pairs) / n
+        gaps.append(BlindGap(group, len(pairs), sum(m["score"] for m, _ in pairs) / n,
+                             sum(b["score"] for _, b in pairs) / n, same, 2 * (variance / n) ** 0.5))
+    return gaps

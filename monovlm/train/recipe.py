@@ -70,11 +70,16 @@ class StageConfig:
     max_length: int = 512
     align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
     eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)
+    # at this share of a question-answer stage, one more eval: model vs blind per answer type, warning about any type
+    # answered no better than with a blank image (the plateau of a model that does not look); 0 turns it off
+    blind_check: float = 0.5
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
     init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if not 0.0 <= self.blind_check <= 1.0:
+            raise ConfigError(f"stage {self.name!r}: blind_check={self.blind_check!r} must be a share between 0 and 1")
         unknown = [p for p in self.train if p not in PARTS]
         if unknown:
             raise ConfigError(f"stage {self.name!r}: unknown part(s) {unknown}; parts are {PARTS}")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from monovlm.config import ConfigError
 from monovlm.data.collate import Batch
-from monovlm.data.datasets import DatasetError
+from monovlm.data.datasets import DatasetError, read_records
 from monovlm.data.layout import TokenLayout
 from monovlm.data.processor import IGNORE_INDEX, Processor
 from monovlm.files import write_folder_atomic
@@ -136,6 +136,26 @@ class TrainModule(nn.Module):
         layouts = [TokenLayout.for_image(image, model.config.vision) for image in batch.images]
         align = alignment_loss(self.aligner, captured.states, vision_mask, layouts, teacher_features)
         return ce_sum, align
+
+
+def short_answer_records(records: list[dict[str, Any]], limit: int, seed: int,
+                         max_words: int = 3) -> list[dict[str, Any]]:
+    """Up to `limit` single-question records about one image whose answer has at most `max_words` words (what exact
+    match can score), drawn with a fixed seed; each multi-turn record gives its first question."""
+    import random
+
+    usable = []
+    for record in records:
+        turns = record.get("conversations")
+        if not isinstance(record.get("image"), str) or not isinstance(turns, list) or len(turns) < 2:
+            continue
+        question, answer = turns[0], turns[1]
+        if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in (question, answer)):
+            continue
+        if question.get("from") in ("human", "user") and 0 < len(answer["value"].split()) <= max_words:
+            usable.append({**record, "conversations": [question, answer]})
+    random.Random(seed).shuffle(usable)
+    return usable[:limit]
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -359,7 +379,8 @@ class Trainer:
                             refresh=False)
             bar.update(1)
             last = step + 1 == stage.steps
-            if (stage.eval_every and (step + 1) % stage.eval_every == 0) or last:
+            check = stage.blind_check > 0 and step + 1 == max(1, round(stage.blind_check * stage.steps))
+            if (stage.eval_every and (step + 1) % stage.eval_every == 0) or last or check:
                 self.evaluate(model, processor, stage, global_step, result)
             stopping = options.stop_after is not None and global_step >= options.stop_after
             if (stage.save_every and (step + 1) % stage.save_every == 0) or last:
@@ -459,28 +480,49 @@ class Trainer:
 
     def evaluate(self, model: EncoderFreeVLM, processor: Processor, stage: StageConfig, global_step: int,
                  result: TrainResult) -> None:
+        """Short-answer accuracy per answer type with the image and with a blank one (see `eval.qa.blind_gaps`),
+        logged and written to metrics.jsonl; a warning names every answer type within noise of blind."""
         options = self.options
         if not options.eval_data or stage.template == "plain":
             return  # a caption-only stage cannot answer questions yet
         if options.strategy == "fsdp" and self.info.enabled:
             self.log("eval skipped under FSDP (sharded weights); evaluate the saved model with `monovlm eval`")
             return
-        path = options.data_root / options.eval_data
-        if not path.is_file():
-            return
-        from monovlm.eval.qa import evaluate_qa
-
-        records = json.loads(path.read_text())[: options.eval_limit]
         if options.strategy == "ddp" and not self.info.is_main:
             barrier(self.info)
             return
-        scores = evaluate_qa(model, processor, records, path.parent).accuracy
-        record = {"stage": stage.name, "global_step": global_step, "flops": self.total_flops, "eval": scores}
-        result.evals.append(record)
-        self.write_metrics(record)
-        self.log(f"eval @ step {global_step}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
+        from monovlm.eval.qa import blind_gaps, evaluate_qa
+
+        records, image_root, source = self.eval_records(stage)
+        if records:
+            scores = evaluate_qa(model, processor, records, image_root)
+            blind = evaluate_qa(model, processor, records, image_root, blank=True)
+            gaps = blind_gaps(scores, blind)
+            record = {"stage": stage.name, "global_step": global_step, "flops": self.total_flops,
+                      "eval": scores.accuracy, "blind": blind.accuracy, "eval_on": source}
+            result.evals.append(record)
+            self.write_metrics(record)
+            self.log(f"eval @ step {global_step} on {source}:\n" + "\n".join("  " + gap.line() for gap in gaps))
+            flat = [gap.group for gap in gaps if not gap.looks]
+            if flat:
+                self.log(f"WARNING: stage {stage.name!r} at step {global_step}: {', '.join(flat)} answered no better "
+                         "than with a blank image — the model answers them from the question's wording, not the "
+                         "image (README: 'When the model does not look')")
         if options.strategy == "ddp":
             barrier(self.info)
+
+    def eval_records(self, stage: StageConfig) -> tuple[list[dict[str, Any]], Path, str]:
+        """(records, their image root, what they are) for an eval: the --eval-data file when it exists, else
+        questions of the stage's own training data with short answers (a check of looking, not of generalising)."""
+        options = self.options
+        path = options.data_root / options.eval_data
+        if path.is_file():
+            records, _ = read_records(path)
+            return records[: options.eval_limit], path.parent, f"{path.name} ({min(len(records), options.eval_limit)} questions)"
+        file = options.data_root / stage.data_files[0][0]
+        image_root = options.data_root / stage.image_root if stage.image_root else file.parent
+        records = short_answer_records(read_records(file)[0], options.eval_limit, self.recipe.seed)
+        return records, image_root, f"{len(records)} training questions of {file.name}"
 
     def save(self, module: TrainModule, tokenizer: Tokenizer, optimizer, stream: BatchStream, stage_index: int,
              next_step: int, global_step: int, stage_done: bool) -> None:
