@@ -301,6 +301,49 @@ def test_concurrent_decoding_stays_within_the_server_pixel_budget(served, monkey
         assert client.get("/health").json()["decoding_pixels"] == 0
 
 
+def test_small_requests_never_wait_behind_large_decodes(served, monkeypatch):
+    """Two requests whose large images are stuck decoding (as 25 MP PNGs take seconds): a request with a small image
+    is answered meanwhile, and the large ones decode one at a time, in their own lane."""
+    release, large_started, lock, decoding, most = threading.Event(), threading.Semaphore(0), threading.Lock(), [0], [0]
+    real_load = app_module.load_image
+
+    def slow_large_load(data, *args, **kwargs):
+        with Image.open(io.BytesIO(data)) as header:
+            large = header.width * header.height > 10_000
+        if large:
+            with lock:
+                decoding[0] += 1
+                most[0] = max(most[0], decoding[0])
+            large_started.release()
+            release.wait(60)
+            with lock:
+                decoding[0] -= 1
+        return real_load(data, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_image", slow_large_load)
+    limits = Limits(large_image_pixels=10_000, prepare_threads=2, large_decode_threads=1)
+    with TestClient(create_app(served, limits)) as client:
+        results = {}
+
+        def post(name, png):
+            results[name] = client.post(URL, json=ask("Colour?", png, max_tokens=2))
+
+        large = [threading.Thread(target=post, args=(f"large{i}", shape_png((200, 200)))) for i in range(2)]
+        for thread in large:
+            thread.start()
+        assert large_started.acquire(timeout=30)  # one large image is decoding, and holds its lane
+        small = threading.Thread(target=post, args=("small", shape_png((64, 64))))
+        small.start()
+        small.join(60)
+        answered_while_stuck = "small" in results
+        release.set()
+        for thread in large:
+            thread.join(120)
+    assert answered_while_stuck and results["small"].status_code == 200
+    assert [results[f"large{i}"].status_code for i in range(2)] == [200, 200]
+    assert most[0] == 1  # large decodes one at a time
+
+
 @pytest.mark.parametrize("size", [(64, 64), (300, 200), (2000, 30), (7, 5000), (1, 300), (33, 33), (65, 20)])
 def test_shrinking_early_gives_the_same_tensor(served, size):
     image = Image.new("RGB", size)

@@ -13,7 +13,9 @@ refused before it is tokenized) and the images' header sizes against max_image_p
 images decoded one at a time by the safe loader and shrunk to the model's size at once, each waiting for its pixels in
 the server-wide decode budget (max_decode_pixels) -> prompt built, token reduction / decoding strategy checked against
 the model's depth, context check -> the batch worker. Parsing, decoding and tokenizing run in a small thread pool
-(`prepare_threads`), never on the event loop, so /health and small requests are answered meanwhile.
+(`prepare_threads`), never on the event loop, so /health and small requests are answered meanwhile; images over
+`large_image_pixels` are decoded in a lane of their own (`large_decode_threads`), so that small requests never wait
+behind them and big decodes leave the other cores to the model.
 
 Body before admission: a client that sends its body slowly holds a connection (bounded by max_connections,
 header_timeout_s and body_timeout_s, see `server_config`) but never one of the admission slots that finished
@@ -373,6 +375,7 @@ def create_app(served: ServedModel, limits: Limits | None = None, api_key: str |
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.prepare_limiter = anyio.CapacityLimiter(limits.prepare_threads)
+        app.state.large_limiter = anyio.CapacityLimiter(limits.large_decode_threads)
         app.state.pixels = PixelBudget(limits.max_decode_pixels)  # made in the event loop it serves
         worker.start()
         try:
@@ -423,16 +426,19 @@ def create_app(served: ServedModel, limits: Limits | None = None, api_key: str |
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
                                             "owned_by": "monovlm", "context_length": served.context}]}
 
-    async def in_thread(function, *args):
-        return await anyio.to_thread.run_sync(function, *args, limiter=app.state.prepare_limiter)
+    async def in_thread(function, *args, large: bool = False):
+        limiter = app.state.large_limiter if large else app.state.prepare_limiter
+        return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
 
     async def read_request(chat: ChatRequest) -> Prepared:
-        """Size checks, images decoded one by one under the pixel budget, the prompt: each step in a thread."""
+        """Size checks, images decoded one by one under the pixel budget (large ones in their own lane), the prompt:
+        each step in a thread."""
         pixels = await in_thread(check_sizes, served, chat, limits)
         pictures = []
         for part, count in zip(chat.images, pixels):
             async with app.state.pixels.hold(count):
-                pictures.append(await in_thread(decode_image, served, part, limits))
+                pictures.append(await in_thread(decode_image, served, part, limits,
+                                                large=count > limits.large_image_pixels))
             part.data = b""  # decoded: the file's bytes are not needed any more
         return await in_thread(prepare, served, chat, limits, pictures)
 

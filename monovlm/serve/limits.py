@@ -46,6 +46,10 @@ class Limits:
     max_batch: int = 16  # rows of one batched generation
     max_queue: int = 64  # admitted requests waiting for the worker; one more gets 429 + Retry-After
     prepare_threads: int = 2  # requests parsed / images decoded / prompts tokenized at once (CPU threads)
+    # images with more source pixels are decoded in a lane of their own, large_decode_threads at a time: requests with
+    # small images never wait behind them, and big decodes take at most that many cores from the model
+    large_image_pixels: int = 1_000_000
+    large_decode_threads: int = 1
     retry_after_s: int = 1  # what a 429 tells the client to wait
     max_buffered_bytes: int = 256 * 2**20  # request bytes held until their images are decoded, all requests together
     max_connections: int = 256  # open HTTP connections; one more is answered 429 and closed
