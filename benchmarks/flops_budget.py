@@ -160,10 +160,10 @@ class FlopsPlanner:
                              sources=stage_sources(self.recipe.stages))
 
     def _dataset_counts(self, stage: StageConfig) -> tuple[LlavaDataset, SampleCounts]:
-        key = (tuple(stage.data_files), stage.image_root, stage.template, stage.max_length)
+        key = (tuple(stage.data_files), stage.image_root, stage.template, stage.max_length, stage.yes_no)
         if key not in self._counts:
             dataset = stage_dataset(stage, stage_processor(stage, self.tokenizer, self.model.config.vision),
-                                    self.data_root)
+                                    self.data_root, seed=self.recipe.seed)
             self._counts[key] = dataset, sample_counts(dataset, self.model.image_token_id)
         return self._counts[key]
 

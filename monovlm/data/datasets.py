@@ -341,14 +341,21 @@ def _length_check(processor: Processor, image_root: Path) -> Callable[[dict[str,
 class LlavaDataset:
     """Map-style dataset: item i is the processed record i, or a SkippedSample saying why it cannot be used.
 
-    `group_by_image=True` first merges the records of each image into one multi-turn record (`merge_turns_by_image`)."""
+    `select(records)` (e.g. only the yes/no questions) runs on the file's records first, and `label` then says in the
+    data's name which of them this is. `group_by_image=True` then merges the records of each image into one multi-turn
+    record (`merge_turns_by_image`)."""
 
     def __init__(self, path: str | os.PathLike, processor: Processor, image_root: str | os.PathLike | None = None,
-                 group_by_image: bool = False, group_seed: int = 0):
+                 group_by_image: bool = False, group_seed: int = 0,
+                 select: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+                 label: str | None = None):
         self.path = Path(path)
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.label = label
         self.records, self.malformed = read_records(self.path)
+        if select is not None:
+            self.records = select(self.records)
         if group_by_image:
             self.records = merge_turns_by_image(self.records, seed=group_seed,
                                                 fits=_length_check(processor, self.image_root))
@@ -358,7 +365,7 @@ class LlavaDataset:
 
     @property
     def name(self) -> str:  # what progress and error messages call this data
-        return self.path.name
+        return self.path.name + (f" ({self.label})" if self.label else "")
 
     def describe(self, index: int) -> str:
         record_id = self.records[index].get("id")

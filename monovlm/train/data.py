@@ -15,6 +15,7 @@ batch of mazes (~100 tokens) costs about half a batch of multi-question scenes (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import Batch, collate, collate_packed, length_grouped_batches, pack
 from monovlm.data.datasets import LlavaDataset, MixedDataset, SkipReport
 from monovlm.data.processor import Processor
+from monovlm.data.yes_no import without_yes_no, yes_no_singles
 from monovlm.train.recipe import StageConfig
 
 
@@ -33,12 +35,25 @@ def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig) -> Proc
     return Processor(tokenizer, vision, config)
 
 
-def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path) -> LlavaDataset | MixedDataset:
+def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
+                  seed: int = 0) -> LlavaDataset | MixedDataset:
     """A stage's data file (and image folder), relative to the data root; several files make a `MixedDataset`
-    (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled)."""
+    (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled). With
+    `stage.yes_no` other than "grouped", each file is two parts: its records without the single yes/no questions,
+    and those questions alone (see data/yes_no.py; `seed` draws the balancing repeats)."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
-    parts = [(LlavaDataset(Path(data_root) / file, processor, image_root, group_by_image=grouped), repeat)
-             for file, repeat, grouped in stage.data_files]
+    if stage.yes_no == "grouped":
+        parts = [(LlavaDataset(Path(data_root) / file, processor, image_root, group_by_image=grouped), repeat)
+                 for file, repeat, grouped in stage.data_files]
+    else:  # each file's yes/no questions read alone (balanced per wording), its other records as before
+        balanced = stage.yes_no == "balanced"
+        singles = partial(yes_no_singles, balanced=balanced, seed=seed)
+        parts = []
+        for file, repeat, grouped in stage.data_files:
+            parts.append((LlavaDataset(Path(data_root) / file, processor, image_root, group_by_image=grouped,
+                                       select=without_yes_no, label="without yes/no" if grouped else None), repeat))
+            parts.append((LlavaDataset(Path(data_root) / file, processor, image_root, select=singles,
+                                       label="yes/no, balanced" if balanced else "yes/no"), 1))
     if len(parts) == 1 and parts[0][1] == 1:
         return parts[0][0]
     return MixedDataset(parts)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from monovlm.config import TEMPLATES, ConfigError, DecoderConfig, EncoderConfig, VisionConfig
+from monovlm.data.yes_no import YES_NO_MODES
 
 PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align")
 
@@ -70,6 +71,10 @@ class StageConfig:
     max_length: int = 512
     align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
     eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)
+    # yes/no questions: "grouped" (as the data has them), "singles" (taken out of the image-grouped conversations and
+    # read as samples of their own) or "balanced" (singles, re-sampled so each question wording's answers are equally
+    # frequent: the wording then predicts nothing); see monovlm/data/yes_no.py
+    yes_no: str = "grouped"
     # at this share of a question-answer stage, one more eval: model vs blind per answer type, warning about any type
     # answered no better than with a blank image (the plateau of a model that does not look); 0 turns it off
     blind_check: float = 0.5
@@ -78,6 +83,8 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.yes_no not in YES_NO_MODES:
+            raise ConfigError(f"stage {self.name!r}: yes_no={self.yes_no!r} is not one of {YES_NO_MODES}")
         if not 0.0 <= self.blind_check <= 1.0:
             raise ConfigError(f"stage {self.name!r}: blind_check={self.blind_check!r} must be a share between 0 and 1")
         unknown = [p for p in self.train if p not in PARTS]

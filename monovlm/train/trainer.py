@@ -334,7 +334,7 @@ class Trainer:
             model.decoder.init_experts_from_text()
         processor = stage_processor(stage, tokenizer, model.config.vision)
         model.config.processor = processor.config  # saved with the model: inference uses the last stage's template
-        dataset = stage_dataset(stage, processor, options.data_root)
+        dataset = stage_dataset(stage, processor, options.data_root, seed=self.recipe.seed)
         pad_id = tokenizer.pad_id or 0
         stream = stage_stream(stage, dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,
                               info.world_size)
