@@ -190,7 +190,7 @@ def train_command(
     resume: bool = False,
     overwrite: bool = False,
     strategy: str = "ddp",
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str | None = None,
     eval_data: str = "instruct_test.json",
     eval: bool = True,
@@ -216,7 +216,8 @@ def train_command(
             started with)
         overwrite: replace the run --out already holds (without it a fresh run into a folder holding a run stops)
         strategy: with torchrun: ddp or fsdp
-        dtype: autocast dtype: bfloat16 or float32 (weights stay fp32)
+        dtype: autocast dtype: auto (bfloat16 where this machine multiplies it fast: CUDA, or a CPU with native bf16;
+            else float32), bfloat16, float16 or float32 (weights stay fp32)
         device: cpu or cuda (default: cuda when available)
         eval_data: QA file (relative to --data) evaluated at the end of each question-answer stage
         eval: evaluate during training (--no-eval: never)
@@ -231,8 +232,8 @@ def train_command(
 
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"--strategy {strategy!r}: use ddp or fsdp")
-    if dtype not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+    if dtype not in ("auto", "bfloat16", "float32", "float16"):
+        raise ValueError(f"--dtype {dtype!r}: use auto, bfloat16, float16 or float32")
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this; one of them speaks

@@ -443,3 +443,19 @@ def test_mfu_shown_never_exceeds_100_percent(data_root, tmp_path, capsys):
     assert trainer.mfu_text(1.2) == "100.0%"
     assert capsys.readouterr().out.count("exceeds the measured matmul peak") == 1  # said once
     assert trainer.mfu_text(float("nan")) == "nan%"  # no peak measured
+
+
+def test_auto_precision_takes_bf16_only_where_it_is_fast(data_root, tmp_path, capsys, monkeypatch):
+    import monovlm.train.trainer as trainer_module
+    from monovlm.train.flops import autocast_dtype
+
+    dtype, why = autocast_dtype("cpu")
+    assert dtype in ("bfloat16", "float32") and "GFLOP/s" in why
+    monkeypatch.setattr(trainer_module, "autocast_dtype", lambda device: ("float32", "stub: no native bf16"))
+    recipe = tiny_recipe()
+    recipe.stages = recipe.stages[:1]
+    recipe.stages[0].steps = 1
+    options_auto = options(recipe, data_root, tmp_path / "run", dtype="auto")
+    train(options_auto)
+    assert "autocast: float32 (stub: no native bf16)" in capsys.readouterr().out
+    assert options_auto.dtype == "auto"  # the caller's options are not changed

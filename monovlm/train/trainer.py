@@ -1,7 +1,7 @@
 """The training loop: one explicit loop over the recipe's stages, readable top to bottom.
 
 Per optimizer step: fetch `grad_accum` micro-batches, count their labelled tokens across all ranks, then for each
-micro-batch run forward (bf16 autocast by default) and backward with the loss *summed* over tokens and divided by
+micro-batch run forward (bf16 autocast where the machine runs it natively) and backward with the loss *summed* over tokens and divided by
 that global count — so gradient accumulation and data parallelism give exactly the loss of one big batch. (With a
 stage's `loss_norm = "sample"` the units are samples: each token's loss is divided by its sample's labelled tokens
 and the sum by the global number of samples.) Then clip,
@@ -50,7 +50,14 @@ from monovlm.train.distributed import (
     shutdown,
     wrap,
 )
-from monovlm.train.flops import flops_per_token, peak_cache_path, peak_flops, teacher_params, training_flops
+from monovlm.train.flops import (
+    autocast_dtype,
+    flops_per_token,
+    peak_cache_path,
+    peak_flops,
+    teacher_params,
+    training_flops,
+)
 from monovlm.train.parts import param_groups, set_trainable
 from monovlm.train.recipe import Recipe, StageConfig
 from monovlm.train.schedule import apply_lr, lr_factor
@@ -68,7 +75,9 @@ class TrainOptions:
     overwrite: bool = False  # a fresh run into a folder holding another run replaces it (else: refused)
     device: str | None = None
     strategy: str = "ddp"  # with torchrun: "ddp" or "fsdp"
-    dtype: str = "bfloat16"  # autocast dtype for forward/backward ("float32" to disable); weights stay fp32
+    # autocast dtype for forward/backward ("float32" to disable; "auto": bf16 where this machine multiplies it fast,
+    # see flops.autocast_dtype); weights stay fp32
+    dtype: str = "auto"
     eval_data: str | None = "instruct_test.json"  # relative to data_root; QA accuracy per category
     eval_limit: int = 200
     stop_after: int | None = None  # stop after this global step (used to test resume: a simulated kill)
@@ -180,6 +189,10 @@ class Trainer:
         self.options = options
         self.recipe = options.recipe
         self.info: DistInfo = init_distributed(options.device)
+        self.dtype = options.dtype  # the autocast dtype of this run ("auto" resolved for this machine)
+        if self.dtype == "auto":
+            self.dtype, why = autocast_dtype(self.info.device.type)
+            self.log(f"autocast: {self.dtype} ({why})")
         self.run_dir = Path(options.run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.teacher = None
@@ -237,7 +250,7 @@ class Trainer:
         barrier(info)
         model.to(info.device)
         if options.measure_peak and info.is_main:
-            peak_dtype = getattr(torch, options.dtype)
+            peak_dtype = getattr(torch, self.dtype)
             self.device_peak = peak_flops(peak_dtype, info.device.type, peak_cache_path())
         return model, tokenizer, state
 
@@ -438,7 +451,7 @@ class Trainer:
             seen_tokens += batch.num_tokens
             visual_tokens += int((batch.input_ids == model.image_token_id).sum())
             sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, self.options.dtype):
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, self.dtype):
                 ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights)
                 loss = ce_sum * info.world_size / max(global_units, 1.0) + align / stage.grad_accum
             loss.backward()
