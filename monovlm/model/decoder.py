@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from monovlm.config import DecoderConfig
 from monovlm.model.experts import Routing, route
@@ -191,6 +192,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryTable(config)
+        # activation checkpointing: a run-time switch (set by the trainer), not a config field saved with the model
+        self.checkpoint_blocks = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -286,10 +289,20 @@ class Decoder(nn.Module):
             position_ids = self.default_positions(segment_ids, x.shape[:2], start, x.device)
         inputs = self.layer_inputs(x, attention_mask, position_ids, cache, vision_mask)
         for block in self.layers:
-            x = block(x, inputs, cache)
+            x = self.run_block(block, x, inputs, cache)
         if cache is not None:
             cache.advance(position_ids, segment_ids)
         return self.norm(x)
+
+    def run_block(self, block: Block, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None) -> torch.Tensor:
+        """One block on x (B, T, C). With `checkpoint_blocks` on, in training mode with gradients enabled and no KV
+        cache, the block keeps only its input for the backward and runs its forward again there: activation memory
+        of one layer instead of all of them, for about one more forward of compute. The non-reentrant form keeps
+        forward hooks (`align.HiddenCapture`) seeing outputs that carry their graph. The recompute calls the block
+        again (its pre-hooks run again; torch stops the recompute early, before the forward hooks, by default)."""
+        if self.checkpoint_blocks and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(block, x, inputs, None, use_reentrant=False)
+        return block(x, inputs, cache)
 
     @staticmethod
     def default_positions(segment_ids: torch.Tensor | None, shape: torch.Size, start: torch.Tensor | None,
