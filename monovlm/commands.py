@@ -184,9 +184,11 @@ def teacher_features(
 def train_command(
     recipe: str,
     *,
-    data: Path,
-    out: Path,
+    data: Path | None = None,
+    out: Path | None = None,
     set: list[str] | None = None,
+    dry_run: bool = False,
+    dry_run_steps: int = 0,
     resume: bool = False,
     overwrite: bool = False,
     strategy: str = "ddp",
@@ -212,6 +214,11 @@ def train_command(
         data: data root (the recipe's data files and image paths are relative to it)
         out: run folder for checkpoints, metrics.jsonl, recipe.json and the final model
         set: KEY=VALUE overriding a recipe value, e.g. stages.instruct.steps=2000 (keys: `monovlm recipes NAME`)
+        dry_run: read no data and train nothing: print per part the parameters (trainable, frozen), tokens and
+            FLOPs per step and the estimated peak memory per device for --strategy (with the world size torchrun
+            gives), then run --dry-run-steps steps on random inputs of the recipe's shapes and print the measured
+            step time and peak memory beside the estimate
+        dry_run_steps: steps on random inputs for --dry-run (0: the estimate only)
         resume: continue from the newest checkpoint in --out that loads (with the recipe, overrides and data it was
             started with)
         overwrite: replace the run --out already holds (without it a fresh run into a folder holding a run stops)
@@ -234,6 +241,16 @@ def train_command(
         raise ValueError(f"--strategy {strategy!r}: use ddp or fsdp")
     if dtype not in ("auto", "bfloat16", "float32", "float16"):
         raise ValueError(f"--dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    if dry_run:
+        from monovlm.train.dry_run import dry_run as plan
+
+        recipe_object = load_recipe(recipe, set or ())
+        print(plan(recipe_object, data, steps=dry_run_steps, strategy=strategy,
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")), dtype=dtype,
+                   checkpointing=recipe_object.activation_checkpointing, device=device).text())
+        return
+    if data is None or out is None:
+        raise ValueError("monovlm train needs --data (the data folder) and --out (the run folder)")
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this; one of them speaks

@@ -233,6 +233,9 @@ class Recipe:
     align: AlignConfig | None = None
     stages: list[StageConfig] = field(default_factory=list)
     description: str = ""
+    # activation checkpointing per decoder block: activations of one layer kept for the backward instead of all of
+    # them, for about one more forward of compute (same loss and gradients; `monovlm train --dry-run` shows the memory)
+    activation_checkpointing: bool = False
     # the KEY=VALUE overrides applied over the recipe file, in order: a record of how this recipe was made (the values
     # above already include them)
     overrides: list[str] = field(default_factory=list)

@@ -308,6 +308,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         model, tokenizer, state = self.setup()
+        model.decoder.checkpoint_blocks = self.recipe.activation_checkpointing
         aligner = self.setup_align(model, state)
         module = TrainModule(model, aligner)
         result = TrainResult(model, tokenizer)
