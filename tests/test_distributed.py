@@ -62,7 +62,7 @@ def free_port() -> int:
 
 def run(tmp_path, data_root, name, batch_size, nproc=None, strategy="ddp", *extra) -> list[float]:
     """Train the recipe into tmp_path/name; the losses of every optimizer step in its metrics.jsonl, in order
-    (a resumed run appends to the interrupted run's file)."""
+    (a resumed run cuts the file back to its checkpoint and appends to it)."""
     recipe = tmp_path / f"{name}.toml"
     recipe.write_text(RECIPE.format(batch_size=batch_size))
     args = ["-m", "monovlm", "train", str(recipe), "--data", str(data_root), "--out", str(tmp_path / name),
@@ -111,8 +111,9 @@ def test_two_process_resume_is_exact(tmp_path, data_root, two_process_runs, stra
     cut = run(tmp_path, data_root, "cut", 4, 2, strategy, "--stop-after", "3")
     assert cut == full[:3]
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_000002"]
-    resumed = run(tmp_path, data_root, "cut", 4, 2, strategy, "--resume")[len(cut):]
-    assert resumed == full[2:], (full, cut, resumed)
+    logged = run(tmp_path, data_root, "cut", 4, 2, strategy, "--resume")
+    # metrics.jsonl is cut back to the checkpoint (step 2) and continued: the log is the uninterrupted run's
+    assert logged == full, (full, cut, logged)
     final = load_file(tmp_path / "cut" / "final" / "model.safetensors")
     reference = load_file(full_dir / "full" / "final" / "model.safetensors")
     assert final.keys() == reference.keys()
@@ -128,8 +129,8 @@ def test_ddp_checkpoint_resumes_under_fsdp(tmp_path, data_root, two_process_runs
     depends only on the saved weights)."""
     _, fsdp = two_process_runs("fsdp")
     cut = run(tmp_path, data_root, "cut", 4, 2, "ddp", "--stop-after", "3")
-    resumed = run(tmp_path, data_root, "cut", 4, 2, "fsdp", "--resume")[len(cut):]
-    assert len(resumed) == 3
+    resumed = run(tmp_path, data_root, "cut", 4, 2, "fsdp", "--resume")[2:]  # the log continues from step 2
+    assert len(cut) == 3 and len(resumed) == 3
     for a, b in zip(resumed, fsdp[2:]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (fsdp, resumed)
 
