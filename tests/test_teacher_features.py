@@ -29,13 +29,14 @@ def test_data_images_lists_each_image_once_under_its_key(folder):
         {"image": ["photos/img_01.png", "photos/img_02.png"]},  # already listed: not twice
         {"conversations": [{"from": "human", "value": "text only"}]},  # no image: nothing to list, nothing skipped
         {"image": "../../outside.png"},
+        {"image": "photos/img\u0000.png"},
         {"image": 7}]))
     report = SkipReport()
     images = data_images(folder, ["captions.json", "qa.json", ("more/extra.json", "photos"), "mixed.json"], report)
     assert [image.key for image in images] == [f"photos/img_{i:02d}.png" for i in range(6)] + ["img_00.png"]
     assert all(image.path.is_file() for image in images)
     assert images[-1].path == images[0].path  # the same file under two keys, as the two data files name it
-    assert report.reasons == {"image path escapes the root": 1, "malformed image entry": 1}
+    assert report.reasons == {"image path escapes the root": 1, "image path invalid": 1, "malformed image entry": 1}
     with pytest.raises(DatasetError, match="nothere.json does not exist"):
         data_images(folder, ["nothere.json"])
     # one key naming two files (the same entry under two image roots): a features file could not tell them apart

@@ -70,8 +70,9 @@ def data_images(data_root: str | os.PathLike, sources: Sequence[DataSource | str
                 continue
             try:
                 resolved = [image_path_under(base, name) for name in names]  # the readers' one rule
-            except ImagePathError as error:
-                _skip(report, where, "image path escapes the root", str(error))
+            except ImagePathError as error:  # outside the image root, or no usable path at all (a NUL byte, ...)
+                reason = "image path invalid" if "cannot be resolved" in str(error) else "image path escapes the root"
+                _skip(report, where, reason, str(error))
                 continue
             if report is not None:
                 report.record(record)
