@@ -105,3 +105,17 @@ def test_the_shipped_model_looks_and_one_that_ignores_the_image_does_not(synthet
     blind_model = gaps(records[:100])
     assert not any(gap.looks for gap in blind_model), [gap.line() for gap in blind_model]
     assert all(gap.same_answers == 1.0 for gap in blind_model)
+
+
+def test_eval_records_follow_the_readers_one_image_path_rule(tmp_path):
+    from monovlm.data.datasets import SkipReport
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (tmp_path / "data" / "link.png").symlink_to(tmp_path / "outside.png")  # a link out of the image folder
+    question = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "yes"}]
+    records = [{"id": name, "image": name, "conversations": question} for name in ("in.png", "link.png", "../x.png")]
+    skipped = SkipReport()
+    samples = samples_from_records(records, tmp_path / "data", skipped)
+    assert [s.id for s in samples] == ["in.png"] and samples[0].image == (tmp_path / "data" / "in.png").resolve()
+    assert skipped.skipped == 2 and skipped.reasons == {"image path escapes root": 2}

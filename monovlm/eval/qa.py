@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from monovlm.data.datasets import SkipReport
+from monovlm.data.datasets import SkippedSample, SkipReport
+from monovlm.data.images import ImagePathError, image_path_under
 from monovlm.data.processor import IMAGE_MARKER, Processor
 from monovlm.eval.harness import OVERALL, blank_like, run_task
 from monovlm.eval.metrics import answer_type
@@ -45,14 +46,26 @@ def answer_of(record: dict[str, Any]) -> str:
     return next(t["value"] for t in record["conversations"] if t.get("from") in ("gpt", "assistant"))
 
 
-def samples_from_records(records: Sequence[dict[str, Any]], image_root: str | os.PathLike) -> list[EvalSample]:
+def samples_from_records(records: Sequence[dict[str, Any]], image_root: str | os.PathLike,
+                         skipped: SkipReport | None = None) -> list[EvalSample]:
     """Eval samples grouped by the records' `category`, or, where a record has none, by its answer's VQAv2 answer
-    type (yes/no, number, other)."""
+    type (yes/no, number, other). An image path is resolved by the readers' one rule (`images.image_path_under`:
+    inside the image root, links resolved); a record whose path breaks it is left out, counted in `skipped`."""
     root = Path(image_root)
-    return [EvalSample(id=str(r.get("id", index)), question=question_of(r), answers=[answer_of(r)],
-                       image=root / r["image"] if r.get("image") else None,
-                       category=r.get("category") or answer_type(answer_of(r)))
-            for index, r in enumerate(records)]
+    samples = []
+    for index, record in enumerate(records):
+        image = None
+        if record.get("image"):
+            try:
+                image = image_path_under(root, record["image"])
+            except ImagePathError as error:
+                if skipped is not None:
+                    skipped.record(SkippedSample(f"record {index}", "image path escapes root", str(error)))
+                continue
+        samples.append(EvalSample(id=str(record.get("id", index)), question=question_of(record),
+                                  answers=[answer_of(record)], image=image,
+                                  category=record.get("category") or answer_type(answer_of(record))))
+    return samples
 
 
 @torch.no_grad()
@@ -77,9 +90,10 @@ def evaluate_qa(model, processor: Processor, records: Sequence[dict[str, Any]], 
     """Exact-match accuracy per `category` (unreadable images skipped and counted), through the `synthetic` task."""
     was_training = model.training
     runner = ModelRunner(model, processor, batch_size=batch_size)
+    skipped = SkipReport()
     try:
-        result = run_task(runner, load_task("synthetic"), samples_from_records(records, image_root), blank=blank,
-                          skipped=SkipReport(), progress=progress)
+        result = run_task(runner, load_task("synthetic"), samples_from_records(records, image_root, skipped),
+                          blank=blank, skipped=skipped, progress=progress)
     finally:
         model.train(was_training)
     accuracy = {group: values["accuracy"] for group, values in result.scores.items() if group != OVERALL}
