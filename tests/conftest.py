@@ -13,6 +13,15 @@ def _peak_cache(tmp_path_factory):
     os.environ["MONOVLM_PEAK_CACHE"] = str(tmp_path_factory.mktemp("peak") / "peak_flops.json")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    # tensors this small gain nothing from a second thread, and its synchronisation is slow on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

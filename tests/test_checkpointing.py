@@ -11,13 +11,7 @@ from monovlm.infer.generate import GenerationConfig, generate
 from monovlm.model.align import HiddenCapture
 from monovlm.model.vlm import IGNORE_INDEX, EncoderFreeVLM
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tensors this small gain nothing from a second thread, and its synchronisation is slow on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 97

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from monovlm.data.synthetic import synthesize
 from monovlm.train.build import build_model
@@ -17,13 +16,7 @@ from monovlm.train.flops import flops_per_token
 from monovlm.train.parts import part_of, set_trainable
 from monovlm.train.recipe import recipe_from_dict
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tensors this small gain nothing from a second thread, and its synchronisation is slow on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -120,8 +120,9 @@ class BlindGap:
 
     def line(self) -> str:
         verdict = "" if self.looks else "  <- at blind: answers from the wording alone"
-        return (f"{self.group:<12} {self.questions:>5}  model {100 * self.model:5.1f}%  blind {100 * self.blind:5.1f}%  "
-                f"(±{100 * self.noise:.1f})  same answer as blind {100 * self.same_answers:5.1f}%{verdict}")
+        return (f"{self.group:<12} {self.questions:>5}  model {100 * self.model:5.1f}%  "
+                f"blind {100 * self.blind:5.1f}%  (±{100 * self.noise:.1f})  "
+                f"same answer as blind {100 * self.same_answers:5.1f}%{verdict}")
 
 
 def blind_gaps(model_result: QAResult, blind_result: QAResult) -> list[BlindGap]:

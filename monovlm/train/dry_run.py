@@ -54,6 +54,7 @@ from monovlm.model.vlm import IGNORE_INDEX, EncoderFreeVLM, labelled_cross_entro
 from monovlm.train.flops import autocast_dtype, flops_per_token, training_flops
 from monovlm.train.parts import param_groups, part_of, set_trainable
 from monovlm.train.recipe import Recipe, StageConfig
+from monovlm.train.trainer import TrainModule  # the trainer's layout (model, aligner): names and parts as trained
 
 STRATEGIES = ("ddp", "fsdp")
 PART_ORDER = ("embedder", "encoder", "projector", "decoder", "experts", "align", "teacher")
@@ -157,16 +158,8 @@ def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class PlanModule(nn.Module):
-    """The trainer's module layout (`model`, `aligner`), so parameter names, parts and FLOPs read as in training."""
-
-    def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None):
-        super().__init__()
-        self.model = model
-        self.aligner = aligner
-
-
-def build_plan_module(config: VLMConfig, recipe: Recipe, teacher: TeacherPlan, device: str | torch.device) -> PlanModule:
+def build_plan_module(config: VLMConfig, recipe: Recipe, teacher: TeacherPlan,
+                      device: str | torch.device) -> TrainModule:
     """The VLM and, with an [align] table and a known teacher width, EVE's align head, randomly initialised on
     `device` ("meta": shapes only)."""
     from monovlm.model.align import PatchAligner, eve_layers
@@ -178,7 +171,7 @@ def build_plan_module(config: VLMConfig, recipe: Recipe, teacher: TeacherPlan, d
             layers = recipe.align.layers if recipe.align.layers is not None else eve_layers(config.decoder.num_layers)
             aligner = PatchAligner(config.decoder.hidden_size, teacher.feature_dim, len(layers),
                                    heads=recipe.align.heads, loss=recipe.align.loss, weight=recipe.align.weight)
-    return PlanModule(model, aligner)
+    return TrainModule(model, aligner)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -255,7 +248,7 @@ def activation_bytes(config: VLMConfig, shape: StageShape, dtype_bytes: int, che
     return layers + in_flight + final_norm + head + embedder
 
 
-def matmul_params(module: PlanModule) -> int:
+def matmul_params(module: TrainModule) -> int:
     """Parameters that run as matmul weights (what autocast casts): all but the token embedding lookup, which
     counts only when it doubles as the tied output head; norms and biases are counted too (small)."""
     decoder = module.model.decoder
@@ -268,7 +261,7 @@ def dtype_bytes(dtype: str) -> int:
     return torch.finfo(getattr(torch, dtype)).bits // 8
 
 
-def estimate_memory(module: PlanModule, teacher_params: int, trainable: int, config: VLMConfig, shape: StageShape,
+def estimate_memory(module: TrainModule, teacher_params: int, trainable: int, config: VLMConfig, shape: StageShape,
                     dtype: str, strategy: str, world_size: int, checkpointing: bool) -> MemoryEstimate:
     shards = world_size if strategy == "fsdp" else 1
     casts = 0 if dtype == "float32" else dtype_bytes(dtype) * matmul_params(module)
@@ -438,7 +431,7 @@ def _stage_index(recipe: Recipe, stage: int | str) -> int:
     return stage % len(names)
 
 
-def part_counts(module: PlanModule, trainable: dict[str, int], teacher_params: int) -> list[PartCount]:
+def part_counts(module: TrainModule, trainable: dict[str, int], teacher_params: int) -> list[PartCount]:
     """Parameters per part (those present), trainable as `set_trainable` left them; the teacher is always frozen."""
     totals: dict[str, int] = {}
     for name, param in module.named_parameters():
@@ -449,7 +442,7 @@ def part_counts(module: PlanModule, trainable: dict[str, int], teacher_params: i
     return [PartCount(part, totals[part], trainable.get(part, 0)) for part in PART_ORDER if part in totals]
 
 
-def plan_stage(module: PlanModule, config: VLMConfig, stage: StageConfig, teacher: TeacherPlan, strategy: str,
+def plan_stage(module: TrainModule, config: VLMConfig, stage: StageConfig, teacher: TeacherPlan, strategy: str,
                world_size: int, dtype: str, checkpointing: bool) -> StagePlan:
     trainable = sum(set_trainable(module, stage.train).values())
     shape = stage_shape(stage, config.vision)
@@ -541,7 +534,7 @@ def measure_steps(recipe: Recipe, config: VLMConfig, teacher: TeacherPlan, stage
     return Measurement(stage.name, steps, device, seconds, peak, how)
 
 
-def _align_step(recipe: Recipe, module: PlanModule, stage: StageConfig, config: VLMConfig, teacher: TeacherPlan,
+def _align_step(recipe: Recipe, module: TrainModule, stage: StageConfig, config: VLMConfig, teacher: TeacherPlan,
                 device: str):
     """The loss of one micro-batch: mean cross-entropy, plus EVE's align loss in an align stage (a randomly initialised
     "vit" teacher runs; other teachers give random features of their width)."""

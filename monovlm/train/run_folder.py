@@ -73,8 +73,9 @@ def check_fresh(run_dir: Path, overwrite: bool) -> None:
     """A fresh run goes into a folder without a run, or replaces one (`clear_run`) only when asked to."""
     if overwrite or not holds_a_run(run_dir):
         return
-    raise ConfigError(f"{run_dir} already holds a training run ({', '.join(n for n in RUN_OUTPUTS if (Path(run_dir) / n).exists())}): "
-                      "continue it with --resume, replace it with --overwrite, or train into another --out")
+    present = ", ".join(name for name in RUN_OUTPUTS if (Path(run_dir) / name).exists())
+    raise ConfigError(f"{run_dir} already holds a training run ({present}): continue it with --resume, replace it "
+                      "with --overwrite, or train into another --out")
 
 
 def check_resume(run_dir: Path, recipe: Recipe, fingerprint: dict[str, Any]) -> None:

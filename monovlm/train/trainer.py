@@ -1,10 +1,10 @@
 """The training loop: one explicit loop over the recipe's stages, readable top to bottom.
 
 Per optimizer step: fetch `grad_accum` micro-batches, count their labelled tokens across all ranks, then for each
-micro-batch run forward (bf16 autocast where the machine runs it natively) and backward with the loss *summed* over tokens and divided by
-that global count — so gradient accumulation and data parallelism give exactly the loss of one big batch. (With a
-stage's `loss_norm = "sample"` the units are samples: each token's loss is divided by its sample's labelled tokens
-and the sum by the global number of samples.) Then clip,
+micro-batch run forward (bf16 autocast where the machine runs it natively) and backward with the loss *summed* over
+tokens and divided by that global count — so gradient accumulation and data parallelism give exactly the loss of one
+big batch. (With a stage's `loss_norm = "sample"` the units are samples: each token's loss is divided by its
+sample's labelled tokens and the sum by the global number of samples.) Then clip,
 set the learning rate (warmup + cosine), step AdamW, log (loss, tokens/s, FLOPs, MFU; see flops.py) and maybe
 evaluate or checkpoint.
 
@@ -194,13 +194,14 @@ class Trainer:
             self.dtype, why = autocast_dtype(self.info.device.type)
             self.log(f"autocast: {self.dtype} ({why})")
         self.run_dir = Path(options.run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / run_folder.METRICS_FILE
         self.teacher = None
         self.align_layers = None
         self.device_peak = None  # FLOP/s of one device, measured on the main rank (the one that logs MFU)
         self.total_flops = 0.0  # training FLOPs spent so far (see flops.py), logged with each eval
         self.mfu_warned = False
         self.skip_warned = False
+        self.eval_sets: dict[str, tuple[list[dict[str, Any]], Path, str]] = {}  # stage name -> its eval records
         self.started = time.time()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -278,8 +279,9 @@ class Trainer:
     def warn_without_eval_data(self) -> None:
         options = self.options
         if options.eval_data and not (options.data_root / options.eval_data).is_file():
-            self.log(f"no periodic eval: {options.data_root / options.eval_data} does not exist (give a QA file with "
-                     "--eval-data FILE, or --no-eval to silence this)")
+            self.log(f"no periodic eval on held-out questions: {options.data_root / options.eval_data} does not "
+                     "exist, so each question-answer stage is checked on its own short-answer questions (give a QA "
+                     "file with --eval-data FILE, or --no-eval for no eval)")
 
     def setup_align(self, model: EncoderFreeVLM, state: dict[str, Any] | None) -> nn.Module | None:
         align = self.recipe.align
@@ -376,8 +378,10 @@ class Trainer:
             grad_norm, factor = self.optimizer_step(module, optimizer, stage, step)
             global_step += 1
             elapsed = time.perf_counter() - started
-            global_seen = all_reduce_sum(torch.tensor(float(losses.seen_tokens)), info).item()
-            global_visual = all_reduce_sum(torch.tensor(float(losses.visual_tokens)), info).item()
+            # one collective for what every rank read: tokens (for FLOPs) and samples used and skipped
+            global_seen, global_visual, skipped, read = all_reduce_sum(torch.tensor(
+                [float(losses.seen_tokens), float(losses.visual_tokens), float(stream.report.skipped),
+                 float(stream.report.total)]), info).tolist()
             step_flops = training_flops(global_seen, global_visual, flops_token, teacher_param_count)
             self.total_flops += step_flops
             tokens_per_s = global_seen / elapsed
@@ -388,7 +392,7 @@ class Trainer:
                       "tokens_per_s": tokens_per_s, "mfu": mfu, "flops": step_flops,
                       "skipped": stream.report.skipped, "elapsed_s": round(time.time() - self.started, 2)}
             self.write_metrics(record)
-            self.check_skipped(stage, stream, stage_end=step + 1 == stage.steps)
+            self.check_skipped(stage, stream, int(skipped), int(read), stage_end=step + 1 == stage.steps)
             bar.set_postfix(loss=f"{losses.total:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=self.mfu_text(mfu),
                             refresh=False)
             bar.update(1)
@@ -407,13 +411,13 @@ class Trainer:
         self.log(f"stage {stage.name!r} data: {stream.report.summary()}")
         return global_step, False
 
-    def check_skipped(self, stage: StageConfig, stream: BatchStream, stage_end: bool = False) -> None:
+    def check_skipped(self, stage: StageConfig, stream: BatchStream, skipped: int, total: int,
+                      stage_end: bool = False) -> None:
         """Stop a stage that has no usable sample, and one whose skipped share passes `[data] max_skipped` (or warn
         once, with `over_max_skipped = "warn"`): a wrong image folder or a broken file must not train a model on
         nothing, or on what is left of the data, without saying so. Judged once enough samples were read for the
-        share to mean something, or at the stage's end (all ranks' reads summed, so every rank stops together)."""
-        counts = all_reduce_sum(torch.tensor([float(stream.report.skipped), float(stream.report.total)]), self.info)
-        skipped, total = (int(value) for value in counts.tolist())
+        share to mean something, or at the stage's end. `skipped` and `total` are all ranks' reads summed, so every
+        rank stops together."""
         if total == 0 or (total < min(len(stream.dataset), SKIP_CHECK_SAMPLES) and not stage_end):
             return
         data = self.recipe.data
@@ -527,16 +531,20 @@ class Trainer:
 
     def eval_records(self, stage: StageConfig) -> tuple[list[dict[str, Any]], Path, str]:
         """(records, their image root, what they are) for an eval: the --eval-data file when it exists, else
-        questions of the stage's own training data with short answers (a check of looking, not of generalising)."""
-        options = self.options
-        path = options.data_root / options.eval_data
-        if path.is_file():
-            records, _ = read_records(path)
-            return records[: options.eval_limit], path.parent, f"{path.name} ({min(len(records), options.eval_limit)} questions)"
-        file = options.data_root / stage.data_files[0][0]
-        image_root = options.data_root / stage.image_root if stage.image_root else file.parent
-        records = short_answer_records(read_records(file)[0], options.eval_limit, self.recipe.seed)
-        return records, image_root, f"{len(records)} training questions of {file.name}"
+        questions of the stage's own training data with short answers (a check of looking, not of generalising).
+        Read once per stage: a data file can be large, and the stage evaluates on it twice or more."""
+        if stage.name not in self.eval_sets:
+            options = self.options
+            path = options.data_root / options.eval_data
+            if path.is_file():
+                records = read_records(path)[0][: options.eval_limit]
+                self.eval_sets[stage.name] = records, path.parent, f"{path.name} ({len(records)} questions)"
+            else:
+                file = options.data_root / stage.data_files[0][0]
+                image_root = options.data_root / stage.image_root if stage.image_root else file.parent
+                records = short_answer_records(read_records(file)[0], options.eval_limit, self.recipe.seed)
+                self.eval_sets[stage.name] = records, image_root, f"{len(records)} training questions of {file.name}"
+        return self.eval_sets[stage.name]
 
     def save(self, module: TrainModule, tokenizer: Tokenizer, optimizer, stream: BatchStream, stage_index: int,
              next_step: int, global_step: int, stage_done: bool) -> None:
