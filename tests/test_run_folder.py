@@ -201,3 +201,16 @@ def test_no_usable_sample_stops_even_when_skips_only_warn(data_root, tmp_path):
     (qa_only_broken / "qa.json").write_text(json.dumps(records))
     with pytest.raises(DatasetError, match=r"(?s)stage 'qa'.*none of the 16 samples"):
         train(options(recipe(over_max_skipped="warn", max_skipped=1.0), qa_only_broken, tmp_path / "run"))
+
+
+def test_how_the_data_is_read_is_no_difference_on_resume():
+    """num_workers and prefetch change how batches are read, not which: a run resumes under other values."""
+    from monovlm.train.recipe import load_recipe, recipe_differences, recipe_to_dict
+
+    recipe = load_recipe("eve")
+    recorded = recipe_to_dict(recipe)
+    recorded["data"].pop("num_workers")  # a run recorded before these keys existed
+    recipe.data.num_workers, recipe.data.prefetch = 2, 4
+    assert recipe_differences(recorded, recipe_to_dict(recipe)) == []
+    recipe.data.max_skipped = 0.5
+    assert recipe_differences(recorded, recipe_to_dict(recipe)) == ["data.max_skipped: 0.05 in the run, 0.5 now"]

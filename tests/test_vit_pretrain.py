@@ -2,7 +2,6 @@
 loss counts hidden patches only, it learns, is deterministic for a seed, skips unreadable images and names missing
 data. "labels" on the synthetic data: shifted batches keep their labels, it learns and is deterministic."""
 
-import json
 
 import numpy as np
 import pytest
@@ -12,10 +11,9 @@ from image_folder import write_llava_folder
 from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.datasets import DatasetError
 from monovlm.data.image_files import DataImage
-from monovlm.data.images import patchify
+from monovlm.data.images import patchify, shift_image
 from monovlm.data.synthetic import synthesize
 from monovlm.model.vit import ViT
-from monovlm.train import vit_pretrain
 from monovlm.train.vit_pretrain import (
     MAEDecoder,
     _collate,
@@ -43,7 +41,7 @@ def test_shifted_batches_keep_labels_and_centres_on_their_shapes(synthetic):
     for image, row, col, colour, kind in batch["centres"].tolist():
         assert batch["kind"][image, row, col, kind] > 0 and batch["colour"][image, row, col, colour] > 0
     # pixels and labels move together: every coloured pixel still carries a colour label
-    shifted_labels = torch.stack([vit_pretrain._shift(s["labels"], dy, dx) for s, (dy, dx) in zip(samples, shifts)])
+    shifted_labels = torch.stack([shift_image(s["labels"], dy, dx) for s, (dy, dx) in zip(samples, shifts)])
     grey = (batch["pixels"] == batch["pixels"][:, :1]).all(1)
     assert torch.equal(~grey, shifted_labels[:, 0] > 0)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from monovlm.config import VisionConfig
@@ -436,6 +437,16 @@ def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     patches = patches.permute(0, 2, 4, 3, 5, 1)  # (B, rows, cols, ph, pw, C)
     patches = patches.reshape(batch, rows, cols, patch * patch * channels)  # (B, rows, cols, ph*pw*C)
     return patches if batched else patches[0]
+
+
+def shift_image(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate (C, H, W) by (dy, dx) pixels, filling the uncovered border by repeating the edge (background)."""
+    if dy == 0 and dx == 0:
+        return image
+    pad = max(abs(dy), abs(dx))
+    height, width = image.shape[1:]
+    padded = F.pad(image[None].float(), (pad, pad, pad, pad), mode="replicate")[0]
+    return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width].to(image.dtype)
 
 
 def group_by_size(images: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:

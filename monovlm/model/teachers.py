@@ -45,7 +45,7 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 FEATURES_KIND = "monovlm-teacher-features"  # metadata tag of a precomputed-features file
 
 # how the "vit" teacher is pretrained: "mae" on any images, "labels" on the synthetic scenes (monovlm.train.vit_pretrain)
-TEACHER_OBJECTIVES = ("mae", "labels")
+TEACHER_OBJECTIVES = ("mae", "labels", "qa")
 
 
 @runtime_checkable
@@ -362,12 +362,13 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
     """The teacher an [align] recipe table names, ZCA-whitened when `align.whiten` (any teacher):
 
     - "vit": monovlm's own small ViT, pretrained once with `align.teacher_objective` — "mae" (masked patch
-      prediction on the images of the recipe's data files: any data) or "labels" (the synthetic scenes' dense
-      labels) — and kept in RUN/teacher (reused while its settings and data match, e.g. on resume);
+      prediction on the images of the recipe's data files: any data), "qa" (the image tower of a classifier of the
+      data files' short answers: any QA data) or "labels" (the synthetic scenes' dense labels) — and kept in
+      RUN/teacher (reused while its settings and data match, e.g. on resume);
     - "hf:PATH": a local CLIP/SigLIP folder;
     - "features:PATH": precomputed features keyed by image path (a relative PATH is read under `data_root`).
 
-    `sources`: the (data file, image root) pairs whose images the "mae" objective and whitening read (relative to
+    `sources`: the (data file, image root) pairs that the "mae" and "qa" objectives and whitening read (relative to
     `data_root`; `monovlm.data.image_files.stage_sources(recipe.stages)`); None = those of the recipe the trainer
     recorded in RUN/recipe.json.
     """
@@ -387,7 +388,7 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
 
         folder = Path(run_dir) / "teacher"
         if is_main:
-            if align.teacher_objective == "mae" and sources is None:
+            if align.teacher_objective != "labels" and sources is None:
                 sources = recorded_sources(run_dir)
             made_with = _vit_teacher_settings(align, vision, data_root, sources or [])
             if _read_json_or_none(folder / TEACHER_SETTINGS_FILE) != made_with:

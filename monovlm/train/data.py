@@ -10,20 +10,31 @@ With `group_by_length` the permutation is replaced by length-grouped global batc
 sort within mega-batches of 50 batches, shuffle the batch order), still a function of (seed, epoch) alone. Short
 samples then share batches instead of being padded to the longest sample of a mixed batch: on the synthetic data a
 batch of mazes (~100 tokens) costs about half a batch of multi-question scenes (~250).
+
+With `num_workers` > 0 the micro-batches are read, decoded, resized, tokenized and collated in DataLoader worker
+processes, `prefetch` batches ahead per worker, while the model trains. The batches stay exactly those of the
+in-process path: the main process still decides which indices each batch reads (the same pure function of the
+position), counts the workers' skips into the one `SkipReport` in reading order, and moves the position only when a
+batch is consumed, so `state()` never counts a batch that was prefetched but not trained on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import Batch, collate, collate_packed, length_grouped_batches, pack
-from monovlm.data.datasets import LlavaDataset, MixedDataset, SkipReport
-from monovlm.data.processor import Processor
+from monovlm.data.datasets import LlavaDataset, MixedDataset, SkippedSample, SkipReport
+from monovlm.data.processor import ProcessedSample, Processor
 from monovlm.data.yes_no import without_yes_no, yes_no_singles
 from monovlm.train.recipe import StageConfig
 
@@ -60,22 +71,102 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
 
 
 def stage_stream(stage: StageConfig, dataset: LlavaDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,
-                 world_size: int = 1, announce_epochs: bool = True) -> "BatchStream":
+                 world_size: int = 1, announce_epochs: bool = True, num_workers: int = 0, prefetch: int = 2,
+                 pin_memory: bool = False) -> "BatchStream":
     """A stage's batch stream (the trainer's and the FLOPs planner's, so both draw the same samples)."""
     return BatchStream(dataset, batch_size, seed, pad_id, rank, world_size, stage.pack, stage.max_length,
-                       announce_epochs=announce_epochs, group_by_length=stage.group_by_length)
+                       announce_epochs=announce_epochs, group_by_length=stage.group_by_length,
+                       num_workers=num_workers, prefetch=prefetch, pin_memory=pin_memory)
 
 
-@dataclass
+MAX_AUTO_WORKERS = 4  # reading and resizing a micro-batch rarely needs more to keep ahead of one accelerator
+
+
+def auto_workers(cores: int | None = None, ranks_per_machine: int | None = None) -> int:
+    """`[data] num_workers = "auto"`: min(4, c - 1) worker processes per rank, c being the cores this process may use
+    divided among the ranks of its machine (torchrun's LOCAL_WORLD_SIZE); 0 (read in the training process) when
+    c <= 2, where the model's forward and backward already keep both cores busy and a worker would only take time
+    from them."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if ranks_per_machine is None:
+        ranks_per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_rank = cores // max(1, ranks_per_machine)
+    return 0 if per_rank <= 2 else min(MAX_AUTO_WORKERS, per_rank - 1)
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """The worker count a `[data] num_workers` value asks for ("auto" or an int >= 0)."""
+    return auto_workers() if num_workers == "auto" else int(num_workers)
+
+
+@dataclass(frozen=True)
 class StreamPosition:
     epoch: int = 0
     batch: int = 0
 
 
+def collate_samples(samples: list[ProcessedSample], pad_id: int, packed: bool, max_length: int) -> Batch | None:
+    """One micro-batch of usable samples (None if there are none): one per row, or packed into rows of max_length."""
+    if not samples:
+        return None
+    if packed:
+        rows = pack([len(s) for s in samples], max_length)
+        return collate_packed([[samples[i] for i in row] for row in rows], pad_id)
+    return collate(samples, pad_id)
+
+
+@dataclass
+class LoadedBatch:
+    """What a worker hands back for one read: the batch, and per index read its skip (None: usable), for the main
+    process to count in reading order."""
+
+    position: StreamPosition
+    batch: Batch | None
+    reads: list[SkippedSample | None]
+
+    def pin_memory(self) -> "LoadedBatch":  # called by the DataLoader's pinning thread when pin_memory is on
+        if self.batch is None:
+            return self
+        batch = self.batch
+        pinned = dataclasses.replace(batch, input_ids=batch.input_ids.pin_memory(), labels=batch.labels.pin_memory(),
+                                     attention_mask=batch.attention_mask.pin_memory(),
+                                     images=[image.pin_memory() for image in batch.images])
+        return LoadedBatch(self.position, pinned, self.reads)
+
+
+class BatchReader(Dataset):
+    """Map-style dataset for the workers: item (position, indices) is that micro-batch, read and collated."""
+
+    def __init__(self, dataset: LlavaDataset | MixedDataset, pad_id: int, packed: bool, max_length: int):
+        self.dataset = dataset
+        self.pad_id = pad_id
+        self.packed = packed
+        self.max_length = max_length
+
+    def __getitem__(self, read: tuple[StreamPosition, list[int]]) -> LoadedBatch:
+        position, indices = read
+        items = [self.dataset[index] for index in indices]
+        samples = [item for item in items if not isinstance(item, SkippedSample)]
+        reads = [item if isinstance(item, SkippedSample) else None for item in items]
+        return LoadedBatch(position, collate_samples(samples, self.pad_id, self.packed, self.max_length), reads)
+
+
+def _loaded(item: LoadedBatch) -> LoadedBatch:  # the DataLoader's collate_fn: a worker's item is already a batch
+    return item
+
+
+def _start_method() -> str | None:
+    """fork where the platform has it (Linux): workers start in milliseconds and share the parsed records without
+    pickling them. They never touch the accelerator (batches are pinned in the main process), so forking after
+    CUDA is initialised is safe. Elsewhere the platform's default (spawn)."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 class BatchStream:
     def __init__(self, dataset: LlavaDataset | MixedDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,
                  world_size: int = 1, packed: bool = False, max_length: int = 512, announce_epochs: bool = True,
-                 group_by_length: bool = False):
+                 group_by_length: bool = False, num_workers: int = 0, prefetch: int = 2, pin_memory: bool = False):
         if len(dataset) < batch_size * world_size:
             raise ValueError(f"{dataset.name} has {len(dataset)} samples, fewer than one global batch "
                              f"({batch_size} × {world_size} ranks)")
@@ -94,6 +185,12 @@ class BatchStream:
         self.report: SkipReport = dataset.new_report() if rank == 0 else SkipReport()
         self._order: torch.Tensor | None = None
         self._order_epoch = -1
+        if num_workers < 0 or prefetch < 1:
+            raise ValueError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers} and {prefetch}")
+        self.num_workers = num_workers  # 0: read in this process, on demand
+        self.prefetch = prefetch  # batches read ahead per worker
+        self.pin_memory = pin_memory  # page-locked batches, for faster copies to a CUDA device
+        self._loaded: Iterator[LoadedBatch] | None = None  # the workers' batches, from the position onward
 
     @property
     def batches_per_epoch(self) -> int:
@@ -113,28 +210,69 @@ class BatchStream:
             self._order_epoch = epoch
         return self._order
 
-    def next_indices(self) -> list[int]:
-        if self.position.batch >= self.batches_per_epoch:
-            self.position = StreamPosition(self.position.epoch + 1, 0)
-            if self.rank == 0 and self.announce_epochs:
-                print(f"data: epoch {self.position.epoch} of {self.dataset.name}; {self.report.summary()}")
-        order = self._epoch_order(self.position.epoch)
-        start = (self.position.batch * self.world_size + self.rank) * self.batch_size
-        self.position = StreamPosition(self.position.epoch, self.position.batch + 1)
+    def _rolled(self, position: StreamPosition) -> StreamPosition:
+        """The position of the batch read at `position`: past the epoch's last batch, the next epoch's first."""
+        return StreamPosition(position.epoch + 1, 0) if position.batch >= self.batches_per_epoch else position
+
+    def _indices_at(self, position: StreamPosition) -> list[int]:
+        order = self._epoch_order(position.epoch)
+        start = (position.batch * self.world_size + self.rank) * self.batch_size
         return order[start : start + self.batch_size].tolist()
+
+    def _advance(self) -> StreamPosition:
+        """Move the position one batch on; the position of the batch consumed (a new epoch is announced)."""
+        read = self._rolled(self.position)
+        if read.epoch != self.position.epoch and self.rank == 0 and self.announce_epochs:
+            print(f"data: epoch {read.epoch} of {self.dataset.name}; {self.report.summary()}")
+        self.position = StreamPosition(read.epoch, read.batch + 1)
+        return read
+
+    def next_indices(self) -> list[int]:
+        return self._indices_at(self._advance())
 
     def next_batch(self) -> Batch | None:
         """The next micro-batch of this rank; None if every sample in it was unusable (the step still counts)."""
-        samples = list(self.dataset.processed(self.report, self.next_indices()))
-        if not samples:
-            return None
-        if self.packed:
-            rows = pack([len(s) for s in samples], self.max_length)
-            return collate_packed([[samples[i] for i in row] for row in rows], self.pad_id)
-        return collate(samples, self.pad_id)
+        if self.num_workers == 0:
+            samples = list(self.dataset.processed(self.report, self.next_indices()))
+            return collate_samples(samples, self.pad_id, self.packed, self.max_length)
+        read = self._advance()
+        if self._loaded is None:
+            self._loaded = iter(self._loader(read))
+        loaded = next(self._loaded)
+        if loaded.position != read:  # the sampler and this count must walk the same positions
+            raise RuntimeError(f"the data workers returned the batch at {loaded.position}, expected {read}")
+        for item in loaded.reads:
+            self.report.record(item)
+        return loaded.batch
+
+    def _reads_from(self, start: StreamPosition) -> Iterator[tuple[StreamPosition, list[int]]]:
+        """(position, indices) of every batch from `start` on, without end: what the workers are asked to read."""
+        position = start
+        while True:
+            position = self._rolled(position)
+            yield position, self._indices_at(position)
+            position = StreamPosition(position.epoch, position.batch + 1)
+
+    def _loader(self, start: StreamPosition) -> DataLoader:
+        # a private generator: the DataLoader draws its workers' base seed from it, which from the global RNG would
+        # shift the training's random stream by where the loader (re)started, and a resumed run would differ
+        generator = torch.Generator().manual_seed(self.seed)
+        # batch_size=None: the sampler's items, (position, indices), go to BatchReader as they are
+        return DataLoader(BatchReader(self.dataset, self.pad_id, self.packed, self.max_length),
+                          batch_size=None, sampler=self._reads_from(start), collate_fn=_loaded,
+                          num_workers=self.num_workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
+                          persistent_workers=False, multiprocessing_context=_start_method(), generator=generator)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later `next_batch` starts new ones at the position)."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and hasattr(loaded, "_shutdown_workers"):
+            loaded._shutdown_workers()
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.position.epoch, "batch": self.position.batch}
 
     def load_state(self, state: dict[str, int]) -> None:
+        self.close()  # batches prefetched from the old position are not the ones to read next
         self.position = StreamPosition(int(state["epoch"]), int(state["batch"]))
+

@@ -211,8 +211,18 @@ class DataConfig:
     # with no usable sample at all always stops.
     max_skipped: float = 0.05
     over_max_skipped: str = "error"
+    # worker processes per rank that read, decode, resize, tokenize and collate micro-batches while the model trains
+    # (same batches as 0 workers; 0 reads in the training process). "auto": min(4, c - 1), c being the cores of the
+    # process shared among its machine's ranks, and 0 when c <= 2, where the model already keeps both cores busy
+    num_workers: int | str = "auto"
+    prefetch: int = 2  # micro-batches each worker reads ahead (DataLoader's prefetch_factor)
 
     def __post_init__(self) -> None:
+        # `type(...) is int`: a TOML `true` is a bool, which Python would also take for an int
+        if self.num_workers != "auto" and (type(self.num_workers) is not int or self.num_workers < 0):
+            raise ConfigError(f"[data] num_workers={self.num_workers!r} must be \"auto\" or an integer >= 0")
+        if type(self.prefetch) is not int or self.prefetch < 1:
+            raise ConfigError(f"[data] prefetch={self.prefetch!r} must be an integer >= 1")
         if self.no_captions not in NO_CAPTIONS:
             raise ConfigError(f"[data] no_captions={self.no_captions!r} is not one of {NO_CAPTIONS}")
         if not 0.0 <= self.max_skipped <= 1.0:
@@ -634,6 +644,9 @@ def _layout_message(recipe: Recipe, root: Path, missing: dict[str, list[str]]) -
     return "\n".join(lines + hints)
 
 
+READING_KEYS = ("num_workers", "prefetch")  # [data] keys that may change between a run and its resume
+
+
 def recipe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """How the recipe given now differs from the one a run recorded (both as `recipe_to_dict` gives them), one
     "KEY: RUN's value in the run, NOW's value now" per differing key, stages by name. The `overrides` record is not
@@ -641,6 +654,8 @@ def recipe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
     recorded, current = json.loads(json.dumps(recorded)), json.loads(json.dumps(current))  # tuples as lists
     for values in (recorded, current):
         values.pop("overrides", None)
+        for how_read in READING_KEYS:  # how the data is read, not what is trained: results are identical
+            values.get("data", {}).pop(how_read, None)
     old_stages, new_stages = recorded.pop("stages", []), current.pop("stages", [])
     differences = _differences(recorded, current, "")
     for index, old in enumerate(old_stages):

@@ -39,7 +39,7 @@ from monovlm.tokenizer import Tokenizer
 from monovlm.train import checkpoint as ckpt
 from monovlm.train import run_folder
 from monovlm.train.build import build_model
-from monovlm.train.data import BatchStream, stage_dataset, stage_processor, stage_stream
+from monovlm.train.data import BatchStream, resolve_workers, stage_dataset, stage_processor, stage_stream
 from monovlm.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -285,8 +285,8 @@ class Trainer:
 
     def setup_align(self, model: EncoderFreeVLM, state: dict[str, Any] | None) -> nn.Module | None:
         align = self.recipe.align
-        if align is None:
-            return None
+        if align is None or not any(stage.align for stage in self.recipe.stages):
+            return None  # no stage aligns: no teacher to pretrain
         from monovlm.model.align import PatchAligner, eve_layers
         from monovlm.data.image_files import stage_sources
         from monovlm.model.teachers import build_teacher
@@ -353,7 +353,8 @@ class Trainer:
         dataset = stage_dataset(stage, processor, options.data_root, seed=self.recipe.seed)
         pad_id = tokenizer.pad_id or 0
         stream = stage_stream(stage, dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,
-                              info.world_size)
+                              info.world_size, num_workers=resolve_workers(self.recipe.data.num_workers),
+                              prefetch=self.recipe.data.prefetch, pin_memory=info.device.type == "cuda")
         trainable = set_trainable(module, stage.train)
         wrapped = wrap(module, info, options.strategy)
         optimizer = torch.optim.AdamW(param_groups(module, stage.lr, stage.weight_decay), lr=stage.lr,
@@ -405,9 +406,11 @@ class Trainer:
                 self.save(module, tokenizer, optimizer, stream, stage_index, step + 1, global_step, last)
             if stopping:
                 bar.close()
+                stream.close()
                 self.log(f"stopping after global step {global_step} (stop_after)")
                 return global_step, True
         bar.close()
+        stream.close()  # the data workers; on an error they end with the stream (daemon processes, or at collection)
         self.log(f"stage {stage.name!r} data: {stream.report.summary()}")
         return global_step, False
 

@@ -1,5 +1,5 @@
-"""Pre-training monovlm's ViT offline — EVE's teacher and the LLaVA-style baseline's encoder — with one of two
-objectives.
+"""Pre-training monovlm's ViT offline — EVE's teacher and the LLaVA-style baseline's encoder — with one of three
+objectives ("qa", learning from the data's short answers, is in `monovlm.train.vit_qa`).
 
 **"mae", for any data** (the default): masked patch prediction as in MAE (He et al., 2022). Each step hides 75% of
 an image's patches; the ViT encodes the visible quarter (`ViT.embed` then `ViT.encode` on the kept tokens), and a
@@ -45,11 +45,12 @@ from tqdm import tqdm
 from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.datasets import SkipReport
 from monovlm.data.image_files import DataImage, DataSource, data_images, iter_pixels
-from monovlm.data.images import group_by_size, image_to_tensor, load_image, patchify
+from monovlm.data.images import group_by_size, image_to_tensor, load_image, patchify, shift_image
 from monovlm.data.synthetic import COLOUR_CLASSES, KIND_CLASSES, WORD_CLASSES, pixel_labels
 from monovlm.model.vit import Block, ViT, sincos_position_embedding
+from monovlm.train.vit_qa import pretrain_vit_qa
 
-OBJECTIVES = ("mae", "labels")
+OBJECTIVES = ("mae", "labels", "qa")
 
 
 def _label_maps(colour_ids: np.ndarray, kind_ids: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -92,16 +93,6 @@ def load_patch_dataset(data_dir: str | os.PathLike, vision: VisionConfig, split:
     return samples
 
 
-def _shift(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Translate (C, H, W) by (dy, dx) pixels, filling the uncovered border by repeating the edge (background)."""
-    if dy == 0 and dx == 0:
-        return image
-    pad = max(abs(dy), abs(dx))
-    height, width = image.shape[1:]
-    padded = F.pad(image[None].float(), (pad, pad, pad, pad), mode="replicate")[0]
-    return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width].to(image.dtype)
-
-
 def _coverage(ids: torch.Tensor, classes: int, patch: int) -> torch.Tensor:
     """(B, H, W) class ids -> (B, rows, cols, classes): the share of each patch that each class covers."""
     one_hot = F.one_hot(ids.long(), classes).permute(0, 3, 1, 2).float()  # (B, K, H, W)
@@ -114,8 +105,8 @@ def _collate(
     """Stack same-size samples into a batch with soft per-patch targets; `shifts` translates image and labels
     together (augmentation: the same shape must be recognised at every offset to the patch grid)."""
     shifts = shifts or [(0, 0)] * len(samples)
-    pixels = torch.stack([_shift(s["pixels"], dy, dx) for s, (dy, dx) in zip(samples, shifts)])  # (B, 3, H, W)
-    labels = torch.stack([_shift(s["labels"], dy, dx) for s, (dy, dx) in zip(samples, shifts)])  # (B, 2, H, W)
+    pixels = torch.stack([shift_image(s["pixels"], dy, dx) for s, (dy, dx) in zip(samples, shifts)])  # (B, 3, H, W)
+    labels = torch.stack([shift_image(s["labels"], dy, dx) for s, (dy, dx) in zip(samples, shifts)])  # (B, 2, H, W)
     height, width = pixels.shape[2:]
     centres = [(b, min(max(y + dy, 0), height - 1) // patch, min(max(x + dx, 0), width - 1) // patch, colour, kind)
                for b, (s, (dy, dx)) in enumerate(zip(samples, shifts)) for y, x, colour, kind in s["centres"]]
@@ -450,7 +441,7 @@ def pretrain_vit_mae(
         if not pixels:
             raise ValueError(f"none of the {len(images)} images could be read:\n{skipped.summary()}")
         shifts = torch.randint(-max_shift, max_shift + 1, (len(pixels), 2), generator=generator).tolist()
-        pixels = [_shift(image, dy, dx) for image, (dy, dx) in zip(pixels, shifts)]
+        pixels = [shift_image(image, dy, dx) for image, (dy, dx) in zip(pixels, shifts)]
         total, values = 0.0, 0
         for indices in group_by_size(pixels).values():
             error, count = masked_patch_loss(vit, decoder, torch.stack([pixels[i] for i in indices]), mask_ratio,
@@ -498,10 +489,13 @@ def pretrain_vit(
     if objective == "labels":
         return pretrain_vit_labels(data_root, config, vision, steps, batch_size=batch_size, lr=lr, seed=seed,
                                    progress=progress, report=report)
-    if objective != "mae":
+    if objective not in ("mae", "qa"):
         raise ValueError(f"unknown ViT pretraining objective {objective!r}; objectives are {OBJECTIVES}")
     if not sources:
-        raise ValueError("the 'mae' objective reads the images of the recipe's data files; none were given")
+        raise ValueError(f"the {objective!r} objective reads the recipe's data files; none were given")
+    if objective == "qa":
+        return pretrain_vit_qa(data_root, sources, config, vision, steps, lr=lr, seed=seed, progress=progress,
+                               report=report)
     listing = SkipReport()
     images = data_images(data_root, sources, listing)
     if progress and listing.skipped:

@@ -1,0 +1,304 @@
+"""The "qa" teacher objective: monovlm's ViT learns from the data's own short-answer questions.
+
+A teacher must know what the questions ask about. Masked patch prediction ("mae") gives features that carry each
+patch's colours and edges, but nothing in it asks *which shape* a patch belongs to, and a small decoder aligned to
+such features still cannot tell a hexagon from a ring. A VQA-style data set already says what matters: its short
+answers. Here the ViT is trained, as part of a small question-answering classifier, on every question of the
+recipe's data files whose answer has at most three words:
+
+    question words -> embedding -> GRU -> q (width)
+    image -> ViT -> patch features (N, W) -> FiLM by q (feature * (1 + gamma(q)) + beta(q)) -> GELU -> linear
+          -> max and mean over the patches, with q -> MLP -> one of the training answers
+
+The FiLM-then-max-pool head (as in FiLM, Perez et al. 2018) asks "is what the question names anywhere?", so the
+gradient reaches the patches where the object is, and their features must say its colour *and* kind. Only the ViT is
+kept (the head is discarded); its patch features become the align loss's targets. It needs nothing but the user's
+LLaVA QA records and images; data with captions only has no short answers and is refused with a pointer to "mae".
+
+Batches are a few images with all of their questions (the ViT runs once per image). A held-out share of the images
+(at most 200) measures the head's exact-match accuracy at the end, beside the most frequent answer's share, so a
+teacher that learnt nothing shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from monovlm.config import EncoderConfig, VisionConfig
+from monovlm.data.datasets import DatasetError, SkippedSample, SkipReport, read_records
+from monovlm.data.image_files import DataImage, DataSource, iter_pixels
+from monovlm.data.images import ImagePathError, group_by_size, image_path_under, shift_image
+from monovlm.model.vit import ViT
+from monovlm.train.schedule import lr_factor
+
+MAX_ANSWER_WORDS = 3
+MAX_ANSWERS = 1000  # answer classes; rarer answers' questions are left out (counted)
+_WORD = re.compile(r"[a-z0-9']+")
+_PAD, _UNKNOWN = 0, 1
+
+
+def question_words(text: str) -> list[str]:
+    return _WORD.findall(text.replace("<image>", " ").lower())
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
+
+
+@dataclass(frozen=True)
+class QAPair:
+    image: int  # index into the image list
+    question: str
+    answer: str
+
+
+def read_qa_pairs(data_root: str | os.PathLike, sources: Sequence[DataSource | str],
+                  report: SkipReport | None = None) -> tuple[list[DataImage], list[QAPair]]:
+    """Every (image, question, short answer) of the data files' one-image records, multi-turn records giving each of
+    their question-answer pairs; images listed once each. Records that are malformed or whose image path escapes
+    its root are skipped and counted in `report`; answers longer than three words are simply not questions of this
+    kind (a caption, a description) and are not counted as faults."""
+    root = Path(data_root)
+    images: dict[str, DataImage] = {}
+    index_of: dict[str, int] = {}
+    pairs: list[QAPair] = []
+    for source in sources:
+        file, image_root = (source, None) if isinstance(source, str) else source
+        path = root / file
+        if not path.is_file():
+            raise DatasetError(f"data file {path} does not exist (data files are read under the data root {root})")
+        base = (root / image_root if image_root is not None else path.parent).resolve()
+        records, malformed = read_records(path)
+        for skipped in malformed:
+            if report is not None:
+                report.record(skipped)
+        for record in records:
+            name, turns = record.get("image"), record.get("conversations")
+            if not isinstance(name, str) or not name or not isinstance(turns, list):
+                continue  # text-only or multi-image records: not this objective's
+            key = name
+            if key not in images:
+                try:
+                    images[key] = DataImage(key, image_path_under(base, name))
+                except ImagePathError as error:  # escapes its root, or no usable path at all
+                    if report is not None:
+                        report.record(SkippedSample(f"{path.name} image {name!r}", "image path invalid", str(error)))
+                    continue
+                index_of[key] = len(index_of)
+            for question, answer in zip(turns[0::2], turns[1::2]):
+                if not (isinstance(question, dict) and isinstance(answer, dict)):
+                    continue
+                q, a = question.get("value"), answer.get("value")
+                if isinstance(q, str) and isinstance(a, str) and 0 < len(a.split()) <= MAX_ANSWER_WORDS:
+                    pairs.append(QAPair(index_of[key], q, normalise_answer(a)))
+    return list(images.values()), pairs
+
+
+class QAHead(nn.Module):
+    """(patch features (Q, N, W), question ids (Q, L), lengths (Q,)) -> answer logits (Q, answers). Discarded after
+    pretraining."""
+
+    def __init__(self, feature_width: int, vocab: int, answers: int, width: int = 128):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=_PAD)
+        self.gru = nn.GRU(width, width, batch_first=True)
+        self.film = nn.Linear(width, 2 * feature_width)
+        self.mix = nn.Linear(feature_width, feature_width)
+        self.out = nn.Sequential(nn.Linear(2 * feature_width + width, width), nn.GELU(), nn.Linear(width, answers))
+        nn.init.zeros_(self.film.weight)  # FiLM starts as the identity
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, patches: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, last = self.gru(packed)
+        q = last[0]  # (Q, width)
+        gamma, beta = self.film(q).chunk(2, dim=-1)  # (Q, W) each
+        h = self.mix(F.gelu(patches * (1 + gamma[:, None]) + beta[:, None]))  # (Q, N, W)
+        pooled = torch.cat([h.amax(dim=1), h.mean(dim=1), q], dim=-1)  # (Q, 2W + width)
+        return self.out(pooled)
+
+
+class _Vocabulary:
+    def __init__(self, questions: Sequence[str]):
+        counts = Counter(word for question in questions for word in question_words(question))
+        self.index = {word: i + 2 for i, (word, _) in enumerate(counts.most_common())}
+
+    def __len__(self) -> int:
+        return len(self.index) + 2
+
+    def encode(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids (Q, L) right-padded, lengths (Q,)."""
+        encoded = [[self.index.get(w, _UNKNOWN) for w in question_words(q)] or [_UNKNOWN] for q in questions]
+        lengths = torch.tensor([len(ids) for ids in encoded])
+        ids = torch.full((len(encoded), int(lengths.max())), _PAD, dtype=torch.long)
+        for row, question in enumerate(encoded):
+            ids[row, :len(question)] = torch.tensor(question)
+        return ids, lengths
+
+
+def _image_features(vit: ViT, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[(3, H, W)] -> [(N, W)] patch features, one forward per image size."""
+    out: list[torch.Tensor | None] = [None] * len(pixels)
+    for indices in group_by_size(pixels).values():
+        grids = vit(torch.stack([pixels[i] for i in indices]))  # (B, rows, cols, W)
+        for row, index in enumerate(indices):
+            out[index] = grids[row].reshape(-1, grids.shape[-1])
+    return out  # type: ignore[return-value]
+
+
+def pretrain_vit_qa(
+    data_root: str | os.PathLike,
+    sources: Sequence[DataSource | str],
+    config: EncoderConfig,
+    vision: VisionConfig,
+    steps: int,
+    images_per_batch: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+    report: dict[str, Any] | None = None,
+) -> ViT:
+    """Train a ViT (patch `vision.patch_size`, images at `vision`'s resize policy) as the image tower of a
+    short-answer QA classifier on the data files' questions (see the module docstring); return it in eval mode.
+    Unreadable images are skipped and counted. Deterministic for a seed (same torch version and thread count).
+
+    `report`, if given, receives: losses (per step), seconds, questions, images, answers (classes), left_out (questions
+    whose answer is too rare to be a class), held_out_accuracy and majority_share (on the held-out images'
+    questions), skipped (the unreadable-image summary)."""
+    if steps <= 0 or images_per_batch <= 0:
+        raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
+    listing = SkipReport()
+    images, pairs = read_qa_pairs(data_root, sources, listing)
+    if not pairs:
+        files = ", ".join(str(s if isinstance(s, str) else s[0]) for s in sources)
+        raise DatasetError(f"the 'qa' teacher objective learns from questions with short answers (at most "
+                           f"{MAX_ANSWER_WORDS} words), and {files} have none: use teacher_objective = 'mae'")
+    answer_counts = Counter(pair.answer for pair in pairs)
+    answers = [answer for answer, _ in answer_counts.most_common(MAX_ANSWERS)]
+    answer_index = {answer: i for i, answer in enumerate(answers)}
+    kept = [pair for pair in pairs if pair.answer in answer_index]
+    by_image: dict[int, list[QAPair]] = defaultdict(list)
+    for pair in kept:
+        by_image[pair.image].append(pair)
+    image_ids = sorted(by_image)
+    random.Random(seed).shuffle(image_ids)
+    held_count = min(200, len(image_ids) // 20)  # 5% of the images, at most 200, to see what the head learnt
+    held_out, train_ids = image_ids[:held_count], image_ids[held_count:]
+    vocabulary = _Vocabulary([pair.question for i in train_ids for pair in by_image[i]])
+
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        vit = ViT(config, vision.patch_size)
+        head = QAHead(config.width, len(vocabulary), len(answers))
+    parameters = [p for m in (vit, head) for p in m.parameters()]
+    decay = [p for p in parameters if p.dim() >= 2]
+    no_decay = [p for p in parameters if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(seed)
+    skipped = SkipReport()
+    cache: dict[int, torch.Tensor | None] = {}
+
+    def pixels_of(index: int) -> torch.Tensor | None:
+        if index not in cache:  # None marks an unreadable image, read once
+            found = list(iter_pixels([images[index]], vision, skipped))
+            cache[index] = found[0][1] if found else None
+        return cache[index]
+
+    def batch_of(chosen: Sequence[int], shift: bool) -> tuple[list[torch.Tensor], list[QAPair], torch.Tensor]:
+        pixels, questions, owner = [], [], []
+        max_shift = vision.patch_size // 2
+        for index in chosen:
+            image = pixels_of(index)
+            if image is None:
+                continue
+            if shift:
+                dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
+                image = shift_image(image, dy, dx)
+            questions += by_image[index]
+            owner += [len(pixels)] * len(by_image[index])
+            pixels.append(image)
+        return pixels, questions, torch.tensor(owner, dtype=torch.long)
+
+    def logits_of(pixels, questions, owner) -> torch.Tensor:
+        features = _image_features(vit, pixels)  # [(N, W)] per image
+        patches = torch.stack(features)[owner]  # (Q, N, W) (images of one size: the recipe's resize policy)
+        ids, lengths = vocabulary.encode([pair.question for pair in questions])
+        return head(patches, ids, lengths)
+
+    losses: list[float] = []
+    vit.train()
+    head.train()
+    started = time.perf_counter()
+    order: list[int] = []
+    bar = tqdm(range(steps), desc="pretrain vit (qa)", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, max(1, steps // 20), steps, 0.1)
+        questions: list[QAPair] = []
+        for _ in range(len(train_ids) + 1):  # skip past batches whose images are all unreadable
+            if len(order) < images_per_batch:
+                order += [train_ids[i] for i in torch.randperm(len(train_ids), generator=generator).tolist()]
+            chosen, order = order[:images_per_batch], order[images_per_batch:]
+            pixels, questions, owner = batch_of(chosen, shift=True)
+            if questions:
+                break
+        if not questions:
+            raise ValueError(f"none of the {len(images)} images could be read:\n{skipped.summary()}")
+        if len(group_by_size(pixels)) > 1:
+            raise ValueError("the 'qa' teacher objective needs the images resized to one size per batch; set "
+                             "model.vision.min_pixels = max_pixels or use teacher_objective = 'mae'")
+        targets = torch.tensor([answer_index[pair.answer] for pair in questions])
+        loss = F.cross_entropy(logits_of(pixels, questions, owner), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if progress and step % 10 == 0:
+            bar.set_postfix({"loss": f"{losses[-1]:.3f}"})
+    vit.eval()
+    head.eval()
+    accuracy, majority = _held_out_accuracy(held_out, batch_of, logits_of, answer_index, answers)
+    # one summary line, with or without progress bars: it says whether the teacher learnt anything
+    print(f"pretrain vit (qa): {len(kept)} questions about {len(image_ids)} images, {len(answers)} answers; "
+          f"held-out accuracy {100 * accuracy:.1f}% (most frequent answer {100 * majority:.1f}%)")
+    for faults in (listing, skipped):
+        if faults.skipped:
+            print(f"pretrain vit (qa): {faults.summary()}")
+    if report is not None:
+        report.update(losses=losses, seconds=time.perf_counter() - started, questions=len(kept),
+                      images=len(image_ids), answers=len(answers), left_out=len(pairs) - len(kept),
+                      held_out_accuracy=accuracy, majority_share=majority, skipped=skipped.summary())
+    return vit
+
+
+@torch.no_grad()
+def _held_out_accuracy(held_out: Sequence[int], batch_of, logits_of, answer_index: dict[str, int],
+                       answers: Sequence[str]) -> tuple[float, float]:
+    """(exact-match accuracy of the head, share of the most frequent training answer) on the held-out images'
+    questions; (0, 0) when none are held out."""
+    correct = total = majority = 0
+    for start in range(0, len(held_out), 32):
+        pixels, questions, owner = batch_of(held_out[start:start + 32], shift=False)
+        if not questions:
+            continue
+        predicted = logits_of(pixels, questions, owner).argmax(dim=-1).tolist()
+        correct += sum(answers[p] == pair.answer for p, pair in zip(predicted, questions))
+        majority += sum(pair.answer == answers[0] for pair in questions)
+        total += len(questions)
+    return (correct / total, majority / total) if total else (0.0, 0.0)

@@ -1,0 +1,113 @@
+"""The "qa" teacher objective: a ViT trained as the image tower of a short-answer classifier on a user's LLaVA QA."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monovlm.config import EncoderConfig, VisionConfig
+from monovlm.data.datasets import DatasetError, SkipReport
+from monovlm.train.vit_pretrain import pretrain_vit
+from monovlm.train.vit_qa import pretrain_vit_qa, read_qa_pairs
+
+TINY = EncoderConfig(width=32, depth=1, heads=2, mlp_ratio=2.0)
+VISION = VisionConfig(patch_size=8, merge=1, max_pixels=32 * 32)
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
+
+
+def write_colour_qa(root, n=60, seed=0):
+    """n 32×32 images, each a coloured square at a random place on a dark noisy background, and a QA file asking
+    its colour ("What colour is the square?" -> red/blue) — answerable from the image only, 50/50 blind."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    records = []
+    for index in range(n):
+        colour = ["red", "blue"][index % 2]
+        pixels = rng.integers(0, 50, (32, 32, 3), dtype=np.uint8)
+        top, left = rng.integers(0, 20, size=2)
+        pixels[top:top + 12, left:left + 12] = COLOURS[colour]
+        Image.fromarray(pixels).save(root / f"images/{index}.png")
+        records.append({"id": str(index), "image": f"images/{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": colour},
+            {"from": "human", "value": "Describe the picture."},
+            {"from": "gpt", "value": "A small coloured square on a dark background."}]})
+    (root / "qa.json").write_text(json.dumps(records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def colour_qa(tmp_path_factory):
+    return write_colour_qa(tmp_path_factory.mktemp("colour_qa"))
+
+
+def test_read_qa_pairs_takes_each_short_answer_and_skips_escaping_paths(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images/a.png")
+    records = [
+        {"image": "images/a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "Star."},
+            {"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "dark red"},
+            {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "a dark red star on grey"}]},
+        {"image": "../outside.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "no"}]},
+        {"conversations": [{"from": "human", "value": "Text only?"}, {"from": "gpt", "value": "yes"}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    report = SkipReport()
+    images, pairs = read_qa_pairs(tmp_path, ["data.json"], report)
+    assert [image.key for image in images] == ["images/a.png"]
+    assert [(p.image, p.question, p.answer) for p in pairs] == [
+        (0, "<image>\nWhat shape?", "star"), (0, "And its colour?", "dark red")]  # the 5-word description is not
+    assert report.reasons["image path invalid"] == 1
+
+
+def test_qa_teacher_learns_the_answers_from_the_image_and_is_deterministic(colour_qa):
+    runs = []
+    for seed in (0, 0):
+        report = {}
+        vit = pretrain_vit_qa(colour_qa, ["qa.json"], TINY, VISION, steps=60, images_per_batch=8, lr=3e-3, seed=seed,
+                              progress=False, report=report)
+        runs.append((vit, report))
+    (vit_a, report_a), (vit_b, report_b) = runs
+    assert report_a["questions"] == 60 and report_a["answers"] == 2 and report_a["left_out"] == 0
+    assert report_a["images"] == 60
+    # 3 held-out images (5%): the colour is in the pixels only, half the answers each way
+    assert report_a["held_out_accuracy"] == 1.0
+    losses = report_a["losses"]
+    assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
+    assert report_a["losses"] == report_b["losses"]
+    for name, tensor in vit_a.state_dict().items():
+        assert torch.equal(tensor, vit_b.state_dict()[name]), name
+    assert not vit_a.training
+
+
+def test_qa_objective_through_pretrain_vit_and_its_errors(colour_qa, tmp_path):
+    report = {}
+    vit = pretrain_vit(colour_qa, TINY, VISION, steps=2, objective="qa", sources=["qa.json"], progress=False,
+                       report=report)
+    assert vit.patch_size == 8 and len(report["losses"]) == 2
+    captions = [{"image": "images/0.png", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red square on a dark noisy background."}]}]
+    (colour_qa / "captions_only.json").write_text(json.dumps(captions))
+    with pytest.raises(DatasetError, match="teacher_objective = 'mae'"):
+        pretrain_vit(colour_qa, TINY, VISION, steps=1, objective="qa", sources=["captions_only.json"],
+                     progress=False)
+    with pytest.raises(DatasetError, match="nothere.json"):
+        pretrain_vit(colour_qa, TINY, VISION, steps=1, objective="qa", sources=["nothere.json"], progress=False)
+
+
+def test_qa_vit_teacher_through_build_teacher(colour_qa, tmp_path):
+    from types import SimpleNamespace
+
+    from monovlm.model.teachers import TEACHER_SETTINGS_FILE, build_teacher
+
+    align = SimpleNamespace(teacher="vit", teacher_objective="qa", teacher_width=16, teacher_depth=1, teacher_heads=2,
+                            teacher_steps=3, teacher_lr=1e-3, teacher_patch_size=8, whiten=False, whiten_images=8)
+    vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
+    teacher = build_teacher(align, vision, colour_qa, tmp_path / "run", progress=False, sources=[("qa.json", None)])
+    features = teacher([torch.zeros(3, 32, 32)])
+    assert features[0].shape == (4, 4, 16)
+    made_with = json.loads((tmp_path / "run" / "teacher" / TEACHER_SETTINGS_FILE).read_text())
+    assert made_with["objective"] == "qa"
