@@ -7,11 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.datasets import MixedDataset
 from monovlm.data.processor import Processor
-from monovlm.data.yes_no import wording, wording_prior, without_yes_no, yes_no_answer, yes_no_singles
+from monovlm.data.yes_no import (WordingBalance, question_replies, question_wording, wording, wording_prior,
+                                 without_yes_no, yes_no_answer, yes_no_singles, yes_no_word)
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
 from monovlm.train.data import stage_dataset
 from monovlm.config import ConfigError
@@ -73,3 +75,68 @@ def test_the_stage_option_builds_conversations_without_yes_no_and_the_singles(wo
     assert singles.records == yes_no_singles(records, balanced=True, seed=0)
     with pytest.raises(ConfigError, match="yes_no="):
         StageConfig(name="qa", data="instruct.json", yes_no="sometimes")
+
+
+def conversation(*pairs):
+    turns = []
+    for question, reply in pairs:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]
+    return {"image": "a.png", "conversations": turns}
+
+
+def test_wording_balance_gives_each_wordings_yes_and_no_equal_weight():
+    records = [conversation(("<image>\nIs there a red star?", "yes"), ("What colour is the ring?", "blue")),
+               conversation(("<image>\nIs there a blue ring?", "Yes."), ("Is there no star?", "no")),
+               conversation(("<image>\nIs there a green cross?", "yes"), ("Is there no ring?", "yes")),
+               conversation(("<image>\nIs there a red ring?", "no"), ("Is there no cross?", "no"))]
+    balance = WordingBalance(records)
+    # "is there a": 3 yes, 1 no -> 4/6 and 4/2; "is there no": 1 yes, 2 no -> 3/2 and 3/4
+    assert balance.reply_weights(records[0]) == [pytest.approx(2 / 3), 1.0]
+    assert balance.reply_weights(records[3]) == [pytest.approx(2.0), pytest.approx(0.75)]
+    for key in ("is there a", "is there no"):  # the weights cancel the prior: equal totals per answer
+        replies = [(w, yes_no_word(reply)) for r in records for (q, reply), w in
+                   zip(question_replies(r), balance.reply_weights(r)) if question_wording(q) == key]
+        totals = Counter()
+        for weight, answer in replies:
+            totals[answer] += weight
+        assert totals["yes"] == pytest.approx(totals["no"])
+    one_sided = WordingBalance([conversation(("Is it red?", "yes")), conversation(("Is it red?", "yes"))])
+    assert one_sided.reply_weights(conversation(("Is it red?", "yes"))) == [1.0]
+    # token weights: the k-th labelled run (reply + end token) gets the k-th reply's weight
+    labels = [-100, -100, 5, 6, -100, -100, 7, 6, -100]
+    assert balance.label_weights(labels, records[3], -100) == [1, 1, 2.0, 2.0, 1, 1, 0.75, 0.75, 1]
+    assert balance.label_weights([-100, 7, 6], records[3], -100) is None  # one run for two replies ("plain")
+
+
+def test_weighted_stage_reads_the_conversations_as_they_are_and_weighs_the_loss(world):
+    root, records = world
+    tokenizer = train_bpe_tokenizer([turn["value"] for r in records for turn in r["conversations"]], vocab_size=300)
+    add_image_special_tokens(tokenizer)
+    vision = VisionConfig(embedder="conv", patch_size=8, merge=2, max_pixels=64 * 64)
+    processor = Processor(tokenizer, vision, ProcessorConfig(template="chatml", max_length=1024))
+    grouped = stage_dataset(StageConfig(name="qa", data="instruct.json", group_by_image=True), processor, root)
+    weighted = stage_dataset(StageConfig(name="qa", data="instruct.json", group_by_image=True, yes_no="weighted"),
+                             processor, root)
+    assert weighted.records == grouped.records  # the same conversations: nothing re-sampled or taken out
+    sample = weighted[0]
+    assert sample.input_ids == grouped[0].input_ids and sample.labels == grouped[0].labels
+    expected = WordingBalance(grouped.records).reply_weights(grouped.records[0])
+    runs = []  # the weight of each labelled run, in order
+    for index, label in enumerate(sample.labels):
+        if label != -100 and (index == 0 or sample.labels[index - 1] == -100):
+            runs.append(sample.label_weights[index])
+    assert runs == pytest.approx(expected) and any(w != 1.0 for w in expected)
+    assert all(w == 1.0 for w, label in zip(sample.label_weights, sample.labels) if label == -100)
+    # the batch carries them, padded with 1, and the trainer's loss sums weight × token loss
+    from monovlm.data.collate import collate
+    from monovlm.train.trainer import _loss_units
+
+    batch = collate([weighted[0], weighted[1]], pad_id=0)
+    assert batch.label_weights.shape == batch.labels.shape
+    count, token_weights = _loss_units(batch, "token")
+    assert count == int((batch.labels[:, 1:] != -100).sum())
+    assert torch.equal(token_weights, batch.label_weights[:, 1:])
+    _, sample_weights = _loss_units(batch, "sample")
+    _, plain_sample_weights = _loss_units(collate([grouped[0], grouped[1]], pad_id=0), "sample")
+    assert torch.allclose(sample_weights, plain_sample_weights * batch.label_weights[:, 1:])
+    assert collate([grouped[0]], pad_id=0).label_weights is None

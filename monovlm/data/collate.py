@@ -24,6 +24,7 @@ class Batch:
     images: list[torch.Tensor]  # every image of the batch in row-major order of their placeholders
     num_samples: int
     image_keys: list[str] = field(default_factory=list)  # the images' data paths, same order (when known)
+    label_weights: torch.Tensor | None = None  # (B, T) float loss weight per token; None when every weight is 1
 
     @property
     def num_tokens(self) -> int:
@@ -31,7 +32,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
-                     [image.to(device) for image in self.images], self.num_samples, self.image_keys)
+                     [image.to(device) for image in self.images], self.num_samples, self.image_keys,
+                     None if self.label_weights is None else self.label_weights.to(device))
 
 
 def collate(samples: Sequence[ProcessedSample], pad_id: int, pad_to: int | None = None) -> Batch:
@@ -48,6 +50,8 @@ def collate_packed(rows: Sequence[Sequence[ProcessedSample]], pad_id: int, pad_t
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     segments = torch.zeros((len(rows), width), dtype=torch.long)
+    weighted = any(sample.label_weights is not None for row in rows for sample in row)
+    weights = torch.ones((len(rows), width)) if weighted else None
     images: list[torch.Tensor] = []
     keys: list[str] = []
     for row_index, row in enumerate(rows):
@@ -57,11 +61,13 @@ def collate_packed(rows: Sequence[Sequence[ProcessedSample]], pad_id: int, pad_t
             input_ids[row_index, start:end] = torch.tensor(sample.input_ids)
             labels[row_index, start:end] = torch.tensor(sample.labels)
             segments[row_index, start:end] = segment
+            if weights is not None and sample.label_weights is not None:
+                weights[row_index, start:end] = torch.tensor(sample.label_weights)
             images += sample.images
             keys += sample.image_keys
             start = end
     return Batch(input_ids, labels, segments, images, sum(len(row) for row in rows),
-                 keys if len(keys) == len(images) else [])
+                 keys if len(keys) == len(images) else [], weights)
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:

@@ -27,7 +27,8 @@ from monovlm.data.images import (
     max_image_tokens,
     num_image_tokens,
 )
-from monovlm.data.processor import IMAGE_MARKER, ProcessedSample, Processor, SampleError, has_lone_surrogate
+from monovlm.data.processor import (IGNORE_INDEX, IMAGE_MARKER, ProcessedSample, Processor, SampleError,
+                                    has_lone_surrogate)
 
 
 class DatasetError(ValueError):
@@ -343,16 +344,18 @@ class LlavaDataset:
 
     `select(records)` (e.g. only the yes/no questions) runs on the file's records first, and `label` then says in the
     data's name which of them this is. `group_by_image=True` then merges the records of each image into one multi-turn
-    record (`merge_turns_by_image`)."""
+    record (`merge_turns_by_image`). `reply_weights` (a `monovlm.data.yes_no.WordingBalance`), when given, sets each
+    sample's per-token loss weights from its replies."""
 
     def __init__(self, path: str | os.PathLike, processor: Processor, image_root: str | os.PathLike | None = None,
                  group_by_image: bool = False, group_seed: int = 0,
                  select: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
-                 label: str | None = None):
+                 label: str | None = None, reply_weights: Any = None):
         self.path = Path(path)
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.label = label
+        self.reply_weights = reply_weights
         self.records, self.malformed = read_records(self.path)
         if select is not None:
             self.records = select(self.records)
@@ -373,9 +376,12 @@ class LlavaDataset:
 
     def __getitem__(self, index: int) -> ProcessedSample | SkippedSample:
         try:
-            return self.processor.process(self.records[index], image_root=self.image_root)
+            sample = self.processor.process(self.records[index], image_root=self.image_root)
         except (SampleError, ImageLoadError) as error:
             return SkippedSample(self.describe(index), _reason(error), str(error))
+        if self.reply_weights is not None:
+            sample.label_weights = self.reply_weights.label_weights(sample.labels, self.records[index], IGNORE_INDEX)
+        return sample
 
     def text_lengths(self) -> list[int]:
         """A cheap length estimate per record, for grouping batches by length: the characters of its conversation

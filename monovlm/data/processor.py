@@ -71,6 +71,7 @@ class ProcessedSample:
     images: list[torch.Tensor]  # (3, H, W) each, in order of appearance
     image_keys: list[str] = field(default_factory=list)  # the images' paths as written in the data (for teachers'
     # precomputed features); empty when images were passed in directly
+    label_weights: list[float] | None = None  # per token, scaling its loss (a stage's yes_no = "weighted"); None: 1
 
     def __len__(self) -> int:
         return len(self.input_ids)

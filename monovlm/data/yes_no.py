@@ -10,7 +10,11 @@ model learns that prior long before it learns to read the image for it. Two reme
   recipe uses: conversations without existence questions, existence questions alone);
 - "balanced": as singles, re-sampled so that within each wording (the question's first words, as VQA's question
   types) "yes" and "no" are equally frequent — VQA v2's balanced pairs, made by repetition: the wording then predicts
-  nothing and only the image can lower the loss.
+  nothing and only the image can lower the loss;
+- "weighted": the conversations stay as the data has them (grouped by image when the stage groups), and each yes/no
+  reply's loss is weighted so that within each wording "yes" and "no" carry equal total weight (`WordingBalance`):
+  the balance of "balanced" without repeating samples or taking the questions out of their conversations, so the
+  other questions keep their share of the stage.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 
 from monovlm.data.processor import IMAGE_MARKER
 
-YES_NO_MODES = ("grouped", "singles", "balanced")
+YES_NO_MODES = ("grouped", "singles", "balanced", "weighted")
+MAX_WEIGHT = 10.0  # a wording whose rarer answer is very rare: its few replies weigh at most this much
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -35,15 +40,86 @@ def yes_no_answer(record: dict[str, Any]) -> str | None:
     if not (isinstance(question, dict) and isinstance(answer, dict) and question.get("from") in ("human", "user")
             and isinstance(answer.get("value"), str)):
         return None
-    words = _WORD.findall(answer["value"].lower())
-    return words[0] if len(words) == 1 and words[0] in ("yes", "no") else None
+    return yes_no_word(answer["value"])
 
 
 def wording(record: dict[str, Any], words: int = 3) -> str:
     """The question's first `words` words, lower-cased: its wording as VQA's question types group it ("is there no",
     "does the image")."""
-    text = record["conversations"][0].get("value", "")
-    return " ".join(_WORD.findall(str(text).replace(IMAGE_MARKER, "").lower())[:words])
+    return question_wording(str(record["conversations"][0].get("value", "")), words)
+
+
+def question_wording(question: str, words: int = 3) -> str:
+    return " ".join(_WORD.findall(question.replace(IMAGE_MARKER, "").lower())[:words])
+
+
+def yes_no_word(reply: str) -> str | None:
+    """"yes" or "no" when the reply is that one word (any case, punctuation), else None."""
+    words = _WORD.findall(reply.lower())
+    return words[0] if len(words) == 1 and words[0] in ("yes", "no") else None
+
+
+def question_replies(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(the question before it, the reply) for each assistant reply of a LLaVA record, in order; a reply with no
+    question before it pairs with ""."""
+    pairs, question = [], ""
+    turns = record.get("conversations")
+    for turn in turns if isinstance(turns, list) else []:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            continue
+        if turn.get("from") in ("gpt", "assistant"):
+            pairs.append((question, turn["value"]))
+        elif turn.get("from") in ("human", "user"):
+            question = turn["value"]
+    return pairs
+
+
+class WordingBalance:
+    """Loss weights for yes/no replies that make each wording's "yes" and "no" weigh the same in total.
+
+    Counted over `records` (every reply of every conversation): a wording w with n_yes and n_no replies gives each
+    "yes" the weight (n_yes + n_no) / (2 n_yes) and each "no" (n_yes + n_no) / (2 n_no), at most MAX_WEIGHT; the
+    replies' weights then average 1 within the wording, and a model that answers from the wording alone gains
+    nothing in expectation. Other replies, and wordings with one answer only, weigh 1. A class, not a closure, so
+    that data-loading workers started with spawn can receive it."""
+
+    def __init__(self, records: list[dict[str, Any]]):
+        counts: dict[str, dict[str, int]] = defaultdict(lambda: {"yes": 0, "no": 0})
+        for record in records:
+            for question, reply in question_replies(record):
+                answer = yes_no_word(reply)
+                if answer is not None:
+                    counts[question_wording(question)][answer] += 1
+        self.weights: dict[tuple[str, str], float] = {}
+        for key, count in counts.items():
+            total = count["yes"] + count["no"]
+            if count["yes"] and count["no"]:
+                for answer, n in count.items():
+                    self.weights[(key, answer)] = min(MAX_WEIGHT, total / (2 * n))
+
+    def reply_weights(self, record: dict[str, Any]) -> list[float]:
+        """One weight per assistant reply of `record`, in order."""
+        out = []
+        for question, reply in question_replies(record):
+            answer = yes_no_word(reply)
+            out.append(1.0 if answer is None else self.weights.get((question_wording(question), answer), 1.0))
+        return out
+
+    def label_weights(self, labels: list[int], record: dict[str, Any], ignore_index: int) -> list[float] | None:
+        """Per-token weights for a processed sample of `record`: every token of the k-th labelled run (the k-th
+        assistant reply and its end token) gets the k-th reply's weight. None (all 1) when the runs are not one per
+        reply (a template that labels only the last reply, as "plain" does) or no reply is weighted."""
+        weights = self.reply_weights(record)
+        if all(weight == 1.0 for weight in weights):
+            return None
+        out, run, inside = [], -1, False
+        for label in labels:
+            labelled = label != ignore_index
+            if labelled and not inside:
+                run += 1
+            inside = labelled
+            out.append(weights[run] if labelled and run < len(weights) else 1.0)
+        return out if run + 1 == len(weights) else None
 
 
 def without_yes_no(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

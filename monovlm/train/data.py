@@ -35,7 +35,7 @@ from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import Batch, collate, collate_packed, length_grouped_batches, pack
 from monovlm.data.datasets import LlavaDataset, MixedDataset, SkippedSample, SkipReport
 from monovlm.data.processor import ProcessedSample, Processor
-from monovlm.data.yes_no import without_yes_no, yes_no_singles
+from monovlm.data.yes_no import WordingBalance, without_yes_no, yes_no_singles
 from monovlm.train.recipe import StageConfig
 
 
@@ -50,12 +50,17 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
                   seed: int = 0) -> LlavaDataset | MixedDataset:
     """A stage's data file (and image folder), relative to the data root; several files make a `MixedDataset`
     (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled). With
-    `stage.yes_no` other than "grouped", each file is two parts: its records without the single yes/no questions,
-    and those questions alone (see data/yes_no.py; `seed` draws the balancing repeats)."""
+    `stage.yes_no` "singles" or "balanced", each file is two parts: its records without the single yes/no
+    questions, and those questions alone (see data/yes_no.py; `seed` draws the balancing repeats); with "weighted",
+    the files are read as they are and the yes/no replies' losses weighted per wording over all of them."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
-    if stage.yes_no == "grouped":
+    if stage.yes_no in ("grouped", "weighted"):
         parts = [(LlavaDataset(Path(data_root) / file, processor, image_root, group_by_image=grouped), repeat)
                  for file, repeat, grouped in stage.data_files]
+        if stage.yes_no == "weighted":
+            balance = WordingBalance([record for dataset, _ in parts for record in dataset.records])
+            for dataset, _ in parts:
+                dataset.reply_weights = balance
     else:  # each file's yes/no questions read alone (balanced per wording), its other records as before
         balanced = stage.yes_no == "balanced"
         singles = partial(yes_no_singles, balanced=balanced, seed=seed)
@@ -131,7 +136,9 @@ class LoadedBatch:
         batch = self.batch
         pinned = dataclasses.replace(batch, input_ids=batch.input_ids.pin_memory(), labels=batch.labels.pin_memory(),
                                      attention_mask=batch.attention_mask.pin_memory(),
-                                     images=[image.pin_memory() for image in batch.images])
+                                     images=[image.pin_memory() for image in batch.images],
+                                     label_weights=None if batch.label_weights is None
+                                     else batch.label_weights.pin_memory())
         return LoadedBatch(self.position, pinned, self.reads)
 
 

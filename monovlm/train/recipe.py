@@ -72,8 +72,9 @@ class StageConfig:
     align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
     eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)
     # yes/no questions: "grouped" (as the data has them), "singles" (taken out of the image-grouped conversations and
-    # read as samples of their own) or "balanced" (singles, re-sampled so each question wording's answers are equally
-    # frequent: the wording then predicts nothing); see monovlm/data/yes_no.py
+    # read as samples of their own), "balanced" (singles, re-sampled so each question wording's answers are equally
+    # frequent: the wording then predicts nothing) or "weighted" (as the data has them, each reply's loss weighted so
+    # each wording's yes and no weigh the same); see monovlm/data/yes_no.py
     yes_no: str = "grouped"
     # at this share of a question-answer stage, one more eval: model vs blind per answer type, warning about any type
     # answered no better than with a blank image (the plateau of a model that does not look); 0 turns it off

@@ -175,13 +175,14 @@ def _autocast(device: torch.device, dtype: str):
 
 def _loss_units(batch: Batch | None, loss_norm: str) -> tuple[int, torch.Tensor | None]:
     """(what the summed loss is divided by, counted in one micro-batch: labelled tokens, or samples with a label;
-    the per-token weights of the "sample" norm, else None)."""
+    the per-token weights (B, T-1) — the "sample" norm's times the batch's own label weights — or None if all 1)."""
     if batch is None:
         return 0, None
+    label_weights = None if batch.label_weights is None else batch.label_weights[:, 1:]  # aligned with targets
     if loss_norm == "sample":
         weights, samples = per_sample_token_weights(batch.labels, batch.attention_mask)
-        return samples, weights
-    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), None
+        return samples, weights if label_weights is None else weights * label_weights
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), label_weights
 
 
 class Trainer:
