@@ -4,12 +4,13 @@ Covers the data readers (`read_records`, `LlavaDataset`), the scratch tokenizer'
 records) and `group_by_image`, which must not let a bad record change or lose the good records it is merged with."""
 
 import json
+import pickle
 
 import pytest
 from PIL import Image
 
 from monovlm.config import ProcessorConfig, VisionConfig
-from monovlm.data.datasets import LlavaDataset, merge_turns_by_image, read_records
+from monovlm.data.datasets import JsonlIndex, LlavaDataset, SkippedSample, merge_turns_by_image, read_records
 from monovlm.data.processor import Processor
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
 from monovlm.train.build import build_tokenizer, recipe_texts
@@ -236,3 +237,64 @@ def test_a_group_over_max_length_is_split_into_conversations_that_fit(processor,
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in dataset.records)
     again = LlavaDataset(path, processor, group_by_image=True)
     assert again.records == dataset.records  # seeded: the same split every time
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# JSONL read on demand through a byte-offset index: the same records and skips, only offsets in memory
+
+
+def awkward_jsonl(path):
+    """Good records between blank and whitespace-only lines, \\r\\n and \\r breaks, a BOM, and every kind of bad
+    line the reader names."""
+    lines = [b"\xef\xbb\xbf" + line(record(record_id="first")), b"", b"   ", line(record(record_id="crlf")),
+             b"{not json", line(record(record_id="cr")), line([1, 2]), b'{"id": "\xff"}',
+             line(record(record_id="huge")).replace(b'"huge"', HUGE.encode()), b"[" * 100_000,
+             line(record(answer="r\u2028d", record_id="separator")), line(record(record_id="last"))]
+    breaks = [b"\n", b"\n", b"\n", b"\r\n", b"\n", b"\r", b"\n", b"\n", b"\n", b"\n", b"\n", b""]
+    path.write_bytes(b"".join(text + end for text, end in zip(lines, breaks)))
+    return path
+
+
+def test_index_gives_the_readers_records_and_skips_in_file_order(data_dir):
+    path = awkward_jsonl(data_dir / "train.jsonl")
+    records, skipped = read_records(path)
+    index = JsonlIndex(path)
+    items = [index[i] for i in range(len(index))]
+    assert len(index) == len(records) + len(skipped) == 10
+    assert [item for item in items if not isinstance(item, SkippedSample)] == records
+    assert [(s.where, s.reason) for s in items if isinstance(s, SkippedSample)] == \
+        [(s.where, s.reason) for s in skipped]
+    assert [s.where for s in skipped][0] == "train.jsonl line 5"  # line numbers as bytes.splitlines counts them
+    assert index[-1] == records[-1]
+    with pytest.raises(IndexError, match="has 10 records"):
+        index[10]
+    (data_dir / "empty.jsonl").write_bytes(b"")
+    assert len(JsonlIndex(data_dir / "empty.jsonl")) == 0
+
+
+def test_records_are_read_when_asked_for_not_kept(data_dir):
+    path = data_dir / "train.jsonl"
+    path.write_bytes(line(record(record_id="aaa")) + b"\n" + line(record(record_id="bbb")) + b"\n")
+    index = JsonlIndex(path)
+    assert index[0]["id"] == "aaa"
+    path.write_bytes(path.read_bytes().replace(b'"aaa"', b'"zzz"'))  # same length: the offsets still hold
+    assert index[0]["id"] == "zzz" and index[1]["id"] == "bbb"
+    copy = pickle.loads(pickle.dumps(index))  # as a spawned data worker receives it: it opens the file itself
+    assert copy[1]["id"] == "bbb"
+
+
+def test_dataset_on_a_jsonl_file_reads_it_on_demand_and_counts_bad_lines_when_read(processor, data_dir):
+    path = awkward_jsonl(data_dir / "train.jsonl")
+    records, skipped = read_records(path)
+    (data_dir / "train.json").write_text(json.dumps(records))
+    lazy, eager = LlavaDataset(path, processor), LlavaDataset(data_dir / "train.json", processor)
+    assert isinstance(lazy.records, JsonlIndex) and lazy.malformed == []
+    report = lazy.new_report()
+    samples = list(lazy.processed(report))
+    assert [s.input_ids for s in samples] == [s.input_ids for s in eager.processed()]
+    assert report.total == 10 and report.skipped == len(skipped) == 5
+    assert lazy.describe(2) == "train.jsonl line 5" and lazy.describe(0) == "train.jsonl record 0 (id=first)"
+    lengths = lazy.text_lengths()
+    assert len(lengths) == 10 and lengths[2] == 0 and lengths[0] == eager.text_lengths()[0]
+    grouped = LlavaDataset(path, processor, group_by_image=True)  # grouping needs every record: read whole
+    assert not isinstance(grouped.records, JsonlIndex) and len(grouped.malformed) == 5

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import bisect
 import json
+import mmap
 import os
 import random
 import re
 import sys
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -186,30 +188,85 @@ def _read_lines(data: bytes, name: str) -> tuple[list[dict[str, Any]], list[Skip
     for number, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():
             continue
-        where = f"{name} line {number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            skipped.append(SkippedSample(where, "invalid UTF-8", f"byte {error.start + 1} of the line is not UTF-8 "
-                                                                f"({error.reason})"))
-            continue
-        try:
-            record, huge = _parse_json(line)
-        except json.JSONDecodeError as error:
-            skipped.append(SkippedSample(where, "malformed line", str(error)))
-            continue
-        except RecursionError:
-            skipped.append(SkippedSample(where, "malformed line", "nested deeper than Python's JSON reader allows"))
-            continue
-        if not isinstance(record, dict):
-            skipped.append(SkippedSample(where, "malformed line", "not a JSON object"))
-            continue
-        fault = _text_fault(record) if huge or _may_hold_surrogates(line) else None
-        if fault is not None:
-            skipped.append(SkippedSample(where, *fault))
-            continue
-        records.append(record)
+        item = _parse_line(raw, f"{name} line {number}")
+        (skipped if isinstance(item, SkippedSample) else records).append(item)
     return records, skipped
+
+
+def _parse_line(raw: bytes, where: str) -> dict[str, Any] | SkippedSample:
+    """One .jsonl line -> its record, or a skip saying why it is unusable."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return SkippedSample(where, "invalid UTF-8", f"byte {error.start + 1} of the line is not UTF-8 ({error.reason})")
+    try:
+        record, huge = _parse_json(line)
+    except json.JSONDecodeError as error:
+        return SkippedSample(where, "malformed line", str(error))
+    except RecursionError:
+        return SkippedSample(where, "malformed line", "nested deeper than Python's JSON reader allows")
+    if not isinstance(record, dict):
+        return SkippedSample(where, "malformed line", "not a JSON object")
+    fault = _text_fault(record) if huge or _may_hold_surrogates(line) else None
+    return SkippedSample(where, *fault) if fault is not None else record
+
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # what bytes.splitlines splits at (not U+2028, which JSON may hold)
+_LINE = re.compile(rb"[^\r\n]+")
+
+
+class JsonlIndex(Sequence):
+    """The records of a .jsonl file, read on demand through a byte-offset index: what stays in memory per record is
+    its line's start and end (16 bytes) and line number, not the record, so a file of tens of millions of samples
+    fits. Item i is the i-th non-blank line's record, parsed when asked for, or a `SkippedSample` naming the line
+    when it is unusable (the same reasons as `read_records`). Each process opens the file for itself, so data
+    workers started by fork or spawn read it safely. The file must not change while it is read."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DatasetError(f"dataset file {self.path} does not exist" if not self.path.exists()
+                               else f"{self.path} is not a file")
+        self.starts, self.ends, self.numbers = array("q"), array("q"), array("q")
+        self._file: int | None = None  # a descriptor of this process (`_pid`)
+        self._pid: int | None = None
+        with open(self.path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                return
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                skip = len(_UTF8_BOM) if data[:len(_UTF8_BOM)] == _UTF8_BOM else 0
+                number, previous_end = 1, skip
+                for match in _LINE.finditer(data, skip):
+                    number += len(_LINE_BREAK.findall(data, previous_end, match.start()))
+                    previous_end = match.end()
+                    if match.group().strip():
+                        self.starts.append(match.start())
+                        self.ends.append(match.end())
+                        self.numbers.append(number)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.path.name} has {len(self)} records, no record {index}")
+        if self._file is None or self._pid != os.getpid():  # a worker process opens its own descriptor
+            self._file, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        start, size = self.starts[index], self.ends[index] - self.starts[index]
+        raw = b""
+        while len(raw) < size:  # pread: no shared file position, no stale buffer
+            chunk = os.pread(self._file, size - len(raw), start + len(raw))
+            if not chunk:
+                raise DatasetError(f"{self.path} is shorter than when it was indexed: it changed while being read")
+            raw += chunk
+        return _parse_line(raw, f"{self.path.name} line {self.numbers[index]}")
+
+    def __getstate__(self) -> dict[str, Any]:  # a descriptor means nothing in another process: reopen there
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None and self._pid == os.getpid():
+            os.close(self._file)
 
 
 def _reason(error: Exception) -> str:
@@ -345,7 +402,8 @@ class LlavaDataset:
     `select(records)` (e.g. only the yes/no questions) runs on the file's records first, and `label` then says in the
     data's name which of them this is. `group_by_image=True` then merges the records of each image into one multi-turn
     record (`merge_turns_by_image`). `reply_weights` (a `monovlm.data.yes_no.WordingBalance`), when given, sets each
-    sample's per-token loss weights from its replies."""
+    sample's per-token loss weights from its replies. A .jsonl file read as it is (no select, no grouping) is read on
+    demand (`JsonlIndex`): its bad lines are then counted as skips when read, not all at the start."""
 
     def __init__(self, path: str | os.PathLike, processor: Processor, image_root: str | os.PathLike | None = None,
                  group_by_image: bool = False, group_seed: int = 0,
@@ -356,6 +414,11 @@ class LlavaDataset:
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.label = label
         self.reply_weights = reply_weights
+        self.records: Sequence[dict[str, Any]] | JsonlIndex
+        if self.path.suffix == ".jsonl" and select is None and not group_by_image:
+            # read on demand: memory per record is an offset; a bad line is a skip when it is read
+            self.records, self.malformed = JsonlIndex(self.path), []
+            return
         self.records, self.malformed = read_records(self.path)
         if select is not None:
             self.records = select(self.records)
@@ -371,16 +434,22 @@ class LlavaDataset:
         return self.path.name + (f" ({self.label})" if self.label else "")
 
     def describe(self, index: int) -> str:
-        record_id = self.records[index].get("id")
+        record = self.records[index]
+        if isinstance(record, SkippedSample):
+            return record.where
+        record_id = record.get("id")
         return f"{self.path.name} record {index}" + (f" (id={record_id})" if record_id is not None else "")
 
     def __getitem__(self, index: int) -> ProcessedSample | SkippedSample:
+        record = self.records[index]
+        if isinstance(record, SkippedSample):  # a bad line of a file read on demand
+            return record
         try:
-            sample = self.processor.process(self.records[index], image_root=self.image_root)
+            sample = self.processor.process(record, image_root=self.image_root)
         except (SampleError, ImageLoadError) as error:
             return SkippedSample(self.describe(index), _reason(error), str(error))
         if self.reply_weights is not None:
-            sample.label_weights = self.reply_weights.label_weights(sample.labels, self.records[index], IGNORE_INDEX)
+            sample.label_weights = self.reply_weights.label_weights(sample.labels, record, IGNORE_INDEX)
         return sample
 
     def text_lengths(self) -> list[int]:
@@ -388,7 +457,7 @@ class LlavaDataset:
         (no image is decoded, nothing is tokenized). Malformed conversations count 0 (the processor skips them)."""
         lengths = []
         for record in self.records:
-            turns = record.get("conversations")
+            turns = record.get("conversations") if isinstance(record, dict) else None
             values = [t.get("value") for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
             lengths.append(sum(len(v) for v in values if isinstance(v, str)))
         return lengths

@@ -63,7 +63,7 @@ def question_replies(record: dict[str, Any]) -> list[tuple[str, str]]:
     """(the question before it, the reply) for each assistant reply of a LLaVA record, in order; a reply with no
     question before it pairs with ""."""
     pairs, question = [], ""
-    turns = record.get("conversations")
+    turns = record.get("conversations") if isinstance(record, dict) else None
     for turn in turns if isinstance(turns, list) else []:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             continue
