@@ -19,6 +19,7 @@ from pathlib import Path
 from monovlm.commands import (
     chat,
     compare_command,
+    data_shard,
     data_synth,
     eval_command,
     generate_text,
@@ -36,6 +37,7 @@ COMMANDS: dict[str, Callable] = {
     "generate-text": generate_text,
     "train-tokenizer": train_tokenizer,
     "data synth": data_synth,
+    "data shard": data_shard,
     "train": train_command,
     "recipes": recipes_command,
     "teacher features": teacher_features,

@@ -135,6 +135,33 @@ def data_synth(
     print(json.dumps(summary, indent=1, sort_keys=True))
 
 
+def data_shard(
+    source: Path,
+    *,
+    out: Path,
+    samples_per_shard: int = 10_000,
+    image_root: Path | None = None,
+    progress: bool = True,
+) -> None:
+    """Write a LLaVA JSON/JSONL file and its images as a WebDataset shard folder, which a recipe stage reads in place
+    of the file (`--set stages.NAME.data=FOLDER`): OUT/shard-000000.tar, ... (per sample KEY.json, the record as it
+    is, and its images' original bytes, KEY.png or KEY.0.png, KEY.1.jpg, ... for an image list) and OUT/shards.json
+    (the shard list, wids' index format; written last). Records the datasets would skip as malformed, and records
+    whose image is missing, escapes the image root or has no image header, are left out and counted.
+
+    Args:
+        source: the LLaVA .json or .jsonl file
+        out: the shard folder to write (new or empty)
+        samples_per_shard: samples per tar
+        image_root: the folder image paths are relative to; none: the file's folder
+        progress: show a progress bar
+    """
+    from monovlm.data.shards import write_shards
+
+    summary = write_shards(source, out, samples_per_shard=samples_per_shard, image_root=image_root, progress=progress)
+    print(summary.line(out))
+
+
 def teacher_features(
     *,
     teacher: str,

@@ -158,6 +158,8 @@ def test_the_tokenizer_corpus_skips_the_records_the_readers_skip_and_says_so(dat
     recipe = scratch_recipe("train.jsonl")
     texts = list(recipe_texts(recipe, data_dir))
     assert texts == ["\nwhat colour?", "red square", "\nwhat colour?", "blue circle"]
+    assert list(recipe_texts(recipe, data_dir, chat_roles=True))[:4] == ["user\n", "\nwhat colour?", "assistant\n",
+                                                                          "red square"]
     tokenizer = build_tokenizer(recipe, data_dir)
     assert tokenizer.vocab_size > 0
     out = capsys.readouterr().out
@@ -298,3 +300,12 @@ def test_dataset_on_a_jsonl_file_reads_it_on_demand_and_counts_bad_lines_when_re
     assert len(lengths) == 10 and lengths[2] == 0 and lengths[0] == eager.text_lengths()[0]
     grouped = LlavaDataset(path, processor, group_by_image=True)  # grouping needs every record: read whole
     assert not isinstance(grouped.records, JsonlIndex) and len(grouped.malformed) == 5
+
+
+def test_a_scratch_tokenizer_for_chatml_learns_the_role_lines_as_whole_tokens(data_dir):
+    """The chatml headers are read in every turn; spelt letter by letter they were ~28% of a QA conversation."""
+    (data_dir / "train.json").write_text(json.dumps([record(answer=colour) for colour in ["red", "blue"] * 40]))
+    tokenizer = build_tokenizer(scratch_recipe("train.json"), data_dir)
+    assert len(tokenizer.encode("assistant\n")) <= 2 and len(tokenizer.encode("user\n")) <= 2
+    without = train_bpe_tokenizer(recipe_texts(scratch_recipe("train.json"), data_dir), vocab_size=300)
+    assert len(without.encode("assistant\n")) > 2  # the data alone does not teach them

@@ -60,7 +60,7 @@ def test_read_qa_pairs_takes_each_short_answer_and_skips_escaping_paths(tmp_path
     assert [image.key for image in images] == ["images/a.png"]
     assert [(p.image, p.question, p.answer) for p in pairs] == [
         (0, "<image>\nWhat shape?", "star"), (0, "And its colour?", "dark red")]  # the 5-word description is not
-    assert report.reasons["image path invalid"] == 1
+    assert report.reasons == {"image path escapes the root": 1}
 
 
 def test_qa_teacher_learns_the_answers_from_the_image_and_is_deterministic(colour_qa):

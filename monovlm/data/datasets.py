@@ -269,7 +269,8 @@ class JsonlIndex(Sequence):
             os.close(self._file)
 
 
-def _reason(error: Exception) -> str:
+def skip_reason(error: Exception) -> str:
+    """The short category a skip report counts a sample's error under."""
     if isinstance(error, ImageLoadError):
         return "image path invalid" if "is not a usable path" in error.reason else "image unreadable"
     message = str(error)
@@ -447,7 +448,7 @@ class LlavaDataset:
         try:
             sample = self.processor.process(record, image_root=self.image_root)
         except (SampleError, ImageLoadError) as error:
-            return SkippedSample(self.describe(index), _reason(error), str(error))
+            return SkippedSample(self.describe(index), skip_reason(error), str(error))
         if self.reply_weights is not None:
             sample.label_weights = self.reply_weights.label_weights(sample.labels, record, IGNORE_INDEX)
         return sample

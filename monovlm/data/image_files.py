@@ -4,7 +4,9 @@ self-supervised pretraining, whitening, precomputed teacher features, the baseli
 Each image is listed once, under its key — the entry as written in the data, which is also the key the processor
 hands a teacher (`ProcessedSample.image_keys`) — with its path resolved the way the datasets resolve it: under the
 stage's `image_root` (relative to the data root) or else the data file's own folder, refusing a path that escapes
-that root. Pixels come through the one safe loader (`monovlm.data.images.load_image`) and the resize policy.
+that root. A data source may also be a shard folder (`monovlm data shard`): its images are the members of its tars,
+listed under the names the records give them, and read from the tar. Pixels come through the one safe loader
+(`monovlm.data.images.load_image`) and the resize policy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from monovlm.config import VisionConfig
 from monovlm.data.datasets import DatasetError, SkippedSample, SkipReport, read_records
 from monovlm.data.images import ImageLoadError, ImagePathError, image_path_under, image_to_tensor, load_image
+from monovlm.data.shards import read_member, shard_images
 
 # (data file, image root or None), both relative to the data root; None = the data file's folder
 DataSource = tuple[str, str | None]
@@ -27,7 +30,8 @@ DataSource = tuple[str, str | None]
 @dataclass(frozen=True)
 class DataImage:
     key: str  # the image entry as written in the data
-    path: Path  # resolved under its image root
+    path: Path  # resolved under its image root; for an image in a shard folder, its tar
+    member: tuple[int, int] | None = None  # (offset, size) of its bytes in the tar `path`; None: `path` is the image
 
 
 def stage_sources(stages: Iterable) -> list[DataSource]:
@@ -46,12 +50,16 @@ def data_images(data_root: str | os.PathLike, sources: Sequence[DataSource | str
 
     A missing data file is a `DatasetError` naming it; a record whose image entry is malformed or escapes the image
     root is skipped and counted in `report`. One key naming two different files (two image roots) is an error: a
-    teacher's precomputed features could not tell them apart."""
+    teacher's precomputed features could not tell them apart. An image of a shard folder holds the bytes of the file
+    it was written from, so it is taken to be the same image as a file or another folder's image of its key."""
     root = Path(data_root)
     images: dict[str, DataImage] = {}
     for source in sources:
         file, image_root = (source, None) if isinstance(source, str) else source
         path = root / file
+        if path.is_dir():
+            _add_shard_images(path, images, report)
+            continue
         if not path.is_file():
             raise DatasetError(f"data file {path} does not exist (data files are read under the data root {root})")
         base = (root / image_root if image_root is not None else path.parent).resolve()
@@ -80,10 +88,21 @@ def data_images(data_root: str | os.PathLike, sources: Sequence[DataSource | str
                 known = images.get(name)
                 if known is None:
                     images[name] = DataImage(name, image_path)
-                elif known.path != image_path:
+                elif known.member is None and known.path != image_path:
                     raise DatasetError(f"image key {name!r} names two files, {known.path} and {image_path} (data "
                                        "files with different image roots): keys must be unique")
     return list(images.values())
+
+
+def _add_shard_images(folder: Path, images: dict[str, DataImage], report: SkipReport | None) -> None:
+    """A shard folder's images into `images` (the first of a key kept), its unusable records counted in `report`."""
+    for item in shard_images(folder):
+        if report is not None:
+            report.record(item)
+        if isinstance(item, SkippedSample):
+            continue
+        for name, tar, offset, size in item:
+            images.setdefault(name, DataImage(name, tar, (offset, size)))
 
 
 def _skip(report: SkipReport | None, where: str, reason: str, detail: str) -> None:
@@ -94,7 +113,10 @@ def _skip(report: SkipReport | None, where: str, reason: str, detail: str) -> No
 def load_pixels(image: DataImage, vision: VisionConfig) -> torch.Tensor:
     """(3, H, W) model input for one listed image: the safe loader, then `vision`'s resize policy and normalisation.
     Raises `ImageLoadError` naming the key."""
-    return image_to_tensor(load_image(image.path, max_source_pixels=vision.max_source_pixels,
+    source = image.path
+    if image.member is not None:
+        source = read_member(image.path, *image.member)
+    return image_to_tensor(load_image(source, max_source_pixels=vision.max_source_pixels,
                                       name=f"{image.key!r} ({image.path})"), vision)
 
 

@@ -147,7 +147,7 @@ def image_header_size(path: str | os.PathLike, name: str | None = None) -> tuple
             prefix = file.read(16)
             if not prefix:
                 raise ImageLoadError(label, "is empty (0 bytes)")
-            with _open_header(file, prefix, label) as image:
+            with open_header(file, prefix, label) as image:
                 width, height = image.size
     except OSError as error:  # permission denied, I/O error, ... (decoding errors are already ImageLoadError)
         raise ImageLoadError(label, f"cannot be read ({error.strerror or error})") from error
@@ -218,12 +218,12 @@ def _load_from_stream(
     max_source_pixels: int,
     background: tuple[int, int, int],
 ) -> Image.Image:
-    image = _open_header(stream, prefix, label)
+    image = open_header(stream, prefix, label)
     with image:  # releases whatever Pillow holds for the lazily opened file (TIFF/MPO may keep extra state)
         return _finish(image, label, max_source_pixels, background)
 
 
-def _open_header(stream: io.BufferedIOBase, prefix: bytes, label: str) -> Image.ImageFile.ImageFile:
+def open_header(stream: io.BufferedIOBase, prefix: bytes, label: str) -> Image.ImageFile.ImageFile:
     """Identify the format and read the header only (no pixel data); map every failure to `ImageLoadError`."""
     stream.seek(0)
     with _WARNINGS_LOCK, warnings.catch_warnings():

@@ -35,6 +35,7 @@ from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.collate import Batch, collate, collate_packed, length_grouped_batches, pack
 from monovlm.data.datasets import LlavaDataset, MixedDataset, SkippedSample, SkipReport
 from monovlm.data.processor import ProcessedSample, Processor
+from monovlm.data.shards import ShardDataset
 from monovlm.data.yes_no import WordingBalance, without_yes_no, yes_no_singles
 from monovlm.train.recipe import StageConfig
 
@@ -47,18 +48,26 @@ def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig) -> Proc
 
 
 def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
-                  seed: int = 0) -> LlavaDataset | MixedDataset:
+                  seed: int = 0) -> LlavaDataset | ShardDataset | MixedDataset:
     """A stage's data file (and image folder), relative to the data root; several files make a `MixedDataset`
     (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled). With
     `stage.yes_no` "singles" or "balanced", each file is two parts: its records without the single yes/no
     questions, and those questions alone (see data/yes_no.py; `seed` draws the balancing repeats); with "weighted",
-    the files are read as they are and the yes/no replies' losses weighted per wording over all of them."""
+    the files are read as they are and the yes/no replies' losses weighted per wording over all of them. A data
+    "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
+
+    def open_data(file: str, **options) -> LlavaDataset | ShardDataset:
+        path = Path(data_root) / file
+        if path.is_dir():  # a shard folder holds its images: no image root
+            return ShardDataset(path, processor, **options)
+        return LlavaDataset(path, processor, image_root, **options)
+
     if stage.yes_no in ("grouped", "weighted"):
-        parts = [(LlavaDataset(Path(data_root) / file, processor, image_root, group_by_image=grouped), repeat)
-                 for file, repeat, grouped in stage.data_files]
+        parts = [(open_data(file, group_by_image=grouped), repeat) for file, repeat, grouped in stage.data_files]
         if stage.yes_no == "weighted":
-            balance = WordingBalance([record for dataset, _ in parts for record in dataset.records])
+            balance = WordingBalance([record for dataset, _ in parts for record in dataset.records
+                                      if isinstance(record, dict)])  # a bad line read on demand is a skip
             for dataset, _ in parts:
                 dataset.reply_weights = balance
     else:  # each file's yes/no questions read alone (balanced per wording), its other records as before
@@ -66,10 +75,9 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
         singles = partial(yes_no_singles, balanced=balanced, seed=seed)
         parts = []
         for file, repeat, grouped in stage.data_files:
-            parts.append((LlavaDataset(Path(data_root) / file, processor, image_root, group_by_image=grouped,
-                                       select=without_yes_no, label="without yes/no" if grouped else None), repeat))
-            parts.append((LlavaDataset(Path(data_root) / file, processor, image_root, select=singles,
-                                       label="yes/no, balanced" if balanced else "yes/no"), 1))
+            parts.append((open_data(file, group_by_image=grouped, select=without_yes_no,
+                                  label="without yes/no" if grouped else None), repeat))
+            parts.append((open_data(file, select=singles, label="yes/no, balanced" if balanced else "yes/no"), 1))
     if len(parts) == 1 and parts[0][1] == 1:
         return parts[0][0]
     return MixedDataset(parts)

@@ -563,11 +563,13 @@ def resolve_data(recipe: Recipe, data_root: str | Path, log=None) -> Recipe:
     instruction file; "skip": they are left out; `log`, if given, is told which). Then every file a stage reads, and
     every image folder it names, must exist: one FileNotFoundError names all that are missing, the stages that read
     them, and the folder layout the recipe expects."""
+    from monovlm.data.shards import is_data_source  # a data file, or a shard folder (`monovlm data shard`)
+
     root = Path(data_root)
     captions = recipe.data.captions
     reads_captions = [s.name for s in recipe.stages if captions in [f for f, _, _ in s.data_files]]
     recipe = dataclasses.replace(recipe, stages=list(recipe.stages))
-    if reads_captions and not (root / captions).is_file() and recipe.data.no_captions != "error":
+    if reads_captions and not is_data_source(root / captions) and recipe.data.no_captions != "error":
         recipe.stages = _without_captions(recipe)
         if log is not None:
             what = (f"read {recipe.data.instruct} instead" if recipe.data.no_captions == "instruct"
@@ -577,7 +579,7 @@ def resolve_data(recipe: Recipe, data_root: str | Path, log=None) -> Recipe:
     missing: dict[str, list[str]] = {}
     for stage in recipe.stages:
         for file, _, _ in stage.data_files:
-            if not (root / file).is_file():
+            if not is_data_source(root / file):
                 missing.setdefault(file, []).append(stage.name)
         if stage.image_root and not (root / stage.image_root).is_dir():
             missing.setdefault(stage.image_root + "/", []).append(stage.name)
@@ -630,13 +632,15 @@ def _layout_message(recipe: Recipe, root: Path, missing: dict[str, list[str]]) -
     width = max(len(f) for f in files + [images])
     lines = [f"recipe {recipe.name!r} ({recipe.description}) cannot run on {root}: missing "
              + "; ".join(f"{file} (read by {', '.join(stages)})" for file, stages in missing.items()) + ".",
-             "It reads this layout (LLaVA JSON or JSONL; image paths relative to the JSON file's folder"
+             "It reads this layout (LLaVA JSON or JSONL, or a shard folder of `monovlm data shard`; image paths "
+             "relative to the JSON file's folder"
              + (f" or to the image root set for it: {images}" if roots else "") + "):", f"  {root}/"]
     for file in files:
         mark = "  <- missing" if file in missing else ""
         lines.append(f"    {file:<{width}}  {examples.get(file, 'LLaVA records')}{mark}")
     lines.append(f"    {images:<{width}}  the image files")
-    hints = []
+    hints = [f"{file} is a folder without shards.json: not a shard folder, or `monovlm data shard` did not finish"
+             for file in missing if (root / file).is_dir() and not file.endswith("/")]
     if set(missing) & {captions, instruct}:
         hints.append("files of other names: --set data.captions=FILE --set data.instruct=FILE")
     if captions in missing:

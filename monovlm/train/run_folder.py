@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from monovlm.config import ConfigError
+from monovlm.data.shards import INDEX as SHARD_INDEX
 from monovlm.files import write_text_atomic
 from monovlm.train.recipe import Recipe, recipe_differences, recipe_to_dict
 
@@ -36,11 +37,14 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def data_fingerprint(recipe: Recipe, data_root: Path) -> dict[str, dict[str, Any]]:
-    """{data file (relative to the data root): {"bytes", "sha256"}} for every file the recipe's stages read."""
+    """{data file (relative to the data root): {"bytes", "sha256"}} for every file the recipe's stages read; for a
+    shard folder, those of its shards.json (which records every tar's size)."""
     files = sorted({file for stage in recipe.stages for file, _, _ in stage.data_files})
     fingerprint = {}
     for file in files:
         path = Path(data_root) / file
+        if path.is_dir():
+            path = path / SHARD_INDEX
         fingerprint[file] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)} if path.is_file() else None
     return fingerprint
 

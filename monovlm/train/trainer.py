@@ -543,6 +543,11 @@ class Trainer:
             if path.is_file():
                 records = read_records(path)[0][: options.eval_limit]
                 self.eval_sets[stage.name] = records, path.parent, f"{path.name} ({len(records)} questions)"
+            elif (options.data_root / stage.data_files[0][0]).is_dir():  # a shard folder: its images are in tars
+                folder = stage.data_files[0][0]
+                self.log(f"no eval in stage {stage.name!r}: it reads the shard folder {folder}, whose images are not "
+                         "files; give a QA file with --eval-data FILE")
+                self.eval_sets[stage.name] = [], options.data_root, folder
             else:
                 file = options.data_root / stage.data_files[0][0]
                 image_root = options.data_root / stage.image_root if stage.image_root else file.parent

@@ -38,9 +38,11 @@ from torch import nn
 from tqdm import tqdm
 
 from monovlm.config import EncoderConfig, VisionConfig
-from monovlm.data.datasets import DatasetError, SkippedSample, SkipReport, read_records
-from monovlm.data.image_files import DataImage, DataSource, iter_pixels
-from monovlm.data.images import ImagePathError, group_by_size, image_path_under, shift_image
+from monovlm.data.datasets import DatasetError, SkipReport
+from monovlm.data.image_files import DataImage, DataSource, data_images, iter_pixels
+from monovlm.data.images import group_by_size, shift_image
+from monovlm.data.shards import read_data_records
+from monovlm.data.yes_no import question_replies
 from monovlm.model.vit import ViT
 from monovlm.train.schedule import lr_factor
 
@@ -67,44 +69,28 @@ class QAPair:
 
 def read_qa_pairs(data_root: str | os.PathLike, sources: Sequence[DataSource | str],
                   report: SkipReport | None = None) -> tuple[list[DataImage], list[QAPair]]:
-    """Every (image, question, short answer) of the data files' one-image records, multi-turn records giving each of
-    their question-answer pairs; images listed once each. Records that are malformed or whose image path escapes
-    its root are skipped and counted in `report`; answers longer than three words are simply not questions of this
-    kind (a caption, a description) and are not counted as faults."""
-    root = Path(data_root)
-    images: dict[str, DataImage] = {}
+    """Every (image, question, short answer) of the data files' (or shard folders') one-image records, multi-turn
+    records giving each of their question-answer pairs; images listed once each, found as the datasets find them
+    (`data_images`). Records that are malformed or whose image path is unusable are skipped and counted in `report`;
+    answers longer than three words are simply not questions of this kind (a caption, a description) and are not
+    counted as faults."""
+    images: list[DataImage] = []
     index_of: dict[str, int] = {}
     pairs: list[QAPair] = []
     for source in sources:
-        file, image_root = (source, None) if isinstance(source, str) else source
-        path = root / file
-        if not path.is_file():
-            raise DatasetError(f"data file {path} does not exist (data files are read under the data root {root})")
-        base = (root / image_root if image_root is not None else path.parent).resolve()
-        records, malformed = read_records(path)
-        for skipped in malformed:
-            if report is not None:
-                report.record(skipped)
-        for record in records:
-            name, turns = record.get("image"), record.get("conversations")
-            if not isinstance(name, str) or not name or not isinstance(turns, list):
-                continue  # text-only or multi-image records: not this objective's
-            key = name
-            if key not in images:
-                try:
-                    images[key] = DataImage(key, image_path_under(base, name))
-                except ImagePathError as error:  # escapes its root, or no usable path at all
-                    if report is not None:
-                        report.record(SkippedSample(f"{path.name} image {name!r}", "image path invalid", str(error)))
-                    continue
-                index_of[key] = len(index_of)
-            for question, answer in zip(turns[0::2], turns[1::2]):
-                if not (isinstance(question, dict) and isinstance(answer, dict)):
-                    continue
-                q, a = question.get("value"), answer.get("value")
-                if isinstance(q, str) and isinstance(a, str) and 0 < len(a.split()) <= MAX_ANSWER_WORDS:
-                    pairs.append(QAPair(index_of[key], q, normalise_answer(a)))
-    return list(images.values()), pairs
+        for image in data_images(data_root, [source], report):
+            if image.key not in index_of:
+                index_of[image.key] = len(images)
+                images.append(image)
+        file = source if isinstance(source, str) else source[0]
+        for record in read_data_records(Path(data_root) / file)[0]:  # its faults were counted just above
+            name = record.get("image")
+            if not isinstance(name, str) or name not in index_of:
+                continue  # text-only, multi-image or skipped records: not this objective's
+            for question, answer in question_replies(record):
+                if 0 < len(answer.split()) <= MAX_ANSWER_WORDS:
+                    pairs.append(QAPair(index_of[name], question, normalise_answer(answer)))
+    return images, pairs
 
 
 class QAHead(nn.Module):
@@ -178,7 +164,7 @@ def pretrain_vit_qa(
 
     `report`, if given, receives: losses (per step), seconds, questions, images, answers (classes), left_out (questions
     whose answer is too rare to be a class), held_out_accuracy and majority_share (on the held-out images'
-    questions), skipped (the unreadable-image summary)."""
+    questions), held_out_predictions ((question, answer, predicted) each), skipped (the unreadable-image summary)."""
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
     listing = SkipReport()
@@ -273,7 +259,8 @@ def pretrain_vit_qa(
             bar.set_postfix({"loss": f"{losses[-1]:.3f}"})
     vit.eval()
     head.eval()
-    accuracy, majority = _held_out_accuracy(held_out, batch_of, logits_of, answer_index, answers)
+    predictions: list[tuple[str, str, str]] = []
+    accuracy, majority = _held_out_accuracy(held_out, batch_of, logits_of, answers, predictions)
     # one summary line, with or without progress bars: it says whether the teacher learnt anything
     print(f"pretrain vit (qa): {len(kept)} questions about {len(image_ids)} images, {len(answers)} answers; "
           f"held-out accuracy {100 * accuracy:.1f}% (most frequent answer {100 * majority:.1f}%)")
@@ -283,21 +270,23 @@ def pretrain_vit_qa(
     if report is not None:
         report.update(losses=losses, seconds=time.perf_counter() - started, questions=len(kept),
                       images=len(image_ids), answers=len(answers), left_out=len(pairs) - len(kept),
-                      held_out_accuracy=accuracy, majority_share=majority, skipped=skipped.summary())
+                      held_out_accuracy=accuracy, majority_share=majority, held_out_predictions=predictions,
+                      skipped=skipped.summary())
     return vit
 
 
 @torch.no_grad()
-def _held_out_accuracy(held_out: Sequence[int], batch_of, logits_of, answer_index: dict[str, int],
-                       answers: Sequence[str]) -> tuple[float, float]:
+def _held_out_accuracy(held_out: Sequence[int], batch_of, logits_of, answers: Sequence[str],
+                       predictions: list[tuple[str, str, str]]) -> tuple[float, float]:
     """(exact-match accuracy of the head, share of the most frequent training answer) on the held-out images'
-    questions; (0, 0) when none are held out."""
+    questions; (0, 0) when none are held out. Each (question, answer, predicted) is appended to `predictions`."""
     correct = total = majority = 0
     for start in range(0, len(held_out), 32):
         pixels, questions, owner = batch_of(held_out[start:start + 32], shift=False)
         if not questions:
             continue
         predicted = logits_of(pixels, questions, owner).argmax(dim=-1).tolist()
+        predictions += [(pair.question, pair.answer, answers[p]) for p, pair in zip(predicted, questions)]
         correct += sum(answers[p] == pair.answer for p, pair in zip(predicted, questions))
         majority += sum(pair.answer == answers[0] for pair in questions)
         total += len(questions)
