@@ -20,9 +20,9 @@ VISION = VisionConfig(embedder="conv", patch_size=4, merge=2, embedder_width=16,
 EXPERTS = dict(expert_norms=True, expert_attention=True, expert_mlp=True)
 
 
-def tiny_vlm(**decoder_overrides) -> EncoderFreeVLM:
+def tiny_vlm(num_layers: int = 3, **decoder_overrides) -> EncoderFreeVLM:
     torch.manual_seed(0)
-    decoder = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+    decoder = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=num_layers, num_heads=4,
                             num_kv_heads=2, initializer_range=0.1, special_tokens={"image": IMAGE_ID},
                             **decoder_overrides)
     config = VLMConfig(decoder=decoder, vision=VISION, processor=ProcessorConfig(template="plain"))

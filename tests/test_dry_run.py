@@ -79,7 +79,7 @@ def test_align_head_and_teacher_are_planned_without_data(monkeypatch, tmp_path):
     def no_reading(*args, **kwargs):
         raise AssertionError("the dry run read a data file")
 
-    monkeypatch.setattr(build, "read_records", no_reading)
+    monkeypatch.setattr(build, "read_data_records", no_reading)
     report = dry_run(recipe(align=True), data_root=tmp_path / "nothing-here", stage="qa", steps=1,
                      dtype="float32")
     assert report.part("align").params > 0 and report.part("align").trainable == report.part("align").params

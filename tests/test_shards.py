@@ -213,7 +213,8 @@ def tiny_recipe(data, tokenizer, workers: int = 0, group=None):
 
 def test_a_shard_folder_trains_to_the_files_losses(tmp_path):
     """The quickstart's data, its QA file read as a shard folder (grouped by image, in a mixture, as the
-    eve-synthetic recipe reads it): the same losses as from the file, read in process and with 2 workers."""
+    eve-synthetic recipe reads it): the same losses as from the file, read in process and with 2 workers; and the
+    mixture's other file as a lazily indexed JSONL: the same losses too."""
     from monovlm.data.synthetic import synthesize
     from monovlm.train.build import recipe_texts
     from monovlm.train.trainer import TrainOptions, train
@@ -238,6 +239,10 @@ def test_a_shard_folder_trains_to_the_files_losses(tmp_path):
     assert len(from_file) == 4
     assert losses(["instruct_shards", "existence_train.json"], 0, "shards") == from_file
     assert losses(["instruct_shards", "existence_train.json"], 2, "shards_workers") == from_file
+    # the same records as JSONL, read as they are: through the byte-offset index (JsonlIndex), not held in memory
+    records = json.loads((data_root / "existence_train.json").read_text())
+    (data_root / "existence_train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert losses(["instruct_train.json", "existence_train.jsonl"], 0, "jsonl") == from_file
 
 
 def test_unfinished_or_damaged_shard_folders_are_named(processor, data_dir, tmp_path):

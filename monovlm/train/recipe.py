@@ -247,6 +247,10 @@ class Recipe:
     # activation checkpointing per decoder block: activations of one layer kept for the backward instead of all of
     # them, for about one more forward of compute (same loss and gradients; `monovlm train --dry-run` shows the memory)
     activation_checkpointing: bool = False
+    # torch.compile of each training step's decoder blocks and loss (the embedder, the teacher and the align loss stay
+    # eager): the same loss and gradients to float rounding, faster after the first step, which compiles. DDP, not
+    # FSDP. A run may resume with it switched (see RUNNING_KEYS)
+    compile: bool = False
     # the KEY=VALUE overrides applied over the recipe file, in order: a record of how this recipe was made (the values
     # above already include them)
     overrides: list[str] = field(default_factory=list)
@@ -650,6 +654,7 @@ def _layout_message(recipe: Recipe, root: Path, missing: dict[str, list[str]]) -
 
 
 READING_KEYS = ("num_workers", "prefetch")  # [data] keys that may change between a run and its resume
+RUNNING_KEYS = ("compile",)  # top-level keys of how a step runs (same results to float rounding): may change too
 
 
 def recipe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -659,6 +664,8 @@ def recipe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
     recorded, current = json.loads(json.dumps(recorded)), json.loads(json.dumps(current))  # tuples as lists
     for values in (recorded, current):
         values.pop("overrides", None)
+        for how_run in RUNNING_KEYS:
+            values.pop(how_run, None)
         for how_read in READING_KEYS:  # how the data is read, not what is trained: results are identical
             values.get("data", {}).pop(how_read, None)
     old_stages, new_stages = recorded.pop("stages", []), current.pop("stages", [])

@@ -20,12 +20,16 @@ import contextlib
 import json
 import shutil
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as shape_config
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from monovlm.config import ConfigError
@@ -112,12 +116,19 @@ class TrainResult:
 class TrainModule(nn.Module):
     """What the optimizer sees: the VLM plus, when EVE's align loss is on, the align head (training only).
 
-    One module so DDP/FSDP wrap everything that trains; the teacher is frozen and lives outside it."""
+    One module so DDP/FSDP wrap everything that trains; the teacher is frozen and lives outside it.
 
-    def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None = None):
+    With `compile=True` the decoder's blocks, final norm and loss run as one `torch.compile`d region
+    (`decoder_loss`); what around it is data-dependent (the image embedder over a list of images, the attention-mask
+    choice, which positions carry labels, expert routing) runs eagerly and enters the region as tensors. The region is
+    compiled with dynamic shapes, so batches of other lengths reuse its graph. The compile sits inside the module that
+    DDP wraps: DDP's gradient hooks see ordinary parameters, and its forward stays eager."""
+
+    def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None = None, compile: bool = False):
         super().__init__()
         self.model = model
         self.aligner = aligner
+        self.compiled_loss = compiled_decoder_loss() if compile else None
 
     def forward(self, batch: Batch, teacher=None, align_layers=None,
                 token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,15 +137,10 @@ class TrainModule(nn.Module):
         model = self.model
         images = batch.images or None
         use_align = self.aligner is not None and teacher is not None and images is not None
-        capture = contextlib.nullcontext()
-        if use_align:
-            from monovlm.model.align import HiddenCapture
-
-            capture = HiddenCapture(model.decoder, align_layers)
-        with capture as captured:
-            hidden = model.hidden_states(batch.input_ids, images, batch.attention_mask)
-        ce_sum = labelled_cross_entropy(hidden, batch.labels, model.decoder.output_weight, reduction="sum",
-                                        token_weights=token_weights)
+        if self.compiled_loss is not None and bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
+            ce_sum, states = self.compiled_forward(batch, token_weights, align_layers if use_align else ())
+        else:  # eager; also a micro-batch without labels (its zero loss would be one more graph to compile)
+            ce_sum, states = self.eager_forward(batch, token_weights, align_layers if use_align else ())
         if not use_align:
             return ce_sum, ce_sum.new_zeros(())
         from monovlm.model.align import alignment_loss
@@ -143,8 +149,84 @@ class TrainModule(nn.Module):
             teacher_features = teacher(batch.images, batch.image_keys or None)
         vision_mask = batch.input_ids == model.image_token_id
         layouts = [TokenLayout.for_image(image, model.config.vision) for image in batch.images]
-        align = alignment_loss(self.aligner, captured.states, vision_mask, layouts, teacher_features)
+        align = alignment_loss(self.aligner, states, vision_mask, layouts, teacher_features)
         return ce_sum, align
+
+    def eager_forward(self, batch: Batch, token_weights: torch.Tensor | None,
+                      depths) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(summed cross-entropy, hidden states at `depths` for the align loss) through the model's own forward."""
+        model = self.model
+        capture = contextlib.nullcontext()
+        if depths:
+            from monovlm.model.align import HiddenCapture
+
+            capture = HiddenCapture(model.decoder, depths)
+        with capture as captured:
+            hidden = model.hidden_states(batch.input_ids, batch.images or None, batch.attention_mask)
+        ce_sum = labelled_cross_entropy(hidden, batch.labels, model.decoder.output_weight, reduction="sum",
+                                        token_weights=token_weights)
+        return ce_sum, captured.states if depths else []
+
+    def compiled_forward(self, batch: Batch, token_weights: torch.Tensor | None,
+                         depths) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The same as `eager_forward`, with the blocks, norm and loss in the compiled region: the preamble of
+        `Decoder.hidden_states` (no cache) and the label selection of `labelled_cross_entropy` run here, eagerly."""
+        from monovlm.model.align import HiddenCapture
+        from monovlm.model.decoder import segments_of
+
+        model, decoder = self.model, self.model.decoder
+        x, vision_mask = model.embed(batch.input_ids, batch.images or None)  # (B, T, C)
+        positions = decoder.default_positions(segments_of(batch.attention_mask), x.shape[:2], None, x.device)
+        inputs = decoder.layer_inputs(x, batch.attention_mask, positions, None, vision_mask)
+        # a boolean mask's count is data-dependent (a graph break); an index of the labelled targets is an input
+        label_index = (batch.labels[:, 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)  # (N,)
+        targets = batch.labels[:, 1:].reshape(-1).index_select(0, label_index)  # (N,)
+        weights = None if token_weights is None else token_weights.reshape(-1).index_select(0, label_index)
+        resolved = tuple(HiddenCapture.resolve(depth, len(decoder.layers)) for depth in depths)
+        return self.compiled_loss(decoder, x, inputs, label_index, targets, weights, resolved)
+
+
+def decoder_loss(decoder, x: torch.Tensor, inputs, label_index: torch.Tensor, targets: torch.Tensor,
+                 weights: torch.Tensor | None, depths: tuple) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The compiled region of a training step: x (B, T, C) embeddings through the blocks and the final norm, then the
+    output head and the cross-entropy summed over the labelled positions only — `label_index` (N,) into the flattened
+    (B·(T-1)) shifted positions, `targets` (N,), optional per-token `weights` (N,). -> (summed loss, the states at
+    the resolved `depths` in `HiddenCapture`'s numbering: 0 the embeddings, d the output of block d, "final" the
+    normed output)."""
+    states = {0: x}
+    # SDPA's math form on CPU: in a dynamic-shape graph the fused CPU kernel's backward gets its input strides fixed
+    # at the first length, and the next length fails a stride assertion (torch 2.13); inductor fuses the math form
+    math = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext()
+    with math:
+        for number, block in enumerate(decoder.layers, 1):
+            x = decoder.run_block(block, x, inputs, None)
+            states[number] = x
+    hidden = decoder.norm(x)  # (B, T, C)
+    states["final"] = hidden
+    labelled = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, label_index)  # (N, C)
+    logits = F.linear(labelled, decoder.output_weight)  # (N, V)
+    if weights is None:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    else:
+        loss = (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
+    return loss, [states[depth] for depth in depths]
+
+
+def compiled_decoder_loss():
+    """`decoder_loss` under `torch.compile`, with dynamic shapes (batch, length and label count vary from step to
+    step). Each call gets its own code object: dynamo keeps graphs and its recompile limit per code object, so the
+    graphs of one run never count against another's in the same process."""
+    code = decoder_loss.__code__.replace()
+    own = types.FunctionType(code, decoder_loss.__globals__, decoder_loss.__name__)
+    compiled = torch.compile(own, dynamic=True)
+
+    def run(*args):
+        # no duck sizing: a label count that happens to equal a fixed size (the head dim, say) would otherwise share
+        # its symbol, become a constant, and recompile at the next count
+        with shape_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return run
 
 
 def short_answer_records(records: list[dict[str, Any]], limit: int, seed: int,
@@ -310,10 +392,15 @@ class Trainer:
     # the loop
 
     def run(self) -> TrainResult:
+        if self.recipe.compile and self.info.enabled and self.options.strategy == "fsdp":
+            # FSDP2's per-block hooks gather each block's weights; inside the compiled region they are untested
+            raise ConfigError("compile = true is not supported with --strategy fsdp; use ddp, or --set compile=false")
         model, tokenizer, state = self.setup()
         model.decoder.checkpoint_blocks = self.recipe.activation_checkpointing
         aligner = self.setup_align(model, state)
-        module = TrainModule(model, aligner)
+        module = TrainModule(model, aligner, compile=self.recipe.compile)
+        if self.recipe.compile:
+            self.log("compile: the decoder's blocks and loss run through torch.compile (the first step compiles)")
         result = TrainResult(model, tokenizer)
         start_stage = state["stage"] if state is not None else 0
         global_step = state["global_step"] if state is not None else 0
