@@ -58,12 +58,17 @@ def test_balanced_singles_leave_the_wording_nothing_to_predict(world):
     assert len(rest) + len(singles) == len(records) and all(yes_no_answer(r) is None for r in rest)
 
 
-def test_the_stage_option_builds_conversations_without_yes_no_and_the_singles(world):
-    root, records = world
+def chatml_processor(records) -> Processor:
+    """A chatml processor with a small BPE trained on the records' text."""
     tokenizer = train_bpe_tokenizer([turn["value"] for r in records for turn in r["conversations"]], vocab_size=300)
     add_image_special_tokens(tokenizer)
     vision = VisionConfig(embedder="conv", patch_size=8, merge=2, max_pixels=64 * 64)
-    processor = Processor(tokenizer, vision, ProcessorConfig(template="chatml", max_length=1024))
+    return Processor(tokenizer, vision, ProcessorConfig(template="chatml", max_length=1024))
+
+
+def test_the_stage_option_builds_conversations_without_yes_no_and_the_singles(world):
+    root, records = world
+    processor = chatml_processor(records)
     stage = StageConfig(name="qa", data="instruct.json", group_by_image=True, yes_no="balanced")
     dataset = stage_dataset(stage, processor, root, seed=0)
     assert isinstance(dataset, MixedDataset)
@@ -110,10 +115,7 @@ def test_wording_balance_gives_each_wordings_yes_and_no_equal_weight():
 
 def test_weighted_stage_reads_the_conversations_as_they_are_and_weighs_the_loss(world):
     root, records = world
-    tokenizer = train_bpe_tokenizer([turn["value"] for r in records for turn in r["conversations"]], vocab_size=300)
-    add_image_special_tokens(tokenizer)
-    vision = VisionConfig(embedder="conv", patch_size=8, merge=2, max_pixels=64 * 64)
-    processor = Processor(tokenizer, vision, ProcessorConfig(template="chatml", max_length=1024))
+    processor = chatml_processor(records)
     grouped = stage_dataset(StageConfig(name="qa", data="instruct.json", group_by_image=True), processor, root)
     weighted = stage_dataset(StageConfig(name="qa", data="instruct.json", group_by_image=True, yes_no="weighted"),
                              processor, root)

@@ -369,19 +369,21 @@ def _conversation(record_id: Any, image: str, pairs: list[tuple[str, str]]) -> d
         for i, (question, answer) in enumerate(pairs) for role, text in (("human", question), ("gpt", answer))]}
 
 
-def _length_check(processor: Processor, image_root: Path) -> Callable[[dict[str, Any]], bool]:
+def length_check(processor: Processor,
+                 header_size: Callable[[str], tuple[int, int]]) -> Callable[[dict[str, Any]], bool]:
     """fits(record) for `merge_turns_by_image`: whether the processor's tokens for a record of one image stay within
     its max_length, measured without decoding the image. The text is tokenized exactly; the image counts as the most
-    visual tokens any image can take, and only when that would not fit is its header read (and both orientations'
-    counts taken, the larger: EXIF rotation is not read). A record that cannot be measured (its image missing, its
-    conversation refused) counts as fitting: the processor names its fault when it reads it."""
+    visual tokens any image can take, and only when that would not fit is its header read (`header_size(name)` ->
+    (height, width); both orientations' counts taken, the larger: EXIF rotation is not read). A record that cannot be
+    measured (its image missing, its conversation refused) counts as fitting: the processor names its fault when it
+    reads it."""
     limit = processor.config.max_length
     most = max_image_tokens(processor.vision)
     image_tokens: dict[str, int] = {}  # image name -> its visual tokens, read once per image
 
     def tokens_of(name: str) -> int:
         if name not in image_tokens:
-            height, width = image_header_size(image_path_under(image_root, name))
+            height, width = header_size(name)
             image_tokens[name] = max(num_image_tokens(height, width, processor.vision),
                                      num_image_tokens(width, height, processor.vision))
         return image_tokens[name]
@@ -425,7 +427,10 @@ class LlavaDataset:
             self.records = select(self.records)
         if group_by_image:
             self.records = merge_turns_by_image(self.records, seed=group_seed,
-                                                fits=_length_check(processor, self.image_root))
+                                                fits=length_check(processor, self._header_size))
+
+    def _header_size(self, name: str) -> tuple[int, int]:
+        return image_header_size(image_path_under(self.image_root, name))
 
     def __len__(self) -> int:
         return len(self.records)

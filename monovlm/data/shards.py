@@ -38,10 +38,9 @@ from typing import Any
 
 from PIL import Image
 
-from monovlm.data.datasets import (DatasetError, LlavaDataset, SkippedSample, merge_turns_by_image, read_records,
-                                   skip_reason)
-from monovlm.data.images import (ImageLoadError, ImagePathError, image_path_under, load_image, max_image_tokens,
-                                 num_image_tokens, open_header)
+from monovlm.data.datasets import (DatasetError, LlavaDataset, SkippedSample, length_check, merge_turns_by_image,
+                                   read_records, skip_reason)
+from monovlm.data.images import ImageLoadError, ImagePathError, image_path_under, load_image, open_header
 from monovlm.data.processor import IGNORE_INDEX, ProcessedSample, Processor, SampleError
 
 INDEX = "shards.json"
@@ -406,7 +405,7 @@ class ShardDataset:
         if select is not None:
             records = select(records)
         if group_by_image:
-            records = merge_turns_by_image(records, seed=group_seed, fits=self._length_check())
+            records = merge_turns_by_image(records, seed=group_seed, fits=length_check(self.processor, self._header_size))
         self.records = records
 
     def _all_records(self) -> tuple[list[dict[str, Any]], dict[str, tuple[int, str]]]:
@@ -424,12 +423,8 @@ class ShardDataset:
                 pass  # the processor names the malformed entry when it reads the record
         return records, by_name
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def name(self) -> str:  # what progress and error messages call this data
-        return self.path.name + (f" ({self.label})" if self.label else "")
+    __len__ = LlavaDataset.__len__
+    name = LlavaDataset.name
 
     def describe(self, index: int) -> str:
         record = self.records[index]
@@ -468,33 +463,13 @@ class ShardDataset:
             raise ImageLoadError(label, "is not in the shard folder")
         return load_image(data, max_source_pixels=self.processor.vision.max_source_pixels, name=label)
 
-    def _length_check(self) -> Callable[[dict[str, Any]], bool]:
-        """`merge_turns_by_image`'s fits(record), as the file reader measures it, with image headers read from the
-        member bytes."""
-        processor = self.processor
-        limit, most = processor.config.max_length, max_image_tokens(processor.vision)
-        image_tokens: dict[str, int] = {}
-
-        def tokens_of(name: str) -> int:
-            if name not in image_tokens:
-                located = self._by_name.get(name)
-                data = None if located is None else self.index.member(*located)
-                if data is None:
-                    raise ImageLoadError(repr(name), "is not in the shard folder")
-                height, width = _header_size(data, repr(name))
-                image_tokens[name] = max(num_image_tokens(height, width, processor.vision),
-                                         num_image_tokens(width, height, processor.vision))
-            return image_tokens[name]
-
-        def fits(record: dict[str, Any]) -> bool:
-            try:
-                if processor.token_count(record, [most]) <= limit:
-                    return True
-                return processor.token_count(record, [tokens_of(record["image"])]) <= limit
-            except ValueError:  # SampleError, ImageLoadError: the processor's to report
-                return True
-
-        return fits
+    def _header_size(self, name: str) -> tuple[int, int]:
+        """(height, width) of image `name` from its member's header bytes (`length_check`'s reader)."""
+        located = self._by_name.get(name)
+        data = None if located is None else self.index.member(*located)
+        if data is None:
+            raise ImageLoadError(repr(name), "is not in the shard folder")
+        return _header_size(data, repr(name))
 
     text_lengths = LlavaDataset.text_lengths
     new_report = LlavaDataset.new_report

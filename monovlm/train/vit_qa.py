@@ -136,16 +136,6 @@ class _Vocabulary:
         return ids, lengths
 
 
-def _image_features(vit: ViT, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[(3, H, W)] -> [(N, W)] patch features, one forward per image size."""
-    out: list[torch.Tensor | None] = [None] * len(pixels)
-    for indices in group_by_size(pixels).values():
-        grids = vit(torch.stack([pixels[i] for i in indices]))  # (B, rows, cols, W)
-        for row, index in enumerate(indices):
-            out[index] = grids[row].reshape(-1, grids.shape[-1])
-    return out  # type: ignore[return-value]
-
-
 def pretrain_vit_qa(
     data_root: str | os.PathLike,
     sources: Sequence[DataSource | str],
@@ -221,8 +211,8 @@ def pretrain_vit_qa(
         return pixels, questions, torch.tensor(owner, dtype=torch.long)
 
     def logits_of(pixels, questions, owner) -> torch.Tensor:
-        features = _image_features(vit, pixels)  # [(N, W)] per image
-        patches = torch.stack(features)[owner]  # (Q, N, W) (images of one size: the recipe's resize policy)
+        grids = torch.stack(vit.features(pixels))  # (B, rows, cols, W): images of one size (checked per batch)
+        patches = grids.flatten(1, 2)[owner]  # (Q, N, W)
         ids, lengths = vocabulary.encode([pair.question for pair in questions])
         return head(patches, ids, lengths)
 
