@@ -103,10 +103,10 @@ def main() -> None:
     model, tokenizer = EncoderFreeVLM.load(folder).eval(), Tokenizer.from_folder(folder)
     processor = Processor(tokenizer, model.config.vision, model.config.processor)
     shapes = {s["image"]: s.get("shapes", []) for s in json.loads((args.data / "scenes.json").read_text())}
-    records = [r for r in json.loads((args.data / f"instruct_{args.split}.json").read_text())
+    records = [r for r in json.loads((args.data / syn.qa_file(args.split)).read_text())
                if r.get("category") == "existence" and QUESTION.match(r["question"])][: args.limit]
     if not records:
-        raise SystemExit(f"{args.data / f'instruct_{args.split}.json'} has no existence questions")
+        raise SystemExit(f"{args.data / syn.qa_file(args.split)} has no existence questions")
     groups = [evidence_group(r["question"], shapes[r["image"]]) for r in records]
     images = [Image.open(args.data / r["image"]).convert("RGB") for r in records]  # read once, used twice
     with torch.no_grad():

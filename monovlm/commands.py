@@ -110,8 +110,8 @@ def data_synth(
     train_negatives: str = "pope",
     progress: bool = True,
 ) -> None:
-    """Write a seeded synthetic VLM data set (PNGs + LLaVA JSON): captions (pretrain.json), QA by category with
-    POPE-style existence (instruct_train.json, instruct_test.json), mazes with pixel-derived loop labels, and the
+    """Write a seeded synthetic VLM data set (PNGs + LLaVA JSON): captions (captions.json), QA by category with
+    POPE-style existence (instruct.json, instruct_test.json), mazes with pixel-derived loop labels, and the
     existence drills of the eve-synthetic recipe (colour_train.json, existence_train.json,
     instruct_train_no_existence.json). The same seed gives byte-identical files.
 

@@ -447,7 +447,7 @@ def test_build_teacher_whitens_when_the_recipe_asks(tmp_path):
                             teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels", whiten=True,
                             whiten_images=8)
     teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False,
-                            sources=["pretrain.json"])
+                            sources=["captions.json"])
     assert isinstance(teacher, WhitenedTeacher) and teacher.feature_dim == 16
     from monovlm.train.flops import teacher_params
 

@@ -63,7 +63,7 @@ def scenes(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("scenes")
     synthesize(root, n=12, seed=7, progress=False)
-    records = [r for r in json.loads((root / "instruct_train.json").read_text()) if r["category"] == "attribute"]
+    records = [r for r in json.loads((root / "instruct.json").read_text()) if r["category"] == "attribute"]
     second = next(r for r in records if r["image"] != records[0]["image"])
     return [(root / r["image"], r["question"]) for r in (records[0], second)]
 

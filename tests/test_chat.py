@@ -35,7 +35,7 @@ def scenes(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("scenes")
     synthesize(root, n=12, seed=5, progress=False)
-    records = [r for r in json.loads((root / "instruct_train.json").read_text()) if r["category"] == "attribute"]
+    records = [r for r in json.loads((root / "instruct.json").read_text()) if r["category"] == "attribute"]
     first = records[0]
     second = next(r for r in records if r["image"] != first["image"])
     return [(root / r["image"], r["question"]) for r in (first, second)]
@@ -46,7 +46,7 @@ def reducible(scenes, model):
     """An (image, question) of the scenes fixture's data whose answer divprune keeping 10% of the tokens
     changes, alone and with VCD: so a test sees whether a reduction flag was applied."""
     root = scenes[0][0].parent.parent
-    records = [r for r in json.loads((root / "instruct_train.json").read_text()) if r["category"] != "maze"]
+    records = [r for r in json.loads((root / "instruct.json").read_text()) if r["category"] != "maze"]
     for record in records:
         image, question = root / record["image"], record["conversations"][0]["value"].replace("<image>\n", "")
         plain = answer_alone(model, question, [image])

@@ -111,7 +111,7 @@ def test_chat_with_the_shipped_model_answers_about_an_image(tmp_path, capsys):
     synthesize(tmp_path, n=20, seed=3, progress=False)
     import json
 
-    record = next(r for r in json.loads((tmp_path / "instruct_train.json").read_text()) if r["category"] == "attribute")
+    record = next(r for r in json.loads((tmp_path / "instruct.json").read_text()) if r["category"] == "attribute")
     assert main(["chat", "--image", str(tmp_path / record["image"]), record["question"]]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer and len(answer.split()) <= 3  # a short answer from the trained model, not a ramble

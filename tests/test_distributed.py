@@ -35,7 +35,7 @@ embedder_width = 16
 max_pixels = 1024
 [[stages]]
 name = "qa"
-data = "instruct_train.json"
+data = "instruct.json"
 template = "chatml"
 train = ["embedder", "decoder"]
 steps = 5
@@ -60,11 +60,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp_path, data_root, name, batch_size, nproc=None, strategy="ddp", *extra) -> list[float]:
-    """Train the recipe into tmp_path/name; the losses of every optimizer step in its metrics.jsonl, in order
-    (a resumed run cuts the file back to its checkpoint and appends to it)."""
+# a first stage that trains the embedder alone: the next stage trains more of the same (already wrapped) module
+FROZEN_DECODER_STAGE = """
+[[stages]]
+name = "embedder"
+data = "instruct.json"
+template = "chatml"
+train = ["embedder"]
+steps = 2
+batch_size = {batch_size}
+lr = 3e-3
+warmup_steps = 1
+max_length = 200
+"""
+
+
+def run(tmp_path, data_root, name, batch_size, nproc=None, strategy="ddp", *extra, first_stage="") -> list[float]:
+    """Train the recipe (after `first_stage`, when given) into tmp_path/name; the losses of every optimizer step in
+    its metrics.jsonl, in order (a resumed run cuts the file back to its checkpoint and appends to it)."""
     recipe = tmp_path / f"{name}.toml"
-    recipe.write_text(RECIPE.format(batch_size=batch_size))
+    head, stages = RECIPE.split("[[stages]]", 1)
+    recipe.write_text((head + first_stage + "[[stages]]" + stages).format(batch_size=batch_size))
     args = ["-m", "monovlm", "train", str(recipe), "--data", str(data_root), "--out", str(tmp_path / name),
             "--dtype", "float32", "--no-progress", "--no-eval", "--strategy", strategy, *extra]
     if nproc:
@@ -96,6 +112,17 @@ def test_two_processes_match_one(tmp_path, data_root, two_process_runs, strategy
     single = run(tmp_path, data_root, "single", batch_size=8)
     _, double = two_process_runs(strategy)
     assert len(single) == len(double) == 5
+    for a, b in zip(single, double):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (single, double)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_second_stage_with_more_trainable_parts_matches_one_process(tmp_path, data_root, strategy):
+    """Each stage wraps the module for its strategy; FSDP2 shards in place, so a later stage must train the module
+    the first stage sharded (sharding it twice is refused by torch), now with the decoder unfrozen."""
+    single = run(tmp_path, data_root, "single", 8, first_stage=FROZEN_DECODER_STAGE)
+    double = run(tmp_path, data_root, "double", 4, 2, strategy, first_stage=FROZEN_DECODER_STAGE)
+    assert len(single) == len(double) == 7
     for a, b in zip(single, double):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (single, double)
 

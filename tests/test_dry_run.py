@@ -34,8 +34,8 @@ def recipe(decoder=None, align=False, **stage):
                   "vision": {"embedder": "conv", "patch_size": 8, "merge": 2, "embedder_width": 16,
                              "max_pixels": 32 * 32}},
         "stages": [
-            {"name": "caption", "data": "pretrain.json", "template": "plain", "train": ["embedder"], **stage},
-            {"name": "qa", "data": "instruct_train.json", "template": "chatml", "train": ["embedder", "decoder"],
+            {"name": "caption", "data": "captions.json", "template": "plain", "train": ["embedder"], **stage},
+            {"name": "qa", "data": "instruct.json", "template": "chatml", "train": ["embedder", "decoder"],
              "grad_accum": 2, "align": align, **stage},
         ],
     }

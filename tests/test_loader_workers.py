@@ -170,7 +170,7 @@ def test_training_with_workers_gives_the_in_process_losses(tmp_path):
                                   "num_kv_heads": 1, "tie_word_embeddings": True},
                       "vision": {"embedder": "conv", "patch_size": 8, "merge": 2, "embedder_width": 16,
                                  "max_pixels": 32 * 32}},
-            "stages": [{"name": "qa", "data": "instruct_train.json", "template": "chatml", "batch_size": 4,
+            "stages": [{"name": "qa", "data": "instruct.json", "template": "chatml", "batch_size": 4,
                         "grad_accum": 2, "steps": 4, "save_every": 2, "warmup_steps": 1, "max_length": 200,
                         "lr": 3e-3, "eval_every": 0}],
         })

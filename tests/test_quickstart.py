@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from monovlm.data.synthetic import synthesize
+from monovlm.data.synthetic import DATA_FORMAT, synthesize
 from monovlm.quickstart import _synthesised_with
 
 
 def test_data_folder_is_reused_only_with_matching_settings(tmp_path):
     assert _synthesised_with(tmp_path / "nothing") is None
     synthesize(tmp_path / "data", n=12, seed=3, image_size=32, maze_fraction=0.5, progress=False)
-    assert _synthesised_with(tmp_path / "data") == {"format": 2, "n": 12, "seed": 3, "maze_fraction": 0.5,
+    assert _synthesised_with(tmp_path / "data") == {"format": DATA_FORMAT, "n": 12, "seed": 3, "maze_fraction": 0.5,
                                                        "maze_cells": [3, 4], "train_negatives": "pope"}
     synthesize(tmp_path / "data", n=12, seed=3, image_size=32, maze_fraction=0.5, progress=False, maze_cells=(4, 5))
     assert _synthesised_with(tmp_path / "data")["maze_cells"] == [4, 5]  # another maze size: not the default data
@@ -107,8 +107,9 @@ def test_ship_writes_bf16_weights_that_load_as_float32(tmp_path, monkeypatch):
 
 
 def test_the_quickstarts_recipe_reads_what_the_synthetic_generator_writes(tmp_path):
-    """The quickstart trains `eve-synthetic` (the generic `eve` reads a user's captions.json / instruct.json); every
-    file it reads is in the data the quickstart synthesises, and the generic recipes' are not."""
+    """The quickstart trains `eve-synthetic`; every file it reads is in the data the quickstart synthesises. The
+    synthetic data is also in LLaVA's two-file layout (captions.json, instruct.json), so the generic recipes read it
+    as they read a user's."""
     import inspect
 
     from monovlm.quickstart import run_quickstart
@@ -119,5 +120,8 @@ def test_the_quickstarts_recipe_reads_what_the_synthetic_generator_writes(tmp_pa
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
     resolve_data(load_recipe(name), tmp_path / "data")  # raises, naming the file, if one is missing
     resolve_data(load_recipe("llava-synthetic"), tmp_path / "data")
+    for generic in ("eve", "evev2", "solo", "llava"):
+        resolve_data(load_recipe(generic), tmp_path / "data")
+    (tmp_path / "data" / "captions.json").unlink()
     with pytest.raises(FileNotFoundError, match="missing captions.json"):
         resolve_data(load_recipe("eve"), tmp_path / "data")

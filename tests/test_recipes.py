@@ -111,8 +111,8 @@ def test_eve_synthetic_is_the_quickstarts_recipe():
     model and BENCHMARKS.md were made with exactly these)."""
     recipe = load_recipe("eve-synthetic")
     assert [(s.name, s.data, s.steps, s.lr, s.batch_size, s.template) for s in recipe.stages] == [
-        ("prealign", "pretrain.json", 400, 2e-3, 32, "plain"),
-        ("pretrain", "pretrain.json", 400, 1e-3, 32, "plain"),
+        ("prealign", "captions.json", 400, 2e-3, 32, "plain"),
+        ("pretrain", "captions.json", 400, 1e-3, 32, "plain"),
         ("colours", "colour_train.json", 300, 1e-3, 32, "chatml"),
         ("existence", "existence_train.json", 200, 1e-3, 32, "chatml"),
         ("instruct", ["instruct_train_no_existence.json", "existence_train.json"], 600, 1e-3, 32, "chatml"),

@@ -221,9 +221,9 @@ def test_a_shard_folder_trains_to_the_files_losses(tmp_path):
 
     data_root = tmp_path / "synth"
     synthesize(data_root, n=16, seed=0, image_size=32, progress=False)
-    assert write_shards(data_root / "instruct_train.json", data_root / "instruct_shards", samples_per_shard=16,
+    assert write_shards(data_root / "instruct.json", data_root / "instruct_shards", samples_per_shard=16,
                         progress=False).shards > 1
-    tokenizer = train_bpe_tokenizer(recipe_texts(tiny_recipe("instruct_train.json", "none"), data_root),
+    tokenizer = train_bpe_tokenizer(recipe_texts(tiny_recipe("instruct.json", "none"), data_root),
                                     vocab_size=300)
     tokenizer.save(tmp_path / "tokenizer")
 
@@ -235,14 +235,14 @@ def test_a_shard_folder_trains_to_the_files_losses(tmp_path):
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [line["loss"] for line in lines if "loss" in line and "step" in line]
 
-    from_file = losses(["instruct_train.json", "existence_train.json"], 0, "file")
+    from_file = losses(["instruct.json", "existence_train.json"], 0, "file")
     assert len(from_file) == 4
     assert losses(["instruct_shards", "existence_train.json"], 0, "shards") == from_file
     assert losses(["instruct_shards", "existence_train.json"], 2, "shards_workers") == from_file
     # the same records as JSONL, read as they are: through the byte-offset index (JsonlIndex), not held in memory
     records = json.loads((data_root / "existence_train.json").read_text())
     (data_root / "existence_train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    assert losses(["instruct_train.json", "existence_train.jsonl"], 0, "jsonl") == from_file
+    assert losses(["instruct.json", "existence_train.jsonl"], 0, "jsonl") == from_file
 
 
 def test_unfinished_or_damaged_shard_folders_are_named(processor, data_dir, tmp_path):

@@ -40,13 +40,13 @@ def records(data):
 
 @pytest.fixture(scope="module")
 def questions(data):
-    return _load(data, "instruct_train.json") + _load(data, "instruct_test.json")
+    return _load(data, "instruct.json") + _load(data, "instruct_test.json")
 
 
 def test_same_seed_gives_identical_bytes(data, tmp_path):
     syn.synthesize(tmp_path, n=N, seed=0, progress=False)
     first, second = _hashes(data), _hashes(tmp_path)
-    assert len(first) == N + 8  # images + pretrain, instruct_train/test, the 3 drill files, scenes, summary
+    assert len(first) == N + 8  # images + captions, instruct, instruct_test, the 3 drill files, scenes, summary
     assert first == second
 
 
@@ -56,7 +56,7 @@ def test_different_seed_differs(data, tmp_path):
     assert first.keys() == second.keys()
     images_differ = sum(first[k] != second[k] for k in first if k.startswith("images/"))
     assert images_differ > N * 0.9
-    assert first["instruct_train.json"] != second["instruct_train.json"]
+    assert first["instruct.json"] != second["instruct.json"]
 
 
 def test_prefix_does_not_depend_on_n(data, tmp_path):
@@ -66,11 +66,11 @@ def test_prefix_does_not_depend_on_n(data, tmp_path):
     for key in short:
         if key.startswith("images/"):
             assert short[key] == full[key], key
-    assert _load(tmp_path, "pretrain.json") == _load(data, "pretrain.json")[: len(_load(tmp_path, "pretrain.json"))]
+    assert _load(tmp_path, "captions.json") == _load(data, "captions.json")[: len(_load(tmp_path, "captions.json"))]
 
 
 def test_train_and_test_images_are_disjoint(data, records):
-    train = {e["image"] for name in ("pretrain.json", "instruct_train.json") for e in _load(data, name)}
+    train = {e["image"] for name in ("captions.json", "instruct.json") for e in _load(data, name)}
     test = {e["image"] for e in _load(data, "instruct_test.json")}
     assert train and test
     assert not train & test
@@ -80,7 +80,7 @@ def test_train_and_test_images_are_disjoint(data, records):
 
 
 def test_llava_schema_and_summary(data, questions):
-    for entry in _load(data, "pretrain.json"):
+    for entry in _load(data, "captions.json"):
         assert set(entry) == {"id", "image", "conversations"}
         assert entry["conversations"][0] == {"from": "human", "value": "<image>"}
         assert entry["conversations"][1]["from"] == "gpt" and entry["conversations"][1]["value"].endswith(".")
@@ -96,13 +96,13 @@ def test_llava_schema_and_summary(data, questions):
         assert q["answer"] == q["answer"].lower() and 1 <= len(q["answer"].split()) <= 2
     summary = _load(data, "summary.json")
     for split in ("train", "test"):
-        entries = _load(data, f"instruct_{split}.json")
+        entries = _load(data, syn.qa_file(split))
         counts = summary[f"instruct_{split}"]["categories"]
         assert counts == {c: sum(e["category"] == c for e in entries) for c in syn.CATEGORIES}
 
 
 def test_every_category_appears(data):
-    categories = {q["category"] for q in _load(data, "instruct_train.json")}
+    categories = {q["category"] for q in _load(data, "instruct.json")}
     assert categories == set(syn.CATEGORIES)
 
 
@@ -339,7 +339,7 @@ def test_balanced_train_negatives_make_the_name_uninformative(tmp_path):
 
     def name_only_accuracy(folder):  # the best a blind model can do: the majority answer of each question
         answers: dict[str, Counter] = {}
-        for q in _load(folder, "instruct_train.json"):
+        for q in _load(folder, "instruct.json"):
             if q["category"] == "existence":
                 answers.setdefault(q["question"], Counter())[q["answer"]] += 1
         assert len(answers) == len(syn.OBJECTS)
@@ -352,8 +352,8 @@ def test_balanced_train_negatives_make_the_name_uninformative(tmp_path):
     # train questions, existence included, of a shorter run are a prefix: the greedy balance looks back only
     syn.synthesize(tmp_path / "short", n=200, seed=2, image_size=32, maze_fraction=0.0, progress=False,
                    train_negatives="balanced")
-    short = _load(tmp_path / "short", "instruct_train.json")
-    assert short == _load(balanced, "instruct_train.json")[: len(short)]
+    short = _load(tmp_path / "short", "instruct.json")
+    assert short == _load(balanced, "instruct.json")[: len(short)]
     with pytest.raises(ValueError, match="train_negatives"):
         syn.synthesize(tmp_path / "bad", n=4, train_negatives="random")
 
@@ -366,7 +366,7 @@ def test_existence_drills_are_right_balanced_and_independent(tmp_path):
     scenes = {r["image"]: r for r in _load(tmp_path, "scenes.json")}
     train_scenes = {i for i, r in scenes.items() if r["split"] == "train" and r["type"] == "scene"}
     colour, existence = _load(tmp_path, "colour_train.json"), _load(tmp_path, "existence_train.json")
-    instruct = _load(tmp_path, "instruct_train.json")
+    instruct = _load(tmp_path, "instruct.json")
     assert _load(tmp_path, "instruct_train_no_existence.json") == [q for q in instruct if q["category"] != "existence"]
     assert any(q["category"] == "existence" for q in instruct)
     distinct = {i: len({(s["color"], s["kind"]) for s in scenes[i]["shapes"]}) for i in train_scenes}

@@ -28,9 +28,9 @@ def tiny_recipe(**stage_overrides):
                   "vision": {"embedder": "conv", "patch_size": 8, "merge": 2, "embedder_width": 16,
                              "max_pixels": 32 * 32}},
         "stages": [
-            {"name": "caption", "data": "pretrain.json", "template": "plain", "train": ["embedder"], "steps": 4,
+            {"name": "caption", "data": "captions.json", "template": "plain", "train": ["embedder"], "steps": 4,
              **stage},
-            {"name": "qa", "data": "instruct_train.json", "template": "chatml", "train": ["embedder", "decoder"],
+            {"name": "qa", "data": "instruct.json", "template": "chatml", "train": ["embedder", "decoder"],
              "steps": 6, "save_every": 3, **stage},
         ],
     })
@@ -110,7 +110,7 @@ def test_a_stages_system_prompt_is_trained_on_and_saved_with_the_model(data_root
     recipe.stages = recipe.stages[1:]
     recipe.stages[0].steps, recipe.stages[0].save_every = 1, 0
     result = train(options(recipe, data_root, tmp_path / "run"))
-    record = json.loads((data_root / "instruct_train.json").read_text())[0]
+    record = json.loads((data_root / "instruct.json").read_text())[0]
     trained = stage_processor(recipe.stages[0], result.tokenizer, result.model.config.vision).process(record, data_root)
     system = result.tokenizer.encode("system\nAnswer in one word.")
     assert trained.input_ids[1 : 1 + len(system)] == system  # <|im_start|>system\n... opens the sample
@@ -231,7 +231,7 @@ def test_flops_plan_equals_what_the_trainer_counts(data_root, tmp_path, group_by
     recipe.stages[1].group_by_image = group_by_image
     recipe.stages[1].group_by_length = group_by_length
     if mixture:
-        recipe.stages[1].data, recipe.stages[1].repeat = ["instruct_train.json", "pretrain.json"], [2, 1]
+        recipe.stages[1].data, recipe.stages[1].repeat = ["instruct.json", "captions.json"], [2, 1]
         recipe.stages[1].group_by_image = [group_by_image, False]
     plan = plan_flops(recipe, data_root)
     assert [s.steps for s in plan.stages] == [4, 6]

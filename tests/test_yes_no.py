@@ -13,7 +13,8 @@ from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.datasets import MixedDataset
 from monovlm.data.processor import Processor
 from monovlm.data.yes_no import (WordingBalance, question_replies, question_wording, wording, wording_prior,
-                                 without_yes_no, yes_no_answer, yes_no_singles, yes_no_word)
+                                 without_yes_no, without_yes_no_turns, yes_no_answer, yes_no_singles,
+                                 yes_no_word)
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
 from monovlm.train.data import stage_dataset
 from monovlm.config import ConfigError
@@ -111,6 +112,31 @@ def test_wording_balance_gives_each_wordings_yes_and_no_equal_weight():
     labels = [-100, -100, 5, 6, -100, -100, 7, 6, -100]
     assert balance.label_weights(labels, records[3], -100) == [1, 1, 2.0, 2.0, 1, 1, 0.75, 0.75, 1]
     assert balance.label_weights([-100, 7, 6], records[3], -100) is None  # one run for two replies ("plain")
+
+
+def test_open_questions_leave_out_yes_no_pairs_inside_conversations_too():
+    records = [conversation(("<image>\nIs there a red star?", "yes"), ("What colour is the ring?", "blue"),
+                            ("Is there no star?", "No."), ("How many shapes?", "3")),
+               conversation(("<image>\nIs there a blue ring?", "yes")),
+               conversation(("What colour is it?\n<image>", "red")),
+               {"image": "a.png", "conversations": [{"from": "gpt", "value": "yes"}]}]  # not pairs: kept as it is
+    kept = without_yes_no_turns(records)
+    assert kept[0]["conversations"] == conversation(("<image>\nWhat colour is the ring?", "blue"),
+                                                    ("How many shapes?", "3"))["conversations"]
+    assert kept[1:] == records[2:]  # the single yes/no question is gone; an open one is the same object
+    assert kept[0]["image"] == "a.png" and records[0]["conversations"][0]["value"].startswith("<image>")  # a copy
+
+
+def test_open_stage_reads_only_the_questions_the_wording_cannot_answer(world):
+    root, records = world
+    processor = chatml_processor(records)
+    dataset = stage_dataset(StageConfig(name="qa", data="instruct.json", group_by_image=True, yes_no="open"),
+                            processor, root)
+    replies = [reply for r in dataset.records for _, reply in question_replies(r)]
+    expected = [reply for r in records for _, reply in question_replies(r) if yes_no_word(reply) is None]
+    assert sorted(replies) == sorted(expected) and len(expected) < len(records)
+    assert all(r["conversations"][0]["value"].startswith("<image>") for r in dataset.records)
+    assert dataset.name == "instruct.json (open questions)"
 
 
 def test_weighted_stage_reads_the_conversations_as_they_are_and_weighs_the_loss(world):

@@ -510,7 +510,7 @@ class MixedDataset:
         return self.total
 
     @property
-    def name(self) -> str:  # "instruct_train.json ×2 + existence_train.json"
+    def name(self) -> str:  # "instruct.json ×2 + existence_train.json"
         return " + ".join(dataset.name + (f" ×{repeat}" if repeat > 1 else "") for dataset, repeat in self.parts)
 
     def locate(self, index: int) -> tuple[LlavaDataset, int]:

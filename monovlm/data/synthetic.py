@@ -7,8 +7,8 @@ categories (attribute, counting, spatial, reading, existence, maze) show which v
 What one call to `synthesize(out_dir, n, seed)` writes:
 ```
 out_dir/images/000000.png ...   one image per index (shape scene or maze), deterministic PNG, no metadata
-out_dir/pretrain.json           LLaVA captions, train-split images only
-out_dir/instruct_train.json     LLaVA single-turn QA, one question per entry, train-split images
+out_dir/captions.json           LLaVA captions, train-split images only
+out_dir/instruct.json           LLaVA single-turn QA, one question per entry, train-split images
 out_dir/instruct_test.json      same for test-split images (a test image never appears in any train file)
 out_dir/scenes.json             per-image ground truth (shapes with pixel centres, text, maze passages)
 out_dir/summary.json            counts per split, category, answer and POPE split (also returned)
@@ -124,9 +124,16 @@ POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 # (greedy, in index order), so the question says nothing about the answer (50.0%) and only the image can help; the
 # test split keeps POPE's samplers either way, so `synthetic_pope` still measures how far a model follows them.
 # What a synthetic data folder holds, recorded in its summary.json: 2 added the existence drills (colour_train.json,
-# existence_train.json, instruct_train_no_existence.json)
-DATA_FORMAT = 2
+# existence_train.json, instruct_train_no_existence.json); 3 names the train files as LLaVA's two-file layout
+# (captions.json, instruct.json), so the generic recipes read them too
+DATA_FORMAT = 3
 POPE, BALANCED = "pope", "balanced"
+
+
+def qa_file(split: str) -> str:
+    """The QA file of a split: instruct.json (train, LLaVA's name) or instruct_test.json."""
+    return "instruct.json" if split == "train" else f"instruct_{split}.json"
+
 TRAIN_NEGATIVES: tuple[str, ...] = (POPE, BALANCED)
 OBJECTS: tuple[str, ...] = tuple(f"{c} {k}" for c in COLORS for k in KINDS)  # existence vocabulary (POPE "objects")
 EXISTENCE_PAIRS = 1  # (yes, no) question pairs per scene image, fewer when the scene has fewer distinct objects
@@ -530,7 +537,7 @@ def existence_questions(
 # - existence_train.json: "Is there a <colour> <kind> in the image?", EXISTENCE_DRILLS per train scene (fewer for
 #   scenes with fewer objects), each answered yes or no at random: not one of each per image, so that nothing can
 #   be read off the image's other question.
-# - instruct_train_no_existence.json: instruct_train.json without its existence questions, to mix with the above.
+# - instruct_train_no_existence.json: instruct.json without its existence questions, to mix with the above.
 # The existence drills keep every object asked present as often as absent (greedy, like the balanced negatives); the
 # colour drills do not (see colour_questions).
 COLOUR_QUESTION = "Is there anything {} in the image?"
@@ -927,8 +934,8 @@ def synthesize(
     summary["drills"] = {f"{kind}_train": {"questions": len(rows),
                                            "answers": dict(sorted(Counter(r["answer"] for r in rows).items()))}
                          for kind, rows in drills.items()}
-    _write_json(out / "pretrain.json", pretrain)
-    _write_json(out / "instruct_train.json", instruct["train"])
+    _write_json(out / "captions.json", pretrain)
+    _write_json(out / "instruct.json", instruct["train"])
     _write_json(out / "instruct_test.json", instruct["test"])
     _write_json(out / "colour_train.json", drills["colour"])
     _write_json(out / "existence_train.json", drills["existence"])

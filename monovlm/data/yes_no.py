@@ -11,6 +11,9 @@ model learns that prior long before it learns to read the image for it. Two reme
 - "balanced": as singles, re-sampled so that within each wording (the question's first words, as VQA's question
   types) "yes" and "no" are equally frequent — VQA v2's balanced pairs, made by repetition: the wording then predicts
   nothing and only the image can lower the loss;
+- "open": the yes/no questions are left out, from single-question records and from inside conversations: a stage
+  of the questions whose answers the wording cannot give (colours, kinds, counts), where only looking lowers the
+  loss, to run before a stage that adds the yes/no questions back;
 - "weighted": the conversations stay as the data has them (grouped by image when the stage groups), and each yes/no
   reply's loss is weighted so that within each wording "yes" and "no" carry equal total weight (`WordingBalance`):
   the balance of "balanced" without repeating samples or taking the questions out of their conversations, so the
@@ -26,7 +29,7 @@ from typing import Any
 
 from monovlm.data.processor import IMAGE_MARKER
 
-YES_NO_MODES = ("grouped", "singles", "balanced", "weighted")
+YES_NO_MODES = ("grouped", "singles", "balanced", "weighted", "open")
 MAX_WEIGHT = 10.0  # a wording whose rarer answer is very rare: its few replies weigh at most this much
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -124,6 +127,38 @@ class WordingBalance:
 
 def without_yes_no(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [record for record in records if yes_no_answer(record) is None]
+
+
+def without_yes_no_turns(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` with every yes/no question-and-reply pair taken out of their conversations (the image marker moves
+    to the first question left); a record left with no pair is dropped. A record that is not (human, gpt) pairs of
+    strings is kept as it is, for the processor to read or skip by its own rules."""
+    out = []
+    for record in records:
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not _question_reply_pairs(turns):
+            out.append(record)
+            continue
+        pairs = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
+        kept = [(question, reply) for question, reply in pairs if yes_no_word(reply) is None]
+        if len(kept) == len(pairs):
+            out.append(record)
+        elif kept:
+            marker = any(IMAGE_MARKER in question for question, _ in pairs)
+            conversation = []
+            for k, (question, reply) in enumerate(kept):
+                question = question.replace(IMAGE_MARKER, "").strip()
+                if k == 0 and marker:
+                    question = f"{IMAGE_MARKER}\n{question}"
+                conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]
+            out.append({**record, "conversations": conversation})
+    return out
+
+
+def _question_reply_pairs(turns: Any) -> bool:
+    return (isinstance(turns, list) and len(turns) > 0 and len(turns) % 2 == 0
+            and all(isinstance(turn, dict) and turn.get("from") == ("human", "gpt")[i % 2]
+                    and isinstance(turn.get("value"), str) for i, turn in enumerate(turns)))
 
 
 def yes_no_singles(records: list[dict[str, Any]], balanced: bool = False, seed: int = 0) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from typing import Any
 from monovlm.data.datasets import DatasetError, SkippedSample, SkipReport
 from monovlm.data.images import ImagePathError, image_path_under
 from monovlm.data.processor import IMAGE_MARKER, ROLE_NAMES
+from monovlm.data.synthetic import qa_file
 from monovlm.eval.metrics import answer_type
 from monovlm.eval.samples import EvalSample, ReadResult
 
@@ -711,7 +712,8 @@ def read_llava(path: PathLike, image_root: PathLike | None = None, limit: int | 
 
 
 def read_synthetic(folder: PathLike, split: str = "test", limit: int | None = None) -> ReadResult:
-    """The QA suite `monovlm.data.synthetic.synthesize` writes: `folder/instruct_{split}.json`.
+    """The QA suite `monovlm.data.synthetic.synthesize` writes: `folder/instruct_test.json` (`split` "test") or
+    `folder/instruct.json` ("train").
 
     Each record must carry id, image, category, question and answer; category is the skill (attribute, counting,
     spatial, reading, existence, maze) and meta holds `pope_split` for existence questions (empty otherwise).
@@ -721,7 +723,7 @@ def read_synthetic(folder: PathLike, split: str = "test", limit: int | None = No
     if not folder.is_dir():
         why = "is not a folder" if folder.exists() else "does not exist"
         raise DatasetError(f"synthetic data folder {folder} {why}")
-    path = folder / f"instruct_{split}.json"
+    path = folder / qa_file(split)
     entries = _records(_file(path, "synthetic instruct"), "synthetic instruct")
     images = _Images(folder)
 

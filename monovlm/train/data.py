@@ -36,7 +36,7 @@ from monovlm.data.collate import Batch, collate, collate_packed, length_grouped_
 from monovlm.data.datasets import LlavaDataset, MixedDataset, SkippedSample, SkipReport
 from monovlm.data.processor import ProcessedSample, Processor
 from monovlm.data.shards import ShardDataset
-from monovlm.data.yes_no import WordingBalance, without_yes_no, yes_no_singles
+from monovlm.data.yes_no import WordingBalance, without_yes_no, without_yes_no_turns, yes_no_singles
 from monovlm.train.recipe import StageConfig
 
 
@@ -53,7 +53,8 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
     (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled). With
     `stage.yes_no` "singles" or "balanced", each file is two parts: its records without the single yes/no
     questions, and those questions alone (see data/yes_no.py; `seed` draws the balancing repeats); with "weighted",
-    the files are read as they are and the yes/no replies' losses weighted per wording over all of them. A data
+    the files are read as they are and the yes/no replies' losses weighted per wording over all of them; with "open",
+    without their yes/no questions (also those inside conversations). A data
     "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
 
@@ -70,6 +71,9 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
                                       if isinstance(record, dict)])  # a bad line read on demand is a skip
             for dataset, _ in parts:
                 dataset.reply_weights = balance
+    elif stage.yes_no == "open":
+        parts = [(open_data(file, group_by_image=grouped, select=without_yes_no_turns, label="open questions"), repeat)
+                 for file, repeat, grouped in stage.data_files]
     else:  # each file's yes/no questions read alone (balanced per wording), its other records as before
         balanced = stage.yes_no == "balanced"
         singles = partial(yes_no_singles, balanced=balanced, seed=seed)

@@ -48,7 +48,8 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def wrap(module: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
-    """DDP: a full replica per rank, gradients all-reduced. FSDP2: parameters sharded per decoder block and root."""
+    """DDP: a full replica per rank, gradients all-reduced (a new wrapper per stage). FSDP2: parameters sharded per
+    decoder block and root, in place, on the first stage; later stages train the same sharded module."""
     if not info.enabled:
         return module
     if strategy == "ddp":
@@ -56,8 +57,10 @@ def wrap(module: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(module, FSDPModule):  # sharded in place by an earlier stage: once per module
+            return module
         for block in module.model.decoder.layers:
             fully_shard(block)
         fully_shard(module)

@@ -73,8 +73,9 @@ class StageConfig:
     eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)
     # yes/no questions: "grouped" (as the data has them), "singles" (taken out of the image-grouped conversations and
     # read as samples of their own), "balanced" (singles, re-sampled so each question wording's answers are equally
-    # frequent: the wording then predicts nothing) or "weighted" (as the data has them, each reply's loss weighted so
-    # each wording's yes and no weigh the same); see monovlm/data/yes_no.py
+    # frequent: the wording then predicts nothing), "weighted" (as the data has them, each reply's loss weighted so
+    # each wording's yes and no weigh the same) or "open" (left out: the questions the wording cannot answer, where
+    # only looking lowers the loss); see monovlm/data/yes_no.py
     yes_no: str = "grouped"
     # at this share of a question-answer stage, one more eval: model vs blind per answer type, warning about any type
     # answered no better than with a blank image (the plateau of a model that does not look); 0 turns it off
@@ -520,10 +521,12 @@ def describe_recipe(recipe: Recipe, source: str | Path | None = None) -> str:
     lines += ["", "stages (in order; each from the previous one's weights, with a fresh optimizer):"]
     width = max(len(stage.name) for stage in recipe.stages)
     for i, stage in enumerate(recipe.stages, 1):
-        files = " + ".join(f"{file}" + (f" ×{repeat}" if repeat > 1 else "") for file, repeat, _ in stage.data_files)
+        files = " + ".join(f"{file}" + (" grouped by image" if grouped else "") + (f" ×{repeat}" if repeat > 1 else "")
+                           for file, repeat, grouped in stage.data_files)
         lines.append(f"  {i}. {stage.name:<{width}}  {files}  ({stage.template}); trains {', '.join(stage.train)}; "
                      f"{stage.steps} steps × {stage.batch_size} samples, lr {stage.lr:g}"
-                     + ("; align loss" if stage.align else ""))
+                     + ("; align loss" if stage.align else "")
+                     + (f"; yes/no questions: {stage.yes_no}" if stage.yes_no != "grouped" else ""))
     lines += ["", "keys --set KEY=VALUE changes (VALUE is TOML: 2000, 2e-4, true, [\"a.json\", \"b.json\"]; bare "
               "text for strings):"]
     values = recipe_to_dict(recipe)
