@@ -663,3 +663,25 @@ def test_whitening_applies_to_hf_teachers(tmp_path):
     plain = HFVisionTeacher.from_folder(folder, vision=vision)
     image = torch.randn(3, 32, 32)
     torch.testing.assert_close(teacher([image])[0], (plain([image])[0] - teacher.mean) @ teacher.transform)
+
+
+def test_an_hf_teacher_is_stored_in_the_runs_autocast_dtype(tmp_path):
+    """Under bf16 autocast the trainer passes hf_dtype=bf16: the frozen tower's weights take half the memory and its
+    whitened features stay close to the fp32 tower's (its matmuls ran in bf16 under autocast anyway)."""
+    pytest.importorskip("transformers")
+    from image_folder import write_llava_folder
+
+    from monovlm.model.teachers import build_teacher
+
+    data = write_llava_folder(tmp_path / "data", n=12, size=(32, 32))
+    folder, _ = save_tiny_hf(tmp_path, "siglip")
+    vision = VisionConfig(patch_size=8, merge=1, max_pixels=32 * 32)
+    align = SimpleNamespace(teacher=f"hf:{folder}", whiten=False, whiten_images=12)
+    full = build_teacher(align, vision, data, tmp_path / "run", sources=["captions.json"])
+    half = build_teacher(align, vision, data, tmp_path / "run", sources=["captions.json"], hf_dtype=torch.bfloat16)
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    image = torch.randn(3, 32, 32)
+    reference, features = full([image])[0], half([image])[0].float()
+    assert not torch.equal(features, reference)
+    torch.testing.assert_close(features, reference, atol=0.1, rtol=0.05)

@@ -89,6 +89,7 @@ def run(tmp_path, data_root, name, batch_size, nproc=None, strategy="ddp", *extr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MONOVLM_PEAK_CACHE": str(data_root.parent / "peak_flops.json")}
     done = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
+    run.output = done.stdout + done.stderr  # what the last launch printed
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
@@ -114,6 +115,39 @@ def test_two_processes_match_one(tmp_path, data_root, two_process_runs, strategy
     assert len(single) == len(double) == 5
     for a, b in zip(single, double):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (single, double)
+
+
+def test_data_workers_under_ddp_give_each_rank_the_same_batches(tmp_path, data_root, two_process_runs):
+    """With a worker process per rank reading and collating, each rank trains on exactly the micro-batches it reads
+    in process: the 2-rank loss curve is the in-process one, number for number."""
+    _, in_process = two_process_runs("ddp")
+    with_workers = run(tmp_path, data_root, "workers", 4, 2, "ddp", "--set", "data.num_workers=1")
+    assert "read by 1 worker process per rank" in run.output
+    assert with_workers == in_process
+
+
+def test_fsdp_cpu_offload_trains_as_without_it(tmp_path, data_root, two_process_runs):
+    """Shards, gradients and AdamW states in CPU memory (here the device is the CPU too): the same curve to float
+    rounding as the run without offload."""
+    _, fsdp = two_process_runs("fsdp")
+    offloaded = run(tmp_path, data_root, "offload", 4, 2, "fsdp", "--set", "fsdp_cpu_offload=true")
+    assert "FSDP2: fsdp_cpu_offload = true" in run.output
+    for a, b in zip(fsdp, offloaded, strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (fsdp, offloaded)
+
+
+def test_fsdp_bf16_parameters_train_close_to_fp32_and_save_fp32(tmp_path, data_root, two_process_runs):
+    """Parameters gathered in bf16, gradients reduced in fp32: the curve within bf16 rounding of the fp32 run's, and
+    the saved weights are the fp32 shards."""
+    fsdp_dir, fsdp = two_process_runs("fsdp")
+    mixed = run(tmp_path, data_root, "bf16", 4, 2, "fsdp", "--set", "fsdp_param_dtype=bfloat16")
+    assert "FSDP2: fsdp_param_dtype = bfloat16" in run.output
+    for a, b in zip(fsdp, mixed, strict=True):
+        assert abs(a - b) <= 3e-2 * max(1.0, abs(a)), (fsdp, mixed)
+    assert mixed != fsdp  # the gathered weights really were bf16
+    weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
+    reference = load_file(fsdp_dir / "full" / "final" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {t.dtype for t in reference.values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

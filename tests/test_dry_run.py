@@ -92,6 +92,24 @@ def test_align_head_and_teacher_are_planned_without_data(monkeypatch, tmp_path):
     assert "teacher" in text and "measured: stage 'qa'" in text
 
 
+def test_an_hf_teachers_weights_are_planned_in_the_autocast_dtype(tmp_path):
+    import dataclasses
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=32, patch_size=8)
+    transformers.SiglipVisionModel(config).save_pretrained(str(tmp_path / "siglip"))
+    base = recipe(align=True)
+    hf = dataclasses.replace(base, align=dataclasses.replace(base.align, teacher=f"hf:{tmp_path / 'siglip'}"))
+    fp32, bf16 = (dry_run(hf, stage="qa", dtype=dtype) for dtype in ("float32", "bfloat16"))
+    teacher = fp32.part("teacher").params
+    assert teacher > 0 and bf16.part("teacher").params == teacher
+    caption, qa = fp32.stages
+    assert qa.memory.weights - caption.memory.weights == 4 * teacher  # stored as loaded, fp32
+    caption, qa = bf16.stages
+    assert qa.memory.weights - caption.memory.weights == 2 * teacher  # stored in bf16, as the trainer loads it
+
+
 def test_checkpointing_lowers_the_activation_estimate():
     plain = dry_run(recipe(), dtype="bfloat16")
     checkpointed = dry_run(recipe(), dtype="bfloat16", checkpointing=True)
@@ -100,6 +118,26 @@ def test_checkpointing_lowers_the_activation_estimate():
         assert on.memory.activations == off.activations_checkpointed
         assert off.memory.activations == on.activations_plain
         assert on.memory.weights == off.memory.weights and on.flops == off.flops
+
+
+def test_fsdp_bf16_gathering_and_cpu_offload_lower_the_device_estimate():
+    import dataclasses
+
+    base = recipe()
+    plain = dry_run(base, strategy="fsdp", world_size=4, dtype="bfloat16")
+    mixed = dry_run(dataclasses.replace(base, fsdp_param_dtype="bfloat16"), strategy="fsdp", world_size=4,
+                    dtype="bfloat16")
+    offload = dry_run(dataclasses.replace(base, fsdp_cpu_offload=True), strategy="fsdp", world_size=4,
+                      dtype="bfloat16")
+    for p, m, o in zip(plain.stages, mixed.stages, offload.stages):
+        # bf16 gathering: two blocks' bf16 weights instead of autocast's bf16 copy of every matmul weight
+        assert m.memory.weight_casts < p.memory.weight_casts and m.memory.weights == p.memory.weights
+        # offload: nothing of the trained model's states on the device, the gathered blocks are
+        assert o.memory.weights == o.memory.gradients == o.memory.optimizer == 0
+        assert o.memory.weight_casts > p.memory.weight_casts and o.memory.activations == p.memory.activations
+    assert any("offloaded to CPU memory" in note for note in offload.notes)
+    ddp = dry_run(dataclasses.replace(base, fsdp_cpu_offload=True), world_size=4, dtype="bfloat16")
+    assert ddp.stages[0].memory == dry_run(base, world_size=4, dtype="bfloat16").stages[0].memory  # fsdp only
 
 
 def test_fsdp_shards_the_states_but_not_the_activations():

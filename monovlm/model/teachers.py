@@ -358,7 +358,7 @@ def resolve_features_path(spec_path: str, data_root) -> Path:
 
 
 def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True,
-                  sources: Sequence | None = None) -> Teacher:
+                  sources: Sequence | None = None, hf_dtype: torch.dtype | None = None) -> Teacher:
     """The teacher an [align] recipe table names, ZCA-whitened when `align.whiten` (any teacher):
 
     - "vit": monovlm's own small ViT, pretrained once with `align.teacher_objective` — "mae" (masked patch
@@ -370,12 +370,14 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
 
     `sources`: the (data file, image root) pairs that the "mae" and "qa" objectives and whitening read (relative to
     `data_root`; `monovlm.data.image_files.stage_sources(recipe.stages)`); None = those of the recipe the trainer
-    recorded in RUN/recipe.json.
+    recorded in RUN/recipe.json. `hf_dtype`: an "hf:" teacher's weights are stored in it (the trainer passes its
+    bf16 autocast dtype: the teacher runs without grad, its matmuls in bf16 anyway, and a SigLIP-so400m then takes
+    0.8 GiB per device instead of 1.6).
     """
     spec = align.teacher
     is_main = info is None or info.is_main
     if spec.startswith("hf:"):
-        teacher = HFVisionTeacher.from_folder(spec[3:], vision=vision)
+        teacher = HFVisionTeacher.from_folder(spec[3:], vision=vision, dtype=hf_dtype or torch.float32)
     elif spec.startswith("features:"):
         teacher = PrecomputedTeacher(resolve_features_path(spec[len("features:"):], data_root))
     elif spec == "vit":

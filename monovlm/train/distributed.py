@@ -47,9 +47,12 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, torch_device, owns_group)
 
 
-def wrap(module: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
+def wrap(module: nn.Module, info: DistInfo, strategy: str, param_dtype: str = "float32",
+         cpu_offload: bool = False) -> nn.Module:
     """DDP: a full replica per rank, gradients all-reduced (a new wrapper per stage). FSDP2: parameters sharded per
-    decoder block and root, in place, on the first stage; later stages train the same sharded module."""
+    decoder block and root, in place, on the first stage; later stages train the same sharded module. FSDP2 only:
+    `param_dtype` "bfloat16" gathers the parameters in bf16 and reduces the gradients in fp32; `cpu_offload` keeps
+    the shards, their gradients and the optimizer states in CPU memory."""
     if not info.enabled:
         return module
     if strategy == "ddp":
@@ -57,13 +60,19 @@ def wrap(module: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
         if isinstance(module, FSDPModule):  # sharded in place by an earlier stage: once per module
             return module
+        policies = {}
+        if param_dtype != "float32":
+            policies["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype),
+                                                         reduce_dtype=torch.float32)
+        if cpu_offload:
+            policies["offload_policy"] = CPUOffloadPolicy(pin_memory=info.device.type == "cuda")
         for block in module.model.decoder.layers:
-            fully_shard(block)
-        fully_shard(module)
+            fully_shard(block, **policies)
+        fully_shard(module, **policies)
         return module
     raise ValueError(f"unknown distributed strategy {strategy!r}; use ddp or fsdp")
 

@@ -108,6 +108,7 @@ class TeacherPlan:
     params: int  # parameters of the network the teacher runs (0: precomputed features or none)
     feature_dim: int | None  # None: unknown without reading the features file
     note: str = ""
+    in_autocast_dtype: bool = False  # an "hf:" teacher: its weights are stored in the run's autocast dtype
 
 
 def plan_teacher(recipe: Recipe, vision: VisionConfig, data_root: Path | None) -> TeacherPlan:
@@ -151,7 +152,8 @@ def _hf_teacher_plan(folder: Path) -> TeacherPlan:
         with safe_open(str(file), framework="pt") as f:
             names = [name for name in f.keys() if "text_model" not in name and "logit_" not in name]
             params += sum(math.prod(f.get_slice(name).get_shape()) for name in names)
-    return TeacherPlan(params, int(vision["hidden_size"]), "HF vision tower (text tower not loaded)")
+    return TeacherPlan(params, int(vision["hidden_size"]), "HF vision tower (text tower not loaded), its weights "
+                       "stored in the autocast dtype", in_autocast_dtype=True)
 
 
 def count(module: nn.Module) -> int:
@@ -262,13 +264,21 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def estimate_memory(module: TrainModule, teacher_params: int, trainable: int, config: VLMConfig, shape: StageShape,
-                    dtype: str, strategy: str, world_size: int, checkpointing: bool) -> MemoryEstimate:
+                    dtype: str, strategy: str, world_size: int, checkpointing: bool, fsdp_param_dtype: str = "float32",
+                    fsdp_cpu_offload: bool = False, teacher_bytes: int = 4) -> MemoryEstimate:
     shards = world_size if strategy == "fsdp" else 1
     casts = 0 if dtype == "float32" else dtype_bytes(dtype) * matmul_params(module)
+    on_device = 0.0 if strategy == "fsdp" and fsdp_cpu_offload else 1.0  # offloaded shards live in CPU memory
+    if strategy == "fsdp" and (fsdp_param_dtype != "float32" or fsdp_cpu_offload):
+        # the weights a block runs with are gathered (in fsdp_param_dtype) for it and the next one, prefetched; with
+        # parameters gathered in bf16, autocast has no fp32 weights to copy
+        gathered_bytes = 4 if fsdp_param_dtype == "float32" else dtype_bytes(fsdp_param_dtype)
+        block = max(count(layer) for layer in module.model.decoder.layers)
+        casts = (casts if fsdp_param_dtype == "float32" else 0) + 2 * gathered_bytes * block
     return MemoryEstimate(
-        weights=4 * count(module) / shards + 4 * teacher_params,
-        gradients=4 * trainable / shards,
-        optimizer=12 * trainable / shards,
+        weights=on_device * 4 * count(module) / shards + teacher_bytes * teacher_params,
+        gradients=on_device * 4 * trainable / shards,
+        optimizer=on_device * 12 * trainable / shards,
         weight_casts=casts,
         activations=activation_bytes(config, shape, dtype_bytes(dtype), checkpointing),
     )
@@ -401,8 +411,8 @@ def dry_run(recipe: Recipe, data_root: Path | None = None, steps: int = 0, strat
     config = planned_config(recipe)
     teacher = plan_teacher(recipe, config.vision, data_root)
     module = build_plan_module(config, recipe, teacher, "meta")
-    plans = [plan_stage(module, config, s, teacher, strategy, world_size, dtype, checkpointing)
-             for s in recipe.stages]
+    plans = [plan_stage(module, config, s, teacher, strategy, world_size, dtype, checkpointing,
+                        recipe.fsdp_param_dtype, recipe.fsdp_cpu_offload) for s in recipe.stages]
     trainable = set_trainable(module, recipe.stages[chosen].train)
     parts = part_counts(module, trainable, teacher.params)
     report = DryRunReport(recipe.name, strategy, world_size, dtype, checkpointing, recipe.stages[chosen].name,
@@ -443,7 +453,8 @@ def part_counts(module: TrainModule, trainable: dict[str, int], teacher_params: 
 
 
 def plan_stage(module: TrainModule, config: VLMConfig, stage: StageConfig, teacher: TeacherPlan, strategy: str,
-               world_size: int, dtype: str, checkpointing: bool) -> StagePlan:
+               world_size: int, dtype: str, checkpointing: bool, fsdp_param_dtype: str = "float32",
+               fsdp_cpu_offload: bool = False) -> StagePlan:
     trainable = sum(set_trainable(module, stage.train).values())
     shape = stage_shape(stage, config.vision)
     micro_batches = stage.grad_accum * world_size
@@ -451,7 +462,8 @@ def plan_stage(module: TrainModule, config: VLMConfig, stage: StageConfig, teach
     per_token = flops_per_token(module.model, stage.max_length // 2)  # the trainer's sequence-length convention
     flops = training_flops(tokens, visual, per_token, teacher.params if stage.align else 0)
     memory = estimate_memory(module, teacher.params if stage.align else 0, trainable, config, shape, dtype, strategy,
-                             world_size, checkpointing)
+                             world_size, checkpointing, fsdp_param_dtype, fsdp_cpu_offload,
+                             teacher_bytes=dtype_bytes(dtype) if teacher.in_autocast_dtype else 4)
     images = shape.rows * micro_batches if shape.visual_per_image else 0
     checkpointed, plain = (activation_bytes(config, shape, dtype_bytes(dtype), on) for on in (True, False))
     return StagePlan(stage.name, list(stage.train), tokens, visual, images, per_token, flops, memory, checkpointed,
@@ -478,6 +490,12 @@ def plan_notes(recipe: Recipe, config: VLMConfig, teacher: TeacherPlan, strategy
     if strategy == "fsdp":
         notes.append("FSDP: weights, gradients and AdamW states divided by the world size; autocast's weight casts "
                      "and activations are not")
+        if recipe.fsdp_param_dtype != "float32":
+            notes.append(f"FSDP: parameters gathered in {recipe.fsdp_param_dtype} (casts: two blocks' gathered "
+                         "weights instead of autocast's copies)")
+        if recipe.fsdp_cpu_offload:
+            notes.append("FSDP: shards, gradients and AdamW states offloaded to CPU memory: host RAM, not in the "
+                         "device columns above")
     return notes
 
 

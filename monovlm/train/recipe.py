@@ -236,6 +236,9 @@ class DataConfig:
                 raise ConfigError(f"[data] {key} must be a file name, got {getattr(self, key)!r}")
 
 
+FSDP_PARAM_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass
 class Recipe:
     name: str
@@ -252,6 +255,13 @@ class Recipe:
     # eager): the same loss and gradients to float rounding, faster after the first step, which compiles. DDP, not
     # FSDP. A run may resume with it switched (see RUNNING_KEYS)
     compile: bool = False
+    # --strategy fsdp only. fsdp_param_dtype = "bfloat16": each block's parameters are gathered in bf16 for its forward
+    # and backward and the gradients reduced in fp32 (FSDP2's MixedPrecisionPolicy; the sharded parameters and AdamW
+    # states stay fp32): half the gathered weights' memory and traffic, and no autocast copies of the weights.
+    # fsdp_cpu_offload: the sharded parameters, gradients and AdamW states live in CPU memory, each block's copied to
+    # the device for its forward and backward (FSDP2's CPUOffloadPolicy; the optimizer step runs on the CPU)
+    fsdp_param_dtype: str = "float32"
+    fsdp_cpu_offload: bool = False
     # the KEY=VALUE overrides applied over the recipe file, in order: a record of how this recipe was made (the values
     # above already include them)
     overrides: list[str] = field(default_factory=list)
@@ -264,6 +274,9 @@ class Recipe:
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):  # overrides and resume checks address stages by name
             raise ConfigError(f"recipe {self.name!r}: stage names must be unique, got {names}")
+        if self.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
+            raise ConfigError(f"recipe {self.name!r}: fsdp_param_dtype={self.fsdp_param_dtype!r} is not one of "
+                              f"{FSDP_PARAM_DTYPES}")
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -657,7 +670,7 @@ def _layout_message(recipe: Recipe, root: Path, missing: dict[str, list[str]]) -
 
 
 READING_KEYS = ("num_workers", "prefetch")  # [data] keys that may change between a run and its resume
-RUNNING_KEYS = ("compile",)  # top-level keys of how a step runs (same results to float rounding): may change too
+RUNNING_KEYS = ("compile", "fsdp_cpu_offload")  # top-level keys of how a step runs (same results to float rounding)
 
 
 def recipe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -366,6 +366,17 @@ class Trainer:
                      "exist, so each question-answer stage is checked on its own short-answer questions (give a QA "
                      "file with --eval-data FILE, or --no-eval for no eval)")
 
+    def log_fsdp_policies(self) -> None:
+        recipe = self.recipe
+        chosen = [f"fsdp_param_dtype = {recipe.fsdp_param_dtype}"] if recipe.fsdp_param_dtype != "float32" else []
+        chosen += ["fsdp_cpu_offload = true"] if recipe.fsdp_cpu_offload else []
+        if not chosen:
+            return
+        if self.info.enabled and self.options.strategy == "fsdp":
+            self.log(f"FSDP2: {', '.join(chosen)}")
+        else:
+            self.log(f"{', '.join(chosen)}: applies to --strategy fsdp under torchrun only, not used in this run")
+
     def setup_align(self, model: EncoderFreeVLM, state: dict[str, Any] | None) -> nn.Module | None:
         align = self.recipe.align
         if align is None or not any(stage.align for stage in self.recipe.stages):
@@ -376,7 +387,8 @@ class Trainer:
 
         # the teacher (pretrained, whitened) reads the images of the data files the recipe trains on
         self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info,
-                                     progress=self.options.progress, sources=stage_sources(self.recipe.stages))
+                                     progress=self.options.progress, sources=stage_sources(self.recipe.stages),
+                                     hf_dtype=None if self.dtype == "float32" else getattr(torch, self.dtype))
         num_layers = model.config.decoder.num_layers
         self.align_layers = align.layers if align.layers is not None else eve_layers(num_layers)
         generator_state = torch.get_rng_state()
@@ -401,6 +413,7 @@ class Trainer:
         module = TrainModule(model, aligner, compile=self.recipe.compile)
         if self.recipe.compile:
             self.log("compile: the decoder's blocks and loss run through torch.compile (the first step compiles)")
+        self.log_fsdp_policies()
         result = TrainResult(model, tokenizer)
         start_stage = state["stage"] if state is not None else 0
         global_step = state["global_step"] if state is not None else 0
@@ -440,11 +453,12 @@ class Trainer:
         model.config.processor = processor.config  # saved with the model: inference uses the last stage's template
         dataset = stage_dataset(stage, processor, options.data_root, seed=self.recipe.seed)
         pad_id = tokenizer.pad_id or 0
+        num_workers = resolve_workers(self.recipe.data.num_workers)
         stream = stage_stream(stage, dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,
-                              info.world_size, num_workers=resolve_workers(self.recipe.data.num_workers),
+                              info.world_size, num_workers=num_workers,
                               prefetch=self.recipe.data.prefetch, pin_memory=info.device.type == "cuda")
         trainable = set_trainable(module, stage.train)
-        wrapped = wrap(module, info, options.strategy)
+        wrapped = wrap(module, info, options.strategy, self.recipe.fsdp_param_dtype, self.recipe.fsdp_cpu_offload)
         optimizer = torch.optim.AdamW(param_groups(module, stage.lr, stage.weight_decay), lr=stage.lr,
                                       betas=stage.betas)
         if state is not None:
@@ -455,7 +469,9 @@ class Trainer:
         samples_per_step = stage.batch_size * stage.grad_accum * info.world_size
         self.log(f"stage {stage_index} {stage.name!r}: {stage.steps} steps × {samples_per_step} "
                  f"samples/step on {dataset.name} ({len(dataset)} records); training "
-                 + ", ".join(f"{part} ({count / 1e6:.2f}M)" for part, count in sorted(trainable.items())))
+                 + ", ".join(f"{part} ({count / 1e6:.2f}M)" for part, count in sorted(trainable.items()))
+                 + (f"; read by {num_workers} worker process{'es' if num_workers > 1 else ''} per rank"
+                    if num_workers else ""))
         flops_token = flops_per_token(model, stage.max_length // 2)
         teacher_param_count = teacher_params(self.teacher) if stage.align else 0
         bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name,
