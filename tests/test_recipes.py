@@ -318,10 +318,12 @@ def test_model_init_on_the_command_line_replaces_the_recipes_scratch_decoder(tmp
 @pytest.mark.parametrize("name,overrides", [
     ("eve", []), ("evev2", []), ("solo", []), ("llava", []),
     ("eve", ["data.no_captions=instruct"]),  # QA data only
+    ("eve-vqa", []),  # short-answer QA data, no captions: the teacher learns the answers
 ])
 def test_every_generic_recipe_trains_on_a_user_folder(name, overrides, tmp_path):
     """The default teacher / encoder init included: nothing here was written by `monovlm data synth`."""
-    data = write_user_folder(tmp_path / "mine", captions="data.no_captions=instruct" not in overrides)
+    captions = "data.no_captions=instruct" not in overrides and name != "eve-vqa"
+    data = write_user_folder(tmp_path / "mine", captions=captions)
     assert main(train_args(name, data, tmp_path / "run", overrides)) == 0
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [m for m in metrics if "loss" in m]

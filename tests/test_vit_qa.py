@@ -111,3 +111,24 @@ def test_qa_vit_teacher_through_build_teacher(colour_qa, tmp_path):
     assert features[0].shape == (4, 4, 16)
     made_with = json.loads((tmp_path / "run" / "teacher" / TEACHER_SETTINGS_FILE).read_text())
     assert made_with["objective"] == "qa"
+
+
+def test_images_of_several_sizes_are_read_as_one_square(tmp_path):
+    """A user's images come in many sizes: each is read whole at the largest patch-multiple square that fits
+    max_pixels, so a batch is one tensor; the classifier still learns colours from them."""
+    from monovlm.train.vit_qa import square_side, to_square
+
+    root = write_colour_qa(tmp_path / "mixed", n=40)
+    for index in range(0, 40, 3):  # every third image wider or taller than the rest
+        path = root / f"images/{index}.png"
+        image = Image.open(path)
+        image.resize((48, 24) if index % 2 else (24, 40)).save(path)
+    assert square_side(VISION) == 32 and square_side(VisionConfig(patch_size=8, max_pixels=50 * 50)) == 48
+    wide = torch.rand(3, 24, 48)
+    assert to_square(wide, 32).shape == (3, 32, 32)
+    same = torch.rand(3, 32, 32)
+    assert to_square(same, 32) is same
+    report = {}
+    pretrain_vit_qa(root, ["qa.json"], TINY, VISION, steps=60, images_per_batch=8, lr=3e-3, seed=0,
+                    progress=False, report=report)
+    assert report["images"] == 40 and np.mean(report["losses"][-5:]) < 0.5 * np.mean(report["losses"][:5])

@@ -75,7 +75,7 @@ def build_tokenizer(recipe: Recipe, data_root: Path) -> Tokenizer:
     return tokenizer
 
 
-def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokenizer]:
+def build_model(recipe: Recipe, data_root: Path, progress: bool = True) -> tuple[EncoderFreeVLM, Tokenizer]:
     tokenizer = build_tokenizer(recipe, data_root)
     if any(resolve_template(stage.template, tokenizer) == "chatml" for stage in recipe.stages):
         # chatml turns, atomic even for HF tokenizers without them; an HF LLM trained with its own chat template
@@ -113,6 +113,6 @@ def build_model(recipe: Recipe, data_root: Path) -> tuple[EncoderFreeVLM, Tokeni
 
         vit = pretrain_vit(data_root, encoder, config.vision, steps=recipe.model.encoder_steps,
                            objective=recipe.model.encoder_init,
-                           sources=stage_sources(recipe.stages), seed=recipe.seed)
+                           sources=stage_sources(recipe.stages), seed=recipe.seed, progress=progress)
         model.embedder.encoder.load_state_dict(vit.state_dict())
     return model, tokenizer

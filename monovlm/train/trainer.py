@@ -322,7 +322,7 @@ class Trainer:
                 self.log(f"no checkpoint in {self.run_dir}; starting fresh")
                 if info.is_main:
                     self.metrics_path.unlink(missing_ok=True)  # a fresh start: old metrics would mix with new ones
-            model, tokenizer = build_model(self.recipe, options.data_root)
+            model, tokenizer = build_model(self.recipe, options.data_root, progress=options.progress)
             state = None
         else:
             model, tokenizer, state = loaded

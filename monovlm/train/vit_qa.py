@@ -40,7 +40,7 @@ from tqdm import tqdm
 from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.datasets import DatasetError, SkipReport
 from monovlm.data.image_files import DataImage, DataSource, data_images, iter_pixels
-from monovlm.data.images import group_by_size, shift_image
+from monovlm.data.images import shift_image
 from monovlm.data.shards import read_data_records
 from monovlm.data.yes_no import question_replies
 from monovlm.model.vit import ViT
@@ -136,6 +136,20 @@ class _Vocabulary:
         return ids, lengths
 
 
+def square_side(vision: VisionConfig) -> int:
+    """The side of the square the classifier reads every image at: the largest multiple of the patch size whose
+    square fits in max_pixels (64 for 64×64 px images and 8 px patches)."""
+    return max(vision.patch_size, int(vision.max_pixels ** 0.5) // vision.patch_size * vision.patch_size)
+
+
+def to_square(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """(3, H, W) -> (3, side, side), the whole image resized (aspect ratio not kept, as CLIP-style towers read
+    images), so a batch of images of any sizes is one tensor; an image already that size is returned as it is."""
+    if pixels.shape[-2:] == (side, side):
+        return pixels
+    return F.interpolate(pixels[None], size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
 def pretrain_vit_qa(
     data_root: str | os.PathLike,
     sources: Sequence[DataSource | str],
@@ -189,10 +203,12 @@ def pretrain_vit_qa(
     skipped = SkipReport()
     cache: dict[int, torch.Tensor | None] = {}
 
+    side = square_side(vision)
+
     def pixels_of(index: int) -> torch.Tensor | None:
         if index not in cache:  # None marks an unreadable image, read once
             found = list(iter_pixels([images[index]], vision, skipped))
-            cache[index] = found[0][1] if found else None
+            cache[index] = to_square(found[0][1], side) if found else None
         return cache[index]
 
     def batch_of(chosen: Sequence[int], shift: bool) -> tuple[list[torch.Tensor], list[QAPair], torch.Tensor]:
@@ -235,9 +251,6 @@ def pretrain_vit_qa(
                 break
         if not questions:
             raise ValueError(f"none of the {len(images)} images could be read:\n{skipped.summary()}")
-        if len(group_by_size(pixels)) > 1:
-            raise ValueError("the 'qa' teacher objective needs the images resized to one size per batch; set "
-                             "model.vision.min_pixels = max_pixels or use teacher_objective = 'mae'")
         targets = torch.tensor([answer_index[pair.answer] for pair in questions])
         loss = F.cross_entropy(logits_of(pixels, questions, owner), targets)
         optimizer.zero_grad(set_to_none=True)
