@@ -141,9 +141,9 @@ def test_fsdp_bf16_gathering_and_cpu_offload_lower_the_device_estimate():
 
 
 def test_fsdp_shards_the_states_but_not_the_activations():
-    one = dry_run(recipe())
-    ddp = dry_run(recipe(), world_size=4)
-    fsdp = dry_run(recipe(), strategy="fsdp", world_size=4)
+    one = dry_run(recipe(), dtype="float32")
+    ddp = dry_run(recipe(), world_size=4, dtype="float32")
+    fsdp = dry_run(recipe(), strategy="fsdp", world_size=4, dtype="float32")
     for a, b in zip(ddp.stages, fsdp.stages):
         assert b.memory.weights == pytest.approx(a.memory.weights / 4)
         assert b.memory.gradients == pytest.approx(a.memory.gradients / 4)

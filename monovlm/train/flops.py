@@ -40,6 +40,7 @@ cache off with "off" (then every start measures in full and keeps nothing).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -236,6 +237,7 @@ def peak_flops(dtype: torch.dtype, device: str, cache: Path | None, recheck_seco
     return peak
 
 
+@functools.cache  # measured once per process, so every caller in a run sees the same choice
 def autocast_dtype(device: str, size: int = 256, repeats: int = 3) -> tuple[str, str]:
     """The autocast dtype "auto" means on this device: (dtype name, why). CUDA: bfloat16 where supported, else
     float16. CPU: bfloat16 only if a bf16 matmul runs at least as fast as a float32 one here — CPUs without
