@@ -53,6 +53,9 @@ class DecoderConfig:
     # "causal" (EVE, Fuyu, SOLO, Mono-InternVL) or "bidirectional": the visual tokens of one image also see the later
     # tokens of that image (NEO), as a vision encoder's patches do; text stays causal, so generation is unchanged.
     image_attention: str = "causal"
+    # V2PE: each visual token advances the RoPE position by this step (< 1: an image spends less of the context's
+    # positions, so long image sequences stay within the positions the LLM was trained on); text tokens advance by 1.
+    visual_position_step: float = 1.0
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -88,6 +91,8 @@ class DecoderConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.image_attention not in IMAGE_ATTENTION:
             raise ConfigError(f"image_attention={self.image_attention!r} is not one of {IMAGE_ATTENTION}")
+        if not 0 < self.visual_position_step <= 1:
+            raise ConfigError(f"visual_position_step={self.visual_position_step} must be in (0, 1] (V2PE's delta)")
         if self.num_heads % self.num_kv_heads != 0:
             raise ConfigError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (grouped-query "

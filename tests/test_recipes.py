@@ -301,7 +301,7 @@ def test_training_on_a_user_folder_records_the_recipe_and_resume_refuses_other_o
 
 def test_model_init_on_the_command_line_replaces_the_recipes_scratch_decoder(tmp_path):
     """`--set model.init=PATH` on a recipe whose file shapes a scratch decoder: the HF model's own config wins (the
-    file's [model.decoder] shape keys give way; expert flags and keys set on the command line stay)."""
+    file's [model.decoder] shape keys give way; the keys about visual tokens and keys set on the command line stay)."""
     assert load_recipe("eve", ["model.init=llm"]).model.decoder == {}
     assert load_recipe("evev2", ["model.init=llm"]).model.decoder == {
         "expert_norms": True, "expert_attention": True, "expert_mlp": True}
@@ -309,9 +309,13 @@ def test_model_init_on_the_command_line_replaces_the_recipes_scratch_decoder(tmp
     assert load_recipe("eve").model.decoder["num_layers"] == 4
     llm = write_hf_llm(tmp_path / "llm")
     data = write_user_folder(tmp_path / "mine")
-    assert main(train_args("solo", data, tmp_path / "run", [f"model.init={llm}"], hf_init=True)) == 0
+    visual = ["model.decoder.visual_position_step=0.25", "model.decoder.image_attention=bidirectional"]
+    assert load_recipe("eve", ["model.init=llm", *visual]).model.decoder == {
+        "visual_position_step": 0.25, "image_attention": "bidirectional"}
+    assert main(train_args("solo", data, tmp_path / "run", [f"model.init={llm}", *visual], hf_init=True)) == 0
     decoder = json.loads((tmp_path / "run" / "final" / "config.json").read_text())["decoder"]
     assert (decoder["hidden_size"], decoder["num_layers"]) == (48, 2)  # the HF model's shape, not the recipe's
+    assert (decoder["visual_position_step"], decoder["image_attention"]) == (0.25, "bidirectional")  # on top of it
 
 
 @pytest.mark.slow  # a training run per recipe

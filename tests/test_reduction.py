@@ -127,11 +127,16 @@ def bidirectional_model():
     return build_model(image_attention="bidirectional")
 
 
-@pytest.mark.parametrize("variant", ["plain", "experts", "bidirectional"])
+@pytest.fixture(scope="module")
+def v2pe_model():
+    return build_model(visual_position_step=0.3)
+
+
+@pytest.mark.parametrize("variant", ["plain", "experts", "bidirectional", "v2pe"])
 @pytest.mark.parametrize("name", ALL)
-def test_cached_decoding_equals_full_forward_with_the_same_decisions(model, expert_model, bidirectional_model, name,
-                                                                    variant):
-    vlm = {"plain": model, "experts": expert_model, "bidirectional": bidirectional_model}[variant]
+def test_cached_decoding_equals_full_forward_with_the_same_decisions(model, expert_model, bidirectional_model,
+                                                                    v2pe_model, name, variant):
+    vlm = {"plain": model, "experts": expert_model, "bidirectional": bidirectional_model, "v2pe": v2pe_model}[variant]
     input_ids, mask, images, _ = batch(vlm)
     reduction = reduction_for(name)
     with torch.no_grad():
@@ -184,8 +189,10 @@ def test_text_and_structural_tokens_are_never_dropped(model, name):
                     assert 1 <= int(patches.sum()) < int((layout.patch_mask[row] & (layout.image_index[row] == image)).sum())
 
 
+@pytest.mark.parametrize("variant", ["plain", "v2pe"])
 @pytest.mark.parametrize("name", [n for n in ALL if n != "random"])  # random draws per image of the whole batch
-def test_batch_with_left_padding_equals_each_row_alone(model, name):
+def test_batch_with_left_padding_equals_each_row_alone(model, v2pe_model, name, variant):
+    model = {"plain": model, "v2pe": v2pe_model}[variant]
     input_ids, mask, images, rows = batch(model)
     with torch.no_grad():
         batched = model(input_ids, images, attention_mask=mask, reduction=reduction_for(name))
@@ -197,8 +204,8 @@ def test_batch_with_left_padding_equals_each_row_alone(model, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_keeping_everything_is_bitwise_the_unreduced_model(model, expert_model, name):
-    for vlm in (model, expert_model):
+def test_keeping_everything_is_bitwise_the_unreduced_model(model, expert_model, v2pe_model, name):
+    for vlm in (model, expert_model, v2pe_model):
         input_ids, mask, images, rows = batch(vlm)
         with torch.no_grad():
             plain = vlm(input_ids, images, attention_mask=mask)

@@ -32,7 +32,6 @@ from monovlm.data.layout import TokenLayout
 from monovlm.infer.generate import left_pad, prefill
 from monovlm.infer.strategy import DecodingStrategy, StrategyRun
 from monovlm.model.experts import Routing
-from monovlm.model.masks import position_ids_from_segments
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the mixing rule shared by VCD, visual debias decoding and DAMRO
@@ -199,7 +198,12 @@ class UnkImage(ContrastInput):
         image_id = _special_id(model, "image")
         ids = input_ids.masked_fill(input_ids == image_id, self.token_id)
         extra = {k: v for k, v in (prefill_inputs or {}).items() if k != "images"}
-        return BranchInputs(ids, attention_mask, None, extra)
+        positions = extra.pop("position_ids", None)
+        if positions is None and model.decoder.config.visual_position_step != 1:  # V2PE: the image's own positions
+            segment_ids = None if attention_mask is None else attention_mask.long()
+            positions = model.decoder.default_positions(segment_ids, input_ids.shape, None, input_ids.device,
+                                                        input_ids == image_id)
+        return BranchInputs(ids, attention_mask, positions, extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -503,10 +507,9 @@ class DAMRO(DecodingStrategy):
             candidates = candidates.masked_scatter(vision_mask, flags)
         position_ids = prefill_inputs.pop("position_ids", None)
         if position_ids is None:  # the positions the main prefill uses (left padding: count real tokens only)
-            if attention_mask is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            else:
-                position_ids = position_ids_from_segments(attention_mask.long())
+            segment_ids = None if attention_mask is None else attention_mask.long()
+            position_ids = model.decoder.default_positions(segment_ids, input_ids.shape, None, input_ids.device,
+                                                           vision_mask)
         inputs = BranchInputs(input_ids, attention_mask, position_ids, prefill_inputs)
         layer = self.resolve_layer(len(model.decoder.layers))
         return _DAMRORun(self, model, inputs, layer, vision_mask, candidates, max_new_tokens)

@@ -286,7 +286,7 @@ class Decoder(nn.Module):
         segment_ids = segments_of(attention_mask)
         if position_ids is None:
             start = cache.next_position if cache is not None and cache.length > 0 else None
-            position_ids = self.default_positions(segment_ids, x.shape[:2], start, x.device)
+            position_ids = self.default_positions(segment_ids, x.shape[:2], start, x.device, vision_mask)
         inputs = self.layer_inputs(x, attention_mask, position_ids, cache, vision_mask)
         for block in self.layers:
             x = self.run_block(block, x, inputs, cache)
@@ -304,12 +304,20 @@ class Decoder(nn.Module):
             return checkpoint(block, x, inputs, None, use_reentrant=False)
         return block(x, inputs, cache)
 
-    @staticmethod
-    def default_positions(segment_ids: torch.Tensor | None, shape: torch.Size, start: torch.Tensor | None,
-                          device: torch.device) -> torch.Tensor:
+    def default_positions(self, segment_ids: torch.Tensor | None, shape: torch.Size, start: torch.Tensor | None,
+                          device: torch.device, vision_mask: torch.Tensor | None = None) -> torch.Tensor:
         """RoPE positions (B, T) of new tokens: counted from 0 within each document (padding skipped), continuing
-        from `start` (B,), the next position of each row, when earlier tokens are cached."""
+        from `start` (B,), the next position of each row, when earlier tokens are cached. With a
+        `visual_position_step` below 1 (V2PE) the visual tokens of `vision_mask` (B, T) advance it by that step
+        (float positions). Every image's tokens are followed by its end token, so the next position after a prompt
+        is always its last token's + 1."""
         batch, length = shape
+        step = self.config.visual_position_step
+        if step != 1 and vision_mask is not None:
+            if segment_ids is None:
+                segment_ids = torch.ones(batch, length, dtype=torch.long, device=device)
+            steps = torch.where(vision_mask, step, 1.0)  # (B, T)
+            return position_ids_from_segments(segment_ids, start, steps)
         if segment_ids is None:
             base = torch.arange(length, device=device)[None].expand(batch, length)
             return base if start is None else base + start[:, None]

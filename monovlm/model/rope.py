@@ -112,8 +112,21 @@ class RotaryTable(torch.nn.Module):
         self.register_buffer("cos_table", angles.cos() * self.attention_scaling, persistent=False)
         self.register_buffer("sin_table", angles.sin() * sign * self.attention_scaling, persistent=False)
 
+    def at_positions(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, D) at any real positions (B, T), computed in float64 then cast, as the table is."""
+        freqs = position_ids.double()[..., None] * self.inv_freq.double()  # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        half = freqs.shape[-1]
+        sign = torch.cat((-torch.ones(half), torch.ones(half))).to(angles.device, angles.dtype)
+        cos = (angles.cos() * self.attention_scaling).float().unsqueeze(1).to(dtype)
+        sin = (angles.sin() * sign * self.attention_scaling).float().unsqueeze(1).to(dtype)
+        return cos, sin
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin of shape (B, 1, T, D) in `dtype`."""
+        """position_ids (B, T) -> cos, sin of shape (B, 1, T, D) in `dtype`. Integer positions are looked up in the
+        tables; float positions (V2PE's fractional steps) are computed from the same frequencies."""
+        if position_ids.is_floating_point():
+            return self.at_positions(position_ids, dtype)
         needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
         if needed > self.cos_table.shape[0]:
             self._build(max(needed, 2 * self.cos_table.shape[0]))

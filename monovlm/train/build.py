@@ -14,9 +14,8 @@ from monovlm.data.processor import resolve_template
 from monovlm.model.decoder import Decoder
 from monovlm.model.vlm import EncoderFreeVLM
 from monovlm.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer, add_image_special_tokens, train_bpe_tokenizer
-from monovlm.train.recipe import Recipe
+from monovlm.train.recipe import VISUAL_DECODER_KEYS, Recipe
 
-_EXPERT_KEYS = ("expert_norms", "expert_attention", "expert_mlp")
 # the baseline encoder's start: random, or pretrained by masked patch prediction on the recipe's images ("mae", any
 # data) or on the synthetic scenes' dense labels ("labels")
 ENCODER_INITS = ("random", "mae", "labels")
@@ -82,7 +81,7 @@ def build_model(recipe: Recipe, data_root: Path, progress: bool = True) -> tuple
         # ("hf"/"auto") keeps its vocabulary, growing only by the image tokens
         tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
     decoder_values = dict(recipe.model.decoder)
-    experts = {key: decoder_values.pop(key) for key in _EXPERT_KEYS if key in decoder_values}
+    experts = {key: decoder_values.pop(key) for key in VISUAL_DECODER_KEYS if key in decoder_values}
     if recipe.model.init == "scratch":
         decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
                                         bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id,
@@ -91,7 +90,8 @@ def build_model(recipe: Recipe, data_root: Path, progress: bool = True) -> tuple
         from monovlm.model.hf import load_hf_decoder
 
         if decoder_values:
-            raise ValueError(f"[model.decoder] may only set expert flags when init is an HF model; got {decoder_values}")
+            raise ValueError(f"[model.decoder] may only set {', '.join(VISUAL_DECODER_KEYS)} when init is an HF model; "
+                             f"got {decoder_values}")
         decoder = load_hf_decoder(recipe.model.init)
     add_image_special_tokens(tokenizer, decoder)
     if tokenizer.vocab_size > decoder.config.vocab_size:

@@ -53,12 +53,11 @@ from monovlm.data.layout import TokenLayout
 from monovlm.model.vlm import IGNORE_INDEX, EncoderFreeVLM, labelled_cross_entropy
 from monovlm.train.flops import autocast_dtype, flops_per_token, training_flops
 from monovlm.train.parts import param_groups, part_of, set_trainable
-from monovlm.train.recipe import Recipe, StageConfig
+from monovlm.train.recipe import VISUAL_DECODER_KEYS, Recipe, StageConfig
 from monovlm.train.trainer import TrainModule  # the trainer's layout (model, aligner): names and parts as trained
 
 STRATEGIES = ("ddp", "fsdp")
 PART_ORDER = ("embedder", "encoder", "projector", "decoder", "experts", "align", "teacher")
-EXPERT_KEYS = ("expert_norms", "expert_attention", "expert_mlp")
 RESIDUAL_BYTES = 4  # the residual stream stays fp32 under autocast (fp32 embeddings plus low-precision updates)
 
 
@@ -71,7 +70,7 @@ def planned_config(recipe: Recipe) -> VLMConfig:
     vocab_size (the BPE trained on the data has at most that many tokens, its special tokens included), an HF init
     from its config.json and tokenizer (grown by the chat and image tokens as the build grows it)."""
     decoder_values = dict(recipe.model.decoder)
-    experts = {key: decoder_values.pop(key) for key in EXPERT_KEYS if key in decoder_values}
+    experts = {key: decoder_values.pop(key) for key in VISUAL_DECODER_KEYS if key in decoder_values}
     if recipe.model.init == "scratch":
         vocab = recipe.model.vocab_size
         special = {"image": vocab - 1}  # any id inside the vocabulary: counts and FLOPs do not depend on it
@@ -88,8 +87,8 @@ def _hf_decoder_config(recipe: Recipe, experts: dict) -> DecoderConfig:
     from monovlm.model.hf import load_config
     from monovlm.tokenizer import CHAT_SPECIAL_TOKENS, IMAGE_SPECIAL_TOKENS, Tokenizer
 
-    if recipe.model.decoder.keys() - set(EXPERT_KEYS):
-        raise ConfigError(f"[model.decoder] may only set expert flags when init is an HF model; got "
+    if recipe.model.decoder.keys() - set(VISUAL_DECODER_KEYS):
+        raise ConfigError(f"[model.decoder] may only set {', '.join(VISUAL_DECODER_KEYS)} when init is an HF model; got "
                           f"{recipe.model.decoder}")
     base = load_config(recipe.model.init)
     tokenizer = Tokenizer.from_folder(recipe.model.tokenizer or recipe.model.init)

@@ -343,7 +343,9 @@ TABLES: dict[tuple[type, str], type] = {
     (ModelRecipe, "decoder"): DecoderConfig, (ModelRecipe, "vision"): VisionConfig,
     (ModelRecipe, "encoder"): EncoderConfig,
 }
-EXPERT_FLAGS = ("expert_norms", "expert_attention", "expert_mlp")  # decoder keys that hold with an HF init too
+# decoder keys about the visual tokens (modality experts, NEO's in-image attention, V2PE's position step): they hold
+# with an HF init too, on top of the LLM's own config
+VISUAL_DECODER_KEYS = ("expert_norms", "expert_attention", "expert_mlp", "image_attention", "visual_position_step")
 NOT_SETTABLE = {Recipe: ("stages", "overrides"), StageConfig: ("name",)}  # addressed otherwise / a record only
 
 
@@ -416,11 +418,11 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
     and list the valid keys at that level; the recipe built from the result checks everything else.
 
     `model.init=PATH` on a recipe file that builds a scratch decoder replaces that decoder: the file's [model.decoder]
-    shape keys give way to the HF model's own config (its expert flags stay, and so do decoder keys set with --set)."""
+    shape keys give way to the HF model's own config (its VISUAL_DECODER_KEYS stay, and so do decoder keys set with --set)."""
     values = json.loads(json.dumps(values))  # a deep copy; TOML values are JSON values
     model = values.get("model") if isinstance(values.get("model"), dict) else {}
     file_scratch = model.get("init", "scratch") == "scratch"
-    file_shape = [k for k in model.get("decoder") or {} if k not in EXPERT_FLAGS]
+    file_shape = [k for k in model.get("decoder") or {} if k not in VISUAL_DECODER_KEYS]
     for override in overrides:
         key, sep, raw = override.partition("=")
         key = key.strip()

@@ -26,7 +26,6 @@ from monovlm.infer.reduction.apply import Reducer, Trace
 from monovlm.infer.reduction.base import Method
 from monovlm.model.decoder import Decoder, segments_of
 from monovlm.model.kv_cache import KVCache
-from monovlm.model.masks import position_ids_from_segments
 
 POSITION_POLICIES = ("original", "renumber")
 
@@ -133,7 +132,10 @@ def reduced_hidden_states(decoder: Decoder, x: torch.Tensor, attention_mask: tor
     if segment_ids is None:
         segment_ids = torch.ones(batch, length, dtype=torch.long, device=x.device)
     if position_ids is None:
-        position_ids = position_ids_from_segments(segment_ids)
+        position_ids = decoder.default_positions(segment_ids, x.shape[:2], None, x.device, vision_mask)
+    if reducer.reduction.positions == "renumber" and decoder.config.visual_position_step != 1:
+        raise ValueError("positions='renumber' counts the kept tokens one by one, which undoes the model's "
+                         f"visual_position_step={decoder.config.visual_position_step}; use positions='original'")
     group = None
     if cache is not None:
         if cache.length > 0 or cache.groups:
