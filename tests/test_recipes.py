@@ -18,7 +18,7 @@ from monovlm.train.recipe import (
     shipped_recipes,
 )
 
-GENERIC = ["eve", "evev2", "solo", "llava"]
+GENERIC = ["eve", "evev2", "mono-internvl", "solo", "llava"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 
 
@@ -102,8 +102,8 @@ def test_the_generic_recipes_read_only_the_two_data_files_and_no_synthetic_label
         if recipe.align is not None:
             assert recipe.align.teacher_objective != "labels", name
     caption_stages = {name: [s.name for s in load_recipe(name).stages if s.data == "captions.json"] for name in GENERIC}
-    assert caption_stages == {"eve": ["prealign", "pretrain"], "evev2": ["prealign", "perception"], "solo": [],
-                              "llava": ["align"]}
+    assert caption_stages == {"eve": ["prealign", "pretrain"], "evev2": ["prealign", "perception"],
+                              "mono-internvl": ["concept"], "solo": [], "llava": ["align"]}
 
 
 def test_eve_synthetic_is_the_quickstarts_recipe():
@@ -320,7 +320,7 @@ def test_model_init_on_the_command_line_replaces_the_recipes_scratch_decoder(tmp
 
 @pytest.mark.slow  # a training run per recipe
 @pytest.mark.parametrize("name,overrides", [
-    ("eve", []), ("evev2", []), ("solo", []), ("llava", []),
+    ("eve", []), ("evev2", []), ("mono-internvl", []), ("solo", []), ("llava", []),
     ("eve", ["data.no_captions=instruct"]),  # QA data only
     ("eve-vqa", []),  # short-answer QA data, no captions: the teacher learns the answers
 ])

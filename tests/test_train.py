@@ -101,6 +101,24 @@ def test_frozen_parts_do_not_move_and_metrics_are_written(data_root, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+def test_a_stage_can_train_the_llms_attention_alone(data_root, tmp_path):
+    """`attention` (Mono-InternVL's EViP alignment stage): q/k/v/o of every layer move; the LLM's FFNs, norms and
+    embeddings do not."""
+    recipe = tiny_recipe()
+    recipe.stages = recipe.stages[1:2]
+    recipe.stages[0].steps, recipe.stages[0].save_every, recipe.stages[0].train = 2, 0, ["attention"]
+    result = train(options(recipe, data_root, tmp_path / "run"))
+    from monovlm.train.build import build_model
+
+    torch.manual_seed(recipe.seed)
+    start, _ = build_model(recipe, data_root)
+    moved = {name for name, tensor in result.model.state_dict().items() if not torch.equal(tensor, start.state_dict()[name])}
+    attention = {name for name in start.state_dict() if ".attn." in name and name.startswith("decoder.layers.")}
+    assert moved and moved <= attention
+    assert {name.split(".attn.")[1].split(".")[0] for name in moved} >= {"o_proj"}  # not only one projection
+    assert all(part_of(name) == "decoder" for name in attention)  # a part of the decoder, trained on its own
+
+
 def test_a_stages_system_prompt_is_trained_on_and_saved_with_the_model(data_root, tmp_path):
     from monovlm.data.processor import Processor
     from monovlm.eval.protocol import ModelRunner

@@ -448,7 +448,9 @@ def part_counts(module: TrainModule, trainable: dict[str, int], teacher_params: 
         totals[part] = totals.get(part, 0) + param.numel()
     if teacher_params:
         totals["teacher"] = teacher_params
-    return [PartCount(part, totals[part], trainable.get(part, 0)) for part in PART_ORDER if part in totals]
+    trained = dict(trainable)
+    trained["decoder"] = trained.get("decoder", 0) + trained.pop("attention", 0)  # attention alone: of the decoder
+    return [PartCount(part, totals[part], trained.get(part, 0)) for part in PART_ORDER if part in totals]
 
 
 def plan_stage(module: TrainModule, config: VLMConfig, stage: StageConfig, teacher: TeacherPlan, strategy: str,

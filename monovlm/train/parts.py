@@ -6,6 +6,8 @@ Every parameter belongs to exactly one part, decided by its name:
 - `experts`   — vision copies inside the decoder (`decoder.layers.*.vision*`, `decoder.layers.*.attn.vision.*`);
 - `decoder`   — every other decoder weight (the language model);
 - `align`     — EVE's patch-align head (`aligner.*`, training only).
+One part of `decoder` can also be trained on its own: `attention`, the language model's attention (q/k/v/o and q/k
+norms of every layer, not the experts' copies) — Mono-InternVL's EViP unfreezes it before the rest of the LLM.
 Frozen parts get `requires_grad=False`, so they get no gradients and no optimizer state.
 """
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 _EXPERT = re.compile(r"^decoder\.layers\.\d+\.(vision_|attn\.vision\.)")
+_SHARED_ATTENTION = re.compile(r"^decoder\.layers\.\d+\.attn\.(?!vision\.)")
 
 
 def part_of(name: str) -> str:
@@ -37,13 +40,23 @@ def part_of(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no known part")
 
 
+def trained_as(name: str, parts: list[str]) -> str | None:
+    """The part under which parameter `name` trains in a stage that trains `parts`, or None: frozen."""
+    part = part_of(name)
+    if part in parts:
+        return part
+    if part == "decoder" and "attention" in parts and _SHARED_ATTENTION.match(name.removeprefix("model.")):
+        return "attention"
+    return None
+
+
 def set_trainable(module: nn.Module, parts: list[str]) -> dict[str, int]:
     """Freeze everything outside `parts`; return the number of trainable parameters per part."""
     counts: dict[str, int] = defaultdict(int)
     for name, param in module.named_parameters():
-        part = part_of(name)
-        param.requires_grad_(part in parts)
-        if param.requires_grad:
+        part = trained_as(name, parts)
+        param.requires_grad_(part is not None)
+        if part is not None:
             counts[part] += param.numel()
     return dict(counts)
 

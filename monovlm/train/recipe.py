@@ -29,7 +29,7 @@ from typing import Any
 from monovlm.config import TEMPLATES, ConfigError, DecoderConfig, EncoderConfig, VisionConfig
 from monovlm.data.yes_no import YES_NO_MODES
 
-PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align")
+PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align", "attention")  # attention: of decoder
 
 
 LOSS_NORMS = ("token", "sample")
