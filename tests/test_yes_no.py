@@ -168,3 +168,15 @@ def test_weighted_stage_reads_the_conversations_as_they_are_and_weighs_the_loss(
     _, plain_sample_weights = _loss_units(collate([grouped[0], grouped[1]], pad_id=0), "sample")
     assert torch.allclose(sample_weights, plain_sample_weights * batch.label_weights[:, 1:])
     assert collate([grouped[0]], pad_id=0).label_weights is None
+
+
+def test_the_groups_an_open_stage_is_not_warned_about_are_those_answered_only_yes_or_no():
+    from monovlm.eval.qa import yes_no_groups
+
+    def record(answer, category=None):
+        turns = [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": answer}]
+        return {"conversations": turns, **({"category": category} if category else {})}
+
+    records = [record("yes", "existence"), record("No", "existence"), record("red", "colour"), record("yes", "mixed"),
+               record("two", "mixed"), record("yes"), record("no"), record("3")]
+    assert yes_no_groups(records) == {"existence", "yes/no"}  # uncategorised records group by answer type

@@ -29,7 +29,7 @@ from monovlm.eval.tasks import load_task
 from monovlm.infer.generate import GenerationConfig
 
 __all__ = ["BlindGap", "QAResult", "answer", "answer_of", "blank_like", "blind_gaps", "evaluate_qa", "question_of",
-           "samples_from_records"]
+           "samples_from_records", "yes_no_groups"]
 
 
 def question_of(record: dict[str, Any]) -> str:
@@ -66,6 +66,16 @@ def samples_from_records(records: Sequence[dict[str, Any]], image_root: str | os
                                   answers=[answer_of(record)], image=image,
                                   category=record.get("category") or answer_type(answer_of(record))))
     return samples
+
+
+def yes_no_groups(records: Sequence[dict[str, Any]]) -> set[str]:
+    """The answer groups (as `samples_from_records` forms them) whose every answer is yes or no."""
+    groups: dict[str, bool] = {}
+    for record in records:
+        kind = answer_type(answer_of(record))
+        group = record.get("category") or kind
+        groups[group] = groups.get(group, True) and kind == "yes/no"
+    return {group for group, all_yes_no in groups.items() if all_yes_no}
 
 
 @torch.no_grad()

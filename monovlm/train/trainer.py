@@ -616,7 +616,7 @@ class Trainer:
         if options.strategy == "ddp" and not self.info.is_main:
             barrier(self.info)
             return
-        from monovlm.eval.qa import blind_gaps, evaluate_qa
+        from monovlm.eval.qa import blind_gaps, evaluate_qa, yes_no_groups
 
         records, image_root, source = self.eval_records(stage)
         if records:
@@ -628,7 +628,11 @@ class Trainer:
             result.evals.append(record)
             self.write_metrics(record)
             self.log(f"eval @ step {global_step} on {source}:\n" + "\n".join("  " + gap.line() for gap in gaps))
-            flat = [gap.group for gap in gaps if not gap.looks]
+            # a stage trained without yes/no questions (yes_no = "open") is not expected to answer them yet
+            untrained = yes_no_groups(records) if stage.yes_no == "open" else set()
+            flat = [gap.group for gap in gaps if not gap.looks and gap.group not in untrained]
+            if untrained:
+                self.log(f"  ({', '.join(sorted(untrained))}: not trained in this stage, yes_no = \"open\")")
             if flat:
                 self.log(f"WARNING: stage {stage.name!r} at step {global_step}: {', '.join(flat)} answered no better "
                          "than with a blank image — the model answers them from the question's wording, not the "
