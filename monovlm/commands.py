@@ -216,6 +216,7 @@ def train_command(
     set: list[str] | None = None,
     dry_run: bool = False,
     dry_run_steps: int = 0,
+    dry_run_stage: str = "0",
     resume: bool = False,
     overwrite: bool = False,
     strategy: str = "ddp",
@@ -246,6 +247,7 @@ def train_command(
             gives), then run --dry-run-steps steps on random inputs of the recipe's shapes and print the measured
             step time and peak memory beside the estimate
         dry_run_steps: steps on random inputs for --dry-run (0: the estimate only)
+        dry_run_stage: the stage those steps run (its name or index; its trainable parts head the table)
         resume: continue from the newest checkpoint in --out that loads (with the recipe, overrides and data it was
             started with)
         overwrite: replace the run --out already holds (without it a fresh run into a folder holding a run stops)
@@ -274,7 +276,8 @@ def train_command(
         recipe_object = load_recipe(recipe, set or ())
         print(plan(recipe_object, data, steps=dry_run_steps, strategy=strategy,
                    world_size=int(os.environ.get("WORLD_SIZE", "1")), dtype=dtype,
-                   checkpointing=recipe_object.activation_checkpointing, device=device).text())
+                   checkpointing=recipe_object.activation_checkpointing, device=device,
+                   stage=int(dry_run_stage) if dry_run_stage.lstrip("-").isdigit() else dry_run_stage).text())
         return
     if data is None or out is None:
         raise ValueError("monovlm train needs --data (the data folder) and --out (the run folder)")

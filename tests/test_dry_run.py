@@ -218,3 +218,17 @@ def test_the_recipe_switch_checkpoints_training_with_the_same_losses(data_root, 
     plain, checkpointed = run("plain", False), run("checkpointed", True)
     assert checkpointed.model.decoder.checkpoint_blocks and not plain.model.decoder.checkpoint_blocks
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_the_command_measures_the_stage_it_is_told(capsys):
+    from monovlm.cli import main
+
+    tiny = ["model.decoder.hidden_size=32", "model.decoder.intermediate_size=64", "model.decoder.num_layers=1",
+            "model.vision.embedder_width=16", "stages.*.batch_size=2", "stages.*.max_length=128",
+            "align.teacher_width=16", "align.teacher_depth=1", "align.teacher_heads=2"]
+    args = ["train", "eve", "--dry-run", "--dry-run-steps", "1", "--dtype", "float32", "--dry-run-stage", "instruct"]
+    assert main(args + [item for value in tiny for item in ("--set", value)]) == 0
+    out = capsys.readouterr().out
+    assert "trainable in stage 'instruct'" in out and "measured: stage 'instruct', 1 step(s)" in out
+    assert main(args[:-1] + ["2"] + [item for value in tiny for item in ("--set", value)]) == 0  # by index
+    assert "measured: stage 'instruct'" in capsys.readouterr().out
