@@ -56,6 +56,9 @@ class DecoderConfig:
     # V2PE: each visual token advances the RoPE position by this step (< 1: an image spends less of the context's
     # positions, so long image sequences stay within the positions the LLM was trained on); text tokens advance by 1.
     visual_position_step: float = 1.0
+    # NEO's pre-buffer: the first N of num_layers are fresh layers in front of the LLM, trained alone first (part
+    # `pre_buffer`); `Decoder.add_pre_buffer` prepends them to a loaded LLM as identities (zero output projections)
+    pre_buffer_layers: int = 0
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -91,6 +94,9 @@ class DecoderConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.image_attention not in IMAGE_ATTENTION:
             raise ConfigError(f"image_attention={self.image_attention!r} is not one of {IMAGE_ATTENTION}")
+        if not 0 <= self.pre_buffer_layers < self.num_layers:
+            raise ConfigError(f"pre_buffer_layers={self.pre_buffer_layers} must be at least 0 and below "
+                              f"num_layers={self.num_layers} (the LLM keeps at least one layer)")
         if not 0 < self.visual_position_step <= 1:
             raise ConfigError(f"visual_position_step={self.visual_position_step} must be in (0, 1] (V2PE's delta)")
         if self.num_heads % self.num_kv_heads != 0:

@@ -120,7 +120,7 @@ def test_the_quickstarts_recipe_reads_what_the_synthetic_generator_writes(tmp_pa
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
     resolve_data(load_recipe(name), tmp_path / "data")  # raises, naming the file, if one is missing
     resolve_data(load_recipe("llava-synthetic"), tmp_path / "data")
-    for generic in ("eve", "evev2", "mono-internvl", "solo", "llava"):
+    for generic in ("eve", "evev2", "mono-internvl", "neo", "solo", "llava"):
         resolve_data(load_recipe(generic), tmp_path / "data")
     (tmp_path / "data" / "captions.json").unlink()
     with pytest.raises(FileNotFoundError, match="missing captions.json"):

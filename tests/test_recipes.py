@@ -18,7 +18,7 @@ from monovlm.train.recipe import (
     shipped_recipes,
 )
 
-GENERIC = ["eve", "evev2", "mono-internvl", "solo", "llava"]
+GENERIC = ["eve", "evev2", "mono-internvl", "neo", "solo", "llava"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 
 
@@ -103,7 +103,8 @@ def test_the_generic_recipes_read_only_the_two_data_files_and_no_synthetic_label
             assert recipe.align.teacher_objective != "labels", name
     caption_stages = {name: [s.name for s in load_recipe(name).stages if s.data == "captions.json"] for name in GENERIC}
     assert caption_stages == {"eve": ["prealign", "pretrain"], "evev2": ["prealign", "perception"],
-                              "mono-internvl": ["concept"], "solo": [], "llava": ["align"]}
+                              "mono-internvl": ["concept"], "neo": ["pretrain", "midtrain"], "solo": [],
+                              "llava": ["align"]}
 
 
 def test_eve_synthetic_is_the_quickstarts_recipe():
@@ -309,18 +310,20 @@ def test_model_init_on_the_command_line_replaces_the_recipes_scratch_decoder(tmp
     assert load_recipe("eve").model.decoder["num_layers"] == 4
     llm = write_hf_llm(tmp_path / "llm")
     data = write_user_folder(tmp_path / "mine")
-    visual = ["model.decoder.visual_position_step=0.25", "model.decoder.image_attention=bidirectional"]
+    visual = ["model.decoder.visual_position_step=0.25", "model.decoder.image_attention=bidirectional",
+              "model.decoder.pre_buffer_layers=1"]
     assert load_recipe("eve", ["model.init=llm", *visual]).model.decoder == {
-        "visual_position_step": 0.25, "image_attention": "bidirectional"}
+        "visual_position_step": 0.25, "image_attention": "bidirectional", "pre_buffer_layers": 1}
     assert main(train_args("solo", data, tmp_path / "run", [f"model.init={llm}", *visual], hf_init=True)) == 0
     decoder = json.loads((tmp_path / "run" / "final" / "config.json").read_text())["decoder"]
-    assert (decoder["hidden_size"], decoder["num_layers"]) == (48, 2)  # the HF model's shape, not the recipe's
+    assert decoder["hidden_size"] == 48  # the HF model's shape, not the recipe's
     assert (decoder["visual_position_step"], decoder["image_attention"]) == (0.25, "bidirectional")  # on top of it
+    assert (decoder["num_layers"], decoder["pre_buffer_layers"]) == (2 + 1, 1)  # one fresh layer before the LLM's 2
 
 
 @pytest.mark.slow  # a training run per recipe
 @pytest.mark.parametrize("name,overrides", [
-    ("eve", []), ("evev2", []), ("mono-internvl", []), ("solo", []), ("llava", []),
+    ("eve", []), ("evev2", []), ("mono-internvl", []), ("neo", []), ("solo", []), ("llava", []),
     ("eve", ["data.no_captions=instruct"]),  # QA data only
     ("eve-vqa", []),  # short-answer QA data, no captions: the teacher learns the answers
 ])

@@ -228,6 +228,27 @@ class Decoder(nn.Module):
         self.config.vocab_size = new_vocab_size
 
     @torch.no_grad()
+    def add_pre_buffer(self, count: int) -> None:
+        """Prepend `count` fresh layers (NEO's pre-buffer) to this decoder's. Their output projections (attention
+        o_proj and MLP down_proj, the experts' too) start at zero, so each new layer is the identity and the decoder
+        computes exactly what it did until training moves them; the other weights start at the usual random init."""
+        if count <= 0:
+            return
+        config = self.config
+        config.num_layers += count
+        config.pre_buffer_layers += count
+        weight = self.embed_tokens.weight
+        fresh = [Block(config, index).to(device=weight.device, dtype=weight.dtype) for index in range(count)]
+        for block in fresh:
+            block.apply(self._init_weights)
+            for name, param in block.named_parameters():
+                if name.endswith(("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias")):
+                    param.zero_()
+        self.layers = nn.ModuleList([*fresh, *self.layers])
+        for index, block in enumerate(self.layers):
+            block.attn.layer_index = index  # the KV cache slot of each layer
+
+    @torch.no_grad()
     def init_experts_from_text(self) -> None:
         """Copy every language weight into its vision expert (EVEv2 initialises its experts this way), so a freshly
         expert-ised model computes exactly what the original did until training moves the experts apart."""

@@ -93,6 +93,7 @@ def build_model(recipe: Recipe, data_root: Path, progress: bool = True) -> tuple
             raise ValueError(f"[model.decoder] may only set {', '.join(VISUAL_DECODER_KEYS)} when init is an HF model; "
                              f"got {decoder_values}")
         decoder = load_hf_decoder(recipe.model.init)
+        decoder.add_pre_buffer(experts.pop("pre_buffer_layers", 0))  # NEO: fresh identity layers before the LLM's
     add_image_special_tokens(tokenizer, decoder)
     if tokenizer.vocab_size > decoder.config.vocab_size:
         decoder.resize_vocab(tokenizer.vocab_size)

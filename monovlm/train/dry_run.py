@@ -52,12 +52,12 @@ from monovlm.data.images import num_image_tokens, resized_size
 from monovlm.data.layout import TokenLayout
 from monovlm.model.vlm import IGNORE_INDEX, EncoderFreeVLM, labelled_cross_entropy
 from monovlm.train.flops import autocast_dtype, flops_per_token, training_flops
-from monovlm.train.parts import param_groups, part_of, set_trainable
+from monovlm.train.parts import param_groups, part_of, pre_buffer_of, set_trainable
 from monovlm.train.recipe import VISUAL_DECODER_KEYS, Recipe, StageConfig
 from monovlm.train.trainer import TrainModule  # the trainer's layout (model, aligner): names and parts as trained
 
 STRATEGIES = ("ddp", "fsdp")
-PART_ORDER = ("embedder", "encoder", "projector", "decoder", "experts", "align", "teacher")
+PART_ORDER = ("embedder", "encoder", "projector", "pre_buffer", "decoder", "experts", "align", "teacher")
 RESIDUAL_BYTES = 4  # the residual stream stays fp32 under autocast (fp32 embeddings plus low-precision updates)
 
 
@@ -98,7 +98,8 @@ def _hf_decoder_config(recipe: Recipe, experts: dict) -> DecoderConfig:
     vocab = base.vocab_size
     if max(ids.values()) >= vocab:  # as `add_image_special_tokens` grows the model
         vocab = max(tokenizer.vocab_size, max(ids.values()) + 1)
-    return DecoderConfig.from_dict({**base.to_dict(), "vocab_size": vocab,
+    added = experts.get("pre_buffer_layers", 0)  # fresh layers in front of the LLM's (Decoder.add_pre_buffer)
+    return DecoderConfig.from_dict({**base.to_dict(), "vocab_size": vocab, "num_layers": base.num_layers + added,
                                     "special_tokens": {**base.special_tokens, **ids}, **experts})
 
 
@@ -443,8 +444,9 @@ def _stage_index(recipe: Recipe, stage: int | str) -> int:
 def part_counts(module: TrainModule, trainable: dict[str, int], teacher_params: int) -> list[PartCount]:
     """Parameters per part (those present), trainable as `set_trainable` left them; the teacher is always frozen."""
     totals: dict[str, int] = {}
+    pre_buffer = pre_buffer_of(module)
     for name, param in module.named_parameters():
-        part = part_of(name)
+        part = part_of(name, pre_buffer)
         totals[part] = totals.get(part, 0) + param.numel()
     if teacher_params:
         totals["teacher"] = teacher_params

@@ -29,7 +29,7 @@ from typing import Any
 from monovlm.config import TEMPLATES, ConfigError, DecoderConfig, EncoderConfig, VisionConfig
 from monovlm.data.yes_no import YES_NO_MODES
 
-PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align", "attention")  # attention: of decoder
+PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align", "attention", "pre_buffer")
 
 
 LOSS_NORMS = ("token", "sample")
@@ -343,9 +343,10 @@ TABLES: dict[tuple[type, str], type] = {
     (ModelRecipe, "decoder"): DecoderConfig, (ModelRecipe, "vision"): VisionConfig,
     (ModelRecipe, "encoder"): EncoderConfig,
 }
-# decoder keys about the visual tokens (modality experts, NEO's in-image attention, V2PE's position step): they hold
-# with an HF init too, on top of the LLM's own config
-VISUAL_DECODER_KEYS = ("expert_norms", "expert_attention", "expert_mlp", "image_attention", "visual_position_step")
+# decoder keys about the visual tokens (modality experts, NEO's in-image attention and pre-buffer, V2PE's position
+# step): they hold with an HF init too, on top of the LLM's own config (pre_buffer_layers then adds that many layers)
+VISUAL_DECODER_KEYS = ("expert_norms", "expert_attention", "expert_mlp", "image_attention", "visual_position_step",
+                       "pre_buffer_layers")
 NOT_SETTABLE = {Recipe: ("stages", "overrides"), StageConfig: ("name",)}  # addressed otherwise / a record only
 
 
