@@ -56,6 +56,12 @@ class DecoderConfig:
     # V2PE: each visual token advances the RoPE position by this step (< 1: an image spends less of the context's
     # positions, so long image sequences stay within the positions the LLM was trained on); text tokens advance by 1.
     visual_position_step: float = 1.0
+    # NEO's native RoPE: besides the 1-D rotary position t (which every image advances by one, all its visual tokens
+    # sharing it), extra q/k projections whose two halves are rotated by each visual token's grid row h and column w
+    # (rope_theta_hw); scores are q·k over [t | h | w]. A loaded LLM's k projection for h/w starts at zero, so its
+    # text logits are unchanged (`Decoder.init_native_rope_from_text`).
+    native_rope: bool = False
+    rope_theta_hw: float = 10000.0
     # NEO's pre-buffer: the first N of num_layers are fresh layers in front of the LLM, trained alone first (part
     # `pre_buffer`); `Decoder.add_pre_buffer` prepends them to a loaded LLM as identities (zero output projections)
     pre_buffer_layers: int = 0
@@ -94,6 +100,11 @@ class DecoderConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         if self.image_attention not in IMAGE_ATTENTION:
             raise ConfigError(f"image_attention={self.image_attention!r} is not one of {IMAGE_ATTENTION}")
+        if self.native_rope and (self.expert_attention or self.resolved_head_dim % 4 != 0
+                                 or self.visual_position_step != 1):
+            raise ConfigError(f"native_rope needs a head_dim divisible by 4 (its h and w halves are rotated; got "
+                              f"{self.resolved_head_dim}), no expert_attention (the experts have no h/w projections) "
+                              "and visual_position_step = 1 (an image's tokens share one position)")
         if not 0 <= self.pre_buffer_layers < self.num_layers:
             raise ConfigError(f"pre_buffer_layers={self.pre_buffer_layers} must be at least 0 and below "
                               f"num_layers={self.num_layers} (the LLM keeps at least one layer)")

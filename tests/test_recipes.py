@@ -321,6 +321,26 @@ def test_model_init_on_the_command_line_replaces_the_recipes_scratch_decoder(tmp
     assert (decoder["num_layers"], decoder["pre_buffer_layers"]) == (2 + 1, 1)  # one fresh layer before the LLM's 2
 
 
+def test_neos_switches_leave_a_loaded_llms_text_logits_unchanged(tmp_path):
+    """`neo` on an HF LLM: a pre-buffer layer in front, native RoPE's h/w projections, bidirectional image attention
+    — before training, text goes through them exactly as through the LLM alone."""
+    import torch
+
+    from monovlm.model.hf import load_hf_decoder
+    from monovlm.train.build import build_model
+
+    llm = write_hf_llm(tmp_path / "llm")
+    recipe = load_recipe("neo", [f"model.init={llm}"])
+    model, tokenizer = build_model(recipe, write_user_folder(tmp_path / "mine"))
+    plain = load_hf_decoder(llm).eval()
+    config = model.decoder.config
+    assert (config.num_layers, config.pre_buffer_layers, config.native_rope) == (plain.config.num_layers + 1, 1, True)
+    ids = torch.tensor([tokenizer.encode("A red square on a grey ground.")])
+    with torch.no_grad():
+        ours = model.eval()(ids)[..., : plain.config.vocab_size]
+        assert (ours - plain(ids)).abs().max().item() <= 1e-5
+
+
 @pytest.mark.slow  # a training run per recipe
 @pytest.mark.parametrize("name,overrides", [
     ("eve", []), ("evev2", []), ("mono-internvl", []), ("neo", []), ("solo", []), ("llava", []),

@@ -57,9 +57,9 @@ def static_capacity(length: int) -> int:
 
 def supports_static_decode(model, cache) -> bool:
     decoder = getattr(model, "decoder", model)
-    # the static step looks RoPE up in the integer tables; V2PE's fractional positions take the eager step
+    # the static step looks RoPE up in the integer tables and has no h/w part: V2PE and native RoPE take the eager step
     return (isinstance(cache, KVCache) and decoder.config.sliding_window is None
-            and decoder.config.visual_position_step == 1)
+            and decoder.config.visual_position_step == 1 and not decoder.config.native_rope)
 
 
 def decode_step(decoder, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor,

@@ -495,6 +495,9 @@ class DAMRO(DecodingStrategy):
     def start(self, model, input_ids, attention_mask, prefill_inputs, max_new_tokens):
         if not hasattr(model, "image_token_id") or not hasattr(model, "decoder"):
             raise ValueError("DAMRO needs a VLM (a model with an image_token_id and a decoder)")
+        if model.decoder.config.native_rope:
+            raise ValueError("DAMRO does not support native_rope models yet (it re-runs one layer's attention with "
+                             "1-D positions only)")
         prefill_inputs = dict(prefill_inputs or {})
         vision_mask = input_ids == model.image_token_id  # (B, T)
         images = _images_of(prefill_inputs)

@@ -13,7 +13,7 @@ pieces, and read attention through `Attention.project_qkv` and `Attention.probab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ class LayerInputs:
     attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None with is_causal (or no mask at all)
     is_causal: bool
     routing: Routing | None  # visual tokens to the vision experts; None = every token takes the text path
+    hw: tuple[torch.Tensor, ...] | None = None  # native RoPE: cos/sin at each token's grid row, then column (B, 1, T, D/2)
 
 
 class RMSNorm(nn.Module):
@@ -83,18 +84,49 @@ class Projections(nn.Module):
         return self.project(x).flatten(-2)  # (N, (H + 2·Hkv)·D), the 2-D form that routing gathers and scatters
 
 
+class GridProjections(nn.Module):
+    """Native RoPE's extra q and k (NEO's q_proj_hw / k_proj_hw): each head's first half normed and rotated by the
+    token's grid row, its second half by its grid column."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.resolved_head_dim
+        half = self.head_dim // 2
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.q_norm_h, self.q_norm_w, self.k_norm_h, self.k_norm_w = (RMSNorm(half, config.rms_norm_eps)
+                                                                      for _ in range(4))
+
+    def forward(self, x: torch.Tensor, hw: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k (B, Hkv, T, D); hw: cos_h, sin_h, cos_w, sin_w, each (B, 1, T, D/2)."""
+        cos_h, sin_h, cos_w, sin_w = hw
+        half = self.head_dim // 2
+        parts = []
+        for proj, heads, norm_h, norm_w in ((self.q_proj, self.num_heads, self.q_norm_h, self.q_norm_w),
+                                            (self.k_proj, self.num_kv_heads, self.k_norm_h, self.k_norm_w)):
+            y = proj(x).unflatten(-1, (heads, self.head_dim)).transpose(1, 2)  # (B, heads, T, D)
+            h, w = norm_h(y[..., :half]), norm_w(y[..., half:])
+            parts.append(torch.cat([apply_rotary(h, cos_h, sin_h), apply_rotary(w, cos_w, sin_w)], dim=-1))
+        return parts[0], parts[1]
+
+
 class Attention(Projections):
     def __init__(self, config: DecoderConfig, layer_index: int):
         super().__init__(config)
         self.layer_index = layer_index
         # the vision expert: its own projections (and q/k norms); attention over all tokens stays shared
         self.vision = Projections(config) if config.expert_attention else None
+        # NEO's native RoPE: q/k for the grid row and column
+        self.hw = GridProjections(config) if config.native_rope else None
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                    routing: Routing | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    routing: Routing | None = None, hw: tuple[torch.Tensor, ...] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, D): the fused projection (the vision
         expert's at routed visual tokens), per-head q/k norms, and RoPE on q and k when cos/sin (B, 1, T, D) are
-        given (without them k is the pre-RoPE key some token-merging metrics compare)."""
+        given (without them k is the pre-RoPE key some token-merging metrics compare). With native RoPE and cos/sin
+        given, q and k are 2·D wide: [t | h | w], the h/w part at the grid positions `hw` (text: row 0, column 0)."""
         heads, kv_heads = self.num_heads, self.num_kv_heads
         if routing is None or self.vision is None:
             qkv = self.project(x)  # (B, T, H + 2·Hkv, D)
@@ -104,7 +136,13 @@ class Attention(Projections):
         qk = qkv[:, : heads + kv_heads]
         if cos is not None:
             qk = apply_rotary(qk, cos, sin)  # q and k rotated together: (B, H + Hkv, T, D)
-        return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        if self.hw is not None and cos is not None:
+            if hw is None:
+                raise ValueError("a native-RoPE layer needs the grid positions' rotary tables (LayerInputs.hw)")
+            q_hw, k_hw = self.hw(x, hw)
+            q, k = torch.cat([q, q_hw], dim=-1), torch.cat([k, k_hw], dim=-1)  # (B, H|Hkv, T, 2·D)
+        return q, k, v
 
     def probabilities(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """The attention probabilities SDPA computes, written out for those who read them (token scoring, DAMRO) or
@@ -114,17 +152,19 @@ class Attention(Projections):
         batch, heads, queries, dim = q.shape
         kv_heads = k.shape[1]
         grouped = q.float().reshape(batch, kv_heads, heads // kv_heads * queries, dim)  # (B, Hkv, G·Q, D)
-        scores = (grouped @ k.float().transpose(-1, -2) * dim**-0.5).unflatten(2, (heads // kv_heads, queries))
+        scale = self.head_dim**-0.5  # not the width of q: native RoPE's q·k over [t | h | w] keeps the head's scale
+        scores = (grouped @ k.float().transpose(-1, -2) * scale).unflatten(2, (heads // kv_heads, queries))
         scores = scores.masked_fill(~allowed.unsqueeze(2), float("-inf"))  # (B, Hkv, G, Q, S)
         return scores.softmax(dim=-1).reshape(batch, heads, queries, -1)
 
     def forward(self, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.project_qkv(x, inputs.cos, inputs.sin, inputs.routing)
+        q, k, v = self.project_qkv(x, inputs.cos, inputs.sin, inputs.routing, inputs.hw)
         if cache is not None:
             k, v = cache.write(self.layer_index, k, v)  # (B, Hkv, S, D) with S = cached + T
+        scale = self.head_dim**-0.5 if self.hw is not None else None  # native RoPE: q, k are 2·D wide
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.attn_mask, is_causal=inputs.is_causal,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
+                                             enable_gqa=self.num_kv_heads != self.num_heads, scale=scale)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return route(out, inputs.routing, self.o_proj, self.vision.o_proj if self.vision is not None else None)
 
@@ -192,6 +232,10 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryTable(config)
+        # native RoPE: a second table, half a head wide, for the grid row and column of visual tokens
+        self.rotary_hw = RotaryTable(replace(config, head_dim=config.resolved_head_dim // 2, rope_scaling=None,
+                                             rope_theta=config.rope_theta_hw, native_rope=False, expert_attention=False,
+                                             pre_buffer_layers=0)) if config.native_rope else None
         # activation checkpointing: a run-time switch (set by the trainer), not a config field saved with the model
         self.checkpoint_blocks = False
         self.apply(self._init_weights)
@@ -249,6 +293,23 @@ class Decoder(nn.Module):
             block.attn.layer_index = index  # the KV cache slot of each layer
 
     @torch.no_grad()
+    def init_native_rope_from_text(self) -> None:
+        """NEO's start for native RoPE on a loaded LLM: each head's h/w query projection is built from the first and
+        third quarters of its text query rows (the high-frequency dims of each rotary half), repeated; the h/w key
+        projection is zero and the h/w norms are one, so every score, and the text logits, equal the LLM's."""
+        for block in self.layers:
+            attn, grid = block.attn, block.attn.hw
+            if grid is None:
+                continue
+            dim, quarter = attn.head_dim, attn.head_dim // 4
+            q_rows = attn.qkv_proj.weight[: attn.num_heads * dim].unflatten(0, (attn.num_heads, dim))  # (H, D, C)
+            picked = torch.cat([q_rows[:, :quarter], q_rows[:, 2 * quarter : 3 * quarter]], dim=1)  # (H, D/2, C)
+            grid.q_proj.weight.copy_(torch.cat([picked, picked], dim=1).flatten(0, 1))
+            grid.k_proj.weight.zero_()
+            for norm in (grid.q_norm_h, grid.q_norm_w, grid.k_norm_h, grid.k_norm_w):
+                norm.weight.fill_(1.0)
+
+    @torch.no_grad()
     def init_experts_from_text(self) -> None:
         """Copy every language weight into its vision expert (EVEv2 initialises its experts this way), so a freshly
         expert-ised model computes exactly what the original did until training moves the experts apart."""
@@ -281,12 +342,15 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         vision_mask: torch.Tensor | None = None,
+        grid_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T) segment ids (0 = padding; 1/0 padding
         masks are one segment per row) or a ready boolean mask (B, 1, T, S); position_ids (B, T); vision_mask (B, T)
         True at visual tokens, which then take the vision experts (when the config has any) and, with
-        image_attention = "bidirectional", see the later tokens of their own image."""
-        hidden = self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, cache, vision_mask)
+        image_attention = "bidirectional", see the later tokens of their own image; grid_positions (B, T, 2) the
+        grid row and column of each token for native RoPE (None: all 0, as for text)."""
+        hidden = self.hidden_states(input_ids, inputs_embeds, attention_mask, position_ids, cache, vision_mask,
+                                    grid_positions)
         if last_only:
             hidden = hidden[:, -1:]
         return F.linear(hidden, self.output_weight)  # (B, T, V)
@@ -299,6 +363,7 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         vision_mask: torch.Tensor | None = None,
+        grid_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states (B, T, C) before the output head."""
         x = self.embed(input_ids, inputs_embeds)  # (B, T, C)
@@ -308,7 +373,7 @@ class Decoder(nn.Module):
         if position_ids is None:
             start = cache.next_position if cache is not None and cache.length > 0 else None
             position_ids = self.default_positions(segment_ids, x.shape[:2], start, x.device, vision_mask)
-        inputs = self.layer_inputs(x, attention_mask, position_ids, cache, vision_mask)
+        inputs = self.layer_inputs(x, attention_mask, position_ids, cache, vision_mask, grid_positions)
         for block in self.layers:
             x = self.run_block(block, x, inputs, cache)
         if cache is not None:
@@ -334,10 +399,14 @@ class Decoder(nn.Module):
         is always its last token's + 1."""
         batch, length = shape
         step = self.config.visual_position_step
-        if step != 1 and vision_mask is not None:
+        if (step != 1 or self.config.native_rope) and vision_mask is not None:
             if segment_ids is None:
                 segment_ids = torch.ones(batch, length, dtype=torch.long, device=device)
-            steps = torch.where(vision_mask, step, 1.0)  # (B, T)
+            if self.config.native_rope:  # NEO: an image's visual tokens share one t; the image advances it by one
+                next_is_visual = F.pad(vision_mask[:, 1:], (0, 1), value=False)
+                steps = (~(vision_mask & next_is_visual)).long()  # (B, T) 0 or 1: integer positions
+            else:
+                steps = torch.where(vision_mask, step, 1.0)  # (B, T)
             return position_ids_from_segments(segment_ids, start, steps)
         if segment_ids is None:
             base = torch.arange(length, device=device)[None].expand(batch, length)
@@ -345,13 +414,19 @@ class Decoder(nn.Module):
         return position_ids_from_segments(segment_ids, start)
 
     def layer_inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                     cache: KVCache | None = None, vision_mask: torch.Tensor | None = None) -> LayerInputs:
-        """What the blocks share for x (B, T, C): attention_mask and vision_mask as in `forward`; `cache` is the
-        KV cache the new tokens attend through (its filled slots and their segments), or None."""
+                     cache: KVCache | None = None, vision_mask: torch.Tensor | None = None,
+                     grid_positions: torch.Tensor | None = None) -> LayerInputs:
+        """What the blocks share for x (B, T, C): attention_mask, vision_mask and grid_positions as in `forward`;
+        `cache` is the KV cache the new tokens attend through (its filled slots and their segments), or None."""
         attn_mask, is_causal = self.attention_mask(attention_mask, x.shape[:2], cache, vision_mask, x.device)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
         routing = Routing.from_mask(vision_mask) if self.config.has_experts else None
-        return LayerInputs(cos, sin, attn_mask, is_causal, routing)
+        hw = None
+        if self.rotary_hw is not None:
+            if grid_positions is None:
+                grid_positions = torch.zeros(*x.shape[:2], 2, dtype=torch.long, device=x.device)
+            hw = (*self.rotary_hw(grid_positions[..., 0], x.dtype), *self.rotary_hw(grid_positions[..., 1], x.dtype))
+        return LayerInputs(cos, sin, attn_mask, is_causal, routing, hw)
 
     def attention_mask(self, attention_mask: torch.Tensor | None, shape: torch.Size, cache: KVCache | None,
                        vision_mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:

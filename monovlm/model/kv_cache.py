@@ -24,10 +24,13 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        key_dim: int | None = None,
     ):
         self.num_layers = num_layers
         self.max_length = max_length
-        self.shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.shape = (batch_size, num_kv_heads, max_length, head_dim)  # of the values
+        # keys can be wider than values: native RoPE's are [t | h | w], 2·head_dim
+        self.key_shape = (batch_size, num_kv_heads, max_length, key_dim or head_dim)
         self.dtype, self.device = dtype, device
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # per layer (B, Hkv, max_length, D) once written
         self.values: list[torch.Tensor | None] = [None] * num_layers
@@ -42,8 +45,10 @@ class KVCache:
         decoder = getattr(model, "decoder", model)  # a VLM caches its decoder's keys and values
         config = decoder.config
         weight = decoder.embed_tokens.weight
-        return cls(config.num_layers, batch_size, config.num_kv_heads, max_length, config.resolved_head_dim,
-                   dtype=dtype or weight.dtype, device=weight.device)
+        head_dim = config.resolved_head_dim
+        return cls(config.num_layers, batch_size, config.num_kv_heads, max_length, head_dim,
+                   dtype=dtype or weight.dtype, device=weight.device,
+                   key_dim=2 * head_dim if config.native_rope else head_dim)
 
     @property
     def batch_size(self) -> int:
@@ -64,7 +69,7 @@ class KVCache:
         """Give one layer (or, with None, every layer) its storage; a no-op where it has some."""
         for index in [layer] if layer is not None else range(self.num_layers):
             if self.keys[index] is None:
-                self.keys[index] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                self.keys[index] = torch.zeros(self.key_shape, dtype=self.dtype, device=self.device)
                 self.values[index] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,3 +101,4 @@ class KVCache:
         self.segment_ids = self.segment_ids[row_index]
         self.next_position = self.next_position[row_index]
         self.shape = (len(row_index),) + self.shape[1:]
+        self.key_shape = (len(row_index),) + self.key_shape[1:]

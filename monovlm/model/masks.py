@@ -17,8 +17,8 @@ def position_ids_from_segments(segment_ids: torch.Tensor, start: torch.Tensor | 
 
     Padding gets position 0 (it is never attended, the value only has to be a valid index). `start` (B,) offsets
     each row, for tokens that continue a cached sequence. `steps` (B, T) float, if given, is how far each token
-    advances the position (V2PE: a fraction for visual tokens); a token's position is then the sum of the steps of
-    the tokens before it in its document (float positions).
+    advances the position (V2PE: a fraction for visual tokens; NEO: 0 inside an image); a token's position is then
+    the sum of the steps of the tokens before it in its document (float positions for float steps).
     """
     is_token = segment_ids != 0
     # a document starts where the id changes from the previous token's id
@@ -27,14 +27,15 @@ def position_ids_from_segments(segment_ids: torch.Tensor, start: torch.Tensor | 
     if steps is None:
         counts = is_token.long().cumsum(dim=1)  # (B, T) running token count, this token included
     else:
-        own = torch.where(is_token, steps.double(), 0.0)  # float64 sums: packed rows' positions equal unpacked ones
+        # float64 sums for fractional steps: packed rows' positions then equal unpacked ones; integer steps stay long
+        own = torch.where(is_token, steps if not steps.is_floating_point() else steps.double(), 0)
         counts = own.cumsum(dim=1) - own + 1  # (B, T) the steps before each token, +1 as in the integer count
     doc_start_count = torch.where(starts_doc, counts, torch.zeros_like(counts)).cummax(dim=1).values
     positions = (counts - doc_start_count).clamp(min=0)
     if start is not None:
         positions = positions + start[:, None]
     positions = torch.where(is_token, positions, torch.zeros_like(positions))
-    return positions if steps is None else positions.float()
+    return positions if steps is None or not steps.is_floating_point() else positions.float()
 
 
 def build_attention_mask(

@@ -128,8 +128,16 @@ class EncoderFreeVLM(nn.Module):
                       cache: KVCache | None = None) -> torch.Tensor:
         """The decoder's final-norm hidden states (B, T, C) for input_ids (B, T) with images scattered in."""
         embeds, vision_mask = self.embed(input_ids, images)
+        grid = self.grid_positions(input_ids, images) if self.config.decoder.native_rope and images else None
         return self.decoder.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
-                                          position_ids=position_ids, cache=cache, vision_mask=vision_mask)
+                                          position_ids=position_ids, cache=cache, vision_mask=vision_mask,
+                                          grid_positions=grid)
+
+    def grid_positions(self, input_ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
+        """Native RoPE's (row, column) of each token (B, T, 2): a patch's place in its image's grid; 0 for text,
+        CLS and row separators (NEO's images have neither)."""
+        layout = self.visual_layout(input_ids, images)
+        return torch.stack([layout.grid_row.clamp(min=0), layout.grid_col.clamp(min=0)], dim=-1)
 
     def forward(
         self,
@@ -148,6 +156,9 @@ class EncoderFreeVLM(nn.Module):
         kept tokens only (left-padded per row, the last column is still each row's last token). Its cache is a
         `reduction.new_cache(...)`, whose `decode` runs the later tokens."""
         if reduction is not None:
+            if self.config.decoder.native_rope:
+                raise ValueError("token reduction does not support native_rope models yet (the kept tokens' grid "
+                                 "positions are not carried through the reduction)")
             return reduction.forward(self, input_ids, images, attention_mask, position_ids, cache, last_only)
         hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache)
         if last_only:

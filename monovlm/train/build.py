@@ -103,9 +103,11 @@ def build_model(recipe: Recipe, data_root: Path, progress: bool = True) -> tuple
                        processor=ProcessorConfig(template=recipe.stages[-1].template), encoder=encoder)
     model = EncoderFreeVLM(config)
     missing, unexpected = model.decoder.load_state_dict(decoder.state_dict(), strict=False)
-    assert not unexpected and all("vision" in name for name in missing), (missing, unexpected)
+    assert not unexpected and all("vision" in name or ".attn.hw." in name for name in missing), (missing, unexpected)
     if decoder_config.has_experts:
         model.decoder.init_experts_from_text()
+    if decoder_config.native_rope and recipe.model.init != "scratch":
+        model.decoder.init_native_rope_from_text()  # the loaded LLM's text logits unchanged at the start
     if recipe.model.encoder_init not in ENCODER_INITS:
         raise ValueError(f"[model] encoder_init={recipe.model.encoder_init!r} is not one of {ENCODER_INITS}")
     if encoder is not None and recipe.model.encoder_init != "random":

@@ -3,7 +3,8 @@
 Every parameter belongs to exactly one part, decided by its name:
 - `embedder`  — the encoder-free pixel embedder (`embedder.*` of EncoderFreeVLM);
 - `encoder` / `projector` — the baseline's ViT and MLP projector (`embedder.encoder.*`, `embedder.projector.*`);
-- `experts`   — vision copies inside the decoder (`decoder.layers.*.vision*`, `decoder.layers.*.attn.vision.*`);
+- `experts`   — the decoder's vision-only weights: expert copies (`decoder.layers.*.vision*`,
+  `decoder.layers.*.attn.vision.*`) and native RoPE's grid-position q/k (`decoder.layers.*.attn.hw.*`);
 - `pre_buffer` — the decoder's first `pre_buffer_layers` layers (NEO's pre-buffer, experts included);
 - `decoder`   — every other decoder weight (the language model);
 - `align`     — EVE's patch-align head (`aligner.*`, training only).
@@ -20,8 +21,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-_EXPERT = re.compile(r"^decoder\.layers\.\d+\.(vision_|attn\.vision\.)")
-_SHARED_ATTENTION = re.compile(r"^decoder\.layers\.\d+\.attn\.(?!vision\.)")
+_EXPERT = re.compile(r"^decoder\.layers\.\d+\.(vision_|attn\.vision\.|attn\.hw\.)")
+_SHARED_ATTENTION = re.compile(r"^decoder\.layers\.\d+\.attn\.(?!vision\.|hw\.)")
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")

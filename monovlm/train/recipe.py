@@ -343,10 +343,10 @@ TABLES: dict[tuple[type, str], type] = {
     (ModelRecipe, "decoder"): DecoderConfig, (ModelRecipe, "vision"): VisionConfig,
     (ModelRecipe, "encoder"): EncoderConfig,
 }
-# decoder keys about the visual tokens (modality experts, NEO's in-image attention and pre-buffer, V2PE's position
-# step): they hold with an HF init too, on top of the LLM's own config (pre_buffer_layers then adds that many layers)
+# decoder keys about the visual tokens (modality experts, NEO's in-image attention, native RoPE and pre-buffer,
+# V2PE's position step): they hold with an HF init too, on top of the LLM's own config (pre_buffer_layers then adds that many layers)
 VISUAL_DECODER_KEYS = ("expert_norms", "expert_attention", "expert_mlp", "image_attention", "visual_position_step",
-                       "pre_buffer_layers")
+                       "native_rope", "rope_theta_hw", "pre_buffer_layers")
 NOT_SETTABLE = {Recipe: ("stages", "overrides"), StageConfig: ("name",)}  # addressed otherwise / a record only
 
 
