@@ -101,6 +101,19 @@ def test_frozen_parts_do_not_move_and_metrics_are_written(data_root, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+def test_a_stage_with_prior_weighting_trains_and_weighs_the_loss_otherwise(data_root, tmp_path):
+    recipe = tiny_recipe()
+    recipe.stages = recipe.stages[1:2]
+    recipe.stages[0].steps, recipe.stages[0].save_every = 2, 0
+    plain = train(options(recipe, data_root, tmp_path / "plain"))
+    recipe.stages[0].loss_weighting = "prior"
+    weighted = train(options(recipe, data_root, tmp_path / "prior"))
+    assert len(weighted.losses) == 2 and all(loss == loss and loss > 0 for loss in weighted.losses)
+    assert weighted.losses[0] != plain.losses[0]  # the same first batch, weighted otherwise
+    recipe.stages[0].prior_power = 0.0  # every weight 1: the plain loss
+    assert train(options(recipe, data_root, tmp_path / "flat")).losses[0] == pytest.approx(plain.losses[0], rel=1e-5)
+
+
 def test_a_stage_can_train_the_llms_attention_alone(data_root, tmp_path):
     """`attention` (Mono-InternVL's EViP alignment stage): q/k/v/o of every layer move; the LLM's FFNs, norms and
     embeddings do not."""

@@ -63,6 +63,10 @@ class StageConfig:
     # how the summed token loss is normalised: "token" (mean over the global batch's labelled tokens, LLaVA's) or
     # "sample" (mean over samples of each sample's token mean: a one-answer sample weighs as much as a long one)
     loss_norm: str = "token"
+    # "none", or "prior": each answer token's loss weighted by how badly the model predicts it with a blank image,
+    # (1 - p_blind) ** prior_power, mean 1 (PRIOR-style: the tokens the image must supply lead; see train/prior.py)
+    loss_weighting: str = "none"
+    prior_power: float = 1.0
     pack: bool = False  # pack samples into rows of max_length tokens
     # merge one-question records of an image into one multi-turn sample (LLaVA style); with a list of data files,
     # true/false for all of them or a list with one flag per file
@@ -99,6 +103,9 @@ class StageConfig:
         self._check_data()
         if self.loss_norm not in LOSS_NORMS:
             raise ConfigError(f"stage {self.name!r}: loss_norm {self.loss_norm!r} is not one of {LOSS_NORMS}")
+        if self.loss_weighting not in ("none", "prior") or self.prior_power < 0:
+            raise ConfigError(f"stage {self.name!r}: loss_weighting {self.loss_weighting!r} is not none or prior, or "
+                              f"prior_power {self.prior_power} is negative")
         if self.align and "align" not in self.train:
             self.train = [*self.train, "align"]
 

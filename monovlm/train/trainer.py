@@ -131,11 +131,17 @@ class TrainModule(nn.Module):
         self.compiled_loss = compiled_decoder_loss() if compile else None
 
     def forward(self, batch: Batch, teacher=None, align_layers=None,
-                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (summed cross-entropy over labelled tokens, each scaled by `token_weights` when given, align loss
-        or 0)."""
+                token_weights: torch.Tensor | None = None, prior_power: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (summed cross-entropy over labelled tokens, each scaled by `token_weights` when given — and, with
+        `prior_power` > 0, by PRIOR-style weights (`prior.py`) — align loss or 0)."""
         model = self.model
         images = batch.images or None
+        if prior_power > 0:
+            from monovlm.train.prior import prior_token_weights
+
+            prior = prior_token_weights(model, batch.input_ids, batch.labels, images, batch.attention_mask,
+                                        prior_power)
+            token_weights = prior if token_weights is None else token_weights * prior
         use_align = self.aligner is not None and teacher is not None and images is not None
         if self.compiled_loss is not None and bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
             ce_sum, states = self.compiled_forward(batch, token_weights, align_layers if use_align else ())
@@ -564,7 +570,8 @@ class Trainer:
             visual_tokens += int((batch.input_ids == model.image_token_id).sum())
             sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, self.dtype):
-                ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights)
+                ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights,
+                                        stage.prior_power if stage.loss_weighting == "prior" else 0.0)
                 loss = ce_sum * info.world_size / max(global_units, 1.0) + align / stage.grad_accum
             loss.backward()
             ce_total += ce_sum.detach().float()
