@@ -5,17 +5,14 @@ HF-initialised recipes may set it, and what cannot honour it says so."""
 import pytest
 import torch
 
-from monovlm.config import ConfigError, DecoderConfig, VisionConfig, VLMConfig
-from monovlm.data.collate import collate, collate_packed
-from monovlm.data.processor import Processor
-from monovlm.infer.generate import GenerationConfig, generate, left_pad
+from monovlm.config import ConfigError, DecoderConfig
 from monovlm.infer.compiled import supports_static_decode
+from monovlm.infer.generate import GenerationConfig, generate, left_pad
 from monovlm.infer.reduction import build_reduction
 from monovlm.model.decoder import Decoder
 from monovlm.model.kv_cache import KVCache
 from monovlm.model.masks import position_ids_from_segments
-from monovlm.model.vlm import EncoderFreeVLM
-from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
+from tiny_vlm import assert_packed_equals_unpacked, build_vlm, generate_batched_and_alone, picture, small_tokenizer
 
 STEP = 0.3
 
@@ -83,71 +80,24 @@ def test_cached_decoding_equals_full_forward_with_left_padding():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    words = ["red circle", "blue square", "what colour is it", "how many shapes", "green", "two", "yes", "no"]
-    return train_bpe_tokenizer([" ".join(words)] * 20, vocab_size=400)
-
-
-def build_vlm(tokenizer, step: float):
-    torch.manual_seed(0)
-    decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                                    num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.1,
-                                    visual_position_step=step))
-    add_image_special_tokens(tokenizer, decoder)
-    vision = VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64)
-    model = EncoderFreeVLM(VLMConfig(decoder=decoder.config, vision=vision)).eval()
-    model.decoder.load_state_dict(decoder.state_dict())
-    return model, Processor(tokenizer, vision, model.config.processor)
-
-
-def picture(height, width, seed):
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
-
-
-def conversation(question, answer, with_image=True):
-    marker = "<image>\n" if with_image else ""
-    return {"conversations": [{"from": "human", "value": marker + question}, {"from": "gpt", "value": answer}]}
+    return small_tokenizer()
 
 
 def test_packed_logits_and_loss_equal_unpacked(tokenizer):
-    model, processor = build_vlm(tokenizer, STEP)
-    samples = [processor.process(conversation("what colour is it", "red"), images=[picture(16, 24, 1)]),
-               processor.process(conversation("how many shapes", "two", with_image=False)),
-               processor.process(conversation("how many shapes", "two"), images=[picture(24, 16, 2)])]
-    packed = collate_packed([samples], pad_id=0)
-    with torch.no_grad():
-        packed_logits = model(packed.input_ids, packed.images, attention_mask=packed.attention_mask)[0]
-        start = 0
-        for sample in samples:
-            alone = model(torch.tensor([sample.input_ids]), sample.images)[0]
-            assert (packed_logits[start : start + len(sample)] - alone).abs().max().item() <= 1e-5
-            start += len(sample)
-        padded = collate(samples, pad_id=0)
-        loss_padded = model.loss(padded.input_ids, padded.labels, padded.images, padded.attention_mask)
-        loss_packed = model.loss(packed.input_ids, packed.labels, packed.images, packed.attention_mask)
-    assert abs(loss_padded.item() - loss_packed.item()) <= 1e-5
+    assert_packed_equals_unpacked(*build_vlm(tokenizer, visual_position_step=STEP))
 
 
 def test_batched_generation_equals_one_at_a_time_and_compile_falls_back_to_the_eager_step(tokenizer):
-    model, processor = build_vlm(tokenizer, STEP)
-    prompts = [processor.prompt("what colour is it", [picture(16, 24, 3)]),
-               processor.prompt("how many shapes are there in the picture", [picture(32, 32, 4)])]
-    rows = [ids for ids, _ in prompts]
-    images = [image for _, row_images in prompts for image in row_images]
-    config = GenerationConfig(max_new_tokens=6)
-    batched = generate(model, rows, config, prefill_inputs={"images": images})
-    alone = [generate(model, [ids], config, prefill_inputs={"images": row_images})[0] for ids, row_images in prompts]
-    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    model, processor = build_vlm(tokenizer, visual_position_step=STEP)
+    _, batched, rows, images = generate_batched_and_alone(model, processor)
     assert not supports_static_decode(model, model.new_cache(1, 8))  # float positions: no static RoPE lookup
     compiled = generate(model, rows, GenerationConfig(max_new_tokens=6, compile=True), prefill_inputs={"images": images})
     assert [g.token_ids for g in compiled] == [g.token_ids for g in batched]
 
 
 def test_text_only_inputs_are_unchanged_and_images_move_what_follows(tokenizer):
-    stepped, processor = build_vlm(tokenizer, STEP)
-    whole, _ = build_vlm(tokenizer, 1.0)
+    stepped, processor = build_vlm(tokenizer, visual_position_step=STEP)
+    whole, _ = build_vlm(tokenizer, visual_position_step=1.0)
     whole.load_state_dict(stepped.state_dict())
     text = torch.tensor([processor.prompt("how many shapes")[0]])
     ids, images = processor.prompt("what colour is it", [picture(16, 24, 5)])
@@ -158,7 +108,7 @@ def test_text_only_inputs_are_unchanged_and_images_move_what_follows(tokenizer):
 
 
 def test_renumbered_reduction_is_refused(tokenizer):
-    model, processor = build_vlm(tokenizer, STEP)
+    model, processor = build_vlm(tokenizer, visual_position_step=STEP)
     ids, images = processor.prompt("what colour is it", [picture(32, 32, 6)])
     with pytest.raises(ValueError, match="renumber.*visual_position_step"):
         model(torch.tensor([ids]), images, reduction=build_reduction("fastv", keep=0.5, positions="renumber", layer=1))

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from monovlm.config import ConfigError, DecoderConfig, ProcessorConfig, VisionConfig, VLMConfig
-from monovlm.data.collate import collate, collate_packed, length_grouped_batches, pack
+from monovlm.data.collate import collate, length_grouped_batches, pack
 from monovlm.data.images import num_image_tokens
 from monovlm.data.processor import IGNORE_INDEX, Processor, SampleError
 from monovlm.infer.generate import GenerationConfig, generate
@@ -14,6 +14,7 @@ from monovlm.model.decoder import Decoder
 from monovlm.model.embedders import build_embedder
 from monovlm.model.vlm import EncoderFreeVLM
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
+from tiny_vlm import assert_packed_equals_unpacked
 
 VISION_SETTINGS = {
     "linear": VisionConfig(embedder="linear", patch_size=8, merge=1, use_cls=False, max_pixels=64 * 64),
@@ -96,26 +97,7 @@ def test_bad_samples_raise_sample_error(tokenizer):
 @pytest.mark.parametrize("kind,image_attention", [("conv", "causal"), ("eve", "causal"), ("eve", "bidirectional"),
                                                   ("eve+context", "causal")])
 def test_packed_logits_equal_unpacked(tokenizer, kind, image_attention):
-    model, processor = build(tokenizer, VISION_SETTINGS[kind], image_attention=image_attention)
-    samples = [
-        processor.process(sample("what colour is it", "red"), images=[image(16, 24, seed=1)]),
-        processor.process({"conversations": [{"from": "human", "value": "how many shapes"},
-                                             {"from": "gpt", "value": "two"}]}),  # text only
-        processor.process(sample("how many shapes", "two"), images=[image(24, 16, seed=2)]),
-    ]
-    packed = collate_packed([samples], pad_id=0)
-    with torch.no_grad():
-        packed_logits = model(packed.input_ids, packed.images, attention_mask=packed.attention_mask)[0]
-        start = 0
-        for s in samples:
-            alone = model(torch.tensor([s.input_ids]), s.images)[0]
-            assert (packed_logits[start : start + len(s)] - alone).abs().max().item() <= 1e-5
-            start += len(s)
-        # and the losses agree: padded batch vs packed row
-        padded = collate(samples, pad_id=0)
-        loss_padded = model.loss(padded.input_ids, padded.labels, padded.images, padded.attention_mask)
-        loss_packed = model.loss(packed.input_ids, packed.labels, packed.images, packed.attention_mask)
-    assert abs(loss_padded.item() - loss_packed.item()) <= 1e-5
+    assert_packed_equals_unpacked(*build(tokenizer, VISION_SETTINGS[kind], image_attention=image_attention))
 
 
 def test_scatter_puts_each_visual_token_at_its_placeholder(tokenizer):

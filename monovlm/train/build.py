@@ -81,7 +81,7 @@ def build_model(recipe: Recipe, data_root: Path, progress: bool = True) -> tuple
         # ("hf"/"auto") keeps its vocabulary, growing only by the image tokens
         tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
     decoder_values = dict(recipe.model.decoder)
-    experts = {key: decoder_values.pop(key) for key in VISUAL_DECODER_KEYS if key in decoder_values}
+    visual = {key: decoder_values.pop(key) for key in VISUAL_DECODER_KEYS if key in decoder_values}
     if recipe.model.init == "scratch":
         decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
                                         bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id,
@@ -93,11 +93,11 @@ def build_model(recipe: Recipe, data_root: Path, progress: bool = True) -> tuple
             raise ValueError(f"[model.decoder] may only set {', '.join(VISUAL_DECODER_KEYS)} when init is an HF model; "
                              f"got {decoder_values}")
         decoder = load_hf_decoder(recipe.model.init)
-        decoder.add_pre_buffer(experts.pop("pre_buffer_layers", 0))  # NEO: fresh identity layers before the LLM's
+        decoder.add_pre_buffer(visual.pop("pre_buffer_layers", 0))  # NEO: fresh identity layers before the LLM's
     add_image_special_tokens(tokenizer, decoder)
     if tokenizer.vocab_size > decoder.config.vocab_size:
         decoder.resize_vocab(tokenizer.vocab_size)
-    decoder_config = DecoderConfig.from_dict({**decoder.config.to_dict(), **experts})
+    decoder_config = DecoderConfig.from_dict({**decoder.config.to_dict(), **visual})
     encoder = EncoderConfig(**recipe.model.encoder) if recipe.model.encoder is not None else None
     config = VLMConfig(decoder=decoder_config, vision=VisionConfig(**recipe.model.vision),
                        processor=ProcessorConfig(template=recipe.stages[-1].template), encoder=encoder)

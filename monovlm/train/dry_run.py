@@ -70,19 +70,19 @@ def planned_config(recipe: Recipe) -> VLMConfig:
     vocab_size (the BPE trained on the data has at most that many tokens, its special tokens included), an HF init
     from its config.json and tokenizer (grown by the chat and image tokens as the build grows it)."""
     decoder_values = dict(recipe.model.decoder)
-    experts = {key: decoder_values.pop(key) for key in VISUAL_DECODER_KEYS if key in decoder_values}
+    visual = {key: decoder_values.pop(key) for key in VISUAL_DECODER_KEYS if key in decoder_values}
     if recipe.model.init == "scratch":
         vocab = recipe.model.vocab_size
         special = {"image": vocab - 1}  # any id inside the vocabulary: counts and FLOPs do not depend on it
-        decoder = DecoderConfig(vocab_size=vocab, special_tokens=special, **decoder_values, **experts)
+        decoder = DecoderConfig(vocab_size=vocab, special_tokens=special, **decoder_values, **visual)
     else:
-        decoder = _hf_decoder_config(recipe, experts)
+        decoder = _hf_decoder_config(recipe, visual)
     encoder = EncoderConfig(**recipe.model.encoder) if recipe.model.encoder is not None else None
     return VLMConfig(decoder=decoder, vision=VisionConfig(**recipe.model.vision),
                      processor=ProcessorConfig(template=recipe.stages[-1].template), encoder=encoder)
 
 
-def _hf_decoder_config(recipe: Recipe, experts: dict) -> DecoderConfig:
+def _hf_decoder_config(recipe: Recipe, visual: dict) -> DecoderConfig:
     from monovlm.data.processor import resolve_template
     from monovlm.model.hf import load_config
     from monovlm.tokenizer import CHAT_SPECIAL_TOKENS, IMAGE_SPECIAL_TOKENS, Tokenizer
@@ -98,9 +98,9 @@ def _hf_decoder_config(recipe: Recipe, experts: dict) -> DecoderConfig:
     vocab = base.vocab_size
     if max(ids.values()) >= vocab:  # as `add_image_special_tokens` grows the model
         vocab = max(tokenizer.vocab_size, max(ids.values()) + 1)
-    added = experts.get("pre_buffer_layers", 0)  # fresh layers in front of the LLM's (Decoder.add_pre_buffer)
+    added = visual.get("pre_buffer_layers", 0)  # fresh layers in front of the LLM's (Decoder.add_pre_buffer)
     return DecoderConfig.from_dict({**base.to_dict(), "vocab_size": vocab, "num_layers": base.num_layers + added,
-                                    "special_tokens": {**base.special_tokens, **ids}, **experts})
+                                    "special_tokens": {**base.special_tokens, **ids}, **visual})
 
 
 @dataclass
