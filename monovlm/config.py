@@ -160,9 +160,16 @@ class VisionConfig:
     # side of a residual conv over the token grid after the embedder (0: none): each token then sees its neighbours'
     # pixels (3: 3×3 tokens), so an object wider than one token can be recognised in the token at its centre
     embedder_context: int = 0
+    # how many such residual convs (GELU before each): the later ones see further and add depth, so a token can
+    # hold what a shape is, not only the pixels around it
+    embedder_context_layers: int = 1
     patch_bias: bool = True  # bias of the linear embedder (Fuyu: yes, SOLO: no)
     use_cls: bool = True
     use_row_separator: bool = True
+    # BREEN's learnable queries: after each image's grid, one s×s set of learned tokens per entry (e.g. [1, 2, 4]:
+    # 1 + 4 + 16 = 21 queries), each set aligned in training to the teacher's features pooled to s×s (`[align] target
+    # = "queries"`); they are visual tokens (the vision experts read them), never dropped by token reduction
+    query_grids: list[int] = field(default_factory=list)
     min_pixels: int = 32 * 32
     max_pixels: int = 256 * 256  # area budget after resizing (native aspect ratio, no padding)
     max_source_pixels: int = 64_000_000  # refuse larger images before decoding them (decompression bombs)
@@ -178,6 +185,11 @@ class VisionConfig:
     def pixels_per_token(self) -> int:
         return self.patch_size * self.merge
 
+    @property
+    def num_queries(self) -> int:
+        """Learnable query tokens after each image's grid (BREEN): the sum of the query grids' areas."""
+        return sum(side * side for side in self.query_grids)
+
     def validate(self) -> None:
         if self.embedder not in EMBEDDER_KINDS:
             raise ConfigError(f"embedder={self.embedder!r} is not one of {EMBEDDER_KINDS}")
@@ -189,6 +201,11 @@ class VisionConfig:
             raise ConfigError(f"patch_size={self.patch_size} must be positive")
         if self.embedder_context < 0 or (self.embedder_context and self.embedder_context % 2 == 0):
             raise ConfigError(f"embedder_context={self.embedder_context} must be 0 (none) or an odd conv side")
+        if not isinstance(self.query_grids, list) or not all(
+                type(side) is int and side >= 1 for side in self.query_grids):
+            raise ConfigError(f"query_grids={self.query_grids!r} must be a list of positive grid sides, e.g. [1, 2, 4]")
+        if self.embedder_context_layers < 1:
+            raise ConfigError(f"embedder_context_layers={self.embedder_context_layers} must be >= 1")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
         if self.max_pixels < self.pixels_per_token**2:

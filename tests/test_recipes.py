@@ -18,7 +18,7 @@ from monovlm.train.recipe import (
     shipped_recipes,
 )
 
-GENERIC = ["eve", "evev2", "mono-internvl", "neo", "solo", "llava"]
+GENERIC = ["eve", "evev2", "mono-internvl", "neo", "breen", "hovle", "solo", "llava"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 
 
@@ -70,8 +70,9 @@ def tiny_overrides(name, hf_init=False):
     recipe = load_recipe(name)
     values = ["stages.*.steps=2", "stages.*.batch_size=4", "stages.*.warmup_steps=1"]
     if not hf_init:
+        layers = 2 + recipe.model.decoder.get("pre_buffer_layers", 0)  # the LLM's 2 after any pre-buffer
         values += ["model.vocab_size=300", "model.decoder.hidden_size=32", "model.decoder.intermediate_size=64",
-                   "model.decoder.num_layers=2", "model.decoder.num_heads=2", "model.decoder.num_kv_heads=1"]
+                   f"model.decoder.num_layers={layers}", "model.decoder.num_heads=2", "model.decoder.num_kv_heads=1"]
     if recipe.model.vision.get("embedder") in ("eve", "conv"):
         values.append("model.vision.embedder_width=16")
     if recipe.model.encoder is not None:
@@ -103,7 +104,8 @@ def test_the_generic_recipes_read_only_the_two_data_files_and_no_synthetic_label
             assert recipe.align.teacher_objective != "labels", name
     caption_stages = {name: [s.name for s in load_recipe(name).stages if s.data == "captions.json"] for name in GENERIC}
     assert caption_stages == {"eve": ["prealign", "pretrain"], "evev2": ["prealign", "perception"],
-                              "mono-internvl": ["concept"], "neo": ["pretrain", "midtrain"], "solo": [],
+                              "mono-internvl": ["concept"], "neo": ["pretrain", "midtrain"],
+                              "breen": ["prealign", "pretrain"], "hovle": ["distill", "align"], "solo": [],
                               "llava": ["align"]}
 
 
@@ -321,20 +323,23 @@ def test_model_init_on_the_command_line_replaces_the_recipes_scratch_decoder(tmp
     assert (decoder["num_layers"], decoder["pre_buffer_layers"]) == (2 + 1, 1)  # one fresh layer before the LLM's 2
 
 
-def test_neos_switches_leave_a_loaded_llms_text_logits_unchanged(tmp_path):
-    """`neo` on an HF LLM: a pre-buffer layer in front, native RoPE's h/w projections, bidirectional image attention
-    — before training, text goes through them exactly as through the LLM alone."""
+@pytest.mark.parametrize("name,added,native_rope", [("neo", 1, True), ("hovle", 2, False), ("breen", 0, False)])
+def test_the_family_switches_leave_a_loaded_llms_text_logits_unchanged(tmp_path, name, added, native_rope):
+    """On an HF LLM — `neo`: a pre-buffer layer in front, native RoPE's h/w projections, bidirectional image
+    attention; `hovle`: the holistic embedding's layers in front; `breen`: image-expert FFNs — before training, text
+    goes through them exactly as through the LLM alone."""
     import torch
 
     from monovlm.model.hf import load_hf_decoder
     from monovlm.train.build import build_model
 
     llm = write_hf_llm(tmp_path / "llm")
-    recipe = load_recipe("neo", [f"model.init={llm}"])
+    recipe = load_recipe(name, [f"model.init={llm}"])
     model, tokenizer = build_model(recipe, write_user_folder(tmp_path / "mine"))
     plain = load_hf_decoder(llm).eval()
     config = model.decoder.config
-    assert (config.num_layers, config.pre_buffer_layers, config.native_rope) == (plain.config.num_layers + 1, 1, True)
+    assert (config.num_layers, config.pre_buffer_layers, config.native_rope) == (
+        plain.config.num_layers + added, added, native_rope)
     ids = torch.tensor([tokenizer.encode("A red square on a grey ground.")])
     with torch.no_grad():
         ours = model.eval()(ids)[..., : plain.config.vocab_size]
@@ -343,7 +348,8 @@ def test_neos_switches_leave_a_loaded_llms_text_logits_unchanged(tmp_path):
 
 @pytest.mark.slow  # a training run per recipe
 @pytest.mark.parametrize("name,overrides", [
-    ("eve", []), ("evev2", []), ("mono-internvl", []), ("neo", []), ("solo", []), ("llava", []),
+    ("eve", []), ("evev2", []), ("mono-internvl", []), ("neo", []), ("breen", []), ("hovle", []), ("solo", []),
+    ("llava", []),
     ("eve", ["data.no_captions=instruct"]),  # QA data only
     ("eve-vqa", []),  # short-answer QA data, no captions: the teacher learns the answers
 ])

@@ -20,11 +20,12 @@ def small_tokenizer():
 
 
 def build_vlm(tokenizer, embedder: str = "eve", seed: int = 0, **decoder_overrides):
-    """(model, processor): 2 layers of width 64, images of at most 64×64 px; decoder_overrides switch features on."""
+    """(model, processor): 2 layers of width 64 (unless overridden), images of at most 64×64 px; decoder_overrides
+    switch features on."""
     torch.manual_seed(seed)
+    shape = {"num_layers": 2, **decoder_overrides}
     decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                                    num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.1,
-                                    **decoder_overrides))
+                                    num_heads=4, num_kv_heads=2, initializer_range=0.1, **shape))
     add_image_special_tokens(tokenizer, decoder)
     vision = VisionConfig(embedder=embedder, patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64)
     model = EncoderFreeVLM(VLMConfig(decoder=decoder.config, vision=vision)).eval()

@@ -396,7 +396,7 @@ def max_image_tokens(config: VisionConfig) -> int:
     A resized image has rows × cols <= max_pixels / pixels_per_token² tokens in its grid; with a row separator after
     each row the most positions come from a one-column grid of that many rows."""
     grid = config.max_pixels // config.pixels_per_token**2
-    return int(config.use_cls) + grid * (2 if config.use_row_separator else 1)
+    return int(config.use_cls) + grid * (2 if config.use_row_separator else 1) + config.num_queries
 
 
 # ---------------------------------------------------------------------------------------------------------------------

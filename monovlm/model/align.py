@@ -58,6 +58,17 @@ def grid_token_index(vision_mask: torch.Tensor | None, layouts: Sequence[TokenLa
     the placeholder count disagrees with the layouts, or when an image's placeholders are not one contiguous run
     inside one row of the batch (the layouts are then in the wrong order or of the wrong sizes).
     """
+    return span_token_index(vision_mask, layouts, [layout.patch_index for layout in layouts])
+
+
+def query_token_index(vision_mask: torch.Tensor | None, layouts: Sequence[TokenLayout]) -> list[torch.Tensor]:
+    """Per image, the flat indices (into B·T) of its learnable query tokens (BREEN), in order; as `grid_token_index`."""
+    return span_token_index(vision_mask, layouts, [layout.query_index for layout in layouts])
+
+
+def span_token_index(vision_mask: torch.Tensor | None, layouts: Sequence[TokenLayout],
+                     local: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per image, the flat indices (into B·T) of the tokens `local[i]` (positions inside image i's placeholder span)."""
     if vision_mask is None or not layouts:
         placeholders = 0 if vision_mask is None else int(vision_mask.sum())
         if placeholders or layouts:
@@ -85,9 +96,9 @@ def grid_token_index(vision_mask: torch.Tensor | None, layouts: Sequence[TokenLa
             f"image {image} (grid {grids[image]}) does not match one contiguous run of placeholders in one row; "
             "are the layouts in the order of the images' placeholders?"
         )
-    per_image = torch.tensor([layout.rows * layout.cols for layout in layouts], device=device)  # (I,)
-    local = torch.cat([layout.patch_index for layout in layouts]).to(device)  # (G,) grid token within its image
-    flat = placeholders[torch.repeat_interleave(starts, per_image) + local]  # (G,)
+    per_image = torch.tensor([index.numel() for index in local], device=device)  # (I,)
+    local_flat = torch.cat(list(local)).to(device)  # (G,) token within its image
+    flat = placeholders[torch.repeat_interleave(starts, per_image) + local_flat]  # (G,)
     return list(flat.split(per_image.tolist()))
 
 
@@ -322,3 +333,61 @@ def alignment_loss(
         targets.append(resample_grid(feats, layout.rows, layout.cols).reshape(layout.rows * layout.cols, -1))
     teacher = torch.cat(targets).to(flat_index.device)  # (N, D)
     return aligner(captured, teacher, [layout.rows * layout.cols for layout in layouts])
+
+
+def query_alignment_loss(
+    aligner: PatchAligner,
+    captured_states: Sequence[torch.Tensor],
+    vision_mask: torch.Tensor | None,
+    layouts: Sequence[TokenLayout],
+    teacher_feats: Sequence[torch.Tensor],
+    query_grids: Sequence[int],
+) -> torch.Tensor:
+    """BREEN's align loss: each image's learnable query tokens vs. its teacher features pooled to each query grid.
+
+    The queries of grid side s (taken in `query_grids` order, s² of them, row-major) predict the teacher's
+    (rows_t, cols_t, D) features average-pooled to s × s (`resample_grid`): [1] is the whole image's mean feature,
+    [1, 2, 4] three granularities. Arguments as `alignment_loss`; every layout must have sum(s²) queries."""
+    if len(teacher_feats) != len(layouts):
+        raise ValueError(f"{len(layouts)} image(s) but {len(teacher_feats)} teacher feature map(s)")
+    expected = sum(side * side for side in query_grids)
+    if any(layout.num_queries != expected for layout in layouts):
+        raise ValueError(f"query_grids {list(query_grids)} need {expected} queries per image, the layouts have "
+                         f"{sorted({layout.num_queries for layout in layouts})}")
+    index = query_token_index(vision_mask, layouts)
+    if not index or expected == 0:
+        return aligner.zero()
+    flat_index = torch.cat(index)  # (I·K,)
+    captured = [states.reshape(-1, states.shape[-1])[flat_index] for states in captured_states]  # × (I·K, C)
+    targets = []
+    for feats in teacher_feats:
+        if feats.dim() != 3 or feats.shape[-1] != aligner.teacher_dim:
+            raise ValueError(f"teacher features must be (rows, cols, {aligner.teacher_dim}), got {tuple(feats.shape)}")
+        feats = feats.detach().float()  # float32 targets, as in `alignment_loss`
+        targets += [resample_grid(feats, side, side).reshape(side * side, -1) for side in query_grids]
+    teacher = torch.cat(targets).to(flat_index.device)  # (I·K, D)
+    return aligner(captured, teacher, [expected] * len(layouts))
+
+
+def target_alignment_loss(target: str, aligner: PatchAligner, captured_states: Sequence[torch.Tensor],
+                          vision_mask: torch.Tensor | None, layouts: Sequence[TokenLayout],
+                          teacher_feats: Sequence[torch.Tensor], query_grids: Sequence[int] = ()) -> torch.Tensor:
+    """The align loss a recipe's `[align] target` names: "patches" (`alignment_loss`) or "queries"
+    (`query_alignment_loss` over `query_grids`)."""
+    if target == "queries":
+        return query_alignment_loss(aligner, captured_states, vision_mask, layouts, teacher_feats, query_grids)
+    if target != "patches":
+        raise ValueError(f"align target {target!r} is not 'patches' or 'queries'")
+    return alignment_loss(aligner, captured_states, vision_mask, layouts, teacher_feats)
+
+
+def text_distillation_loss(states: torch.Tensor, embeddings: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """HoVLE's text distillation: mean over text tokens of 1 − cos(state, the token's own input embedding).
+
+    states (B, T, C) after the holistic embedding (the pre-buffer's last layer); embeddings (B, T, C) the LLM's
+    embeddings of the same tokens (the target, detached); text_mask (B, T) True at real text tokens. A batch without
+    text gives a 0 connected to `states`."""
+    if not bool(text_mask.any()):
+        return states.sum() * 0.0
+    student, target = states[text_mask].float(), embeddings[text_mask].detach().float()  # (N, C)
+    return (1.0 - F.cosine_similarity(student, target, dim=-1, eps=1e-8)).mean()

@@ -40,6 +40,12 @@ class Embedder(nn.Module):
         self.row_separator = nn.Parameter(torch.randn(token_width) * 0.02) if config.use_row_separator else None
         side = config.embedder_context
         self.context = nn.Conv2d(token_width, token_width, side, padding=side // 2) if side else None
+        # BREEN's learnable queries, in the decoder's width: they follow the grid as they are, no embedder applies
+        queries = config.num_queries
+        self.queries = nn.Parameter(torch.randn(queries, hidden_size) * 0.02) if queries else None
+        more = config.embedder_context_layers - 1 if side else 0
+        self.more_context = nn.ModuleList(nn.Conv2d(token_width, token_width, side, padding=side // 2)
+                                          for _ in range(more)) if more else None
 
     def layout_width(self) -> int:
         """Width of the grid tokens when CLS/separator are attached (the decoder width unless overridden)."""
@@ -50,11 +56,14 @@ class Embedder(nn.Module):
         raise NotImplementedError
 
     def with_context(self, grid: torch.Tensor) -> torch.Tensor:
-        """grid (B, rows, cols, C) -> the same plus a conv over each token's neighbourhood (`embedder_context`)."""
+        """grid (B, rows, cols, C) -> the same plus a conv over each token's neighbourhood (`embedder_context`),
+        `embedder_context_layers` times, each residual."""
         if self.context is None:
             return grid
-        mixed = self.context(F.gelu(grid).permute(0, 3, 1, 2))  # (B, C, rows, cols); zero padding at the border
-        return grid + mixed.permute(0, 2, 3, 1)
+        for conv in (self.context, *(self.more_context or ())):
+            mixed = conv(F.gelu(grid).permute(0, 3, 1, 2))  # (B, C, rows, cols); zero padding at the border
+            grid = grid + mixed.permute(0, 2, 3, 1)
+        return grid
 
     def cls(self, grid: torch.Tensor) -> torch.Tensor:
         """The CLS token for each image (B, C); a learned constant unless a subclass lets it look at the image."""
@@ -88,6 +97,9 @@ class Embedder(nn.Module):
                 raise ValueError(f"image of size {height}x{width} is not a multiple of {ppt} pixels per token")
             pixels = torch.stack([images[i] for i in indices])  # (B, 3, H, W)
             tokens = self.finish(self.layout(self.with_context(self.grid(pixels))))  # (B, N, hidden)
+            if self.queries is not None:
+                queries = self.queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # (B, K, hidden)
+                tokens = torch.cat([tokens, queries], dim=1)
             for row, index in enumerate(indices):
                 outputs[index] = tokens[row]
         return outputs  # type: ignore[return-value]

@@ -565,7 +565,7 @@ def _align_step(recipe: Recipe, module: TrainModule, stage: StageConfig, config:
             hidden = model.hidden_states(input_ids, images or None)
             return labelled_cross_entropy(hidden, labels, model.decoder.output_weight)
         return loss
-    from monovlm.model.align import HiddenCapture, alignment_loss, eve_layers
+    from monovlm.model.align import HiddenCapture, eve_layers, target_alignment_loss
 
     align = recipe.align
     layers = align.layers if align.layers is not None else eve_layers(config.decoder.num_layers)
@@ -581,7 +581,8 @@ def _align_step(recipe: Recipe, module: TrainModule, stage: StageConfig, config:
         with torch.no_grad():
             teacher_features = features(images, layouts)
         vision_mask = input_ids == config.image_token_id
-        return ce + alignment_loss(module.aligner, captured.states, vision_mask, layouts, teacher_features)
+        return ce + target_alignment_loss(align.target, module.aligner, captured.states, vision_mask, layouts,
+                                          teacher_features, config.vision.query_grids)
     return loss_with_align
 
 

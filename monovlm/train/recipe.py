@@ -86,6 +86,12 @@ class StageConfig:
     blind_check: float = 0.5
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
     init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
+    # weight of the next-token loss: 0 makes a distillation-only stage (BREEN's pre-alignment, HoVLE's first stage),
+    # which then needs align = true or text_distill > 0
+    lm_weight: float = 1.0
+    # HoVLE: the weight of a loss (1 - cos) pulling each text token's state after the pre-buffer (the holistic
+    # embedding, [model.decoder] pre_buffer_layers) towards its own input embedding, the vector the LLM reads for it
+    text_distill: float = 0.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -106,6 +112,11 @@ class StageConfig:
         if self.loss_weighting not in ("none", "prior") or self.prior_power < 0:
             raise ConfigError(f"stage {self.name!r}: loss_weighting {self.loss_weighting!r} is not none or prior, or "
                               f"prior_power {self.prior_power} is negative")
+        if self.lm_weight < 0 or self.text_distill < 0:
+            raise ConfigError(f"stage {self.name!r}: lm_weight ({self.lm_weight}) and text_distill "
+                              f"({self.text_distill}) must be >= 0")
+        if self.lm_weight == 0 and not self.align and self.text_distill == 0:
+            raise ConfigError(f"stage {self.name!r}: lm_weight = 0 leaves no loss; set align = true or text_distill")
         if self.align and "align" not in self.train:
             self.train = [*self.train, "align"]
 
@@ -140,6 +151,9 @@ class StageConfig:
         return list(zip(files, self.repeat or [1] * len(files), grouped))
 
 
+ALIGN_TARGETS = ("patches", "queries")
+
+
 @dataclass
 class AlignConfig:
     teacher: str = "vit"  # "vit" (monovlm's own, pretrained on the data), "hf:PATH" (CLIP/SigLIP), "features:PATH"
@@ -156,6 +170,9 @@ class AlignConfig:
     # costs ~4× less per pretraining step than a 4 px one
     teacher_patch_size: int | None = None
     layers: list[int] | None = None  # decoder layers to align; None = EVE's every-4th-layer rule
+    # what is aligned: "patches" (EVE: each grid token to the teacher's feature at its place) or "queries" (BREEN:
+    # the learnable query tokens of [model.vision] query_grids to the teacher's features pooled to each query grid)
+    target: str = "patches"
     loss: str = "cosine"
     weight: float = 1.0
     heads: int = 4
@@ -167,6 +184,8 @@ class AlignConfig:
     def __post_init__(self) -> None:
         if self.whiten_images <= 0:
             raise ConfigError(f"[align] whiten_images={self.whiten_images} must be positive")
+        if self.target not in ALIGN_TARGETS:
+            raise ConfigError(f"[align] target={self.target!r} is not one of {ALIGN_TARGETS}")
 
 
 @dataclass

@@ -124,16 +124,20 @@ class TrainModule(nn.Module):
     compiled with dynamic shapes, so batches of other lengths reuse its graph. The compile sits inside the module that
     DDP wraps: DDP's gradient hooks see ordinary parameters, and its forward stays eager."""
 
-    def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None = None, compile: bool = False):
+    def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None = None, compile: bool = False,
+                 align_target: str = "patches"):
         super().__init__()
         self.model = model
         self.aligner = aligner
+        self.align_target = align_target  # "patches" (EVE) or "queries" (BREEN)
         self.compiled_loss = compiled_decoder_loss() if compile else None
 
     def forward(self, batch: Batch, teacher=None, align_layers=None,
-                token_weights: torch.Tensor | None = None, prior_power: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                token_weights: torch.Tensor | None = None, prior_power: float = 0.0,
+                text_distill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (summed cross-entropy over labelled tokens, each scaled by `token_weights` when given — and, with
-        `prior_power` > 0, by PRIOR-style weights (`prior.py`) — align loss or 0)."""
+        `prior_power` > 0, by PRIOR-style weights (`prior.py`) —, the auxiliary loss: align loss (or 0) plus, with
+        `text_distill` > 0, that weight times HoVLE's text distillation after the pre-buffer)."""
         model = self.model
         images = batch.images or None
         if prior_power > 0:
@@ -143,20 +147,33 @@ class TrainModule(nn.Module):
                                         prior_power)
             token_weights = prior if token_weights is None else token_weights * prior
         use_align = self.aligner is not None and teacher is not None and images is not None
+        depths = list(align_layers) if use_align else []
+        if text_distill > 0:
+            depths.append(model.config.decoder.pre_buffer_layers)  # the output of the holistic embedding
         if self.compiled_loss is not None and bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
-            ce_sum, states = self.compiled_forward(batch, token_weights, align_layers if use_align else ())
+            ce_sum, states = self.compiled_forward(batch, token_weights, depths)
         else:  # eager; also a micro-batch without labels (its zero loss would be one more graph to compile)
-            ce_sum, states = self.eager_forward(batch, token_weights, align_layers if use_align else ())
+            ce_sum, states = self.eager_forward(batch, token_weights, depths)
+        auxiliary = ce_sum.new_zeros(())
+        if text_distill > 0:
+            from monovlm.model.align import text_distillation_loss
+
+            text_mask = batch.input_ids != model.image_token_id
+            if batch.attention_mask is not None and batch.attention_mask.dim() == 2:
+                text_mask = text_mask & (batch.attention_mask != 0)
+            embeddings = model.decoder.embed_tokens(batch.input_ids)  # (B, T, C): what the LLM reads for text
+            auxiliary = auxiliary + text_distill * text_distillation_loss(states.pop(), embeddings, text_mask)
         if not use_align:
-            return ce_sum, ce_sum.new_zeros(())
-        from monovlm.model.align import alignment_loss
+            return ce_sum, auxiliary
+        from monovlm.model.align import target_alignment_loss
 
         with torch.no_grad():
             teacher_features = teacher(batch.images, batch.image_keys or None)
         vision_mask = batch.input_ids == model.image_token_id
         layouts = [TokenLayout.for_image(image, model.config.vision) for image in batch.images]
-        align = alignment_loss(self.aligner, states, vision_mask, layouts, teacher_features)
-        return ce_sum, align
+        align = target_alignment_loss(self.align_target, self.aligner, states, vision_mask, layouts, teacher_features,
+                                      model.config.vision.query_grids)
+        return ce_sum, auxiliary + align
 
     def eager_forward(self, batch: Batch, token_weights: torch.Tensor | None,
                       depths) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -387,6 +404,9 @@ class Trainer:
         align = self.recipe.align
         if align is None or not any(stage.align for stage in self.recipe.stages):
             return None  # no stage aligns: no teacher to pretrain
+        if align.target == "queries" and not model.config.vision.query_grids:
+            raise ConfigError("[align] target = \"queries\" needs learnable queries: set [model.vision] query_grids "
+                              "(e.g. [1, 2, 4])")
         from monovlm.model.align import PatchAligner, eve_layers
         from monovlm.data.image_files import stage_sources
         from monovlm.model.teachers import build_teacher
@@ -416,7 +436,8 @@ class Trainer:
         model, tokenizer, state = self.setup()
         model.decoder.checkpoint_blocks = self.recipe.activation_checkpointing
         aligner = self.setup_align(model, state)
-        module = TrainModule(model, aligner, compile=self.recipe.compile)
+        module = TrainModule(model, aligner, compile=self.recipe.compile,
+                             align_target=self.recipe.align.target if self.recipe.align else "patches")
         if self.recipe.compile:
             self.log("compile: the decoder's blocks and loss run through torch.compile (the first step compiles)")
         self.log_fsdp_policies()
@@ -453,6 +474,9 @@ class Trainer:
                   state: dict[str, Any] | None, global_step: int, result: TrainResult) -> tuple[int, bool]:
         options, info, model = self.options, self.info, module.model
         start_step = state["step"] if state is not None else 0
+        if stage.text_distill > 0 and model.config.decoder.pre_buffer_layers == 0:
+            raise ConfigError(f"stage {stage.name!r}: text_distill needs a pre-buffer (the holistic embedding whose "
+                              "output it distils): set [model.decoder] pre_buffer_layers")
         if stage.init_experts and start_step == 0 and model.config.decoder.has_experts:
             model.decoder.init_experts_from_text()
         processor = stage_processor(stage, tokenizer, model.config.vision)
@@ -571,8 +595,10 @@ class Trainer:
             sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, self.dtype):
                 ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights,
-                                        stage.prior_power if stage.loss_weighting == "prior" else 0.0)
-                loss = ce_sum * info.world_size / max(global_units, 1.0) + align / stage.grad_accum
+                                        stage.prior_power if stage.loss_weighting == "prior" else 0.0,
+                                        stage.text_distill)
+                loss = (stage.lm_weight * ce_sum * info.world_size / max(global_units, 1.0)
+                        + align / stage.grad_accum)
             loss.backward()
             ce_total += ce_sum.detach().float()
             align_total += align.detach().float() / stage.grad_accum
