@@ -354,6 +354,7 @@ def eval_command(
     blind: bool = True,
     reduce: str | None = None,
     keep: list[float] | None = None,
+    visual_position_step: list[float] | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> None:
@@ -371,13 +372,16 @@ def eval_command(
         blind: also run the blind baseline
         reduce: a visual token reduction method (evaluated at each --keep ratio beside the unreduced model)
         keep: fraction(s) of visual tokens kept with --reduce (default: 0.5, 0.25, 0.11)
+        visual_position_step: V2PE: also evaluate with visual tokens advancing the position by each of these
+            steps in (0, 1] (instead of the model's own)
         device: cpu or cuda
         progress: show progress bars
     """
     from monovlm.eval.run import run_eval
 
     run_eval(model, tasks or ["synthetic"], data=data, out=out, limit=limit or None, batch_size=batch_size,
-             blind=blind, reduce=reduce, keep=keep, device=device, progress=progress)
+             blind=blind, reduce=reduce, keep=keep, device=device, progress=progress,
+             position_steps=visual_position_step)
 
 
 def compare_command(reports: list[str], *, tasks: list[str] | None = None, data: Path | None = None,
@@ -410,6 +414,7 @@ def chat(
     keep: float | None = None,
     decoding: str | None = None,
     system: str | None = None,
+    visual_position_step: float | None = None,
 ) -> None:
     """Chat with a VLM about images in the terminal (default model: the shipped tiny one, trained on synthetic
     shapes). With a question, answer it and exit; without, read questions from standard input, keeping the
@@ -426,6 +431,7 @@ def chat(
         keep: share of each image's patch tokens the reduction keeps, in (0, 1]; 0.25 when not given
         decoding: decoding strategy for questions with images: vcd or damro
         system: a system message opening the conversation, in place of the model's own system prompt (if it has one)
+        visual_position_step: V2PE: visual tokens advance the position by this step in (0, 1] (default: the model's)
     """
     from monovlm.data.processor import Processor
     from monovlm.infer.generate import GenerationConfig
@@ -438,6 +444,8 @@ def chat(
     methods = terminal_methods(reduce, keep, decoding)  # a bad flag fails before the model loads
     folder = model or DEFAULT_MODEL_DIR
     vlm = EncoderFreeVLM.load(folder).eval()
+    if visual_position_step is not None:
+        vlm.set_visual_position_step(visual_position_step)
     tokenizer = Tokenizer.from_folder(folder)
     processor = Processor(tokenizer, vlm.config.vision, vlm.config.processor)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,

@@ -68,8 +68,12 @@ def test_compiled_step_equals_eager_and_other_lengths_reuse_the_graph():
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
-def test_compiled_step_with_experts_weights_and_align_states_equals_eager():
-    model = tiny_vlm(**EXPERTS)
+@pytest.mark.parametrize("switches", [EXPERTS, {"visual_position_step": 0.25},
+                                      {"native_rope": True, "image_attention": "bidirectional"}],
+                         ids=["experts", "v2pe", "native_rope"])
+def test_compiled_step_with_switches_weights_and_align_states_equals_eager(switches):
+    """Each decoder switch's positions, masks and routing reach the compiled region as they do the eager step."""
+    model = tiny_vlm(**switches)
     eager, compiled = TrainModule(model), TrainModule(model, compile=True)
     batch = make_batch(6, seed=3)
     weights = torch.rand(batch.labels[:, 1:].shape, generator=torch.Generator().manual_seed(4))  # (B, T-1)

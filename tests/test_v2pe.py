@@ -112,3 +112,38 @@ def test_renumbered_reduction_is_refused(tokenizer):
     ids, images = processor.prompt("what colour is it", [picture(32, 32, 6)])
     with pytest.raises(ValueError, match="renumber.*visual_position_step"):
         model(torch.tensor([ids]), images, reduction=build_reduction("fastv", keep=0.5, positions="renumber", layer=1))
+
+
+def test_the_step_is_set_at_inference_and_eval_runs_each_step(tokenizer, tmp_path):
+    """`set_visual_position_step` makes a model trained at one step compute exactly what one built at another
+    computes; `monovlm eval --visual-position-step` adds one run per step."""
+    import json
+
+    from monovlm.eval.run import run_eval
+
+    whole, processor = build_vlm(tokenizer, visual_position_step=1.0)
+    stepped, _ = build_vlm(tokenizer, visual_position_step=STEP)
+    stepped.load_state_dict(whole.state_dict())
+    ids, images = processor.prompt("what colour is it", [picture(16, 24, 5)])
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        before = whole(ids, images)
+        whole.set_visual_position_step(STEP)
+        assert torch.equal(whole(ids, images), stepped(ids, images))
+        assert (whole(ids, images) - before).abs().max().item() > 1e-3
+    with pytest.raises(ConfigError, match="visual_position_step"):
+        whole.set_visual_position_step(1.5)
+    assert whole.config.decoder.visual_position_step == STEP  # a refused step changes nothing
+    whole.set_visual_position_step(1.0)
+    whole.save(tmp_path / "model", tokenizer)
+    records = [{"id": f"q{i}", "image": f"{i}.png", "category": "colour",
+                "conversations": [{"from": "human", "value": "<image>\nwhat colour is it"},
+                                  {"from": "gpt", "value": "red"}]} for i in range(3)]
+    for i in range(3):
+        picture(16, 24, i).save(tmp_path / f"{i}.png")
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    runs = run_eval(tmp_path / "model", ["llava"], data=tmp_path / "qa.json", out=tmp_path / "report", blind=False,
+                    progress=False, position_steps=[0.5, 0.25])
+    assert [run.setting for run in runs] == [{}, {"visual_position_step": 0.5}, {"visual_position_step": 0.25}]
+    with pytest.raises(ValueError, match="V2PE's step"):
+        run_eval(tmp_path / "model", ["llava"], data=tmp_path / "qa.json", position_steps=[0.0])

@@ -59,9 +59,15 @@ def _reduction_settings(reduce: str | None, keep: Sequence[float] | None) -> lis
 
 def run_eval(model: str | os.PathLike, tasks: Sequence[str], data=None, out=None, limit: int | None = 1000,
              batch_size: int = 32, blind: bool = True, reduce: str | None = None,
-             keep: Sequence[float] | None = None, device: str = "cpu", progress: bool = True) -> list[EvalRun]:
+             keep: Sequence[float] | None = None, device: str = "cpu", progress: bool = True,
+             position_steps: Sequence[float] | None = None) -> list[EvalRun]:
+    """Evaluate `model` on `tasks` beside its blind baseline, then once more per token-reduction keep ratio and per
+    V2PE position step (`position_steps`: visual tokens advance the position by that step instead of the model's)."""
     folder = resolve_model(model)
     settings = _reduction_settings(reduce, keep)  # checked before any work
+    for step in position_steps or ():
+        if not 0.0 < step <= 1.0:
+            raise ValueError(f"--visual-position-step {step}: V2PE's step must be in (0, 1]")
     data = resolve_data(tasks, data, progress)
     runner = ModelRunner.load(folder, device=device, batch_size=batch_size)
     runs = [evaluate_model(runner, tasks, data, limit, blind=blind, progress=progress)]
@@ -71,6 +77,12 @@ def run_eval(model: str | os.PathLike, tasks: Sequence[str], data=None, out=None
         runner.prefill_options = {"reduction": build_reduction(setting["reduction"], keep=setting["keep"])}
         runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress, setting=setting))
     runner.prefill_options = {}
+    trained_step = runner.model.config.decoder.visual_position_step
+    for step in position_steps or ():
+        runner.model.set_visual_position_step(step)
+        runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress,
+                                   setting={"visual_position_step": step}))
+    runner.model.set_visual_position_step(trained_step)
     out = Path(out) if out is not None else Path("runs/eval") / folder.name
     print(markdown(runs), flush=True)  # first: the results are on screen even if the report cannot be written
     written = write_report(runs, out)

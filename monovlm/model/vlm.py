@@ -8,6 +8,7 @@ the i-th placeholder of the batch (in row-major order) receives the i-th visual 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -84,6 +85,14 @@ class EncoderFreeVLM(nn.Module):
     @property
     def image_token_id(self) -> int:
         return self.config.image_token_id
+
+    def set_visual_position_step(self, step: float) -> None:
+        """V2PE at inference: visual tokens advance the RoPE position by `step` in (0, 1] from now on, whatever the
+        model was trained with (a model trained at several steps can be run at any of them). Refused where the
+        config refuses it (native RoPE: an image's tokens share one position)."""
+        dataclasses.replace(self.decoder.config, visual_position_step=step)  # validates: ConfigError if not allowed
+        self.decoder.config.visual_position_step = step
+        self.config.decoder.visual_position_step = step
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache.for_model(self.decoder, batch_size, max_length)

@@ -198,9 +198,12 @@ class TrainModule(nn.Module):
         from monovlm.model.decoder import segments_of
 
         model, decoder = self.model, self.model.decoder
-        x, vision_mask = model.embed(batch.input_ids, batch.images or None)  # (B, T, C)
-        positions = decoder.default_positions(segments_of(batch.attention_mask), x.shape[:2], None, x.device)
-        inputs = decoder.layer_inputs(x, batch.attention_mask, positions, None, vision_mask)
+        images = batch.images or None
+        x, vision_mask = model.embed(batch.input_ids, images)  # (B, T, C)
+        positions = decoder.default_positions(segments_of(batch.attention_mask), x.shape[:2], None, x.device,
+                                              vision_mask)  # V2PE's and native RoPE's visual steps included
+        grid = model.grid_positions(batch.input_ids, images) if decoder.config.native_rope and images else None
+        inputs = decoder.layer_inputs(x, batch.attention_mask, positions, None, vision_mask, grid)
         # a boolean mask's count is data-dependent (a graph break); an index of the labelled targets is an input
         label_index = (batch.labels[:, 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)  # (N,)
         targets = batch.labels[:, 1:].reshape(-1).index_select(0, label_index)  # (N,)
