@@ -147,3 +147,40 @@ def test_the_step_is_set_at_inference_and_eval_runs_each_step(tokenizer, tmp_pat
     assert [run.setting for run in runs] == [{}, {"visual_position_step": 0.5}, {"visual_position_step": 0.25}]
     with pytest.raises(ValueError, match="V2PE's step"):
         run_eval(tmp_path / "model", ["llava"], data=tmp_path / "qa.json", position_steps=[0.0])
+
+
+def test_training_with_varied_steps_runs_each_micro_batch_at_its_drawn_step(tokenizer, tmp_path):
+    """A stage's `position_steps`: the step's gradients are those of the model at the drawn step (a model built at
+    that step, same weights), the model's own step is back afterwards, and the draw depends on (seed, step,
+    micro-batch) alone."""
+    from monovlm.data.collate import collate
+    from monovlm.train.recipe import Recipe, StageConfig
+    from monovlm.train.trainer import TrainModule, Trainer, TrainOptions, drawn_position_step
+    from tiny_vlm import conversation
+
+    def gradients(model, stage):
+        trainer = Trainer(TrainOptions(recipe=Recipe(name="t", stages=[stage]), data_root=tmp_path, run_dir=tmp_path,
+                                       dtype="float32", measure_peak=False))
+        model.zero_grad(set_to_none=True)
+        losses = trainer.forward_backward(TrainModule(model), model, [batch], stage, global_step=3)
+        return losses.ce, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    whole, processor = build_vlm(tokenizer, visual_position_step=1.0)
+    stepped, _ = build_vlm(tokenizer, visual_position_step=STEP)
+    stepped.load_state_dict(whole.state_dict())
+    batch = collate([processor.process(conversation("what colour is it", "red"), images=[picture(16, 24, 1)]),
+                     processor.process(conversation("how many shapes", "two"), images=[picture(24, 16, 2)])], pad_id=0)
+    varied = StageConfig(name="s", data="instruct.json", position_steps=[STEP])
+    ce_varied, grads_varied = gradients(whole.train(), varied)
+    ce_stepped, grads_stepped = gradients(stepped.train(), StageConfig(name="s", data="instruct.json"))
+    ce_whole, _ = gradients(whole, StageConfig(name="s", data="instruct.json"))
+    assert whole.config.decoder.visual_position_step == 1.0  # restored after the step
+    assert ce_varied == pytest.approx(ce_stepped, rel=1e-6) and abs(ce_whole - ce_varied) > 1e-5
+    for name, grad in grads_stepped.items():
+        torch.testing.assert_close(grads_varied[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    steps = [1.0, 0.5, 0.25, 0.125]
+    draws = [drawn_position_step(steps, 0, step, index) for step in range(40) for index in range(2)]
+    assert draws == [drawn_position_step(steps, 0, step, index) for step in range(40) for index in range(2)]
+    assert set(draws) == set(steps)
+    with pytest.raises(ConfigError, match="position_steps"):
+        StageConfig(name="s", data="instruct.json", position_steps=[0.5, 2.0])

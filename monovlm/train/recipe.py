@@ -92,6 +92,10 @@ class StageConfig:
     # HoVLE: the weight of a loss (1 - cos) pulling each text token's state after the pre-buffer (the holistic
     # embedding, [model.decoder] pre_buffer_layers) towards its own input embedding, the vector the LLM reads for it
     text_distill: float = 0.0
+    # V2PE's training: each micro-batch's visual tokens advance the position by a step drawn from this list (V2PE:
+    # 1, 1/2, 1/4, ... 1/256), so the model serves any of them; the saved model keeps [model.decoder]
+    # visual_position_step (`monovlm eval --visual-position-step` evaluates others)
+    position_steps: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -112,6 +116,11 @@ class StageConfig:
         if self.loss_weighting not in ("none", "prior") or self.prior_power < 0:
             raise ConfigError(f"stage {self.name!r}: loss_weighting {self.loss_weighting!r} is not none or prior, or "
                               f"prior_power {self.prior_power} is negative")
+        if self.position_steps is not None and (not self.position_steps or not all(
+                isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= 1
+                for step in self.position_steps)):
+            raise ConfigError(f"stage {self.name!r}: position_steps {self.position_steps!r} must be a non-empty list "
+                              "of steps in (0, 1]")
         if self.lm_weight < 0 or self.text_distill < 0:
             raise ConfigError(f"stage {self.name!r}: lm_weight ({self.lm_weight}) and text_distill "
                               f"({self.text_distill}) must be >= 0")

@@ -281,6 +281,14 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
+def drawn_position_step(steps: list[float], seed: int, global_step: int, micro_batch: int) -> float:
+    """V2PE training: the position step of one micro-batch, drawn uniformly from `steps` by (seed, step, micro-batch)
+    alone, so every rank draws the same and a resumed run draws what the uninterrupted one did."""
+    import random
+
+    return random.Random(hash((seed, global_step, micro_batch))).choice(steps)
+
+
 def _loss_units(batch: Batch | None, loss_norm: str) -> tuple[int, torch.Tensor | None]:
     """(what the summed loss is divided by, counted in one micro-batch: labelled tokens, or samples with a label;
     the per-token weights (B, T-1) — the "sample" norm's times the batch's own label weights — or None if all 1)."""
@@ -512,7 +520,7 @@ class Trainer:
         for step in range(start_step, stage.steps):
             started = time.perf_counter()
             micro_batches = [stream.next_batch() for _ in range(stage.grad_accum)]
-            losses = self.forward_backward(wrapped, model, micro_batches, stage)
+            losses = self.forward_backward(wrapped, model, micro_batches, stage, global_step)
             grad_norm, factor = self.optimizer_step(module, optimizer, stage, step)
             global_step += 1
             elapsed = time.perf_counter() - started
@@ -577,9 +585,11 @@ class Trainer:
         self.log("WARNING: " + message + "\n(training goes on: [data] over_max_skipped = \"warn\")")
 
     def forward_backward(self, wrapped: nn.Module, model: EncoderFreeVLM, micro_batches: list[Batch | None],
-                         stage: StageConfig) -> StepLosses:
+                         stage: StageConfig, global_step: int = 0) -> StepLosses:
         """Forward and backward over one step's micro-batches, gradients accumulated so that they equal one big
-        batch's (see the module docstring); gradients are synchronised across ranks on the last micro-batch only."""
+        batch's (see the module docstring); gradients are synchronised across ranks on the last micro-batch only.
+        With the stage's `position_steps` (V2PE training) each micro-batch runs at its drawn step, and the model's
+        own step is restored afterwards."""
         info = self.info
         units = [_loss_units(b, stage.loss_norm) for b in micro_batches]  # [(count, token weights or None)]
         local_units = sum(count for count, _ in units)
@@ -588,6 +598,7 @@ class Trainer:
         align_total = torch.zeros((), device=info.device)
         seen_tokens = 0
         visual_tokens = 0
+        own_step = model.config.decoder.visual_position_step
         for index, (batch, (_, weights)) in enumerate(zip(micro_batches, units)):
             if batch is None:
                 continue
@@ -596,6 +607,9 @@ class Trainer:
             seen_tokens += batch.num_tokens
             visual_tokens += int((batch.input_ids == model.image_token_id).sum())
             sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
+            if stage.position_steps:
+                model.set_visual_position_step(drawn_position_step(stage.position_steps, self.recipe.seed,
+                                                                   global_step, index))
             with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, self.dtype):
                 ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights,
                                         stage.prior_power if stage.loss_weighting == "prior" else 0.0,
@@ -605,6 +619,8 @@ class Trainer:
             loss.backward()
             ce_total += ce_sum.detach().float()
             align_total += align.detach().float() / stage.grad_accum
+        if stage.position_steps:
+            model.set_visual_position_step(own_step)
         ce_mean = all_reduce_sum(ce_total, info).item() / max(global_units, 1.0)
         align_mean = all_reduce_sum(align_total, info).item() / info.world_size
         return StepLosses(ce_mean, align_mean, seen_tokens, visual_tokens)
