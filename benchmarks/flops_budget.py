@@ -160,9 +160,11 @@ class FlopsPlanner:
                              sources=stage_sources(self.recipe.stages))
 
     def _dataset_counts(self, stage: StageConfig) -> tuple[LlavaDataset, SampleCounts]:
-        key = (tuple(stage.data_files), stage.image_root, stage.template, stage.max_length, stage.yes_no)
+        key = (tuple(stage.data_files), stage.image_root, stage.template, stage.max_length, stage.yes_no,
+               tuple(stage.token_pools or ()))
         if key not in self._counts:
-            dataset = stage_dataset(stage, stage_processor(stage, self.tokenizer, self.model.config.vision),
+            processor = stage_processor(stage, self.tokenizer, self.model.config.vision, seed=self.recipe.seed)
+            dataset = stage_dataset(stage, processor,
                                     self.data_root, seed=self.recipe.seed)
             self._counts[key] = dataset, sample_counts(dataset, self.model.image_token_id)
         return self._counts[key]

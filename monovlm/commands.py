@@ -355,6 +355,7 @@ def eval_command(
     reduce: str | None = None,
     keep: list[float] | None = None,
     visual_position_step: list[float] | None = None,
+    token_pool: list[int] | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> None:
@@ -374,6 +375,8 @@ def eval_command(
         keep: fraction(s) of visual tokens kept with --reduce (default: 0.5, 0.25, 0.11)
         visual_position_step: V2PE: also evaluate with visual tokens advancing the position by each of these
             steps in (0, 1] (instead of the model's own)
+        token_pool: TokenFLEX: also evaluate with each image's token grid average-pooled by each of these factors
+            (2: about a quarter of the visual tokens)
         device: cpu or cuda
         progress: show progress bars
     """
@@ -381,7 +384,7 @@ def eval_command(
 
     run_eval(model, tasks or ["synthetic"], data=data, out=out, limit=limit or None, batch_size=batch_size,
              blind=blind, reduce=reduce, keep=keep, device=device, progress=progress,
-             position_steps=visual_position_step)
+             position_steps=visual_position_step, token_pools=token_pool)
 
 
 def compare_command(reports: list[str], *, tasks: list[str] | None = None, data: Path | None = None,

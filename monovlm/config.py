@@ -170,6 +170,10 @@ class VisionConfig:
     # 1 + 4 + 16 = 21 queries), each set aligned in training to the teacher's features pooled to s×s (`[align] target
     # = "queries"`); they are visual tokens (the vision experts read them), never dropped by token reduction
     query_grids: list[int] = field(default_factory=list)
+    # TokenFLEX: each image's token grid average-pooled by this factor per side (a rows × cols grid gives
+    # ceil(rows/p) × ceil(cols/p) tokens: about p² times fewer); a model trained with a stage's token_pools serves
+    # each of them
+    token_pool: int = 1
     min_pixels: int = 32 * 32
     max_pixels: int = 256 * 256  # area budget after resizing (native aspect ratio, no padding)
     max_source_pixels: int = 64_000_000  # refuse larger images before decoding them (decompression bombs)
@@ -204,6 +208,8 @@ class VisionConfig:
         if not isinstance(self.query_grids, list) or not all(
                 type(side) is int and side >= 1 for side in self.query_grids):
             raise ConfigError(f"query_grids={self.query_grids!r} must be a list of positive grid sides, e.g. [1, 2, 4]")
+        if type(self.token_pool) is not int or self.token_pool < 1:
+            raise ConfigError(f"token_pool={self.token_pool!r} must be an integer >= 1")
         if self.embedder_context_layers < 1:
             raise ConfigError(f"embedder_context_layers={self.embedder_context_layers} must be >= 1")
         if self.min_pixels > self.max_pixels:

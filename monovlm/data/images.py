@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from monovlm.config import VisionConfig
-from monovlm.data.layout import TokenLayout
+from monovlm.data.layout import TokenLayout, pooled_grid
 
 # Formats we decode. An allowlist rather than everything Pillow knows: some plugins hand untrusted bytes to outside
 # programs (EPS runs Ghostscript) or to rarely exercised decoders, and a server reads images from anyone.
@@ -380,13 +380,14 @@ def grid_size(height: int, width: int, config: VisionConfig) -> tuple[int, int]:
     return new_height // config.pixels_per_token, new_width // config.pixels_per_token
 
 
-def num_image_tokens(height: int, width: int, config: VisionConfig) -> int:
+def num_image_tokens(height: int, width: int, config: VisionConfig, pool: int | None = None) -> int:
     """Placeholder positions for one image of original size `height` × `width` (processor and model agree).
 
-    The `TokenLayout` of its grid: an optional CLS token, then the grid row by row, each row optionally followed by
-    a row-separator token. Image begin/end markers are ordinary text tokens and are not counted.
+    The `TokenLayout` of its grid, pooled by `pool` (default: `config.token_pool`): an optional CLS token, then the
+    grid row by row, each row optionally followed by a row-separator token, then any learnable queries. Image
+    begin/end markers are ordinary text tokens and are not counted.
     """
-    rows, cols = grid_size(height, width, config)
+    rows, cols = pooled_grid(*grid_size(height, width, config), pool or config.token_pool)
     return TokenLayout.of(rows, cols, config).num_tokens
 
 

@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from monovlm.config import VisionConfig
 
 
+def pooled_grid(rows: int, cols: int, pool: int) -> tuple[int, int]:
+    """TokenFLEX: the (rows, cols) of a token grid average-pooled by `pool` per side: ceil of each side / pool (the
+    embedder's adaptive pooling spreads the windows evenly when a side is not a multiple of `pool`)."""
+    return -(-rows // pool), -(-cols // pool)
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """The N visual tokens of one image: which are grid patches (what token reduction may drop) and their
@@ -49,11 +55,12 @@ class TokenLayout:
                    torch.where(is_patch, grid_col, not_patch), queries)
 
     @classmethod
-    def for_image(cls, image: torch.Tensor, vision: VisionConfig) -> TokenLayout:
+    def for_image(cls, image: torch.Tensor, vision: VisionConfig, pool: int | None = None) -> TokenLayout:
         """The layout of a preprocessed image (..., H, W), already at its resized size: one token per
-        `pixels_per_token` × `pixels_per_token` pixels."""
+        `pixels_per_token` × `pixels_per_token` pixels, the grid pooled by `pool` (default: `vision.token_pool`)."""
         unit = vision.pixels_per_token
-        return cls.of(image.shape[-2] // unit, image.shape[-1] // unit, vision)
+        rows, cols = pooled_grid(image.shape[-2] // unit, image.shape[-1] // unit, pool or vision.token_pool)
+        return cls.of(rows, cols, vision)
 
     @property
     def num_tokens(self) -> int:

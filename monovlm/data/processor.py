@@ -27,6 +27,7 @@ Templates (`ProcessorConfig.template`):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -78,10 +79,14 @@ class ProcessedSample:
 
 
 class Processor:
-    def __init__(self, tokenizer, vision: VisionConfig, config: ProcessorConfig | None = None):
+    def __init__(self, tokenizer, vision: VisionConfig, config: ProcessorConfig | None = None,
+                 token_pools: Sequence[int] | None = None, pool_seed: int = 0):
         self.tokenizer = tokenizer
         self.vision = vision
         self.config = config or ProcessorConfig()
+        # TokenFLEX training: each training image laid out at a pooling factor drawn from these (see `image_pool`)
+        self.token_pools = list(token_pools) if token_pools else None
+        self.pool_seed = pool_seed
         ids = tokenizer.special_ids
         for name in ("image", "image_start", "image_end"):
             if name not in ids:
@@ -107,9 +112,19 @@ class Processor:
     def load(self, source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
         return load_image(source, max_source_pixels=self.vision.max_source_pixels)
 
+    def image_pool(self, key: str) -> int:
+        """The TokenFLEX pooling factor of the training image named `key` (its path in the data): drawn from
+        `token_pools` by the key and the seed alone, so every worker, rank and resumed run lays it out alike."""
+        if not self.token_pools:
+            return self.vision.token_pool
+        digest = hashlib.blake2b(f"{self.pool_seed}:{key}".encode(), digest_size=8).digest()  # not CRC: it is linear
+        return self.token_pools[int.from_bytes(digest, "big") % len(self.token_pools)]
+
     def image_block(self, image: Image.Image) -> tuple[list[int], torch.Tensor]:
-        """Token ids of one image (start, placeholders, end) and its pixel tensor (3, H, W)."""
-        count = num_image_tokens(image.height, image.width, self.vision)
+        """Token ids of one image (start, placeholders, end) and its pixel tensor (3, H, W). The placeholders are
+        those of its TokenFLEX pooling (`image.info["token_pool"]` when `process` drew one, else the config's); the
+        model reads the pooling back from their count."""
+        count = num_image_tokens(image.height, image.width, self.vision, image.info.get("token_pool"))
         return [self.image_start_id] + [self.image_id] * count + [self.image_end_id], image_to_tensor(image, self.vision)
 
     def _encode_with_images(self, text: str, images: list[Image.Image | int],
@@ -136,14 +151,19 @@ class Processor:
     # training samples
 
     def process(self, sample: dict[str, Any], image_root: str | os.PathLike | None = None,
-                images: Sequence[Image.Image] | None = None) -> ProcessedSample:
-        """One LLaVA-format sample -> ProcessedSample. Raises SampleError (or ImageLoadError) for unusable samples."""
+                images: Sequence[Image.Image] | None = None, keys: Sequence[str] | None = None) -> ProcessedSample:
+        """One LLaVA-format sample -> ProcessedSample; its images read from their paths, or given as `images`
+        (read elsewhere, e.g. from a shard, named by `keys`). Raises SampleError (or ImageLoadError) for unusable
+        samples."""
         turns = _turns(sample)
-        keys: list[str] = []
+        keys = list(keys or [])
         if images is None:
             paths = _image_paths(sample, image_root)
             images = [self.load(path) for path in paths]
             keys = _image_names(sample)
+        if self.token_pools and len(keys) == len(images):
+            for image, key in zip(images, keys):
+                image.info["token_pool"] = self.image_pool(key)
         turns = _place_image_markers(turns, len(images))
         result = self.encode_chat(turns, images)
         if len(result) > self.config.max_length:

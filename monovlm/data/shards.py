@@ -441,7 +441,7 @@ class ShardDataset:
         try:
             names = image_names(record)
             images = [self._load(index, record, number, name) for number, name in enumerate(names)]
-            sample = self.processor.process(record, images=images)
+            sample = self.processor.process(record, images=images, keys=names)
         except (SampleError, ImageLoadError) as error:
             return SkippedSample(self.describe(index), skip_reason(error), str(error))
         sample.image_keys = names  # as the file reader gives them: the keys of teachers' precomputed features

@@ -60,14 +60,18 @@ def _reduction_settings(reduce: str | None, keep: Sequence[float] | None) -> lis
 def run_eval(model: str | os.PathLike, tasks: Sequence[str], data=None, out=None, limit: int | None = 1000,
              batch_size: int = 32, blind: bool = True, reduce: str | None = None,
              keep: Sequence[float] | None = None, device: str = "cpu", progress: bool = True,
-             position_steps: Sequence[float] | None = None) -> list[EvalRun]:
-    """Evaluate `model` on `tasks` beside its blind baseline, then once more per token-reduction keep ratio and per
-    V2PE position step (`position_steps`: visual tokens advance the position by that step instead of the model's)."""
+             position_steps: Sequence[float] | None = None, token_pools: Sequence[int] | None = None) -> list[EvalRun]:
+    """Evaluate `model` on `tasks` beside its blind baseline, then once more per token-reduction keep ratio, per
+    V2PE position step (`position_steps`: visual tokens advance the position by that step instead of the model's)
+    and per TokenFLEX pooling (`token_pools`: each image's token grid pooled by that factor)."""
     folder = resolve_model(model)
     settings = _reduction_settings(reduce, keep)  # checked before any work
     for step in position_steps or ():
         if not 0.0 < step <= 1.0:
             raise ValueError(f"--visual-position-step {step}: V2PE's step must be in (0, 1]")
+    for pool in token_pools or ():
+        if pool < 1:
+            raise ValueError(f"--token-pool {pool}: a pooling factor must be >= 1")
     data = resolve_data(tasks, data, progress)
     runner = ModelRunner.load(folder, device=device, batch_size=batch_size)
     runs = [evaluate_model(runner, tasks, data, limit, blind=blind, progress=progress)]
@@ -83,6 +87,12 @@ def run_eval(model: str | os.PathLike, tasks: Sequence[str], data=None, out=None
         runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress,
                                    setting={"visual_position_step": step}))
     runner.model.set_visual_position_step(trained_step)
+    own_pool = runner.model.config.vision.token_pool
+    for pool in token_pools or ():
+        runner.model.set_token_pool(pool)
+        runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress,
+                                   setting={"token_pool": pool}))
+    runner.model.set_token_pool(own_pool)
     out = Path(out) if out is not None else Path("runs/eval") / folder.name
     print(markdown(runs), flush=True)  # first: the results are on screen even if the report cannot be written
     written = write_report(runs, out)

@@ -24,7 +24,7 @@ from torch import nn
 
 from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.images import group_by_size
-from monovlm.data.layout import TokenLayout
+from monovlm.data.layout import TokenLayout, pooled_grid
 from monovlm.model.vit import ViT
 
 
@@ -84,25 +84,42 @@ class Embedder(nn.Module):
             tokens = torch.cat([self.cls(grid[:, :, :cols])[:, None], tokens], dim=1)
         return tokens
 
-    def token_layout(self, image: torch.Tensor) -> TokenLayout:
-        """The layout of the tokens `forward` returns for this image (3, H, W): [CLS] row 1, SEP, row 2, SEP, ..."""
-        return TokenLayout.for_image(image, self.config)
+    def token_layout(self, image: torch.Tensor, pool: int | None = None) -> TokenLayout:
+        """The layout of the tokens `forward` returns for this image (3, H, W) pooled by `pool` (default: the
+        config's token_pool): [CLS] row 1, SEP, row 2, SEP, ... [queries]"""
+        return TokenLayout.for_image(image, self.config, pool)
 
-    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """images: list of (3, H, W), sides multiples of pixels_per_token -> list of (N_i, hidden) token tensors."""
+    def forward(self, images: list[torch.Tensor], pools: list[int] | None = None) -> list[torch.Tensor]:
+        """images: list of (3, H, W), sides multiples of pixels_per_token; pools: each image's TokenFLEX pooling
+        factor (default: the config's token_pool) -> list of (N_i, hidden) token tensors."""
         outputs: list[torch.Tensor | None] = [None] * len(images)
         ppt = self.config.pixels_per_token
+        pools = pools or [self.config.token_pool] * len(images)
+        groups: dict[tuple[int, int, int], list[int]] = {}
         for (height, width), indices in group_by_size(images).items():
+            for index in indices:
+                groups.setdefault((height, width, pools[index]), []).append(index)
+        for (height, width, pool), indices in groups.items():
             if height % ppt or width % ppt:
                 raise ValueError(f"image of size {height}x{width} is not a multiple of {ppt} pixels per token")
             pixels = torch.stack([images[i] for i in indices])  # (B, 3, H, W)
-            tokens = self.finish(self.layout(self.with_context(self.grid(pixels))))  # (B, N, hidden)
+            grid = pool_grid(self.with_context(self.grid(pixels)), pool)  # (B, rows/p, cols/p, C)
+            tokens = self.finish(self.layout(grid))  # (B, N, hidden)
             if self.queries is not None:
                 queries = self.queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # (B, K, hidden)
                 tokens = torch.cat([tokens, queries], dim=1)
             for row, index in enumerate(indices):
                 outputs[index] = tokens[row]
         return outputs  # type: ignore[return-value]
+
+
+def pool_grid(grid: torch.Tensor, pool: int) -> torch.Tensor:
+    """TokenFLEX: grid (B, rows, cols, C) average-pooled to (B, ceil(rows/pool), ceil(cols/pool), C)."""
+    if pool == 1:
+        return grid
+    rows, cols = pooled_grid(grid.shape[1], grid.shape[2], pool)
+    pooled = F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), (rows, cols))  # (B, C, rows/p, cols/p)
+    return pooled.permute(0, 2, 3, 1)
 
 
 class LinearEmbedder(Embedder):

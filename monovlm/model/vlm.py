@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from monovlm.config import VLMConfig
+from monovlm.data.layout import TokenLayout
 from monovlm.model.decoder import Decoder
 from monovlm.model.embedders import build_embedder
 from monovlm.model.kv_cache import KVCache
@@ -94,6 +95,12 @@ class EncoderFreeVLM(nn.Module):
         self.decoder.config.visual_position_step = step
         self.config.decoder.visual_position_step = step
 
+    def set_token_pool(self, pool: int) -> None:
+        """TokenFLEX at inference: lay out and embed every image with its token grid pooled by `pool` from now on (a
+        processor built over this model's VisionConfig counts the placeholders alike)."""
+        dataclasses.replace(self.config.vision, token_pool=pool)  # validates: ConfigError if not allowed
+        self.config.vision.token_pool = pool
+
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache.for_model(self.decoder, batch_size, max_length)
 
@@ -103,7 +110,7 @@ class EncoderFreeVLM(nn.Module):
         if not images:
             return embeds, None
         vision_mask = input_ids == self.image_token_id  # (B, T)
-        visual = torch.cat(self.embedder(images), dim=0).to(embeds.dtype)  # (N_visual, C)
+        visual = torch.cat(self.embedder(images, self.image_pools(vision_mask, images)), dim=0).to(embeds.dtype)
         num_placeholders = int(vision_mask.sum())
         if visual.shape[0] != num_placeholders:
             raise ValueError(
@@ -113,10 +120,40 @@ class EncoderFreeVLM(nn.Module):
         embeds = embeds.masked_scatter(vision_mask.unsqueeze(-1), visual)
         return embeds, vision_mask
 
+    def image_pools(self, vision_mask: torch.Tensor, images: list[torch.Tensor]) -> list[int]:
+        """Each image's TokenFLEX pooling factor, read from its number of placeholders (the processor chose it): the
+        config's token_pool when that count fits, else the smallest factor whose layout has that count. Images
+        take the runs of placeholders of vision_mask (B, T) in row-major order (text tokens separate them)."""
+        default = self.config.vision.token_pool
+        flat = vision_mask.reshape(-1).nonzero().squeeze(1)  # (N_visual,) flat positions
+        if flat.numel() == 0:
+            return [default] * len(images)
+        breaks = (flat[1:] != flat[:-1] + 1) | (flat[1:] % vision_mask.shape[1] == 0)  # a new run starts
+        starts = torch.cat([flat.new_zeros(1), breaks.nonzero().squeeze(1) + 1])
+        counts = torch.diff(torch.cat([starts, flat.new_tensor([flat.numel()])])).tolist()
+        if len(counts) != len(images):
+            return [default] * len(images)  # the count check of `embed` names the mismatch
+        pools = []
+        for image, count in zip(images, counts):
+            if self.embedder.token_layout(image, default).num_tokens == count:
+                pools.append(default)
+                continue
+            side = max(image.shape[-2:]) // self.config.vision.pixels_per_token
+            fits = [p for p in range(1, side + 1) if self.embedder.token_layout(image, p).num_tokens == count]
+            pools.append(fits[0] if fits else default)
+        return pools
+
+    def image_layouts(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None) -> list[TokenLayout]:
+        """The `TokenLayout` of each image of input_ids (B, T), at the pooling its placeholders say (`image_pools`)."""
+        if not images:
+            return []
+        pools = self.image_pools(input_ids == self.image_token_id, images)
+        return [self.embedder.token_layout(image, pool) for image, pool in zip(images, pools)]
+
     def visual_layout(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None) -> VisualLayout:
         """The placeholders of input_ids (B, T) laid out as the embedder fills them (same scatter order as `embed`)."""
         vision_mask = input_ids == self.image_token_id  # (B, T)
-        layouts = [self.embedder.token_layout(image) for image in images or []]
+        layouts = self.image_layouts(input_ids, images)
         device = input_ids.device
 
         def scatter(values: list[torch.Tensor], fill: bool | int) -> torch.Tensor:  # per image (N_i,) -> (B, T)

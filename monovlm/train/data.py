@@ -40,11 +40,11 @@ from monovlm.data.yes_no import WordingBalance, without_yes_no, without_yes_no_t
 from monovlm.train.recipe import StageConfig
 
 
-def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig) -> Processor:
+def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig, seed: int = 0) -> Processor:
     """The processor a stage trains with: its template, system prompt and max_length over the model's vision
-    settings."""
+    settings, and its TokenFLEX pooling factors (drawn per image with `seed`)."""
     config = ProcessorConfig(template=stage.template, max_length=stage.max_length, system_prompt=stage.system_prompt)
-    return Processor(tokenizer, vision, config)
+    return Processor(tokenizer, vision, config, token_pools=stage.token_pools, pool_seed=seed)
 
 
 def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,

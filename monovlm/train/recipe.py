@@ -96,6 +96,10 @@ class StageConfig:
     # 1, 1/2, 1/4, ... 1/256), so the model serves any of them; the saved model keeps [model.decoder]
     # visual_position_step (`monovlm eval --visual-position-step` evaluates others)
     position_steps: list[float] | None = None
+    # TokenFLEX's training: each image's token grid pooled by a factor drawn from this list (e.g. [1, 2]: all its
+    # tokens, or about a quarter), drawn per image path and seed; the model then serves [model.vision] token_pool of
+    # any of them (`monovlm eval --token-pool` evaluates each)
+    token_pools: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -121,6 +125,10 @@ class StageConfig:
                 for step in self.position_steps)):
             raise ConfigError(f"stage {self.name!r}: position_steps {self.position_steps!r} must be a non-empty list "
                               "of steps in (0, 1]")
+        if self.token_pools is not None and (not self.token_pools or not all(
+                type(pool) is int and pool >= 1 for pool in self.token_pools)):
+            raise ConfigError(f"stage {self.name!r}: token_pools {self.token_pools!r} must be a non-empty list of "
+                              "integers >= 1")
         if self.lm_weight < 0 or self.text_distill < 0:
             raise ConfigError(f"stage {self.name!r}: lm_weight ({self.lm_weight}) and text_distill "
                               f"({self.text_distill}) must be >= 0")

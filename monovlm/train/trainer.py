@@ -35,7 +35,6 @@ from tqdm import tqdm
 from monovlm.config import ConfigError
 from monovlm.data.collate import Batch
 from monovlm.data.datasets import DatasetError, read_records
-from monovlm.data.layout import TokenLayout
 from monovlm.data.processor import IGNORE_INDEX, Processor
 from monovlm.files import write_folder_atomic
 from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy, per_sample_token_weights
@@ -170,7 +169,7 @@ class TrainModule(nn.Module):
         with torch.no_grad():
             teacher_features = teacher(batch.images, batch.image_keys or None)
         vision_mask = batch.input_ids == model.image_token_id
-        layouts = [TokenLayout.for_image(image, model.config.vision) for image in batch.images]
+        layouts = model.image_layouts(batch.input_ids, batch.images)  # TokenFLEX: at each image's pooling
         align = target_alignment_loss(self.align_target, self.aligner, states, vision_mask, layouts, teacher_features,
                                       model.config.vision.query_grids)
         return ce_sum, auxiliary + align
@@ -490,7 +489,7 @@ class Trainer:
                               "output it distils): set [model.decoder] pre_buffer_layers")
         if stage.init_experts and start_step == 0 and model.config.decoder.has_experts:
             model.decoder.init_experts_from_text()
-        processor = stage_processor(stage, tokenizer, model.config.vision)
+        processor = stage_processor(stage, tokenizer, model.config.vision, seed=self.recipe.seed)
         model.config.processor = processor.config  # saved with the model: inference uses the last stage's template
         dataset = stage_dataset(stage, processor, options.data_root, seed=self.recipe.seed)
         pad_id = tokenizer.pad_id or 0
