@@ -2,8 +2,6 @@
 training step (the pre-buffer's output vs. the LLM's own embeddings), and stages without the next-token loss
 (`lm_weight = 0`, also BREEN's pre-alignment)."""
 
-import json
-
 import pytest
 import torch
 
@@ -11,10 +9,8 @@ from monovlm.cli import main
 from monovlm.config import ConfigError
 from monovlm.data.collate import collate
 from monovlm.model.align import text_distillation_loss
-from monovlm.model.vlm import EncoderFreeVLM
-from monovlm.train.recipe import load_recipe
 from monovlm.train.trainer import TrainModule
-from tests.test_recipes import train_args, write_hf_llm, write_user_folder
+from tests.test_recipes import train_args, write_user_folder
 from tests.tiny_vlm import build_vlm, conversation, picture, small_tokenizer
 
 
