@@ -22,7 +22,8 @@ def test_help_lists_every_verb():
 def test_recipes_lists_the_shipped_ones_and_describes_one(capsys):
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out
-    for name in ("eve", "eve-synthetic", "evev2", "mono-internvl", "neo", "solo", "llava", "llava-synthetic"):
+    for name in ("eve", "eve-synthetic", "evev2", "mono-internvl", "neo", "breen", "hovle", "solo", "llava",
+                 "llava-synthetic"):
         assert f"\n{name} " in f"\n{listing}"
     assert "stages: prealign -> pretrain -> instruct" in listing
     assert main(["recipes", "eve"]) == 0

@@ -367,6 +367,20 @@ def test_every_generic_recipe_trains_on_a_user_folder(name, overrides, tmp_path)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # a training run per recipe
+@pytest.mark.parametrize("name", ["neo", "breen", "hovle", "mono-internvl"])
+def test_the_family_recipes_train_on_synthetic_data(name, tmp_path):
+    """`monovlm data synth` data: its captions.json and instruct.json, as the recipes name them."""
+    from monovlm.quickstart import ensure_data
+
+    data = tmp_path / "synth"
+    ensure_data(data, n=24, seed=0, progress=False)
+    assert main(train_args(name, data, tmp_path / "run")) == 0
+    losses = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([m for m in losses if "loss" in m]) == 2 * len(load_recipe(name).stages)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_eve_trains_on_a_user_folder_from_an_hf_llm_with_an_hf_teacher(tmp_path):
     """The README's cluster command at toy size: `--set model.init=LLM --set align.teacher=hf:SIGLIP`."""
