@@ -95,8 +95,8 @@ def test_the_grid_positions_reach_the_scores(tokenizer):
 def test_what_cannot_honour_it_says_so(tokenizer):
     model, processor = build_native(tokenizer)
     ids, images = processor.prompt("what colour is it", [picture(32, 32, 8)])
-    with pytest.raises(ValueError, match="token reduction does not support native_rope"):
-        model(torch.tensor([ids]), images, reduction=build_reduction("fastv", keep=0.5, layer=1))
+    with pytest.raises(ValueError, match="renumber.*native RoPE"):
+        model(torch.tensor([ids]), images, reduction=build_reduction("fastv", keep=0.5, positions="renumber", layer=1))
     with pytest.raises(ConfigError, match="native_rope"):
         DecoderConfig(native_rope=True, expert_attention=True)
     with pytest.raises(ConfigError, match="native_rope"):

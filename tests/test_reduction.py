@@ -132,11 +132,22 @@ def v2pe_model():
     return build_model(visual_position_step=0.3)
 
 
-@pytest.mark.parametrize("variant", ["plain", "experts", "bidirectional", "v2pe"])
+@pytest.fixture(scope="module")
+def native_model():
+    """NEO's native RoPE (with its bidirectional image attention), the h/w keys moved off their zero start."""
+    vlm = build_model(native_rope=True, image_attention="bidirectional")
+    with torch.no_grad():
+        for block in vlm.decoder.layers:
+            block.attn.hw.k_proj.weight.normal_(0, 0.3)
+    return vlm
+
+
+@pytest.mark.parametrize("variant", ["plain", "experts", "bidirectional", "v2pe", "native"])
 @pytest.mark.parametrize("name", ALL)
 def test_cached_decoding_equals_full_forward_with_the_same_decisions(model, expert_model, bidirectional_model,
-                                                                    v2pe_model, name, variant):
-    vlm = {"plain": model, "experts": expert_model, "bidirectional": bidirectional_model, "v2pe": v2pe_model}[variant]
+                                                                    v2pe_model, native_model, name, variant):
+    vlm = {"plain": model, "experts": expert_model, "bidirectional": bidirectional_model, "v2pe": v2pe_model,
+           "native": native_model}[variant]
     input_ids, mask, images, _ = batch(vlm)
     reduction = reduction_for(name)
     with torch.no_grad():
@@ -189,10 +200,10 @@ def test_text_and_structural_tokens_are_never_dropped(model, name):
                     assert 1 <= int(patches.sum()) < int((layout.patch_mask[row] & (layout.image_index[row] == image)).sum())
 
 
-@pytest.mark.parametrize("variant", ["plain", "v2pe"])
+@pytest.mark.parametrize("variant", ["plain", "v2pe", "native"])
 @pytest.mark.parametrize("name", [n for n in ALL if n != "random"])  # random draws per image of the whole batch
-def test_batch_with_left_padding_equals_each_row_alone(model, v2pe_model, name, variant):
-    model = {"plain": model, "v2pe": v2pe_model}[variant]
+def test_batch_with_left_padding_equals_each_row_alone(model, v2pe_model, native_model, name, variant):
+    model = {"plain": model, "v2pe": v2pe_model, "native": native_model}[variant]
     input_ids, mask, images, rows = batch(model)
     with torch.no_grad():
         batched = model(input_ids, images, attention_mask=mask, reduction=reduction_for(name))
@@ -204,8 +215,8 @@ def test_batch_with_left_padding_equals_each_row_alone(model, v2pe_model, name, 
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_keeping_everything_is_bitwise_the_unreduced_model(model, expert_model, v2pe_model, name):
-    for vlm in (model, expert_model, v2pe_model):
+def test_keeping_everything_is_bitwise_the_unreduced_model(model, expert_model, v2pe_model, native_model, name):
+    for vlm in (model, expert_model, v2pe_model, native_model):
         input_ids, mask, images, rows = batch(vlm)
         with torch.no_grad():
             plain = vlm(input_ids, images, attention_mask=mask)
@@ -441,3 +452,25 @@ def test_fastv_at_half_keeps_the_shipped_model_answering_sensibly():
     grid = 64 // vlm.config.vision.pixels_per_token
     kept = reduction.last_trace.tokens_per_layer()[0]
     assert kept[0] - kept[-1] == grid * grid // 2  # half of the 8×8 patches dropped from layer 2 on
+
+
+def test_native_rope_tokens_kept_before_the_first_layer_keep_their_grid_positions(native_model):
+    """DivPrune at layer 0 drops patches before the decoder: the reduced forward must equal the decoder run on the
+    kept tokens alone, each at its own position and its own grid row and column."""
+    vlm = native_model
+    input_ids, _, images, rows = batch(vlm)
+    ids, images = torch.tensor([rows[1]]), images[2:]
+    reduction = build_reduction("divprune", keep=0.3, layer=0)
+    with torch.no_grad():
+        reduced = vlm(ids, images, reduction=reduction)
+        kept = reduction.last_trace.stages[0].kept[0]  # original indices of the kept tokens
+        embeds, vision_mask = vlm.embed(ids, images)
+        positions = vlm.decoder.default_positions(None, ids.shape, None, ids.device, vision_mask)
+        grid = vlm.grid_positions(ids, images)
+        alone = vlm.decoder(inputs_embeds=embeds[:, kept], position_ids=positions[:, kept],
+                            vision_mask=vision_mask[:, kept], grid_positions=grid[:, kept])
+        flat = vlm.decoder(inputs_embeds=embeds[:, kept], position_ids=positions[:, kept],
+                           vision_mask=vision_mask[:, kept])  # every kept token at grid (0, 0)
+    assert kept.numel() < ids.shape[1]
+    assert (reduced - alone).abs().max().item() <= 1e-5
+    assert (reduced - flat).abs().max().item() > 1e-3

@@ -421,12 +421,16 @@ class Decoder(nn.Module):
         attn_mask, is_causal = self.attention_mask(attention_mask, x.shape[:2], cache, vision_mask, x.device)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, 1, T, D)
         routing = Routing.from_mask(vision_mask) if self.config.has_experts else None
-        hw = None
-        if self.rotary_hw is not None:
-            if grid_positions is None:
-                grid_positions = torch.zeros(*x.shape[:2], 2, dtype=torch.long, device=x.device)
-            hw = (*self.rotary_hw(grid_positions[..., 0], x.dtype), *self.rotary_hw(grid_positions[..., 1], x.dtype))
-        return LayerInputs(cos, sin, attn_mask, is_causal, routing, hw)
+        return LayerInputs(cos, sin, attn_mask, is_causal, routing, self.grid_rotary(grid_positions, x))
+
+    def grid_rotary(self, grid_positions: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Native RoPE's tables for the grid (row, column) positions (B, T, 2) of x's tokens (B, T, C) — None for
+        all 0, as for text: (cos_h, sin_h, cos_w, sin_w), each (B, 1, T, D/2); None without native RoPE."""
+        if self.rotary_hw is None:
+            return None
+        if grid_positions is None:
+            grid_positions = torch.zeros(*x.shape[:2], 2, dtype=torch.long, device=x.device)
+        return (*self.rotary_hw(grid_positions[..., 0], x.dtype), *self.rotary_hw(grid_positions[..., 1], x.dtype))
 
     def attention_mask(self, attention_mask: torch.Tensor | None, shape: torch.Size, cache: KVCache | None,
                        vision_mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:

@@ -202,9 +202,6 @@ class EncoderFreeVLM(nn.Module):
         kept tokens only (left-padded per row, the last column is still each row's last token). Its cache is a
         `reduction.new_cache(...)`, whose `decode` runs the later tokens."""
         if reduction is not None:
-            if self.config.decoder.native_rope:
-                raise ValueError("token reduction does not support native_rope models yet (the kept tokens' grid "
-                                 "positions are not carried through the reduction)")
             return reduction.forward(self, input_ids, images, attention_mask, position_ids, cache, last_only)
         hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache)
         if last_only:

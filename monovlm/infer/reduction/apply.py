@@ -26,6 +26,7 @@ class ReducedTokens:
     segment_ids: torch.Tensor
     vision_mask: torch.Tensor
     position_shift: torch.Tensor | None  # (B,) renumbering only: subtract from the positions of later tokens
+    grid_positions: torch.Tensor | None = None  # (B, T', 2) native RoPE: each kept token's grid row and column
 
 
 @dataclass
@@ -162,8 +163,9 @@ class Reducer:
             self.shift = shift if self.shift is None else self.shift + shift
         self._record(layer, tokens, new_tokens, by_image, rows)
         self.tokens = new_tokens
+        grid = torch.stack([new_tokens.grid_row, new_tokens.grid_col], dim=-1).clamp(min=0)  # (B, T', 2)
         return ReducedTokens(new_hidden, new_tokens.position_ids, new_tokens.segment_ids, new_tokens.vision_mask,
-                             self.shift)
+                             self.shift, grid)
 
     @staticmethod
     def _changes(ctx: ReductionContext, choices: dict[int, ImageChoice]) -> bool:

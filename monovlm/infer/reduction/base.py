@@ -174,9 +174,15 @@ class ReductionContext:
             routing = self._routing(row, slice(None))
             normed = block.attention_input(self.hidden[row : row + 1], routing)  # (1, T, C)
             cos, sin = self.decoder.rotary(self.tokens.position_ids[row : row + 1], normed.dtype)  # (1, 1, T, D)
-            _, keys, _ = block.attn.project_qkv(normed, cos, sin, routing)
+            _, keys, _ = block.attn.project_qkv(normed, cos, sin, routing, self._grid_rotary(row, slice(None), normed))
             self._projected[row] = (normed, routing, keys)
         return self._projected[row]
+
+    def _grid_rotary(self, row: int, positions, normed: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Native RoPE's grid tables of one row's tokens at `positions` (each keeps its grid row and column)."""
+        tokens = self.tokens
+        grid = torch.stack([tokens.grid_row[row : row + 1, positions], tokens.grid_col[row : row + 1, positions]], -1)
+        return self.decoder.grid_rotary(grid.clamp(min=0), normed)
 
     def _routing(self, row: int, positions) -> Routing | None:
         if not self.decoder.config.has_experts:
@@ -193,7 +199,8 @@ class ReductionContext:
         out = []
         for chunk in queries.split(QUERY_CHUNK):
             cos, sin = self.decoder.rotary(self.tokens.position_ids[row : row + 1, chunk], normed.dtype)
-            q, _, _ = attn.project_qkv(normed[:, chunk], cos, sin, self._routing(row, chunk))  # (1, H, Q, D)
+            q, _, _ = attn.project_qkv(normed[:, chunk], cos, sin, self._routing(row, chunk),
+                                       self._grid_rotary(row, chunk, normed[:, chunk]))  # (1, H, Q, D)
             allowed = (slots[None] <= chunk[:, None]) & (segments[None] == segments[chunk][:, None]) & (segments != 0)
             out.append(attn.probabilities(q, keys, allowed[None, None])[0].mean(dim=0))  # (Q, T)
         return torch.cat(out)

@@ -119,9 +119,11 @@ class ReducedCache:
 
 def reduced_hidden_states(decoder: Decoder, x: torch.Tensor, attention_mask: torch.Tensor | None,
                           position_ids: torch.Tensor | None, cache: ReducedCache | None,
-                          vision_mask: torch.Tensor | None, reducer: Reducer) -> torch.Tensor:
+                          vision_mask: torch.Tensor | None, reducer: Reducer,
+                          grid_positions: torch.Tensor | None = None) -> torch.Tensor:
     """The prefill with token reduction: x (B, T, C) embeddings -> final-norm hidden states (B, T', C) of the kept
-    tokens, left-padded per row. A cache passed along (empty) gets one group per stretch of layers."""
+    tokens, left-padded per row. A cache passed along (empty) gets one group per stretch of layers. With native
+    RoPE, grid_positions (B, T, 2) are the tokens' grid rows and columns; kept tokens keep theirs."""
     if attention_mask is not None and attention_mask.dim() == 4:
         raise ValueError("token reduction needs a segment-id attention mask (B, T), not a ready 4-D mask")
     if decoder.config.sliding_window is not None:
@@ -136,6 +138,9 @@ def reduced_hidden_states(decoder: Decoder, x: torch.Tensor, attention_mask: tor
     if reducer.reduction.positions == "renumber" and decoder.config.visual_position_step != 1:
         raise ValueError("positions='renumber' counts the kept tokens one by one, which undoes the model's "
                          f"visual_position_step={decoder.config.visual_position_step}; use positions='original'")
+    if reducer.reduction.positions == "renumber" and decoder.config.native_rope:
+        raise ValueError("positions='renumber' counts the kept tokens one by one, which undoes native RoPE's one "
+                         "position per image; use positions='original'")
     group = None
     if cache is not None:
         if cache.length > 0 or cache.groups:
@@ -144,7 +149,7 @@ def reduced_hidden_states(decoder: Decoder, x: torch.Tensor, attention_mask: tor
         cache.check_room(length)
         group = cache.open_group(0, cache.max_length, None)
     full_next_position = position_ids[:, -1] + 1  # layers before a reduction saw the whole prompt
-    inputs = decoder.layer_inputs(x, segment_ids, position_ids, _cache_of(group), vision_mask)
+    inputs = decoder.layer_inputs(x, segment_ids, position_ids, _cache_of(group), vision_mask, grid_positions)
     reducer.start(position_ids, segment_ids, vision_mask)
     for index, block in enumerate(decoder.layers):
         if index in reducer.layers:
@@ -155,7 +160,8 @@ def reduced_hidden_states(decoder: Decoder, x: torch.Tensor, attention_mask: tor
                     room = cache.max_length - length  # every group keeps the same room for later tokens
                     group = cache.open_group(index, kept.hidden.shape[1] + room, kept.position_shift)
                 x, position_ids, segment_ids = kept.hidden, kept.position_ids, kept.segment_ids
-                inputs = decoder.layer_inputs(x, segment_ids, position_ids, _cache_of(group), kept.vision_mask)
+                inputs = decoder.layer_inputs(x, segment_ids, position_ids, _cache_of(group), kept.vision_mask,
+                                              kept.grid_positions)
         x = block(x, inputs, _cache_of(group))
     if cache is not None:
         cache.close_group(group, len(decoder.layers), position_ids, segment_ids)
@@ -208,9 +214,13 @@ class Reduction:
             raise ValueError("token reduction keeps a KV cache per group of layers: pass "
                              "`reduction.new_cache(model, batch_size, max_length)`, not a plain KVCache")
         embeds, vision_mask = vlm.embed(input_ids, images)
-        reducer = self.bind(vlm.visual_layout(input_ids, images), vlm.decoder.config.num_layers)
+        layout = vlm.visual_layout(input_ids, images)
+        reducer = self.bind(layout, vlm.decoder.config.num_layers)
+        grid = None
+        if vlm.decoder.config.native_rope:  # each token's grid row and column (0 for text and structural tokens)
+            grid = torch.stack([layout.grid_row, layout.grid_col], dim=-1).clamp(min=0)
         hidden = reduced_hidden_states(vlm.decoder, embeds, attention_mask, position_ids, cache, vision_mask,
-                                       reducer)
+                                       reducer, grid)
         if last_only:
             hidden = hidden[:, -1:]
         return F.linear(hidden, vlm.decoder.output_weight)
