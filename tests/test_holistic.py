@@ -11,7 +11,14 @@ from monovlm.data.collate import collate
 from monovlm.model.align import text_distillation_loss
 from monovlm.train.trainer import TrainModule
 from tests.test_recipes import train_args, write_user_folder
-from tests.tiny_vlm import build_vlm, conversation, picture, small_tokenizer
+from tests.tiny_vlm import (
+    assert_packed_equals_unpacked,
+    build_vlm,
+    conversation,
+    generate_batched_and_alone,
+    picture,
+    small_tokenizer,
+)
 
 
 def test_text_distillation_is_one_minus_cosine_over_text_tokens_only():
@@ -29,6 +36,14 @@ def test_text_distillation_is_one_minus_cosine_over_text_tokens_only():
 @pytest.fixture(scope="module")
 def tokenizer():
     return small_tokenizer()
+
+
+def test_a_vlm_with_a_holistic_embedding_decodes_exactly(tokenizer):
+    """Images through the holistic embedding (a pre-buffer of 2 of 4 layers): packed == unpacked, left-padded batched
+    generation (cached) == one at a time."""
+    model, processor = build_vlm(tokenizer, num_layers=4, pre_buffer_layers=2)
+    assert_packed_equals_unpacked(model, processor)
+    generate_batched_and_alone(model, processor)
 
 
 def test_the_step_distils_the_pre_buffers_output_towards_the_text_embeddings(tokenizer):
