@@ -270,8 +270,14 @@ class EncoderConfig:
     depth: int = 4
     heads: int = 3
     mlp_ratio: float = 4.0
+    # the patch stem: "patch" (one strided conv per patch, ViT's) or "conv" (stride-2 3×3 convs with GELU down to the
+    # patch size, then a 1×1 conv: "Early convolutions help transformers see better", Xiao et al. 2021; a small ViT
+    # learns shapes from few images far sooner). "conv" needs a power-of-two patch size
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
+        if self.stem not in ("patch", "conv"):
+            raise ConfigError(f"encoder stem={self.stem!r} is not 'patch' or 'conv'")
         if self.width % self.heads:
             raise ConfigError(f"encoder width={self.width} must be divisible by heads={self.heads}")
         if self.depth < 1:

@@ -137,3 +137,27 @@ def test_load_rejects_an_extra_tensor_and_a_missing_folder(tmp_path):
         load_vit(folder)
     with pytest.raises(CheckpointError, match="nowhere"):
         load_vit(tmp_path / "nowhere")
+
+
+def test_the_conv_stem_gives_the_same_grid_and_sees_across_patch_borders():
+    """`stem = "conv"`: log2(patch) stride-2 3×3 convs then 1×1 — the same (rows, cols) grid as the patch stem, but a
+    token's stem output also depends on the pixels just across its patch border (the patch stem's does not)."""
+    from monovlm.config import ConfigError, EncoderConfig
+    from monovlm.model.vit import ViT
+
+    torch.manual_seed(0)
+    conv = ViT(EncoderConfig(width=32, depth=1, heads=2, stem="conv"), 8)
+    patch = ViT(EncoderConfig(width=32, depth=1, heads=2), 8)
+    pixels = torch.randn(1, 3, 32, 48)
+    moved = pixels.clone()
+    moved[..., 7, 7] += 5.0  # the last pixel of token (0, 0), at token (1, 1)'s top-left corner
+    for vit, sees_across in ((conv, True), (patch, False)):
+        before, after = vit.embed(pixels), vit.embed(moved)
+        assert before.shape == (1, 4, 6, 32)
+        assert ((after[0, 1, 1] - before[0, 1, 1]).abs().max().item() > 1e-6) == sees_across
+        assert (after[0, 0, 0] - before[0, 0, 0]).abs().max().item() > 1e-6
+        assert torch.equal(after[0, 2:], before[0, 2:])  # far tokens: untouched either way
+    with pytest.raises(ConfigError, match="power-of-two"):
+        ViT(EncoderConfig(width=32, depth=1, heads=2, stem="conv"), 6)
+    with pytest.raises(ConfigError, match="stem"):
+        EncoderConfig(stem="cnn")

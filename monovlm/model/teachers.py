@@ -326,6 +326,8 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
     settings = {"objective": align.teacher_objective, "width": align.teacher_width, "depth": align.teacher_depth,
                 "heads": align.teacher_heads, "steps": align.teacher_steps, "lr": align.teacher_lr,
                 "vision": teacher_vision(vision, align.teacher_patch_size).to_dict(), "data_sha256": digest.hexdigest()}
+    if align.teacher_stem != "patch":  # only when set: teachers pretrained before the option still match
+        settings["stem"] = align.teacher_stem
     return json.loads(json.dumps(settings))  # as read back from the file: tuples become lists
 
 
@@ -397,7 +399,7 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
                 if (folder / "vit.json").is_file():
                     print(f"{folder} was pretrained with other settings or data: pretraining the teacher again")
                 config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth,
-                                       heads=align.teacher_heads)
+                                       heads=align.teacher_heads, stem=align.teacher_stem)
                 report: dict = {}
                 vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
                                    steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,

@@ -84,6 +84,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """pixels (B, 3, H, W) -> (B, width, H/patch, W/patch) through log2(patch) stride-2 3×3 convs (channels doubling
+    up to width/2, GELU after each) and a 1×1 conv to `width`."""
+    steps = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**steps != patch_size:
+        raise ConfigError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+    layers: list[nn.Module] = []
+    channels = 3
+    for index in range(steps):
+        out = max(16, width // 2 ** (steps - index))
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
+
+
 class ViT(nn.Module):
     """pixels (B, 3, H, W) -> patch features (B, H/patch, W/patch, width); `features` takes images of mixed sizes."""
 
@@ -94,7 +109,8 @@ class ViT(nn.Module):
         sincos_position_embedding(1, 1, config.width)  # fail at construction, not at the first forward
         self.config = config
         self.patch_size = patch_size
-        self.patch_embed = nn.Conv2d(3, config.width, patch_size, stride=patch_size)
+        self.patch_embed = (conv_stem(config.width, patch_size) if config.stem == "conv"
+                            else nn.Conv2d(3, config.width, patch_size, stride=patch_size))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width)
         self.apply(_init_weights)
