@@ -30,6 +30,8 @@ def test_recipes_lists_the_shipped_ones_and_describes_one(capsys):
     described = capsys.readouterr().out
     assert 'data.captions = "captions.json"  read by prealign, pretrain' in described
     assert "3. instruct" in described and "stages.NAME.KEY (NAME: prealign, pretrain, instruct" in described
+    assert main(["recipes", "hovle"]) == 0
+    assert "align loss; no next-token loss; text distillation ×1" in capsys.readouterr().out
     assert main(["recipes", "no-such-recipe"]) == 2
     assert "shipped recipes: [" in capsys.readouterr().err
 

@@ -586,6 +586,10 @@ def describe_recipe(recipe: Recipe, source: str | Path | None = None) -> str:
         lines.append(f"  {i}. {stage.name:<{width}}  {files}  ({stage.template}); trains {', '.join(stage.train)}; "
                      f"{stage.steps} steps × {stage.batch_size} samples, lr {stage.lr:g}"
                      + ("; align loss" if stage.align else "")
+                     + ("; no next-token loss" if stage.lm_weight == 0 else "")
+                     + (f"; text distillation ×{stage.text_distill:g}" if stage.text_distill else "")
+                     + (f"; visual position steps {stage.position_steps}" if stage.position_steps else "")
+                     + (f"; token pools {stage.token_pools}" if stage.token_pools else "")
                      + (f"; yes/no questions: {stage.yes_no}" if stage.yes_no != "grouped" else ""))
     lines += ["", "keys --set KEY=VALUE changes (VALUE is TOML: 2000, 2e-4, true, [\"a.json\", \"b.json\"]; bare "
               "text for strings):"]
