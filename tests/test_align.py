@@ -384,8 +384,9 @@ def test_vit_teacher_patch_size_keeps_the_students_image_sizes(tmp_path):
     with pytest.raises(ValueError, match="teacher_patch_size=3 must divide the model's 8 pixels per token"):
         teacher_vision(vision, 3)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
-    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
-                            teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels", whiten=False)
+    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
+                            teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
+                            whiten=False)
     teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
     assert teacher.vit.patch_size == 8
     assert [tuple(f.shape) for f in teacher([torch.randn(3, 32, 32)])] == [(4, 4, 16)]  # one feature per token
@@ -401,8 +402,9 @@ def test_vit_teacher_is_reused_only_with_the_same_settings_and_data(tmp_path, mo
     monkeypatch.setattr(vit_pretrain, "pretrain_vit", lambda *a, **k: calls.append(k["steps"]) or original(*a, **k))
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
-    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
-                            teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels", whiten=False)
+    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
+                            teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
+                            whiten=False)
     build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
     build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)  # resume: reused
     assert calls == [2]
@@ -443,8 +445,9 @@ def test_build_teacher_whitens_when_the_recipe_asks(tmp_path):
 
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
-    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_steps=2,
-                            teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels", whiten=True,
+    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
+                            teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
+                            whiten=True,
                             whiten_images=8)
     teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False,
                             sources=["captions.json"])
@@ -555,7 +558,8 @@ def test_precomputed_teacher_round_trip_and_missing_key(tmp_path):
 
 def tiny_vit_align(**overrides):
     values = dict(teacher="vit", teacher_objective="mae", teacher_width=16, teacher_depth=1, teacher_heads=2,
-                  teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, whiten=False, whiten_images=8)
+                  teacher_stem="patch", teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, whiten=False,
+                  whiten_images=8)
     return SimpleNamespace(**{**values, **overrides})
 
 
