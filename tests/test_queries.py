@@ -12,6 +12,7 @@ from monovlm.data.layout import TokenLayout
 from monovlm.model.align import PatchAligner, query_alignment_loss, resample_grid, target_alignment_loss
 from monovlm.model.vlm import EncoderFreeVLM
 from tests.tiny_vlm import (
+    assert_cached_equals_full,
     assert_packed_equals_unpacked,
     build_vlm,
     generate_batched_and_alone,
@@ -98,17 +99,7 @@ def test_batched_generation_equals_one_at_a_time(tokenizer):
 
 
 def test_cached_prefill_and_decode_equal_the_full_forward(tokenizer):
-    model, processor = with_queries(*build_vlm(tokenizer, expert_mlp=True))
-    ids, images = processor.prompt("how many shapes are there", [picture(24, 16, 4)])
-    continuation = [57, 63, 91]  # ordinary text tokens (3 is the image placeholder)
-    full_ids = torch.tensor([ids + continuation])
-    with torch.no_grad():
-        full = model(full_ids, images)
-        cache = model.new_cache(1, full_ids.shape[1])
-        steps = [model(torch.tensor([ids]), images, cache=cache)]
-        for token in continuation:
-            steps.append(model(torch.tensor([[token]]), cache=cache))
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+    assert_cached_equals_full(*with_queries(*build_vlm(tokenizer, expert_mlp=True)))
 
 
 def test_token_reduction_never_drops_a_query(tokenizer):

@@ -3,7 +3,6 @@ factor, the processor counting the pooled layout and the model reading each imag
 placeholders — so one batch may mix budgets. Exactness as for the other switches (packed == unpacked, batched ==
 one at a time, cached == full), images of mixed budgets equal to each alone, and the draw is per image and seed."""
 
-import json
 
 import pytest
 import torch
@@ -15,12 +14,14 @@ from monovlm.data.layout import TokenLayout, pooled_grid
 from monovlm.data.processor import Processor
 from monovlm.train.recipe import StageConfig
 from tests.tiny_vlm import (
+    assert_cached_equals_full,
     assert_packed_equals_unpacked,
     build_vlm,
     conversation,
     generate_batched_and_alone,
     picture,
     small_tokenizer,
+    write_qa_folder,
 )
 
 
@@ -87,17 +88,7 @@ def test_batched_generation_equals_one_at_a_time(tokenizer):
 
 
 def test_cached_prefill_and_decode_equal_the_full_forward(tokenizer):
-    model, processor = pooled(*build_vlm(tokenizer))
-    ids, images = processor.prompt("how many shapes are there", [picture(24, 40, 4)])
-    continuation = [57, 63, 91]
-    full_ids = torch.tensor([ids + continuation])
-    with torch.no_grad():
-        full = model(full_ids, images)
-        cache = model.new_cache(1, full_ids.shape[1])
-        steps = [model(torch.tensor([ids]), images, cache=cache)]
-        for token in continuation:
-            steps.append(model(torch.tensor([[token]]), cache=cache))
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+    assert_cached_equals_full(*pooled(*build_vlm(tokenizer)), size=(24, 40))
 
 
 def test_token_reduction_sees_the_pooled_grid(tokenizer):
@@ -136,14 +127,9 @@ def test_eval_runs_each_pool(tokenizer, tmp_path):
 
     model, _ = build_vlm(tokenizer)
     model.save(tmp_path / "model", tokenizer)
-    records = [{"id": f"q{i}", "image": f"{i}.png", "category": "colour",
-                "conversations": [{"from": "human", "value": "<image>\nwhat colour is it"},
-                                  {"from": "gpt", "value": "red"}]} for i in range(3)]
-    for i in range(3):
-        picture(32, 32, i).save(tmp_path / f"{i}.png")
-    (tmp_path / "qa.json").write_text(json.dumps(records))
-    runs = run_eval(tmp_path / "model", ["llava"], data=tmp_path / "qa.json", out=tmp_path / "report", blind=False,
+    qa = write_qa_folder(tmp_path)
+    runs = run_eval(tmp_path / "model", ["llava"], data=qa, out=tmp_path / "report", blind=False,
                     progress=False, token_pools=[2, 4])
     assert [run.setting for run in runs] == [{}, {"token_pool": 2}, {"token_pool": 4}]
     with pytest.raises(ValueError, match="pooling factor"):
-        run_eval(tmp_path / "model", ["llava"], data=tmp_path / "qa.json", token_pools=[0])
+        run_eval(tmp_path / "model", ["llava"], data=qa, token_pools=[0])

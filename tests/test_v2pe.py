@@ -12,7 +12,14 @@ from monovlm.infer.reduction import build_reduction
 from monovlm.model.decoder import Decoder
 from monovlm.model.kv_cache import KVCache
 from monovlm.model.masks import position_ids_from_segments
-from tiny_vlm import assert_packed_equals_unpacked, build_vlm, generate_batched_and_alone, picture, small_tokenizer
+from tiny_vlm import (
+    assert_packed_equals_unpacked,
+    build_vlm,
+    generate_batched_and_alone,
+    picture,
+    small_tokenizer,
+    write_qa_folder,
+)
 
 STEP = 0.3
 
@@ -117,8 +124,6 @@ def test_renumbered_reduction_is_refused(tokenizer):
 def test_the_step_is_set_at_inference_and_eval_runs_each_step(tokenizer, tmp_path):
     """`set_visual_position_step` makes a model trained at one step compute exactly what one built at another
     computes; `monovlm eval --visual-position-step` adds one run per step."""
-    import json
-
     from monovlm.eval.run import run_eval
 
     whole, processor = build_vlm(tokenizer, visual_position_step=1.0)
@@ -136,17 +141,12 @@ def test_the_step_is_set_at_inference_and_eval_runs_each_step(tokenizer, tmp_pat
     assert whole.config.decoder.visual_position_step == STEP  # a refused step changes nothing
     whole.set_visual_position_step(1.0)
     whole.save(tmp_path / "model", tokenizer)
-    records = [{"id": f"q{i}", "image": f"{i}.png", "category": "colour",
-                "conversations": [{"from": "human", "value": "<image>\nwhat colour is it"},
-                                  {"from": "gpt", "value": "red"}]} for i in range(3)]
-    for i in range(3):
-        picture(16, 24, i).save(tmp_path / f"{i}.png")
-    (tmp_path / "qa.json").write_text(json.dumps(records))
-    runs = run_eval(tmp_path / "model", ["llava"], data=tmp_path / "qa.json", out=tmp_path / "report", blind=False,
+    qa = write_qa_folder(tmp_path)
+    runs = run_eval(tmp_path / "model", ["llava"], data=qa, out=tmp_path / "report", blind=False,
                     progress=False, position_steps=[0.5, 0.25])
     assert [run.setting for run in runs] == [{}, {"visual_position_step": 0.5}, {"visual_position_step": 0.25}]
     with pytest.raises(ValueError, match="V2PE's step"):
-        run_eval(tmp_path / "model", ["llava"], data=tmp_path / "qa.json", position_steps=[0.0])
+        run_eval(tmp_path / "model", ["llava"], data=qa, position_steps=[0.0])
 
 
 def test_training_with_varied_steps_runs_each_micro_batch_at_its_drawn_step(tokenizer, tmp_path):

@@ -75,3 +75,30 @@ def generate_batched_and_alone(model, processor, max_new_tokens=6):
     alone = [generate(model, [ids], config, prefill_inputs={"images": row_images})[0] for ids, row_images in prompts]
     assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
     return prompts, batched, rows, images
+
+
+def assert_cached_equals_full(model, processor, size=(24, 16), continuation=(57, 63, 91)):
+    """One prompt with an image, then a few text tokens (3 is the image placeholder, so not among them): a cached
+    prefill and token-by-token decode give the full forward's logits."""
+    ids, images = processor.prompt("how many shapes are there", [picture(*size, 4)])
+    full_ids = torch.tensor([ids + list(continuation)])
+    with torch.no_grad():
+        full = model(full_ids, images)
+        cache = model.new_cache(1, full_ids.shape[1])
+        steps = [model(torch.tensor([ids]), images, cache=cache)]
+        for token in continuation:
+            steps.append(model(torch.tensor([[token]]), cache=cache))
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def write_qa_folder(folder, count=3):
+    """`count` colour questions about `count` 32×32 pictures, as the `llava` eval task reads them -> the QA file."""
+    import json
+
+    records = [{"id": f"q{i}", "image": f"{i}.png", "category": "colour",
+                "conversations": [{"from": "human", "value": "<image>\nwhat colour is it"},
+                                  {"from": "gpt", "value": "red"}]} for i in range(count)]
+    for i in range(count):
+        picture(32, 32, i).save(folder / f"{i}.png")
+    (folder / "qa.json").write_text(json.dumps(records))
+    return folder / "qa.json"

@@ -81,18 +81,15 @@ def run_eval(model: str | os.PathLike, tasks: Sequence[str], data=None, out=None
         runner.prefill_options = {"reduction": build_reduction(setting["reduction"], keep=setting["keep"])}
         runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress, setting=setting))
     runner.prefill_options = {}
-    trained_step = runner.model.config.decoder.visual_position_step
-    for step in position_steps or ():
-        runner.model.set_visual_position_step(step)
-        runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress,
-                                   setting={"visual_position_step": step}))
-    runner.model.set_visual_position_step(trained_step)
-    own_pool = runner.model.config.vision.token_pool
-    for pool in token_pools or ():
-        runner.model.set_token_pool(pool)
-        runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress,
-                                   setting={"token_pool": pool}))
-    runner.model.set_token_pool(own_pool)
+    model = runner.model
+    overrides = [("visual_position_step", model.set_visual_position_step, model.config.decoder.visual_position_step,
+                  position_steps), ("token_pool", model.set_token_pool, model.config.vision.token_pool, token_pools)]
+    for key, set_value, own, values in overrides:  # each run at one other value, then the model's own again
+        for value in values or ():
+            set_value(value)
+            runs.append(evaluate_model(runner, tasks, data, limit, blind=False, progress=progress,
+                                       setting={key: value}))
+        set_value(own)
     out = Path(out) if out is not None else Path("runs/eval") / folder.name
     print(markdown(runs), flush=True)  # first: the results are on screen even if the report cannot be written
     written = write_report(runs, out)

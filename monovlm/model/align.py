@@ -302,6 +302,15 @@ def resample_grid(features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return maps[0].permute(1, 2, 0)  # (rows, cols, D)
 
 
+def float_targets(feats: torch.Tensor, teacher_dim: int) -> torch.Tensor:
+    """One image's teacher features (rows, cols, D), checked, detached and in float32 whatever their storage dtype:
+    float16 features (a precomputed file) inside a bf16 autocast region make torch.cat fail ("Unexpected floating
+    ScalarType"), and the loss is float32 anyway."""
+    if feats.dim() != 3 or feats.shape[-1] != teacher_dim:
+        raise ValueError(f"teacher features must be (rows, cols, {teacher_dim}), got {tuple(feats.shape)}")
+    return feats.detach().float()
+
+
 def alignment_loss(
     aligner: PatchAligner,
     captured_states: Sequence[torch.Tensor],
@@ -325,11 +334,7 @@ def alignment_loss(
     captured = [states.reshape(-1, states.shape[-1])[flat_index] for states in captured_states]  # × (N, C)
     targets = []
     for feats, layout in zip(teacher_feats, layouts):
-        if feats.dim() != 3 or feats.shape[-1] != aligner.teacher_dim:
-            raise ValueError(f"teacher features must be (rows, cols, {aligner.teacher_dim}), got {tuple(feats.shape)}")
-        # float32 targets whatever the teacher's storage dtype: float16 features (a precomputed file) inside a bf16
-        # autocast region make torch.cat fail ("Unexpected floating ScalarType"), and the loss is float32 anyway
-        feats = feats.detach().float()
+        feats = float_targets(feats, aligner.teacher_dim)
         targets.append(resample_grid(feats, layout.rows, layout.cols).reshape(layout.rows * layout.cols, -1))
     teacher = torch.cat(targets).to(flat_index.device)  # (N, D)
     return aligner(captured, teacher, [layout.rows * layout.cols for layout in layouts])
@@ -361,9 +366,7 @@ def query_alignment_loss(
     captured = [states.reshape(-1, states.shape[-1])[flat_index] for states in captured_states]  # × (I·K, C)
     targets = []
     for feats in teacher_feats:
-        if feats.dim() != 3 or feats.shape[-1] != aligner.teacher_dim:
-            raise ValueError(f"teacher features must be (rows, cols, {aligner.teacher_dim}), got {tuple(feats.shape)}")
-        feats = feats.detach().float()  # float32 targets, as in `alignment_loss`
+        feats = float_targets(feats, aligner.teacher_dim)
         targets += [resample_grid(feats, side, side).reshape(side * side, -1) for side in query_grids]
     teacher = torch.cat(targets).to(flat_index.device)  # (I·K, D)
     return aligner(captured, teacher, [expected] * len(layouts))
