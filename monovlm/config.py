@@ -164,6 +164,11 @@ class VisionConfig:
     # hold what a shape is, not only the pixels around it
     embedder_context_layers: int = 1
     patch_bias: bool = True  # bias of the linear embedder (Fuyu: yes, SOLO: no)
+    # the eve/conv embedders' first step: "patch" (one strided conv per patch, EVE's) or "conv" (stride-2 3×3 convs
+    # with GELU down to the patch, "Early convolutions help transformers see better"): a few local layers that can
+    # tell a star from a hexagon inside the token, where one linear map of the pixels cannot
+    stem: str = "patch"
+    stem_depth: int = 1  # 3×3 convs per halving of the conv stem (its first one strided)
     use_cls: bool = True
     use_row_separator: bool = True
     # BREEN's learnable queries: after each image's grid, one s×s set of learned tokens per entry (e.g. [1, 2, 4]:
@@ -210,6 +215,16 @@ class VisionConfig:
             raise ConfigError(f"query_grids={self.query_grids!r} must be a list of positive grid sides, e.g. [1, 2, 4]")
         if type(self.token_pool) is not int or self.token_pool < 1:
             raise ConfigError(f"token_pool={self.token_pool!r} must be an integer >= 1")
+        if self.stem not in ("patch", "conv"):
+            raise ConfigError(f"vision stem={self.stem!r} is not 'patch' or 'conv'")
+        if self.stem == "conv" and self.embedder == "linear":
+            raise ConfigError("the linear embedder has no stem (Fuyu/SOLO: one Linear per raw patch); "
+                              "use embedder = 'eve' or 'conv' for stem = 'conv'")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"stem='conv' halves the image log2(patch_size) times: patch_size={self.patch_size} "
+                              "must be a power of two >= 2")
+        if type(self.stem_depth) is not int or self.stem_depth < 1:
+            raise ConfigError(f"stem_depth={self.stem_depth!r} must be an integer >= 1")
         if self.embedder_context_layers < 1:
             raise ConfigError(f"embedder_context_layers={self.embedder_context_layers} must be >= 1")
         if self.min_pixels > self.max_pixels:

@@ -22,6 +22,10 @@ VISION_SETTINGS = {
     "conv": VisionConfig(embedder="conv", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64),
     "eve+context": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64,
                                 embedder_context=3),
+    "eve+conv-stem": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64,
+                                  stem="conv", stem_depth=2),
+    "conv+conv-stem": VisionConfig(embedder="conv", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64,
+                                   stem="conv"),
 }
 
 
@@ -165,7 +169,53 @@ def test_embedder_context_must_be_zero_or_odd(side):
         VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_context=side)
 
 
-@pytest.mark.parametrize("kind", ["eve", "eve+context"])
+@pytest.mark.parametrize("kind", ["eve", "conv"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_conv_stem_sees_one_token_around_its_own(kind, depth):
+    """`stem = "conv"`: the 3×3 convs see across patch borders, so a token's pixels reach exactly the tokens whose
+    receptive field (composed from the stem's convs: kernel 3, padding 1, stride 2 or 1) covers them; the patch stem
+    keeps each token to its own pixels (the test above)."""
+    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "stem": "conv", "stem_depth": depth,
+                             "use_cls": False, "use_row_separator": False})
+    torch.manual_seed(0)
+    embedder = build_embedder(vision, hidden_size=32).eval()
+    stem_convs = [m for m in embedder.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(stem_convs) == 2 * depth  # log2(patch_size 4) halvings, `depth` 3×3 convs each
+    ppt = vision.pixels_per_token
+    pixels = torch.rand(3, 7 * ppt, 7 * ppt) * 2 - 1
+    changed = pixels.clone()
+    changed[:, 3 * ppt:4 * ppt, 3 * ppt:4 * ppt] += 0.5  # the token at row 3, column 3
+    with torch.no_grad():
+        before, after = (embedder([p])[0].view(7, 7, -1) for p in (pixels, changed))
+    moved = (after - before).abs().amax(-1) > 1e-6  # (7, 7)
+    def pixels_seen(patch: int) -> tuple[int, int]:  # first and last pixel row the stem's output row `patch` sees
+        first, last = patch, patch
+        for conv in reversed(stem_convs):
+            stride = conv.stride[0]
+            first, last = first * stride - 1, last * stride + 1
+        return first, last
+
+    reached = []  # tokens (rows or columns) whose two patches see the changed pixels 3·ppt .. 4·ppt - 1
+    for token in range(7):
+        first, last = pixels_seen(2 * token)[0], pixels_seen(2 * token + 1)[1]
+        reached.append(first <= 4 * ppt - 1 and last >= 3 * ppt)
+    reached = torch.tensor(reached)
+    assert reached.sum() > 1  # more than the token itself
+    assert torch.equal(moved, reached[:, None] & reached[None, :])
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(embedder="linear", patch_size=8, merge=1, stem="conv"), "linear embedder has no stem"),
+    (dict(embedder="eve", patch_size=6, merge=2, stem="conv"), "power of two"),
+    (dict(embedder="eve", patch_size=4, merge=2, stem="convnext"), "stem='convnext'"),
+    (dict(embedder="conv", patch_size=4, merge=2, stem="conv", stem_depth=0), "stem_depth"),
+])
+def test_stem_settings_are_checked(settings, match):
+    with pytest.raises(ConfigError, match=match):
+        VisionConfig(**settings)
+
+
+@pytest.mark.parametrize("kind", ["eve", "eve+context", "eve+conv-stem"])
 def test_save_load_round_trip_and_generation(tokenizer, tmp_path, kind):
     model, processor = build(tokenizer, VISION_SETTINGS[kind], expert_mlp=True)
     model.save(tmp_path, tokenizer)

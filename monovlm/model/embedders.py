@@ -5,6 +5,7 @@
   average-pooled patch as the query; a learned CLS token that attends to every patch; an MLP into the decoder width.
 - `conv` (EVEv2, NEO): conv (patch_size stride) -> GELU -> conv (merge stride), so one token covers
   (patch_size·merge)² pixels.
+Both take `stem = "conv"` in place of their first strided conv: stride-2 3×3 convs down to the patch.
 - `EncoderEmbedder` (the LLaVA-style baseline): ViT -> merge×merge pixel shuffle -> 2-layer MLP projector, so it
   yields exactly as many tokens as the `conv` embedder with the same VisionConfig.
 
@@ -25,7 +26,7 @@ from torch import nn
 from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.images import group_by_size
 from monovlm.data.layout import TokenLayout, pooled_grid
-from monovlm.model.vit import ViT
+from monovlm.model.vit import ViT, conv_stem
 
 
 class Embedder(nn.Module):
@@ -139,12 +140,20 @@ class LinearEmbedder(Embedder):
         return self.proj(patches)  # (B, rows, cols, hidden)
 
 
+def patch_stem(config: VisionConfig, bias: bool) -> nn.Module:
+    """pixels (B, 3, H, W) -> (B, embedder_width, H/patch, W/patch): one strided conv (`stem = "patch"`) or a conv
+    stem (`stem = "conv"`)."""
+    if config.stem == "conv":
+        return conv_stem(config.embedder_width, config.patch_size, config.stem_depth)
+    return nn.Conv2d(3, config.embedder_width, config.patch_size, stride=config.patch_size, bias=bias)
+
+
 class ConvEmbedder(Embedder):
     """EVEv2 / NEO: conv (patch_size stride) -> GELU -> conv (merge stride)."""
 
     def __init__(self, config: VisionConfig, hidden_size: int):
         super().__init__(config, hidden_size)
-        self.patch_conv = nn.Conv2d(3, config.embedder_width, config.patch_size, stride=config.patch_size)
+        self.patch_conv = patch_stem(config, bias=True)
         self.merge_conv = nn.Conv2d(config.embedder_width, hidden_size, config.merge, stride=config.merge)
 
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -183,7 +192,7 @@ class EVEEmbedder(Embedder):
     def __init__(self, config: VisionConfig, hidden_size: int):
         super().__init__(config, hidden_size)
         width = config.embedder_width
-        self.stem = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size, bias=False)
+        self.stem = patch_stem(config, bias=False)
         self.local_attention = WindowAttention(width, config.embedder_heads)
         self.global_attention = WindowAttention(width, config.embedder_heads) if config.use_cls else None
         self.mlp = nn.Sequential(nn.Linear(width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))

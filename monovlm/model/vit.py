@@ -84,17 +84,22 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+def conv_stem(width: int, patch_size: int, depth: int = 1) -> nn.Sequential:
     """pixels (B, 3, H, W) -> (B, width, H/patch, W/patch) through log2(patch) stride-2 3×3 convs (channels doubling
-    up to width/2, GELU after each) and a 1×1 conv to `width`."""
+    up to width/2, GELU after each), each followed by `depth - 1` more 3×3 convs at its resolution, and a 1×1 conv to
+    `width`."""
     steps = patch_size.bit_length() - 1
     if patch_size < 2 or 2**steps != patch_size:
         raise ConfigError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+    if depth < 1:
+        raise ConfigError(f"a conv stem needs depth >= 1 (3×3 convs per halving), got {depth}")
     layers: list[nn.Module] = []
     channels = 3
     for index in range(steps):
         out = max(16, width // 2 ** (steps - index))
         layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(out, out, 3, padding=1), nn.GELU()]
         channels = out
     return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
 
