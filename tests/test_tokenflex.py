@@ -3,7 +3,6 @@ factor, the processor counting the pooled layout and the model reading each imag
 placeholders — so one batch may mix budgets. Exactness as for the other switches (packed == unpacked, batched ==
 one at a time, cached == full), images of mixed budgets equal to each alone, and the draw is per image and seed."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

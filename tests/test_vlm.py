@@ -141,22 +141,28 @@ def test_experts_copied_from_text_change_nothing_on_text(tokenizer):
         assert torch.equal(plain(text_ids), experts(text_ids))
 
 
-@pytest.mark.parametrize("kind", ["linear", "eve", "conv"])
-@pytest.mark.parametrize("context", [0, 3, 5])
-def test_embedder_context_reaches_exactly_the_neighbouring_tokens(kind, context):
-    """With `embedder_context = k`, changing the pixels under one token changes the grid tokens within k // 2 tokens
-    of it (rows and columns) and no others; with 0 only that token changes."""
-    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "embedder_context": context, "use_cls": False,
-                             "use_row_separator": False})
+def tokens_moved(vision: VisionConfig, row: int, col: int) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Which tokens of a 7×7-token image (no CLS, no separators) change when the pixels under token (row, col)
+    change -> (7, 7) bool, and the embedder it measured."""
+    vision = VisionConfig(**{**vision.to_dict(), "use_cls": False, "use_row_separator": False})
     torch.manual_seed(0)
     embedder = build_embedder(vision, hidden_size=32).eval()
     ppt = vision.pixels_per_token
     pixels = torch.rand(3, 7 * ppt, 7 * ppt) * 2 - 1
     changed = pixels.clone()
-    changed[:, 3 * ppt:4 * ppt, 1 * ppt:2 * ppt] += 0.5  # the token at row 3, column 1
+    changed[:, row * ppt:(row + 1) * ppt, col * ppt:(col + 1) * ppt] += 0.5
     with torch.no_grad():
         before, after = (embedder([p])[0].view(7, 7, -1) for p in (pixels, changed))
-    moved = (after - before).abs().amax(-1) > 1e-6  # (7, 7)
+    return (after - before).abs().amax(-1) > 1e-6, embedder
+
+
+@pytest.mark.parametrize("kind", ["linear", "eve", "conv"])
+@pytest.mark.parametrize("context", [0, 3, 5])
+def test_embedder_context_reaches_exactly_the_neighbouring_tokens(kind, context):
+    """With `embedder_context = k`, changing the pixels under one token changes the grid tokens within k // 2 tokens
+    of it (rows and columns) and no others; with 0 only that token changes."""
+    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "embedder_context": context})
+    moved, _ = tokens_moved(vision, 3, 1)
     reach = context // 2
     rows, cols = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
     expected = ((rows - 3).abs() <= reach) & ((cols - 1).abs() <= reach)
@@ -175,19 +181,12 @@ def test_conv_stem_sees_one_token_around_its_own(kind, depth):
     """`stem = "conv"`: the 3×3 convs see across patch borders, so a token's pixels reach exactly the tokens whose
     receptive field (composed from the stem's convs: kernel 3, padding 1, stride 2 or 1) covers them; the patch stem
     keeps each token to its own pixels (the test above)."""
-    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "stem": "conv", "stem_depth": depth,
-                             "use_cls": False, "use_row_separator": False})
-    torch.manual_seed(0)
-    embedder = build_embedder(vision, hidden_size=32).eval()
+    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "stem": "conv", "stem_depth": depth})
+    moved, embedder = tokens_moved(vision, 3, 3)
     stem_convs = [m for m in embedder.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(stem_convs) == 2 * depth  # log2(patch_size 4) halvings, `depth` 3×3 convs each
     ppt = vision.pixels_per_token
-    pixels = torch.rand(3, 7 * ppt, 7 * ppt) * 2 - 1
-    changed = pixels.clone()
-    changed[:, 3 * ppt:4 * ppt, 3 * ppt:4 * ppt] += 0.5  # the token at row 3, column 3
-    with torch.no_grad():
-        before, after = (embedder([p])[0].view(7, 7, -1) for p in (pixels, changed))
-    moved = (after - before).abs().amax(-1) > 1e-6  # (7, 7)
+
     def pixels_seen(patch: int) -> tuple[int, int]:  # first and last pixel row the stem's output row `patch` sees
         first, last = patch, patch
         for conv in reversed(stem_convs):

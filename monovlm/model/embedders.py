@@ -5,9 +5,10 @@
   average-pooled patch as the query; a learned CLS token that attends to every patch; an MLP into the decoder width.
 - `conv` (EVEv2, NEO): conv (patch_size stride) -> GELU -> conv (merge stride), so one token covers
   (patch_size·merge)² pixels.
-Both take `stem = "conv"` in place of their first strided conv: stride-2 3×3 convs down to the patch.
 - `EncoderEmbedder` (the LLaVA-style baseline): ViT -> merge×merge pixel shuffle -> 2-layer MLP projector, so it
   yields exactly as many tokens as the `conv` embedder with the same VisionConfig.
+
+`eve` and `conv` take `stem = "conv"` in place of their first strided conv: stride-2 3×3 convs down to the patch.
 
 Every embedder returns, per image, the token sequence the decoder sees: [CLS] row 1, SEP, row 2, SEP, ... — CLS and
 the row separator are learned vectors, included when the config asks for them. That order is
