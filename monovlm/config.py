@@ -140,6 +140,7 @@ class DecoderConfig:
 
 
 EMBEDDER_KINDS = ("linear", "eve", "conv")
+IMAGE_POSITIONS = ("marker", "after_text")
 
 
 @dataclass
@@ -169,6 +170,11 @@ class VisionConfig:
     # tell a star from a hexagon inside the token, where one linear map of the pixels cannot
     stem: str = "patch"
     stem_depth: int = 1  # 3×3 convs per halving of the conv stem (its first one strided)
+    # where a user turn's images sit among its tokens, in training and at inference alike: "marker" (where the
+    # data's <image> markers put them; LLaVA data puts them before the question) or "after_text" (after the turn's
+    # text): under causal attention the visual tokens then see what is asked, and each can match its pixels against
+    # the question in place (what FiLM gives a CNN), not only be searched by the answer
+    image_position: str = "marker"
     use_cls: bool = True
     use_row_separator: bool = True
     # BREEN's learnable queries: after each image's grid, one s×s set of learned tokens per entry (e.g. [1, 2, 4]:
@@ -225,6 +231,8 @@ class VisionConfig:
                               "must be a power of two >= 2")
         if type(self.stem_depth) is not int or self.stem_depth < 1:
             raise ConfigError(f"stem_depth={self.stem_depth!r} must be an integer >= 1")
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ConfigError(f"image_position={self.image_position!r} is not one of {IMAGE_POSITIONS}")
         if self.embedder_context_layers < 1:
             raise ConfigError(f"embedder_context_layers={self.embedder_context_layers} must be >= 1")
         if self.min_pixels > self.max_pixels:

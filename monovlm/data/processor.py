@@ -193,6 +193,8 @@ class Processor:
         the caption (the last assistant reply) and eos; a prompt is the one user message with its images. An int in
         `images` stands for an image of that many visual tokens: its block's ids are built, no pixels (token_count)."""
         turns = [Turn(*turn) for turn in turns]
+        if self.vision.image_position == "after_text":
+            turns = images_after_text(turns)
         images = list(images)
         markers = sum(turn.text.count(IMAGE_MARKER) for turn in turns)
         if markers != len(images):
@@ -370,6 +372,21 @@ def question_turn(question: str, num_images: int) -> Turn:
     return Turn("user", question)
 
 
+def images_after_text(turns: Sequence[Turn]) -> list[Turn]:
+    """Each user turn's image markers moved after its text, on a line of their own (`image_position =
+    "after_text"`): "<image>\nIs there a star?" -> "Is there a star?\n<image>". Images between pieces of text
+    all go to the end, in their order."""
+    moved = []
+    for turn in turns:
+        count = turn.text.count(IMAGE_MARKER)
+        if turn.role != "user" or count == 0:
+            moved.append(turn)
+            continue
+        text = turn.text.replace(IMAGE_MARKER, "").strip()
+        moved.append(Turn(turn.role, (text + "\n" if text else "") + IMAGE_MARKER * count))
+    return moved
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # sample parsing helpers
 
@@ -438,4 +455,4 @@ def _place_image_markers(turns: list[Turn], num_images: int) -> list[Turn]:
 
 
 __all__ = ["IGNORE_INDEX", "IMAGE_MARKER", "ImageLoadError", "ProcessedSample", "Processor", "SampleError", "Turn",
-           "has_lone_surrogate", "question_turn", "resolve_template"]
+           "has_lone_surrogate", "images_after_text", "question_turn", "resolve_template"]
