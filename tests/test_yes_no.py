@@ -12,7 +12,7 @@ import torch
 from monovlm.config import ProcessorConfig, VisionConfig
 from monovlm.data.datasets import MixedDataset
 from monovlm.data.processor import Processor
-from monovlm.data.yes_no import (WordingBalance, question_replies, question_wording, wording, wording_prior,
+from monovlm.data.yes_no import (WordingBalance, Wordings, question_replies, question_wording, wording, wording_prior,
                                  without_yes_no, without_yes_no_turns, yes_no_answer, yes_no_singles,
                                  yes_no_word)
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
@@ -43,20 +43,51 @@ def test_yes_no_answer_and_wording():
 def test_balanced_singles_leave_the_wording_nothing_to_predict(world):
     _, records = world
     singles = yes_no_singles(records)
+    wordings = Wordings.of_singles(singles)
     assert wording_prior(singles) > 0.75  # the world's built-in prior
     balanced = yes_no_singles(records, balanced=True, seed=0)
-    per_wording = Counter((wording(r), yes_no_answer(r)) for r in balanced)
+    per_wording = Counter((wordings(r["conversations"][0]["value"]), yes_no_answer(r)) for r in balanced)
     for key in {w for w, _ in per_wording}:
         if per_wording[(key, "yes")] and per_wording[(key, "no")]:
             assert per_wording[(key, "yes")] == per_wording[(key, "no")], key
     one_sided = sum(n for (key, _), n in per_wording.items()
                     if not (per_wording[(key, "yes")] and per_wording[(key, "no")]))
-    assert wording_prior(balanced) == pytest.approx((len(balanced) - one_sided) / 2 / len(balanced)
-                                                    + one_sided / len(balanced))
+    assert wording_prior(balanced, wordings) == pytest.approx((len(balanced) - one_sided) / 2 / len(balanced)
+                                                              + one_sided / len(balanced))
     assert {id(r) for r in balanced} == {id(r) for r in singles}  # every original once or more, nothing new
     assert balanced == yes_no_singles(records, balanced=True, seed=0)
     rest = without_yes_no(records)
     assert len(rest) + len(singles) == len(records) and all(yes_no_answer(r) is None for r in rest)
+
+
+def single(question: str, answer: str) -> dict:
+    return {"image": "a.png", "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                 {"from": "gpt", "value": answer}]}
+
+
+def test_a_frequent_question_is_balanced_on_its_own():
+    # one question type, two opposite priors: the first three words ("does the image") would balance them together
+    records = ([single("Does the image contain a red star?", "yes")] * 10
+               + [single("Does the image contain a red star?", "no")] * 2
+               + [single("Does the image contain no red shapes?", "no")] * 10
+               + [single("Does the image contain no red shapes?", "yes")] * 2
+               + [single("Does the image show a ring?", "yes")] * 3)
+    wordings = Wordings.of_singles(records)
+    assert wordings("<image>\nDoes the IMAGE contain a red star?") == "does the image contain a red star"
+    assert wordings("Does the image show a ring?") == "does the image"  # asked 3 times: its question type's
+    three_words = Counter((wording(r), yes_no_answer(r)) for r in records)
+    assert three_words[("does the image", "yes")] == 15 and three_words[("does the image", "no")] == 12  # ~balanced
+    assert wording_prior(records) == pytest.approx(23 / 27)  # ... yet the whole question answers 23 of 27
+    balanced = yes_no_singles(records, balanced=True, seed=0)
+    assert len(balanced) == 20 + 20 + 3  # each frequent question 10 and 10; the one-sided rare one as it is
+    assert wording_prior(balanced, wordings) == pytest.approx((40 / 2 + 3) / 43)
+    balance = WordingBalance(records)
+    totals = Counter()
+    for record in records:
+        totals[(wordings(record["conversations"][0]["value"]), yes_no_answer(record))] += \
+            balance.reply_weights(record)[0]
+    for question in ("does the image contain a red star", "does the image contain no red shapes"):
+        assert totals[(question, "yes")] == pytest.approx(totals[(question, "no")]) == pytest.approx(6.0)
 
 
 def chatml_processor(records) -> Processor:

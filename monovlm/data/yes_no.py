@@ -18,18 +18,24 @@ model learns that prior long before it learns to read the image for it. Two reme
   reply's loss is weighted so that within each wording "yes" and "no" carry equal total weight (`WordingBalance`):
   the balance of "balanced" without repeating samples or taking the questions out of their conversations, so the
   other questions keep their share of the stage.
+
+A wording (`Wordings`) is the question itself where the data asks it often enough (VQA v2's complementary pairs: the
+same question, two images, two answers), else its first three words (VQA's question types). The first three words
+alone would leave a prior: "Does the image contain a ...?" (mostly "yes") and "Does the image contain no ...?" (mostly
+"no") are one question type, as are "Is the ring blue?" and "Is the ring not blue?".
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections import defaultdict
-from typing import Any
+from collections import Counter, defaultdict
+from typing import Any, Iterable
 
 from monovlm.data.processor import IMAGE_MARKER
 
 YES_NO_MODES = ("grouped", "singles", "balanced", "weighted", "open")
+MIN_EXACT_QUESTION = 10  # a question asked this often (about as many images) is balanced as a wording of its own
 MAX_WEIGHT = 10.0  # a wording whose rarer answer is very rare: its few replies weigh at most this much
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -49,11 +55,35 @@ def yes_no_answer(record: dict[str, Any]) -> str | None:
 def wording(record: dict[str, Any], words: int = 3) -> str:
     """The question's first `words` words, lower-cased: its wording as VQA's question types group it ("is there no",
     "does the image")."""
-    return question_wording(str(record["conversations"][0].get("value", "")), words)
+    return question_wording(_question(record), words)
 
 
-def question_wording(question: str, words: int = 3) -> str:
+def _question(record: dict[str, Any]) -> str:
+    return str(record["conversations"][0].get("value", ""))
+
+
+def question_wording(question: str, words: int | None = 3) -> str:
+    """The question's lower-cased words, its first `words` of them (None: all)."""
     return " ".join(_WORD.findall(question.replace(IMAGE_MARKER, "").lower())[:words])
+
+
+class Wordings:
+    """The wording each question is balanced within, learnt from the questions of a data set: the question itself
+    (its lower-cased words) when it is asked at least `min_exact` times, else its first three words, so that a
+    question too rare to balance alone still shares its question type's balance."""
+
+    def __init__(self, questions: Iterable[str], min_exact: int = MIN_EXACT_QUESTION):
+        self.asked = Counter(question_wording(question, None) for question in questions)
+        self.min_exact = min_exact
+
+    def __call__(self, question: str) -> str:
+        whole = question_wording(question, None)
+        return whole if self.asked[whole] >= self.min_exact else question_wording(question)
+
+    @classmethod
+    def of_singles(cls, records: list[dict[str, Any]]) -> "Wordings":
+        """The wordings of the single yes/no questions among `records`."""
+        return cls(_question(record) for record in records if yes_no_answer(record) is not None)
 
 
 def yes_no_word(reply: str) -> str | None:
@@ -87,12 +117,12 @@ class WordingBalance:
     that data-loading workers started with spawn can receive it."""
 
     def __init__(self, records: list[dict[str, Any]]):
+        asked = [(question, yes_no_word(reply)) for record in records for question, reply in question_replies(record)]
+        asked = [(question, answer) for question, answer in asked if answer is not None]
+        self.wordings = Wordings(question for question, _ in asked)
         counts: dict[str, dict[str, int]] = defaultdict(lambda: {"yes": 0, "no": 0})
-        for record in records:
-            for question, reply in question_replies(record):
-                answer = yes_no_word(reply)
-                if answer is not None:
-                    counts[question_wording(question)][answer] += 1
+        for question, answer in asked:
+            counts[self.wordings(question)][answer] += 1
         self.weights: dict[tuple[str, str], float] = {}
         for key, count in counts.items():
             total = count["yes"] + count["no"]
@@ -105,7 +135,7 @@ class WordingBalance:
         out = []
         for question, reply in question_replies(record):
             answer = yes_no_word(reply)
-            out.append(1.0 if answer is None else self.weights.get((question_wording(question), answer), 1.0))
+            out.append(1.0 if answer is None else self.weights.get((self.wordings(question), answer), 1.0))
         return out
 
     def label_weights(self, labels: list[int], record: dict[str, Any], ignore_index: int) -> list[float] | None:
@@ -168,9 +198,10 @@ def yes_no_singles(records: list[dict[str, Any]], balanced: bool = False, seed: 
     singles = [record for record in records if yes_no_answer(record) is not None]
     if not balanced:
         return singles
+    wordings = Wordings.of_singles(singles)
     by_wording: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: {"yes": [], "no": []})
     for record in singles:
-        by_wording[wording(record)][yes_no_answer(record)].append(record)
+        by_wording[wordings(_question(record))][yes_no_answer(record)].append(record)
     rng = random.Random(seed)
     out = []
     for key in sorted(by_wording):
@@ -185,13 +216,14 @@ def yes_no_singles(records: list[dict[str, Any]], balanced: bool = False, seed: 
     return out
 
 
-def wording_prior(records: list[dict[str, Any]]) -> float:
+def wording_prior(records: list[dict[str, Any]], wordings: Wordings | None = None) -> float:
     """The share of yes/no questions a blind rule answers right by giving each wording its commoner answer (fit and
-    scored on `records`): how much the wording alone says."""
+    scored on `records`; the wordings learnt from them unless given): how much the wording alone says."""
+    wordings = wordings or Wordings.of_singles(records)
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"yes": 0, "no": 0})
     for record in records:
         answer = yes_no_answer(record)
         if answer is not None:
-            counts[wording(record)][answer] += 1
+            counts[wordings(_question(record))][answer] += 1
     total = sum(sum(c.values()) for c in counts.values())
     return sum(max(c.values()) for c in counts.values()) / total if total else 0.0
