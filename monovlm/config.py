@@ -141,6 +141,7 @@ class DecoderConfig:
 
 EMBEDDER_KINDS = ("linear", "eve", "conv")
 IMAGE_POSITIONS = ("marker", "after_text")
+VISION_STEMS = ("patch", "conv", "patch+conv")
 
 
 @dataclass
@@ -167,7 +168,8 @@ class VisionConfig:
     patch_bias: bool = True  # bias of the linear embedder (Fuyu: yes, SOLO: no)
     # the eve/conv embedders' first step: "patch" (one strided conv per patch, EVE's) or "conv" (stride-2 3×3 convs
     # with GELU down to the patch, "Early convolutions help transformers see better"): a few local layers that can
-    # tell a star from a hexagon inside the token, where one linear map of the pixels cannot
+    # tell a star from a hexagon inside the token, where one linear map of the pixels cannot; or "patch+conv": the
+    # sum of both, so a patch's colour stays one linear read of its pixels beside what the convs make of its shape
     stem: str = "patch"
     stem_depth: int = 1  # 3×3 convs per halving of the conv stem (its first one strided)
     # where a user turn's images sit among its tokens, in training and at inference alike: "marker" (where the
@@ -221,13 +223,13 @@ class VisionConfig:
             raise ConfigError(f"query_grids={self.query_grids!r} must be a list of positive grid sides, e.g. [1, 2, 4]")
         if type(self.token_pool) is not int or self.token_pool < 1:
             raise ConfigError(f"token_pool={self.token_pool!r} must be an integer >= 1")
-        if self.stem not in ("patch", "conv"):
-            raise ConfigError(f"vision stem={self.stem!r} is not 'patch' or 'conv'")
-        if self.stem == "conv" and self.embedder == "linear":
+        if self.stem not in VISION_STEMS:
+            raise ConfigError(f"vision stem={self.stem!r} is not one of {VISION_STEMS}")
+        if self.stem != "patch" and self.embedder == "linear":
             raise ConfigError("the linear embedder has no stem (Fuyu/SOLO: one Linear per raw patch); "
                               "use embedder = 'eve' or 'conv' for stem = 'conv'")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ConfigError(f"stem='conv' halves the image log2(patch_size) times: patch_size={self.patch_size} "
+        if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"stem={self.stem!r} halves the image log2(patch_size) times: patch_size={self.patch_size} "
                               "must be a power of two >= 2")
         if type(self.stem_depth) is not int or self.stem_depth < 1:
             raise ConfigError(f"stem_depth={self.stem_depth!r} must be an integer >= 1")

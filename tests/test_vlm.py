@@ -26,6 +26,8 @@ VISION_SETTINGS = {
                                   stem="conv", stem_depth=2),
     "conv+conv-stem": VisionConfig(embedder="conv", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64,
                                    stem="conv"),
+    "eve+patch+conv-stem": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32,
+                                        max_pixels=64 * 64, stem="patch+conv"),
 }
 
 
@@ -175,13 +177,13 @@ def test_embedder_context_must_be_zero_or_odd(side):
         VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_context=side)
 
 
-@pytest.mark.parametrize("kind", ["eve", "conv"])
+@pytest.mark.parametrize("kind, stem", [("eve", "conv"), ("conv", "conv"), ("eve", "patch+conv")])
 @pytest.mark.parametrize("depth", [1, 2])
-def test_conv_stem_sees_one_token_around_its_own(kind, depth):
-    """`stem = "conv"`: the 3×3 convs see across patch borders, so a token's pixels reach exactly the tokens whose
-    receptive field (composed from the stem's convs: kernel 3, padding 1, stride 2 or 1) covers them; the patch stem
-    keeps each token to its own pixels (the test above)."""
-    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "stem": "conv", "stem_depth": depth})
+def test_conv_stem_sees_one_token_around_its_own(kind, stem, depth):
+    """`stem = "conv"` (or "patch+conv"): the 3×3 convs see across patch borders, so a token's pixels reach exactly
+    the tokens whose receptive field (composed from the stem's convs: kernel 3, padding 1, stride 2 or 1) covers them;
+    the patch stem keeps each token to its own pixels (the test above)."""
+    vision = VisionConfig(**{**VISION_SETTINGS[kind].to_dict(), "stem": stem, "stem_depth": depth})
     moved, embedder = tokens_moved(vision, 3, 3)
     stem_convs = [m for m in embedder.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(stem_convs) == 2 * depth  # log2(patch_size 4) halvings, `depth` 3×3 convs each
@@ -203,8 +205,23 @@ def test_conv_stem_sees_one_token_around_its_own(kind, depth):
     assert torch.equal(moved, reached[:, None] & reached[None, :])
 
 
+def test_patch_plus_conv_stem_is_the_patch_stem_plus_the_conv_stem():
+    vision = VISION_SETTINGS["eve+patch+conv-stem"]
+    torch.manual_seed(0)
+    summed = build_embedder(vision, hidden_size=64).stem
+    pixels = torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        both = summed(pixels)  # (2, width, 4, 6)
+        patch = torch.nn.functional.conv2d(pixels, summed.patch.weight, stride=vision.patch_size)
+        assert not torch.allclose(both, patch, atol=1e-3)
+        summed.convs[-1].weight.zero_()
+        summed.convs[-1].bias.zero_()  # the conv branch silenced: the patch stem's linear view alone
+        torch.testing.assert_close(summed(pixels), patch)
+
+
 @pytest.mark.parametrize("settings, match", [
     (dict(embedder="linear", patch_size=8, merge=1, stem="conv"), "linear embedder has no stem"),
+    (dict(embedder="linear", patch_size=8, merge=1, stem="patch+conv"), "linear embedder has no stem"),
     (dict(embedder="eve", patch_size=6, merge=2, stem="conv"), "power of two"),
     (dict(embedder="eve", patch_size=4, merge=2, stem="convnext"), "stem='convnext'"),
     (dict(embedder="conv", patch_size=4, merge=2, stem="conv", stem_depth=0), "stem_depth"),
@@ -214,7 +231,7 @@ def test_stem_settings_are_checked(settings, match):
         VisionConfig(**settings)
 
 
-@pytest.mark.parametrize("kind", ["eve", "eve+context", "eve+conv-stem"])
+@pytest.mark.parametrize("kind", ["eve", "eve+context", "eve+conv-stem", "eve+patch+conv-stem"])
 def test_save_load_round_trip_and_generation(tokenizer, tmp_path, kind):
     model, processor = build(tokenizer, VISION_SETTINGS[kind], expert_mlp=True)
     model.save(tmp_path, tokenizer)

@@ -8,7 +8,8 @@
 - `EncoderEmbedder` (the LLaVA-style baseline): ViT -> merge×merge pixel shuffle -> 2-layer MLP projector, so it
   yields exactly as many tokens as the `conv` embedder with the same VisionConfig.
 
-`eve` and `conv` take `stem = "conv"` in place of their first strided conv: stride-2 3×3 convs down to the patch.
+`eve` and `conv` take `stem = "conv"` in place of their first strided conv: stride-2 3×3 convs down to the patch
+(`"patch+conv"`: both, added).
 
 Every embedder returns, per image, the token sequence the decoder sees: [CLS] row 1, SEP, row 2, SEP, ... — CLS and
 the row separator are learned vectors, included when the config asks for them. That order is
@@ -142,11 +143,26 @@ class LinearEmbedder(Embedder):
 
 
 def patch_stem(config: VisionConfig, bias: bool) -> nn.Module:
-    """pixels (B, 3, H, W) -> (B, embedder_width, H/patch, W/patch): one strided conv (`stem = "patch"`) or a conv
-    stem (`stem = "conv"`)."""
-    if config.stem == "conv":
+    """pixels (B, 3, H, W) -> (B, embedder_width, H/patch, W/patch): one strided conv (`stem = "patch"`), a conv
+    stem (`stem = "conv"`) or the sum of both (`"patch+conv"`)."""
+    def patch() -> nn.Conv2d:
+        return nn.Conv2d(3, config.embedder_width, config.patch_size, stride=config.patch_size, bias=bias)
+
+    def convs() -> nn.Sequential:
         return conv_stem(config.embedder_width, config.patch_size, config.stem_depth)
-    return nn.Conv2d(3, config.embedder_width, config.patch_size, stride=config.patch_size, bias=bias)
+
+    return {"patch": patch, "conv": convs}.get(config.stem, lambda: SummedStems(patch(), convs()))()
+
+
+class SummedStems(nn.Module):
+    """Two stems side by side, their outputs added: the patch stem's linear view of each patch and the conv stem's."""
+
+    def __init__(self, patch: nn.Module, convs: nn.Module):
+        super().__init__()
+        self.patch, self.convs = patch, convs
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.patch(pixels) + self.convs(pixels)  # (B, width, H/patch, W/patch)
 
 
 class ConvEmbedder(Embedder):
