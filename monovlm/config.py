@@ -227,10 +227,10 @@ class VisionConfig:
             raise ConfigError(f"vision stem={self.stem!r} is not one of {VISION_STEMS}")
         if self.stem != "patch" and self.embedder == "linear":
             raise ConfigError("the linear embedder has no stem (Fuyu/SOLO: one Linear per raw patch); "
-                              "use embedder = 'eve' or 'conv' for stem = 'conv'")
+                              f"use embedder = 'eve' or 'conv' for stem = {self.stem!r}")
         if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ConfigError(f"stem={self.stem!r} halves the image log2(patch_size) times: patch_size={self.patch_size} "
-                              "must be a power of two >= 2")
+            raise ConfigError(f"stem={self.stem!r} halves the image log2(patch_size) times: "
+                              f"patch_size={self.patch_size} must be a power of two >= 2")
         if type(self.stem_depth) is not int or self.stem_depth < 1:
             raise ConfigError(f"stem_depth={self.stem_depth!r} must be an integer >= 1")
         if self.image_position not in IMAGE_POSITIONS:
