@@ -9,7 +9,7 @@ import torch
 from monovlm.config import ConfigError, VisionConfig
 from monovlm.data.processor import IGNORE_INDEX, Processor
 from monovlm.model.vlm import EncoderFreeVLM
-from tests.tiny_vlm import build_vlm, picture, small_tokenizer
+from tiny_vlm import build_vlm, picture, small_tokenizer
 
 
 @pytest.fixture(scope="module")
