@@ -145,13 +145,13 @@ class LinearEmbedder(Embedder):
 def patch_stem(config: VisionConfig, bias: bool) -> nn.Module:
     """pixels (B, 3, H, W) -> (B, embedder_width, H/patch, W/patch): one strided conv (`stem = "patch"`), a conv
     stem (`stem = "conv"`) or the sum of both (`"patch+conv"`)."""
-    def patch() -> nn.Conv2d:
-        return nn.Conv2d(3, config.embedder_width, config.patch_size, stride=config.patch_size, bias=bias)
-
-    def convs() -> nn.Sequential:
-        return conv_stem(config.embedder_width, config.patch_size, config.stem_depth)
-
-    return {"patch": patch, "conv": convs}.get(config.stem, lambda: SummedStems(patch(), convs()))()
+    # only the layers the stem uses are built: an unused one would shift the initial values of every later layer
+    patch = None if config.stem == "conv" else nn.Conv2d(3, config.embedder_width, config.patch_size,
+                                                          stride=config.patch_size, bias=bias)
+    if config.stem == "patch":
+        return patch
+    convs = conv_stem(config.embedder_width, config.patch_size, config.stem_depth)
+    return convs if config.stem == "conv" else SummedStems(patch, convs)
 
 
 class SummedStems(nn.Module):
