@@ -87,3 +87,17 @@ def test_forward_without_labels_runs_eagerly():
     batch.labels.fill_(IGNORE_INDEX)
     ce, align = TrainModule(model, compile=True)(batch)
     assert float(ce.detach()) == 0.0 and float(align) == 0.0
+
+
+def test_compiled_step_with_isolated_turns_equals_eager():
+    """Isolated turns' mask and positions reach the compiled region as they do the eager step, and change the loss."""
+    model = tiny_vlm()
+    eager, compiled = TrainModule(model), TrainModule(model, compile=True)
+    batch = make_batch(6, seed=6)
+    plain = step(eager, batch)
+    batch.turn_ids = torch.zeros_like(batch.input_ids)
+    batch.turn_ids[:, -6:-3], batch.turn_ids[:, -3:] = 1, 2  # the text after the image as two turns
+    batch.turn_ids[1, -2:] = 0  # the padding of the second row
+    isolated = step(eager, batch)
+    assert_same(step(compiled, batch, depths=(1,)), step(eager, batch, depths=(1,)))
+    assert abs(float(isolated[0]) - float(plain[0])) > 1e-4

@@ -25,6 +25,7 @@ class Batch:
     num_samples: int
     image_keys: list[str] = field(default_factory=list)  # the images' data paths, same order (when known)
     label_weights: torch.Tensor | None = None  # (B, T) float loss weight per token; None when every weight is 1
+    turn_ids: torch.Tensor | None = None  # (B, T) isolated turns: 0 shared, k turn k of its sample; None: no sample has
 
     @property
     def num_tokens(self) -> int:
@@ -33,7 +34,8 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
                      [image.to(device) for image in self.images], self.num_samples, self.image_keys,
-                     None if self.label_weights is None else self.label_weights.to(device))
+                     None if self.label_weights is None else self.label_weights.to(device),
+                     None if self.turn_ids is None else self.turn_ids.to(device))
 
 
 def collate(samples: Sequence[ProcessedSample], pad_id: int, pad_to: int | None = None) -> Batch:
@@ -52,6 +54,8 @@ def collate_packed(rows: Sequence[Sequence[ProcessedSample]], pad_id: int, pad_t
     segments = torch.zeros((len(rows), width), dtype=torch.long)
     weighted = any(sample.label_weights is not None for row in rows for sample in row)
     weights = torch.ones((len(rows), width)) if weighted else None
+    isolated = any(sample.turn_ids is not None for row in rows for sample in row)
+    turn_ids = torch.zeros((len(rows), width), dtype=torch.long) if isolated else None
     images: list[torch.Tensor] = []
     keys: list[str] = []
     for row_index, row in enumerate(rows):
@@ -63,11 +67,13 @@ def collate_packed(rows: Sequence[Sequence[ProcessedSample]], pad_id: int, pad_t
             segments[row_index, start:end] = segment
             if weights is not None and sample.label_weights is not None:
                 weights[row_index, start:end] = torch.tensor(sample.label_weights)
+            if turn_ids is not None and sample.turn_ids is not None:
+                turn_ids[row_index, start:end] = torch.tensor(sample.turn_ids)
             images += sample.images
             keys += sample.image_keys
             start = end
     return Batch(input_ids, labels, segments, images, sum(len(row) for row in rows),
-                 keys if len(keys) == len(images) else [], weights)
+                 keys if len(keys) == len(images) else [], weights, turn_ids)
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:

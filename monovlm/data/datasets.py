@@ -405,18 +405,20 @@ class LlavaDataset:
     `select(records)` (e.g. only the yes/no questions) runs on the file's records first, and `label` then says in the
     data's name which of them this is. `group_by_image=True` then merges the records of each image into one multi-turn
     record (`merge_turns_by_image`). `reply_weights` (a `monovlm.data.yes_no.WordingBalance`), when given, sets each
-    sample's per-token loss weights from its replies. A .jsonl file read as it is (no select, no grouping) is read on
+    sample's per-token loss weights from its replies. `isolate_turns` lays each merged conversation out as turns that
+    do not see each other (`Processor.isolated_turns`). A .jsonl file read as it is (no select, no grouping) is read on
     demand (`JsonlIndex`): its bad lines are then counted as skips when read, not all at the start."""
 
     def __init__(self, path: str | os.PathLike, processor: Processor, image_root: str | os.PathLike | None = None,
                  group_by_image: bool = False, group_seed: int = 0,
                  select: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
-                 label: str | None = None, reply_weights: Any = None):
+                 label: str | None = None, reply_weights: Any = None, isolate_turns: bool = False):
         self.path = Path(path)
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.label = label
         self.reply_weights = reply_weights
+        self.isolate_turns = isolate_turns
         self.records: Sequence[dict[str, Any]] | JsonlIndex
         if self.path.suffix == ".jsonl" and select is None and not group_by_image:
             # read on demand: memory per record is an offset; a bad line is a skip when it is read
@@ -451,7 +453,7 @@ class LlavaDataset:
         if isinstance(record, SkippedSample):  # a bad line of a file read on demand
             return record
         try:
-            sample = self.processor.process(record, image_root=self.image_root)
+            sample = self.processor.process(record, image_root=self.image_root, isolate_turns=self.isolate_turns)
         except (SampleError, ImageLoadError) as error:
             return SkippedSample(self.describe(index), skip_reason(error), str(error))
         if self.reply_weights is not None:

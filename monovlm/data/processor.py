@@ -73,6 +73,7 @@ class ProcessedSample:
     image_keys: list[str] = field(default_factory=list)  # the images' paths as written in the data (for teachers'
     # precomputed features); empty when images were passed in directly
     label_weights: list[float] | None = None  # per token, scaling its loss (a stage's yes_no = "weighted"); None: 1
+    turn_ids: list[int] | None = None  # isolated turns (`Processor.isolated_turns`): 0 shared, k turn k; None: plain
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -151,10 +152,12 @@ class Processor:
     # training samples
 
     def process(self, sample: dict[str, Any], image_root: str | os.PathLike | None = None,
-                images: Sequence[Image.Image] | None = None, keys: Sequence[str] | None = None) -> ProcessedSample:
+                images: Sequence[Image.Image] | None = None, keys: Sequence[str] | None = None,
+                isolate_turns: bool = False) -> ProcessedSample:
         """One LLaVA-format sample -> ProcessedSample; its images read from their paths, or given as `images`
-        (read elsewhere, e.g. from a shard, named by `keys`). Raises SampleError (or ImageLoadError) for unusable
-        samples."""
+        (read elsewhere, e.g. from a shard, named by `keys`). With `isolate_turns`, a conversation of independent
+        questions about one image is laid out as `isolated_turns` does (others as usual). Raises SampleError (or
+        ImageLoadError) for unusable samples."""
         turns = _turns(sample)
         keys = list(keys or [])
         if images is None:
@@ -165,13 +168,51 @@ class Processor:
             for image, key in zip(images, keys):
                 image.info["token_pool"] = self.image_pool(key)
         turns = _place_image_markers(turns, len(images))
-        result = self.encode_chat(turns, images)
+        result = (self.isolated_turns(turns, images) if isolate_turns else None) or self.encode_chat(turns, images)
         if len(result) > self.config.max_length:
             raise SampleError(f"sample has {len(result)} tokens, over max_length={self.config.max_length}")
         if all(label == IGNORE_INDEX for label in result.labels):
             raise SampleError("sample has no answer tokens to learn from")
         result.image_keys = keys
         return result
+
+    def isolated_turns(self, turns: Sequence[Turn], images: Sequence[Image.Image]) -> ProcessedSample | None:
+        """Independent questions about one image (a conversation `group_by_image` merged) as one training row whose
+        turns do not see each other: the prompt head and the image once (turn id 0), then each question and its reply
+        as its single sample has them after the image (turn id k). The decoder (`Decoder.turn_inputs`) lets turn k
+        attend to the shared tokens and itself, at its single sample's positions, so each reply's loss is exactly its
+        single sample's — no turn reads the answers of the others (in VQA data they often tell the next one: "What
+        colour is the ring?" "red", then "Is there a red ring?") — and the image is still read once per row.
+
+        None where the layout does not apply, for the caller to encode the conversation as it is: not one image, not
+        (user, assistant) pairs after an optional system turn with the image marker in the first question, one pair
+        only, the "plain" template, or a template whose tokens before the image differ between questions (an image
+        placed after the text)."""
+        turns = [Turn(*turn) for turn in turns]
+        system = turns[:1] if turns and turns[0].role == "system" else []
+        pairs = turns[len(system):]
+        if (len(images) != 1 or self.template == "plain" or len(pairs) < 4 or len(pairs) % 2
+                or any(turn.role != ("user", "assistant")[i % 2] for i, turn in enumerate(pairs))
+                or IMAGE_MARKER not in pairs[0].text
+                or sum(turn.text.count(IMAGE_MARKER) for turn in turns) != 1):
+            return None
+        first = self.encode_chat(system + pairs[:2], images)
+        head_length = first.input_ids.index(self.image_start_id)
+        shared = first.input_ids.index(self.image_end_id) + 1
+        ids, labels, turn_ids = first.input_ids[:shared], first.labels[:shared], [0] * shared
+        for number in range(0, len(pairs), 2):
+            if number == 0:
+                single, start = first, shared
+            else:  # the question as its own record had it; a 1-token image stands in (only the text after it is kept)
+                question = Turn("user", IMAGE_MARKER + "\n" + pairs[number].text)
+                single = self.encode_chat(system + [question, pairs[number + 1]], [1])
+                if single.input_ids[:head_length + 1] != first.input_ids[:head_length + 1]:
+                    return None
+                start = head_length + 3  # image start, the stand-in, image end
+            ids += single.input_ids[start:]
+            labels += single.labels[start:]
+            turn_ids += [number // 2 + 1] * (len(single) - start)
+        return ProcessedSample(ids, labels, first.images, turn_ids=turn_ids)
 
     def token_count(self, sample: dict[str, Any], image_tokens: Sequence[int]) -> int:
         """The length `process` gives `sample` when its images have these numbers of visual tokens

@@ -386,15 +386,16 @@ class ShardDataset:
 
     Read as it is, the folder's records are read on demand (`ShardIndex`). `select` and `group_by_image` need all
     records at once: the JSON members are then read into memory (not the images), and each image is found by its
-    name in the sample that holds it. `reply_weights` as in LlavaDataset."""
+    name in the sample that holds it. `reply_weights` and `isolate_turns` as in LlavaDataset."""
 
     def __init__(self, path: str | os.PathLike, processor: Processor, group_by_image: bool = False,
                  group_seed: int = 0, select: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
-                 label: str | None = None, reply_weights: Any = None):
+                 label: str | None = None, reply_weights: Any = None, isolate_turns: bool = False):
         self.path = Path(path)
         self.processor = processor
         self.label = label
         self.reply_weights = reply_weights
+        self.isolate_turns = isolate_turns
         self.index = ShardIndex(self.path)
         self.malformed: list[SkippedSample] = list(self.index.skipped)  # left out at shard time
         self.records: Sequence[dict[str, Any] | SkippedSample] = self.index
@@ -441,7 +442,7 @@ class ShardDataset:
         try:
             names = image_names(record)
             images = [self._load(index, record, number, name) for number, name in enumerate(names)]
-            sample = self.processor.process(record, images=images, keys=names)
+            sample = self.processor.process(record, images=images, keys=names, isolate_turns=self.isolate_turns)
         except (SampleError, ImageLoadError) as error:
             return SkippedSample(self.describe(index), skip_reason(error), str(error))
         sample.image_keys = names  # as the file reader gives them: the keys of teachers' precomputed features

@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from monovlm.config import DecoderConfig
 from monovlm.model.experts import Routing, route
 from monovlm.model.kv_cache import KVCache
-from monovlm.model.masks import build_attention_mask, open_images, position_ids_from_segments
+from monovlm.model.masks import (build_attention_mask, isolate_turns, open_images, position_ids_from_segments,
+                                 turn_positions)
 from monovlm.model.rope import RotaryTable, apply_rotary
 
 
@@ -364,11 +365,17 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         vision_mask: torch.Tensor | None = None,
         grid_positions: torch.Tensor | None = None,
+        turn_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The final-norm hidden states (B, T, C) before the output head."""
+        """The final-norm hidden states (B, T, C) before the output head. `turn_ids` (B, T), training only: 0 for
+        shared tokens, k for the tokens of isolated turn k (see `turn_inputs`)."""
         x = self.embed(input_ids, inputs_embeds)  # (B, T, C)
         if cache is not None:
             cache.check_room(x.shape[1])
+        if turn_ids is not None:
+            if cache is not None:
+                raise ValueError("isolated turns are a training layout; they take no KV cache")
+            attention_mask, position_ids = self.turn_inputs(attention_mask, position_ids, turn_ids, vision_mask)
         segment_ids = segments_of(attention_mask)
         if position_ids is None:
             start = cache.next_position if cache is not None and cache.length > 0 else None
@@ -431,6 +438,28 @@ class Decoder(nn.Module):
         if grid_positions is None:
             grid_positions = torch.zeros(*x.shape[:2], 2, dtype=torch.long, device=x.device)
         return (*self.rotary_hw(grid_positions[..., 0], x.dtype), *self.rotary_hw(grid_positions[..., 1], x.dtype))
+
+    def turn_inputs(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                    turn_ids: torch.Tensor, vision_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the boolean mask (B, 1, T, T), positions (B, T)) of rows whose turns are isolated: each question-answer
+        turn (turn_ids k >= 1) sees its document's shared tokens (0: the prompt head and the image) and itself, at the
+        positions it would have alone after them, so every turn's logits are those of its own single sample, for one
+        pass over the shared tokens. attention_mask (B, T) segment ids or None; position_ids None for the default."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("isolated turns build their own mask from segment ids, not from a ready 4-D mask")
+        batch, length = turn_ids.shape
+        segment_ids = segments_of(attention_mask)
+        if segment_ids is None:
+            segment_ids = torch.ones(batch, length, dtype=torch.long, device=turn_ids.device)
+        if position_ids is None:
+            position_ids = self.default_positions(segment_ids, turn_ids.shape, None, turn_ids.device, vision_mask)
+        position_ids = turn_positions(position_ids, turn_ids, segment_ids)
+        mask = build_attention_mask(segment_ids, segment_ids, 0)
+        if self.config.sliding_window is not None:  # the window counts positions, which isolated turns reuse
+            mask = mask & (position_ids[:, None, :] > position_ids[:, :, None] - self.config.sliding_window)[:, None]
+        if self.config.image_attention == "bidirectional" and vision_mask is not None:
+            mask = open_images(mask, vision_mask, 0)
+        return isolate_turns(mask, turn_ids), position_ids
 
     def attention_mask(self, attention_mask: torch.Tensor | None, shape: torch.Size, cache: KVCache | None,
                        vision_mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:

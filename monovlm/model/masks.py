@@ -64,6 +64,30 @@ def build_attention_mask(
     return mask[:, None]  # (B, 1, Tq, Tk)
 
 
+def turn_positions(position_ids: torch.Tensor, turn_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) as if each isolated turn followed its document's shared prefix alone: every token of turn k
+    moves back by the tokens of the document's earlier turns. turn_ids (B, T): 0 for shared tokens, k >= 1 for the
+    tokens of turn k (contiguous); segment_ids (B, T) as above. Turns hold text only (one position per token)."""
+    in_turn = turn_ids > 0
+    before = in_turn.long().cumsum(dim=1) - in_turn.long()  # (B, T) turn tokens before each token in the row
+    previous_turn = torch.nn.functional.pad(turn_ids[:, :-1], (1, 0), value=-1)
+    previous_segment = torch.nn.functional.pad(segment_ids[:, :-1], (1, 0), value=-1)
+    starts_doc = segment_ids != previous_segment
+    starts_block = starts_doc | (turn_ids != previous_turn)
+    # `before` never decreases along a row, so a running max carries each block's (document's) starting count
+    block_start = torch.where(starts_block, before, torch.zeros_like(before)).cummax(dim=1).values
+    doc_start = torch.where(starts_doc, before, torch.zeros_like(before)).cummax(dim=1).values
+    offset = torch.where(in_turn, block_start - doc_start, torch.zeros_like(before))
+    return position_ids - offset.to(position_ids.dtype)
+
+
+def isolate_turns(mask: torch.Tensor, turn_ids: torch.Tensor) -> torch.Tensor:
+    """mask (B, 1, T, T) with each turn's keys hidden from the other turns' queries: a token of turn k sees the shared
+    tokens (turn id 0) and its own turn. turn_ids (B, T) as in `turn_positions`."""
+    query, key = turn_ids[:, :, None], turn_ids[:, None, :]  # (B, T, 1), (B, 1, T)
+    return mask & ((key == 0) | (key == query))[:, None]
+
+
 def image_spans(vision_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool -> (B, T) long: k at the tokens of the k-th run of visual tokens in the row (from 1), 0 elsewhere.
     The processor brackets every image with start/end tokens, so one run is one image."""

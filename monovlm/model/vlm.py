@@ -171,13 +171,14 @@ class EncoderFreeVLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None = None,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """The decoder's final-norm hidden states (B, T, C) for input_ids (B, T) with images scattered in."""
+                      cache: KVCache | None = None, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's final-norm hidden states (B, T, C) for input_ids (B, T) with images scattered in; `turn_ids`
+        (B, T) for training rows of isolated turns (`Decoder.turn_inputs`)."""
         embeds, vision_mask = self.embed(input_ids, images)
         grid = self.grid_positions(input_ids, images) if self.config.decoder.native_rope and images else None
         return self.decoder.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
                                           position_ids=position_ids, cache=cache, vision_mask=vision_mask,
-                                          grid_positions=grid)
+                                          grid_positions=grid, turn_ids=turn_ids)
 
     def grid_positions(self, input_ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
         """Native RoPE's (row, column) of each token (B, T, 2): a patch's place in its image's grid; 0 for text,
@@ -194,6 +195,7 @@ class EncoderFreeVLM(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         reduction=None,
+        turn_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with last_only. Decode steps pass only input_ids (and the cache).
 
@@ -202,8 +204,10 @@ class EncoderFreeVLM(nn.Module):
         kept tokens only (left-padded per row, the last column is still each row's last token). Its cache is a
         `reduction.new_cache(...)`, whose `decode` runs the later tokens."""
         if reduction is not None:
+            if turn_ids is not None:
+                raise ValueError("token reduction is an inference path; isolated turns are a training layout")
             return reduction.forward(self, input_ids, images, attention_mask, position_ids, cache, last_only)
-        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache)
+        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, cache, turn_ids)
         if last_only:
             hidden = hidden[:, -1:]
         return F.linear(hidden, self.decoder.output_weight)
@@ -216,12 +220,13 @@ class EncoderFreeVLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         reduction: str = "mean",
+        turn_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token cross-entropy over labelled positions ("mean", or "sum" for the trainer, which divides by the
         number of labelled tokens of the whole global batch so that accumulation and data parallelism give the same
         loss as one big batch). labels (B, T) are aligned with input_ids (the shift happens here); the output head
         runs only where there is a label, which skips every image position."""
-        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids)  # (B, T, C)
+        hidden = self.hidden_states(input_ids, images, attention_mask, position_ids, turn_ids=turn_ids)  # (B, T, C)
         return labelled_cross_entropy(hidden, labels, self.decoder.output_weight, reduction)
 
     # -----------------------------------------------------------------------------------------------------------

@@ -54,11 +54,13 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
     `stage.yes_no` "singles" or "balanced", each file is two parts: its records without the single yes/no
     questions, and those questions alone (see data/yes_no.py; `seed` draws the balancing repeats); with "weighted",
     the files are read as they are and the yes/no replies' losses weighted per wording over all of them; with "open",
-    without their yes/no questions (also those inside conversations). A data
+    without their yes/no questions (also those inside conversations). `stage.isolate_turns` applies to the files
+    grouped by image. A data
     "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
 
     def open_data(file: str, **options) -> LlavaDataset | ShardDataset:
+        options["isolate_turns"] = stage.isolate_turns and options.get("group_by_image", False)
         path = Path(data_root) / file
         if path.is_dir():  # a shard folder holds its images: no image root
             return ShardDataset(path, processor, **options)
@@ -150,7 +152,8 @@ class LoadedBatch:
                                      attention_mask=batch.attention_mask.pin_memory(),
                                      images=[image.pin_memory() for image in batch.images],
                                      label_weights=None if batch.label_weights is None
-                                     else batch.label_weights.pin_memory())
+                                     else batch.label_weights.pin_memory(),
+                                     turn_ids=None if batch.turn_ids is None else batch.turn_ids.pin_memory())
         return LoadedBatch(self.position, pinned, self.reads)
 
 

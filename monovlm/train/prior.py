@@ -18,10 +18,11 @@ from monovlm.model.vlm import IGNORE_INDEX, EncoderFreeVLM
 @torch.no_grad()
 def prior_token_weights(model: EncoderFreeVLM, input_ids: torch.Tensor, labels: torch.Tensor,
                         images: list[torch.Tensor] | None, attention_mask: torch.Tensor | None,
-                        power: float) -> torch.Tensor:
-    """Weights (B, T-1) aligned with the shifted targets: 0 where there is no label."""
+                        power: float, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights (B, T-1) aligned with the shifted targets: 0 where there is no label. `turn_ids` as the batch has them
+    (isolated turns), so the blind pass reads what the training pass reads."""
     blank = [torch.zeros_like(image) for image in images] if images else None
-    hidden = model.hidden_states(input_ids, blank, attention_mask)  # (B, T, C)
+    hidden = model.hidden_states(input_ids, blank, attention_mask, turn_ids=turn_ids)  # (B, T, C)
     targets = labels[:, 1:]  # (B, T-1)
     selected = targets != IGNORE_INDEX
     weights = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)

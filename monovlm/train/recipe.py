@@ -71,6 +71,10 @@ class StageConfig:
     # merge one-question records of an image into one multi-turn sample (LLaVA style); with a list of data files,
     # true/false for all of them or a list with one flag per file
     group_by_image: bool | list[bool] = False
+    # with group_by_image: each question-answer turn of a merged conversation sees the image and itself only, at the
+    # positions it has alone, so no turn reads the other answers (in VQA data they often give the next one away); the
+    # loss of the single questions, the image read once (Processor.isolated_turns)
+    isolate_turns: bool = False
     group_by_length: bool = False  # batches of samples of similar length (less padding; LLaVA's group_by_length)
     max_length: int = 512
     align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
@@ -115,6 +119,10 @@ class StageConfig:
         if self.template not in TEMPLATES:  # caught at load time, not when the stage starts hours later
             raise ConfigError(f"stage {self.name!r}: template {self.template!r} is not one of {TEMPLATES}")
         self._check_data()
+        if self.isolate_turns is not False and (self.isolate_turns is not True or not any(
+                flag for _, _, flag in self.data_files)):
+            raise ConfigError(f"stage {self.name!r}: isolate_turns = {self.isolate_turns!r} needs true/false and "
+                              "group_by_image = true (it lays out the conversations group_by_image merges)")
         if self.loss_norm not in LOSS_NORMS:
             raise ConfigError(f"stage {self.name!r}: loss_norm {self.loss_norm!r} is not one of {LOSS_NORMS}")
         if self.loss_weighting not in ("none", "prior") or self.prior_power < 0:

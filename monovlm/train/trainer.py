@@ -143,7 +143,7 @@ class TrainModule(nn.Module):
             from monovlm.train.prior import prior_token_weights
 
             prior = prior_token_weights(model, batch.input_ids, batch.labels, images, batch.attention_mask,
-                                        prior_power)
+                                        prior_power, batch.turn_ids)
             token_weights = prior if token_weights is None else token_weights * prior
         use_align = self.aligner is not None and teacher is not None and images is not None
         depths = list(align_layers) if use_align else []
@@ -184,7 +184,8 @@ class TrainModule(nn.Module):
 
             capture = HiddenCapture(model.decoder, depths)
         with capture as captured:
-            hidden = model.hidden_states(batch.input_ids, batch.images or None, batch.attention_mask)
+            hidden = model.hidden_states(batch.input_ids, batch.images or None, batch.attention_mask,
+                                         turn_ids=batch.turn_ids)
         ce_sum = labelled_cross_entropy(hidden, batch.labels, model.decoder.output_weight, reduction="sum",
                                         token_weights=token_weights)
         return ce_sum, captured.states if depths else []
@@ -199,10 +200,14 @@ class TrainModule(nn.Module):
         model, decoder = self.model, self.model.decoder
         images = batch.images or None
         x, vision_mask = model.embed(batch.input_ids, images)  # (B, T, C)
-        positions = decoder.default_positions(segments_of(batch.attention_mask), x.shape[:2], None, x.device,
-                                              vision_mask)  # V2PE's and native RoPE's visual steps included
+        mask = batch.attention_mask
+        if batch.turn_ids is not None:  # isolated turns: their own mask and positions
+            mask, positions = decoder.turn_inputs(mask, None, batch.turn_ids, vision_mask)
+        else:
+            positions = decoder.default_positions(segments_of(mask), x.shape[:2], None, x.device,
+                                                  vision_mask)  # V2PE's and native RoPE's visual steps included
         grid = model.grid_positions(batch.input_ids, images) if decoder.config.native_rope and images else None
-        inputs = decoder.layer_inputs(x, batch.attention_mask, positions, None, vision_mask, grid)
+        inputs = decoder.layer_inputs(x, mask, positions, None, vision_mask, grid)
         # a boolean mask's count is data-dependent (a graph break); an index of the labelled targets is an input
         label_index = (batch.labels[:, 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)  # (N,)
         targets = batch.labels[:, 1:].reshape(-1).index_select(0, label_index)  # (N,)
