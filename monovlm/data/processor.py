@@ -168,7 +168,9 @@ class Processor:
             for image, key in zip(images, keys):
                 image.info["token_pool"] = self.image_pool(key)
         turns = _place_image_markers(turns, len(images))
-        result = (self.isolated_turns(turns, images) if isolate_turns else None) or self.encode_chat(turns, images)
+        result = self.isolated_turns(turns, images) if isolate_turns else None
+        if result is None:  # not asked, or a conversation the isolated layout does not fit
+            result = self.encode_chat(turns, images)
         if len(result) > self.config.max_length:
             raise SampleError(f"sample has {len(result)} tokens, over max_length={self.config.max_length}")
         if all(label == IGNORE_INDEX for label in result.labels):
