@@ -248,7 +248,7 @@ def test_overrides_are_typed_and_stages_are_addressed_by_name():
     ("stages.instruct.align=yes", r"takes bool"),
     ("stages.instruct.lr=fast", r"takes float"),
     ("seed=true", r"seed takes int"),
-    ("modle.init=x", r"unknown key 'modle'; valid keys here: name, seed, data, model, align, description, "
+    ("modle.init=x", r"unknown key 'modle'; valid keys here: name, seed, data, model, align, visual_qa, description, "
                      r"activation_checkpointing, compile, fsdp_param_dtype, fsdp_cpu_offload, stages"),
     ("model.decoder.hidden=3", r"unknown key 'model.decoder.hidden'; valid keys here: .*model.decoder.hidden_size"),
     ("align.teachr=vit", r"unknown key 'align.teachr'; valid keys here: align.teacher, "),

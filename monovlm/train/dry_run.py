@@ -29,11 +29,12 @@ N = tokens of one micro-batch, batch_size × max_length; fp32 residual stream, r
   norm's input (r·C a token), the output head on labelled tokens ((b + 8)·V a token: the logits, their fp32 copy's
   log-softmax and its gradient), and the embedder on visual tokens (its input pixels in fp32 and the autocast
   copy, (4 + b)·3·p² for p = pixels_per_token, and 3·b·C for its conv/linear outputs).
-Not estimated: a baseline vision encoder's activations, the modality experts' gather/scatter copies, the allocator's
-fragmentation and the CUDA context. Measured against it on the CPU (a 3-5M-parameter decoder, 2-4 rows of 256-512
-tokens, float32 and bf16 autocast, checkpointing on and off): measured / estimated 1.0-1.2 (tests/test_dry_run.py
-holds it within 0.5-2). Not yet compared on a GPU. On the CPU the first steps also load kernels and thread pools
-(some 25 MiB of resident memory), so a toy model's measured peak reads several times its estimate.
+Not estimated: the visual QA objective (train/visual_qa.py), a baseline vision encoder's activations, the modality
+experts' gather/scatter copies, the allocator's fragmentation and the CUDA context. Measured against it on the CPU (a
+3-5M-parameter decoder, 2-4 rows of 256-512 tokens, float32 and bf16 autocast, checkpointing on and off): measured /
+estimated 1.0-1.2 (tests/test_dry_run.py holds it within 0.5-2). Not yet compared on a GPU. On the CPU the first
+steps also load kernels and thread pools (some 25 MiB of resident memory), so a toy model's measured peak reads
+several times its estimate.
 """
 
 from __future__ import annotations
@@ -486,6 +487,10 @@ def plan_notes(recipe: Recipe, config: VLMConfig, teacher: TeacherPlan, strategy
                          " (planned without images)")
     if teacher.note:
         notes.append(f"teacher: {teacher.note}")
+    qa_stages = [stage.name for stage in recipe.stages if stage.visual_qa]
+    if qa_stages:
+        notes.append(f"visual QA ({', '.join(qa_stages)}): its head (sized by the data's questions and answers) and "
+                     f"its embedder pass over {recipe.visual_qa.images} more images a micro-batch are not planned")
     if config.encoder is not None:
         notes.append("the baseline vision encoder's activations are not estimated, nor its pretraining")
     if config.decoder.has_experts:

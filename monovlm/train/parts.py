@@ -7,7 +7,8 @@ Every parameter belongs to exactly one part, decided by its name:
   `decoder.layers.*.attn.vision.*`) and native RoPE's grid-position q/k (`decoder.layers.*.attn.hw.*`);
 - `pre_buffer` — the decoder's first `pre_buffer_layers` layers (NEO's pre-buffer, experts included);
 - `decoder`   — every other decoder weight (the language model);
-- `align`     — EVE's patch-align head (`aligner.*`, training only).
+- `align`     — EVE's patch-align head (`aligner.*`, training only);
+- `visual_qa` — the auxiliary question-answering head on the visual tokens (`visual_qa_head.*`, training only).
 One part of `decoder` can also be trained on its own: `attention`, the language model's attention (q/k/v/o and q/k
 norms of every layer, not the experts' copies) — Mono-InternVL's EViP unfreezes it before the rest of the LLM.
 Frozen parts get `requires_grad=False`, so they get no gradients and no optimizer state.
@@ -35,6 +36,8 @@ def part_of(name: str, pre_buffer_layers: int = 0) -> str:
         return "pre_buffer"
     if name.startswith("aligner."):
         return "align"
+    if name.startswith("visual_qa_head."):
+        return "visual_qa"
     if name.startswith("embedder.encoder."):
         return "encoder"
     if name.startswith("embedder.projector."):

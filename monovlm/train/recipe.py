@@ -29,7 +29,8 @@ from typing import Any
 from monovlm.config import TEMPLATES, ConfigError, DecoderConfig, EncoderConfig, VisionConfig
 from monovlm.data.yes_no import YES_NO_MODES
 
-PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align", "attention", "pre_buffer")
+PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align", "attention", "pre_buffer",
+         "visual_qa")
 
 
 LOSS_NORMS = ("token", "sample")
@@ -78,6 +79,9 @@ class StageConfig:
     group_by_length: bool = False  # batches of samples of similar length (less padding; LLaVA's group_by_length)
     max_length: int = 512
     align: bool = False  # add EVE's patch-align loss (needs [align] in the recipe)
+    # add the auxiliary loss of [visual_qa]: a small head answers the stage's short-answer questions from the
+    # embedder's visual tokens (train/visual_qa.py)
+    visual_qa: bool = False
     eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)
     # yes/no questions: "grouped" (as the data has them), "singles" (taken out of the image-grouped conversations and
     # read as samples of their own), "balanced" (singles, re-sampled so each question wording's answers are equally
@@ -144,6 +148,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: lm_weight = 0 leaves no loss; set align = true or text_distill")
         if self.align and "align" not in self.train:
             self.train = [*self.train, "align"]
+        if self.visual_qa and "visual_qa" not in self.train:
+            self.train = [*self.train, "visual_qa"]
 
     @property
     def _files(self) -> list[str]:  # the data files as a list, also when `data` names one
@@ -292,12 +298,25 @@ FSDP_PARAM_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
+class VisualQAConfig:
+    """The auxiliary objective of the stages with visual_qa = true (train/visual_qa.py)."""
+
+    weight: float = 0.5  # times the head's mean cross-entropy, added to the stage's loss
+    images: int = 16  # images per micro-batch, each with all its short-answer questions
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.images <= 0:
+            raise ConfigError(f"[visual_qa] weight={self.weight} must be >= 0 and images={self.images} positive")
+
+
+@dataclass
 class Recipe:
     name: str
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelRecipe = field(default_factory=ModelRecipe)
     align: AlignConfig | None = None
+    visual_qa: VisualQAConfig = field(default_factory=VisualQAConfig)
     stages: list[StageConfig] = field(default_factory=list)
     description: str = ""
     # activation checkpointing per decoder block: activations of one layer kept for the backward instead of all of
@@ -372,6 +391,7 @@ def recipe_from_dict(values: dict[str, Any], where: str = "recipe") -> Recipe:
     model = _build(ModelRecipe, values.pop("model", {}), f"{where} [model]")
     align = values.pop("align", None)
     align = _build(AlignConfig, align, f"{where} [align]") if align is not None else None
+    visual_qa = _build(VisualQAConfig, values.pop("visual_qa", {}), f"{where} [visual_qa]")
     stages = []
     for i, stage in enumerate(values.pop("stages", [])):
         stage_where = f"{where} stage {i}" + (f" ({stage['name']!r})" if isinstance(stage, dict) and "name" in stage
@@ -379,7 +399,8 @@ def recipe_from_dict(values: dict[str, Any], where: str = "recipe") -> Recipe:
         if not isinstance(stage, dict):
             raise ConfigError(f"{stage_where}: a stage is a table ([[stages]]), got {stage!r}")
         stages.append(_build(StageConfig, _with_data_files(stage, data, stage_where), stage_where))
-    return _build(Recipe, {**values, "data": data, "model": model, "align": align, "stages": stages}, where)
+    return _build(Recipe, {**values, "data": data, "model": model, "align": align, "visual_qa": visual_qa,
+                           "stages": stages}, where)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -392,6 +413,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 # the recipe's tables and the dataclass whose fields are each one's keys
 TABLES: dict[tuple[type, str], type] = {
     (Recipe, "data"): DataConfig, (Recipe, "model"): ModelRecipe, (Recipe, "align"): AlignConfig,
+    (Recipe, "visual_qa"): VisualQAConfig,
     (ModelRecipe, "decoder"): DecoderConfig, (ModelRecipe, "vision"): VisionConfig,
     (ModelRecipe, "encoder"): EncoderConfig,
 }
@@ -594,6 +616,7 @@ def describe_recipe(recipe: Recipe, source: str | Path | None = None) -> str:
         lines.append(f"  {i}. {stage.name:<{width}}  {files}  ({stage.template}); trains {', '.join(stage.train)}; "
                      f"{stage.steps} steps × {stage.batch_size} samples, lr {stage.lr:g}"
                      + ("; align loss" if stage.align else "")
+                     + (f"; visual QA loss ×{recipe.visual_qa.weight:g}" if stage.visual_qa else "")
                      + ("; no next-token loss" if stage.lm_weight == 0 else "")
                      + (f"; text distillation ×{stage.text_distill:g}" if stage.text_distill else "")
                      + (f"; visual position steps {stage.position_steps}" if stage.position_steps else "")
@@ -605,7 +628,7 @@ def describe_recipe(recipe: Recipe, source: str | Path | None = None) -> str:
     for key, hint in settable_keys(Recipe).items():
         if (Recipe, key) not in TABLES:
             lines.append(f"  {key} = {_value_text(values[key])}  ({type_name(hint)})")
-    for key in ("data", "model", "align"):
+    for key in ("data", "model", "align", "visual_qa"):
         table = values.get(key)
         sub = TABLES[(Recipe, key)]
         if table is None:

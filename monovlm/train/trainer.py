@@ -94,13 +94,15 @@ class StepLosses:
     """One optimizer step's losses, averaged over all ranks, and what this rank read."""
 
     ce: float
-    align: float
+    align: float  # the auxiliary losses but visual QA's, weighted
     seen_tokens: int  # non-pad tokens of this rank's micro-batches
     visual_tokens: int  # image tokens among them
+    visual_qa: float = 0.0  # the visual QA head's mean cross-entropy (unweighted; 0 when off)
+    visual_qa_weight: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.ce + self.align
+        return self.ce + self.align + self.visual_qa_weight * self.visual_qa
 
 
 @dataclass
@@ -113,7 +115,8 @@ class TrainResult:
 
 
 class TrainModule(nn.Module):
-    """What the optimizer sees: the VLM plus, when EVE's align loss is on, the align head (training only).
+    """What the optimizer sees: the VLM plus, when EVE's align loss is on, the align head, and when a stage sets
+    visual_qa, the visual QA head (both training only).
 
     One module so DDP/FSDP wrap everything that trains; the teacher is frozen and lives outside it.
 
@@ -124,19 +127,36 @@ class TrainModule(nn.Module):
     DDP wraps: DDP's gradient hooks see ordinary parameters, and its forward stays eager."""
 
     def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None = None, compile: bool = False,
-                 align_target: str = "patches"):
+                 align_target: str = "patches", visual_qa_head: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.aligner = aligner
         self.align_target = align_target  # "patches" (EVE) or "queries" (BREEN)
+        self.visual_qa_head = visual_qa_head
+        self.visual_qa_value = None  # the last forward's visual QA cross-entropy, detached (for the log)
         self.compiled_loss = compiled_decoder_loss() if compile else None
 
     def forward(self, batch: Batch, teacher=None, align_layers=None,
                 token_weights: torch.Tensor | None = None, prior_power: float = 0.0,
-                text_distill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                text_distill: float = 0.0, visual_qa=None, visual_qa_weight: float = 0.0,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (summed cross-entropy over labelled tokens, each scaled by `token_weights` when given — and, with
         `prior_power` > 0, by PRIOR-style weights (`prior.py`) —, the auxiliary loss: align loss (or 0) plus, with
-        `text_distill` > 0, that weight times HoVLE's text distillation after the pre-buffer)."""
+        `text_distill` > 0, that weight times HoVLE's text distillation after the pre-buffer, plus, with a
+        `visual_qa` batch (`visual_qa.VisualQABatch`), `visual_qa_weight` times the visual QA head's loss on it)."""
+        ce_sum, auxiliary = self.main_losses(batch, teacher, align_layers, token_weights, prior_power, text_distill)
+        self.visual_qa_value = None
+        if visual_qa is not None and self.visual_qa_head is not None:
+            from monovlm.train.visual_qa import visual_qa_loss
+
+            qa_loss = visual_qa_loss(self.model.embedder, self.visual_qa_head, visual_qa)
+            self.visual_qa_value = qa_loss.detach()
+            auxiliary = auxiliary + visual_qa_weight * qa_loss
+        return ce_sum, auxiliary
+
+    def main_losses(self, batch: Batch, teacher, align_layers, token_weights: torch.Tensor | None,
+                    prior_power: float, text_distill: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's own losses: `forward`'s without visual QA."""
         model = self.model
         images = batch.images or None
         if prior_power > 0:
@@ -318,6 +338,7 @@ class Trainer:
         self.metrics_path = self.run_dir / run_folder.METRICS_FILE
         self.teacher = None
         self.align_layers = None
+        self.visual_qa_data = None  # visual_qa.VisualQAData when a stage sets visual_qa
         self.device_peak = None  # FLOP/s of one device, measured on the main rank (the one that logs MFU)
         self.total_flops = 0.0  # training FLOPs spent so far (see flops.py), logged with each eval
         self.mfu_warned = False
@@ -441,6 +462,27 @@ class Trainer:
             aligner.load_state_dict(state["aligner"])
         return aligner.to(self.info.device)
 
+    def setup_visual_qa(self, model: EncoderFreeVLM, state: dict[str, Any] | None) -> nn.Module | None:
+        """The visual QA head and its data, read from the files of the stages that set visual_qa; None when none
+        does."""
+        stages = [stage for stage in self.recipe.stages if stage.visual_qa]
+        if not stages:
+            return None
+        from monovlm.data.image_files import stage_sources
+        from monovlm.train.visual_qa import visual_qa_data, visual_qa_head
+
+        config = self.recipe.visual_qa
+        self.visual_qa_data = visual_qa_data(self.options.data_root, stage_sources(stages), model.config.vision,
+                                             config.images, self.recipe.seed)
+        task = self.visual_qa_data.task
+        self.log(f"visual QA: {task.questions} short-answer questions about {len(task.by_image)} images, "
+                 f"{len(task.answers)} answers; {config.images} images a micro-batch, weight {config.weight:g}"
+                 + (f" ({task.left_out} questions with rarer answers left out)" if task.left_out else ""))
+        head = visual_qa_head(model.config.decoder.hidden_size, self.visual_qa_data, self.recipe.seed + 2)
+        if state is not None and state.get("visual_qa_head") is not None:
+            head.load_state_dict(state["visual_qa_head"])
+        return head.to(self.info.device)
+
     # ---------------------------------------------------------------------------------------------------------------
     # the loop
 
@@ -452,7 +494,8 @@ class Trainer:
         model.decoder.checkpoint_blocks = self.recipe.activation_checkpointing
         aligner = self.setup_align(model, state)
         module = TrainModule(model, aligner, compile=self.recipe.compile,
-                             align_target=self.recipe.align.target if self.recipe.align else "patches")
+                             align_target=self.recipe.align.target if self.recipe.align else "patches",
+                             visual_qa_head=self.setup_visual_qa(model, state))
         if self.recipe.compile:
             self.log("compile: the decoder's blocks and loss run through torch.compile (the first step compiles)")
         self.log_fsdp_policies()
@@ -538,7 +581,9 @@ class Trainer:
             mfu = step_flops / elapsed / (self.device_peak * info.world_size) if self.device_peak else float("nan")
             result.losses.append(losses.total)
             record = {"stage": stage.name, "step": step + 1, "global_step": global_step, "loss": losses.total,
-                      "ce": losses.ce, "align": losses.align, "lr": stage.lr * factor, "grad_norm": grad_norm,
+                      "ce": losses.ce, "align": losses.align, **({"visual_qa": losses.visual_qa}
+                                                                  if stage.visual_qa else {}),
+                      "lr": stage.lr * factor, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "mfu": mfu, "flops": step_flops,
                       "skipped": stream.report.skipped, "elapsed_s": round(time.time() - self.started, 2)}
             self.write_metrics(record)
@@ -600,6 +645,9 @@ class Trainer:
         global_units = all_reduce_sum(torch.tensor(float(local_units)), info).item()
         ce_total = torch.zeros((), device=info.device)
         align_total = torch.zeros((), device=info.device)
+        qa_total = torch.zeros((), device=info.device)
+        qa_weight = self.recipe.visual_qa.weight if stage.visual_qa else 0.0
+        qa_module = wrapped.module if hasattr(wrapped, "module") else wrapped  # DDP's wrapper holds it as .module
         seen_tokens = 0
         visual_tokens = 0
         own_step = model.config.decoder.visual_position_step
@@ -614,20 +662,27 @@ class Trainer:
             if stage.position_steps:
                 model.set_visual_position_step(drawn_position_step(stage.position_steps, self.recipe.seed,
                                                                    global_step, index))
+            qa_batch = self.visual_qa_data.batch(global_step, index, info.rank) if stage.visual_qa else None
             with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(info.device, self.dtype):
                 ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights,
                                         stage.prior_power if stage.loss_weighting == "prior" else 0.0,
-                                        stage.text_distill)
+                                        stage.text_distill, None if qa_batch is None else qa_batch.to(info.device),
+                                        qa_weight)
                 loss = (stage.lm_weight * ce_sum * info.world_size / max(global_units, 1.0)
                         + align / stage.grad_accum)
             loss.backward()
             ce_total += ce_sum.detach().float()
+            qa_value = qa_module.visual_qa_value
+            if qa_value is not None:  # logged on its own, not inside "align"
+                qa_total += qa_value.float() / stage.grad_accum
+                align = align - qa_weight * qa_value
             align_total += align.detach().float() / stage.grad_accum
         if stage.position_steps:
             model.set_visual_position_step(own_step)
         ce_mean = all_reduce_sum(ce_total, info).item() / max(global_units, 1.0)
         align_mean = all_reduce_sum(align_total, info).item() / info.world_size
-        return StepLosses(ce_mean, align_mean, seen_tokens, visual_tokens)
+        qa_mean = all_reduce_sum(qa_total, info).item() / info.world_size
+        return StepLosses(ce_mean, align_mean, seen_tokens, visual_tokens, qa_mean, qa_weight)
 
     @staticmethod
     def optimizer_step(module: TrainModule, optimizer: torch.optim.Optimizer, stage: StageConfig,
@@ -725,6 +780,8 @@ class Trainer:
                                                    with_optimizer=not stage_done)
         model_state = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
         aligner_state = {k.removeprefix("aligner."): v for k, v in full_state.items() if k.startswith("aligner.")}
+        qa_head_state = {k.removeprefix("visual_qa_head."): v for k, v in full_state.items()
+                         if k.startswith("visual_qa_head.")}
         # a finished stage resumes at the start of the next one (fresh optimizer), not at its own end
         train_state = {
             "stage": stage_index + 1 if stage_done else stage_index,
@@ -734,6 +791,7 @@ class Trainer:
             "stream": stream.state() if not stage_done else {"epoch": 0, "batch": 0},
             "rng": ckpt.rng_state(),
             "aligner": aligner_state or None,
+            "visual_qa_head": qa_head_state or None,
             "flops": self.total_flops,
         }
         if stage_done and stage_index + 1 >= stage_count:

@@ -118,7 +118,9 @@ class QAHead(nn.Module):
         return self.out(pooled)
 
 
-class _Vocabulary:
+class QuestionVocabulary:
+    """Question words -> ids, most frequent first; words it has not seen read as one unknown id."""
+
     def __init__(self, questions: Sequence[str]):
         counts = Counter(word for question in questions for word in question_words(question))
         self.index = {word: i + 2 for i, (word, _) in enumerate(counts.most_common())}
@@ -136,10 +138,50 @@ class _Vocabulary:
         return ids, lengths
 
 
-def square_side(vision: VisionConfig) -> int:
-    """The side of the square the classifier reads every image at: the largest multiple of the patch size whose
-    square fits in max_pixels (64 for 64×64 px images and 8 px patches)."""
-    return max(vision.patch_size, int(vision.max_pixels ** 0.5) // vision.patch_size * vision.patch_size)
+@dataclass
+class QATask:
+    """The short-answer questions of a recipe's data, as a classification task: each image's questions whose answer is
+    one of the `MAX_ANSWERS` most frequent (the classes)."""
+
+    images: list[DataImage]
+    by_image: dict[int, list[QAPair]]  # image index -> its questions with a class answer
+    answers: list[str]  # the classes, most frequent first
+    answer_index: dict[str, int]
+    left_out: int  # questions whose answer is too rare to be a class
+
+    @property
+    def questions(self) -> int:
+        return sum(len(pairs) for pairs in self.by_image.values())
+
+    def targets(self, pairs: Sequence[QAPair]) -> torch.Tensor:
+        return torch.tensor([self.answer_index[pair.answer] for pair in pairs])
+
+
+def qa_task(data_root: str | os.PathLike, sources: Sequence[DataSource | str], report: SkipReport | None = None,
+            objective: str = "the 'qa' teacher objective", fallback: str = "use teacher_objective = 'mae'") -> QATask:
+    """The `QATask` of the data files' (or shard folders') one-image records (`read_qa_pairs`); a clear error naming
+    `objective` and the `fallback` when they hold no short-answer question."""
+    images, pairs = read_qa_pairs(data_root, sources, report)
+    if not pairs:
+        files = ", ".join(str(s if isinstance(s, str) else s[0]) for s in sources)
+        raise DatasetError(f"{objective} learns from questions with short answers (at most {MAX_ANSWER_WORDS} "
+                           f"words), and {files} have none: {fallback}")
+    answers = [answer for answer, _ in Counter(pair.answer for pair in pairs).most_common(MAX_ANSWERS)]
+    answer_index = {answer: i for i, answer in enumerate(answers)}
+    by_image: dict[int, list[QAPair]] = defaultdict(list)
+    kept = 0
+    for pair in pairs:
+        if pair.answer in answer_index:
+            by_image[pair.image].append(pair)
+            kept += 1
+    return QATask(images, dict(by_image), answers, answer_index, len(pairs) - kept)
+
+
+def square_side(vision: VisionConfig, unit: int | None = None) -> int:
+    """The side of the square the classifier reads every image at: the largest multiple of `unit` (default the patch
+    size) whose square fits in max_pixels (64 for 64×64 px images and 8 px patches)."""
+    unit = unit or vision.patch_size
+    return max(unit, int(vision.max_pixels ** 0.5) // unit * unit)
 
 
 def to_square(pixels: torch.Tensor, side: int) -> torch.Tensor:
@@ -172,23 +214,13 @@ def pretrain_vit_qa(
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
     listing = SkipReport()
-    images, pairs = read_qa_pairs(data_root, sources, listing)
-    if not pairs:
-        files = ", ".join(str(s if isinstance(s, str) else s[0]) for s in sources)
-        raise DatasetError(f"the 'qa' teacher objective learns from questions with short answers (at most "
-                           f"{MAX_ANSWER_WORDS} words), and {files} have none: use teacher_objective = 'mae'")
-    answer_counts = Counter(pair.answer for pair in pairs)
-    answers = [answer for answer, _ in answer_counts.most_common(MAX_ANSWERS)]
-    answer_index = {answer: i for i, answer in enumerate(answers)}
-    kept = [pair for pair in pairs if pair.answer in answer_index]
-    by_image: dict[int, list[QAPair]] = defaultdict(list)
-    for pair in kept:
-        by_image[pair.image].append(pair)
+    task = qa_task(data_root, sources, listing)
+    images, by_image, answers = task.images, task.by_image, task.answers
     image_ids = sorted(by_image)
     random.Random(seed).shuffle(image_ids)
     held_count = min(200, len(image_ids) // 20)  # 5% of the images, at most 200, to see what the head learnt
     held_out, train_ids = image_ids[:held_count], image_ids[held_count:]
-    vocabulary = _Vocabulary([pair.question for i in train_ids for pair in by_image[i]])
+    vocabulary = QuestionVocabulary([pair.question for i in train_ids for pair in by_image[i]])
 
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
@@ -251,7 +283,7 @@ def pretrain_vit_qa(
                 break
         if not questions:
             raise ValueError(f"none of the {len(images)} images could be read:\n{skipped.summary()}")
-        targets = torch.tensor([answer_index[pair.answer] for pair in questions])
+        targets = task.targets(questions)
         loss = F.cross_entropy(logits_of(pixels, questions, owner), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -265,14 +297,14 @@ def pretrain_vit_qa(
     predictions: list[tuple[str, str, str]] = []
     accuracy, majority = _held_out_accuracy(held_out, batch_of, logits_of, answers, predictions)
     # one summary line, with or without progress bars: it says whether the teacher learnt anything
-    print(f"pretrain vit (qa): {len(kept)} questions about {len(image_ids)} images, {len(answers)} answers; "
+    print(f"pretrain vit (qa): {task.questions} questions about {len(image_ids)} images, {len(answers)} answers; "
           f"held-out accuracy {100 * accuracy:.1f}% (most frequent answer {100 * majority:.1f}%)")
     for faults in (listing, skipped):
         if faults.skipped:
             print(f"pretrain vit (qa): {faults.summary()}")
     if report is not None:
-        report.update(losses=losses, seconds=time.perf_counter() - started, questions=len(kept),
-                      images=len(image_ids), answers=len(answers), left_out=len(pairs) - len(kept),
+        report.update(losses=losses, seconds=time.perf_counter() - started, questions=task.questions,
+                      images=len(image_ids), answers=len(answers), left_out=task.left_out,
                       held_out_accuracy=accuracy, majority_share=majority, held_out_predictions=predictions,
                       skipped=skipped.summary())
     return vit
