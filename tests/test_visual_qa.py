@@ -11,6 +11,8 @@ from safetensors import safe_open
 from monovlm.config import ConfigError, VisionConfig
 from monovlm.data.datasets import DatasetError
 from monovlm.model.embedders import build_embedder
+from monovlm.train.build import build_model
+from monovlm.train.dry_run import dry_run
 from monovlm.train.parts import part_of
 from monovlm.train.recipe import describe_recipe, load_recipe, recipe_from_dict
 from monovlm.train.trainer import TrainOptions, train
@@ -102,8 +104,8 @@ def test_the_head_reads_the_colour_from_the_embedders_tokens(user_qa):
     assert loss.item() < 0.3 * first
 
 
-def test_the_head_trained_with_the_model_resumes_exactly_and_is_not_saved_with_it(user_qa, tmp_path):
-    recipe = recipe_from_dict({
+def user_recipe(*stages):
+    return recipe_from_dict({
         "name": "user-qa", "seed": 0,
         "model": {"vocab_size": 300,
                   "decoder": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
@@ -111,14 +113,22 @@ def test_the_head_trained_with_the_model_resumes_exactly_and_is_not_saved_with_i
                   "vision": {"embedder": "conv", "patch_size": 8, "merge": 1, "embedder_width": 16,
                              "max_pixels": 32 * 32}},
         "visual_qa": {"weight": 0.5, "images": 4},
-        "stages": [{"name": "qa", "data": "qa.json", "steps": 6, "save_every": 3, "batch_size": 4, "lr": 3e-3,
-                    "warmup_steps": 2, "train": ["embedder", "decoder"], "visual_qa": True}],
+        "stages": [{"data": "qa.json", "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, **stage} for stage in stages],
     })
+
+
+def user_options(recipe, data_root, run_dir, **more):
+    return TrainOptions(recipe=recipe, data_root=data_root, run_dir=run_dir, progress=False, measure_peak=False,
+                        eval_limit=4, eval_data="qa.json", dtype="float32", **more)
+
+
+def test_the_head_trained_with_the_model_resumes_exactly_and_is_not_saved_with_it(user_qa, tmp_path):
+    recipe = user_recipe({"name": "qa", "steps": 6, "save_every": 3, "train": ["embedder", "decoder"],
+                          "visual_qa": True})
     assert recipe.stages[0].train == ["embedder", "decoder", "visual_qa"]
 
     def options(run_dir, **more):
-        return TrainOptions(recipe=recipe, data_root=user_qa, run_dir=run_dir, progress=False, measure_peak=False,
-                            eval_limit=4, dtype="float32", **more)
+        return user_options(recipe, user_qa, run_dir, **more)
 
     full = train(options(tmp_path / "full"))
     metrics = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
@@ -139,6 +149,26 @@ def test_the_head_trained_with_the_model_resumes_exactly_and_is_not_saved_with_i
     assert plain.losses[0] != full.losses[0]
     assert not torch.equal(plain.model.state_dict()["embedder.patch_conv.weight"],
                            full.model.state_dict()["embedder.patch_conv.weight"])
+
+
+def test_a_visual_qa_only_stage_trains_the_embedder_and_leaves_the_decoder(user_qa, tmp_path):
+    recipe = user_recipe({"name": "look", "steps": 3, "train": ["embedder", "decoder"], "visual_qa": True,
+                          "lm_weight": 0.0},
+                         {"name": "qa", "steps": 2, "train": ["embedder", "decoder"]})
+    first = train(user_options(recipe, user_qa, tmp_path / "first", stop_after=3))
+    torch.manual_seed(recipe.seed)  # as the trainer does before it builds the model
+    built = build_model(recipe, user_qa, progress=False)[0].state_dict()
+    trained = first.model.state_dict()
+    assert all(torch.equal(trained[name], built[name]) for name in built if name.startswith("decoder."))
+    assert not torch.equal(trained["embedder.patch_conv.weight"], built["embedder.patch_conv.weight"])
+    metrics = [json.loads(line) for line in (tmp_path / "first/metrics.jsonl").read_text().splitlines()]
+    assert [m["ce"] for m in metrics] == [0.0] * 3 and all(m["visual_qa"] > 0 and m["flops"] == 0 for m in metrics)
+    assert first.evals == []  # nothing answers yet: no eval
+    notes = dry_run(recipe, dtype="float32").notes
+    assert any("visual QA (look)" in note for note in notes)
+    assert any("stage 'look' is visual QA only" in note for note in notes)
+    with pytest.raises(ConfigError, match="leaves no loss"):
+        user_recipe({"name": "none", "lm_weight": 0.0})
 
 
 def test_visual_qa_settings_and_data_are_checked(tmp_path):

@@ -491,6 +491,10 @@ def plan_notes(recipe: Recipe, config: VLMConfig, teacher: TeacherPlan, strategy
     if qa_stages:
         notes.append(f"visual QA ({', '.join(qa_stages)}): its head (sized by the data's questions and answers) and "
                      f"its embedder pass over {recipe.visual_qa.images} more images a micro-batch are not planned")
+    for stage in recipe.stages:
+        if stage.visual_qa and stage.lm_weight == 0 and not stage.align and stage.text_distill == 0:
+            notes.append(f"stage {stage.name!r} is visual QA only: the decoder does not run, so the tokens, FLOPs and "
+                         "activations planned for it are not spent")
     if config.encoder is not None:
         notes.append("the baseline vision encoder's activations are not estimated, nor its pretraining")
     if config.decoder.has_experts:

@@ -95,7 +95,8 @@ class StageConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
     init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
     # weight of the next-token loss: 0 makes a distillation-only stage (BREEN's pre-alignment, HoVLE's first stage),
-    # which then needs align = true or text_distill > 0
+    # which then needs align = true or text_distill > 0, or a visual-QA-only stage (visual_qa = true alone: the decoder
+    # does not run, the embedder learns the data's answers first); such a stage is not evaluated
     lm_weight: float = 1.0
     # HoVLE: the weight of a loss (1 - cos) pulling each text token's state after the pre-buffer (the holistic
     # embedding, [model.decoder] pre_buffer_layers) towards its own input embedding, the vector the LLM reads for it
@@ -144,8 +145,9 @@ class StageConfig:
         if self.lm_weight < 0 or self.text_distill < 0:
             raise ConfigError(f"stage {self.name!r}: lm_weight ({self.lm_weight}) and text_distill "
                               f"({self.text_distill}) must be >= 0")
-        if self.lm_weight == 0 and not self.align and self.text_distill == 0:
-            raise ConfigError(f"stage {self.name!r}: lm_weight = 0 leaves no loss; set align = true or text_distill")
+        if self.lm_weight == 0 and not self.align and self.text_distill == 0 and not self.visual_qa:
+            raise ConfigError(f"stage {self.name!r}: lm_weight = 0 leaves no loss; set align = true, text_distill or "
+                              "visual_qa = true")
         if self.align and "align" not in self.train:
             self.train = [*self.train, "align"]
         if self.visual_qa and "visual_qa" not in self.train:

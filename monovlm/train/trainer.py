@@ -139,12 +139,17 @@ class TrainModule(nn.Module):
     def forward(self, batch: Batch, teacher=None, align_layers=None,
                 token_weights: torch.Tensor | None = None, prior_power: float = 0.0,
                 text_distill: float = 0.0, visual_qa=None, visual_qa_weight: float = 0.0,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                main: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (summed cross-entropy over labelled tokens, each scaled by `token_weights` when given — and, with
         `prior_power` > 0, by PRIOR-style weights (`prior.py`) —, the auxiliary loss: align loss (or 0) plus, with
         `text_distill` > 0, that weight times HoVLE's text distillation after the pre-buffer, plus, with a
-        `visual_qa` batch (`visual_qa.VisualQABatch`), `visual_qa_weight` times the visual QA head's loss on it)."""
-        ce_sum, auxiliary = self.main_losses(batch, teacher, align_layers, token_weights, prior_power, text_distill)
+        `visual_qa` batch (`visual_qa.VisualQABatch`), `visual_qa_weight` times the visual QA head's loss on it).
+        `main=False` leaves the batch's own losses out (zeros; the decoder does not run): a visual-QA-only stage."""
+        if main:
+            ce_sum, auxiliary = self.main_losses(batch, teacher, align_layers, token_weights, prior_power,
+                                                 text_distill)
+        else:
+            ce_sum = auxiliary = torch.zeros((), device=batch.input_ids.device)
         self.visual_qa_value = None
         if visual_qa is not None and self.visual_qa_head is not None:
             from monovlm.train.visual_qa import visual_qa_loss
@@ -648,6 +653,7 @@ class Trainer:
         qa_total = torch.zeros((), device=info.device)
         qa_weight = self.recipe.visual_qa.weight if stage.visual_qa else 0.0
         qa_module = wrapped.module if hasattr(wrapped, "module") else wrapped  # DDP's wrapper holds it as .module
+        main = stage.lm_weight > 0 or stage.align or stage.text_distill > 0  # else a visual-QA-only stage
         seen_tokens = 0
         visual_tokens = 0
         own_step = model.config.decoder.visual_position_step
@@ -656,8 +662,9 @@ class Trainer:
                 continue
             batch = batch.to(info.device)
             weights = None if weights is None else weights.to(info.device)
-            seen_tokens += batch.num_tokens
-            visual_tokens += int((batch.input_ids == model.image_token_id).sum())
+            if main:  # what the decoder read (FLOPs)
+                seen_tokens += batch.num_tokens
+                visual_tokens += int((batch.input_ids == model.image_token_id).sum())
             sync = index == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
             if stage.position_steps:
                 model.set_visual_position_step(drawn_position_step(stage.position_steps, self.recipe.seed,
@@ -667,10 +674,11 @@ class Trainer:
                 ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights,
                                         stage.prior_power if stage.loss_weighting == "prior" else 0.0,
                                         stage.text_distill, None if qa_batch is None else qa_batch.to(info.device),
-                                        qa_weight)
+                                        qa_weight, main)
                 loss = (stage.lm_weight * ce_sum * info.world_size / max(global_units, 1.0)
                         + align / stage.grad_accum)
-            loss.backward()
+            if loss.requires_grad:  # not in a visual-QA-only micro-batch none of whose images could be read
+                loss.backward()
             ce_total += ce_sum.detach().float()
             qa_value = qa_module.visual_qa_value
             if qa_value is not None:  # logged on its own, not inside "align"
@@ -719,8 +727,8 @@ class Trainer:
         """Short-answer accuracy per answer type with the image and with a blank one (see `eval.qa.blind_gaps`),
         logged and written to metrics.jsonl; a warning names every answer type within noise of blind."""
         options = self.options
-        if not options.eval_data or stage.template == "plain":
-            return  # a caption-only stage cannot answer questions yet
+        if not options.eval_data or stage.template == "plain" or stage.lm_weight == 0:
+            return  # a caption-only stage cannot answer questions yet, nor one without the next-token loss
         if options.strategy == "fsdp" and self.info.enabled:
             self.log("eval skipped under FSDP (sharded weights); evaluate the saved model with `monovlm eval`")
             return
