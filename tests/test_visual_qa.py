@@ -1,6 +1,7 @@
 """The visual QA objective: a head answering the data's short questions from the embedder's visual tokens."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from monovlm.train.dry_run import dry_run
 from monovlm.train.parts import part_of
 from monovlm.train.recipe import describe_recipe, load_recipe, recipe_from_dict
 from monovlm.train.trainer import TrainOptions, train
-from monovlm.train.visual_qa import grid_tokens, visual_qa_data, visual_qa_head, visual_qa_loss
+from monovlm.model.align import HiddenCapture
+from monovlm.train.visual_qa import (grid_states, grid_tokens, visual_qa_data, visual_qa_head,
+                                     visual_qa_loss)
 
 VISION = VisionConfig(embedder="conv", patch_size=8, merge=1, embedder_width=16, max_pixels=32 * 32)
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
@@ -80,7 +83,7 @@ def test_the_head_reads_the_colour_from_the_embedders_tokens(user_qa):
     optimizer = torch.optim.AdamW([*embedder.parameters(), *head.parameters()], lr=3e-3)
     first = None
     for step in range(60):
-        loss = visual_qa_loss(embedder, head, data.batch(step))
+        loss = visual_qa_loss(SimpleNamespace(embedder=embedder), head, data.batch(step))  # depth 0: the embedder
         optimizer.zero_grad()
         loss.backward()
         if first is None:
@@ -169,6 +172,27 @@ def test_a_visual_qa_only_stage_trains_the_embedder_and_leaves_the_decoder(user_
     assert any("stage 'look' is visual QA only" in note for note in notes)
     with pytest.raises(ConfigError, match="leaves no loss"):
         user_recipe({"name": "none", "lm_weight": 0.0})
+
+
+def test_the_head_can_read_the_decoders_image_states_at_a_depth(user_qa):
+    recipe = user_recipe({"name": "qa", "visual_qa": True})
+    model = build_model(recipe, user_qa, progress=False)[0]
+    data = visual_qa_data(user_qa, ["qa.json"], model.config.vision, images_per_batch=4, seed=0)
+    head = visual_qa_head(32, data, seed=0)
+    batch = data.batch(0)
+    with HiddenCapture(model.decoder, [1]) as captured:  # the image's placeholders alone, as the objective reads it
+        layout = model.embedder.token_layout(batch.pixels[0])
+        ids = torch.full((4, layout.num_tokens), model.image_token_id)
+        model.hidden_states(ids, list(batch.pixels), torch.ones_like(ids))
+    assert torch.allclose(grid_states(model, batch.pixels, 1), captured.states[0][:, layout.patch_index])
+    assert torch.equal(grid_states(model, batch.pixels, 0), grid_tokens(model.embedder, batch.pixels))
+    visual_qa_loss(model, head, batch, depth=1).backward()
+    moved = {name.split(".")[0] + "." + name.split(".")[2] if name.startswith("decoder.layers") else name.split(".")[0]
+             for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved == {"embedder", "decoder.0"}  # block 1 is read; block 2 and the output head are not
+    recipe.visual_qa.depth = 3
+    with pytest.raises(ConfigError, match="depth = 3: the decoder has 2 blocks"):
+        train(user_options(recipe, user_qa, user_qa.parent / "too-deep"))
 
 
 def test_visual_qa_settings_and_data_are_checked(tmp_path):

@@ -305,10 +305,14 @@ class VisualQAConfig:
 
     weight: float = 0.5  # times the head's mean cross-entropy, added to the stage's loss
     images: int = 16  # images per micro-batch, each with all its short-answer questions
+    # where the head reads the image: 0, the embedder's visual tokens; d >= 1, their states after decoder block d
+    # (each image run through the decoder alone), so the decoder's own image states must hold the answers
+    depth: int = 0
 
     def __post_init__(self) -> None:
-        if self.weight < 0 or self.images <= 0:
-            raise ConfigError(f"[visual_qa] weight={self.weight} must be >= 0 and images={self.images} positive")
+        if self.weight < 0 or self.images <= 0 or self.depth < 0:
+            raise ConfigError(f"[visual_qa] weight={self.weight} and depth={self.depth} must be >= 0 and "
+                              f"images={self.images} positive")
 
 
 @dataclass

@@ -127,12 +127,13 @@ class TrainModule(nn.Module):
     DDP wraps: DDP's gradient hooks see ordinary parameters, and its forward stays eager."""
 
     def __init__(self, model: EncoderFreeVLM, aligner: nn.Module | None = None, compile: bool = False,
-                 align_target: str = "patches", visual_qa_head: nn.Module | None = None):
+                 align_target: str = "patches", visual_qa_head: nn.Module | None = None, visual_qa_depth: int = 0):
         super().__init__()
         self.model = model
         self.aligner = aligner
         self.align_target = align_target  # "patches" (EVE) or "queries" (BREEN)
         self.visual_qa_head = visual_qa_head
+        self.visual_qa_depth = visual_qa_depth  # where the head reads: 0 the embedder's tokens, d decoder block d
         self.visual_qa_value = None  # the last forward's visual QA cross-entropy, detached (for the log)
         self.compiled_loss = compiled_decoder_loss() if compile else None
 
@@ -154,7 +155,7 @@ class TrainModule(nn.Module):
         if visual_qa is not None and self.visual_qa_head is not None:
             from monovlm.train.visual_qa import visual_qa_loss
 
-            qa_loss = visual_qa_loss(self.model.embedder, self.visual_qa_head, visual_qa)
+            qa_loss = visual_qa_loss(self.model, self.visual_qa_head, visual_qa, self.visual_qa_depth)
             self.visual_qa_value = qa_loss.detach()
             auxiliary = auxiliary + visual_qa_weight * qa_loss
         return ce_sum, auxiliary
@@ -477,6 +478,9 @@ class Trainer:
         from monovlm.train.visual_qa import visual_qa_data, visual_qa_head
 
         config = self.recipe.visual_qa
+        if config.depth > model.config.decoder.num_layers:
+            raise ConfigError(f"[visual_qa] depth = {config.depth}: the decoder has {model.config.decoder.num_layers} "
+                              "blocks (0 reads the embedder's tokens)")
         self.visual_qa_data = visual_qa_data(self.options.data_root, stage_sources(stages), model.config.vision,
                                              config.images, self.recipe.seed)
         task = self.visual_qa_data.task
@@ -500,7 +504,8 @@ class Trainer:
         aligner = self.setup_align(model, state)
         module = TrainModule(model, aligner, compile=self.recipe.compile,
                              align_target=self.recipe.align.target if self.recipe.align else "patches",
-                             visual_qa_head=self.setup_visual_qa(model, state))
+                             visual_qa_head=self.setup_visual_qa(model, state),
+                             visual_qa_depth=self.recipe.visual_qa.depth)
         if self.recipe.compile:
             self.log("compile: the decoder's blocks and loss run through torch.compile (the first step compiles)")
         self.log_fsdp_policies()

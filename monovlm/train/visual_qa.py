@@ -9,6 +9,7 @@ over the grid tokens -> max and mean over them -> one of the training answers), 
 where the asked object is:
 
     images -> model.embedder -> grid tokens (B, N, C) (CLS, separators, queries left out)
+           [-> the decoder's first `depth` blocks, each image alone: the states at those tokens]
            -> QAHead with each question -> answer logits (Q, answers) -> cross-entropy, times `weight`
 
 Each step (and micro-batch, and rank) draws `images` images that have short-answer questions from the stage's data
@@ -122,8 +123,25 @@ def grid_tokens(embedder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return tokens[:, embedder.token_layout(images[0]).patch_index]
 
 
-def visual_qa_loss(embedder: nn.Module, head: QAHead, batch: VisualQABatch) -> torch.Tensor:
-    """Mean cross-entropy of the batch's answers, read by `head` from the embedder's grid tokens."""
-    grid = grid_tokens(embedder, batch.pixels)  # (B, N, C)
+def grid_states(model: nn.Module, pixels: torch.Tensor, depth: int) -> torch.Tensor:
+    """pixels (B, 3, S, S) -> the grid tokens' states at decoder `depth` (B, rows·cols, C): depth 0 is the embedder's
+    output, depth d the output of decoder block d (`align.HiddenCapture`'s numbering), each image read alone (its
+    placeholders only, no text)."""
+    if depth == 0:
+        return grid_tokens(model.embedder, pixels)
+    from monovlm.model.align import HiddenCapture
+
+    images = list(pixels)
+    layout = model.embedder.token_layout(images[0])
+    ids = torch.full((len(images), layout.num_tokens), model.image_token_id, device=pixels.device)  # (B, N)
+    with HiddenCapture(model.decoder, [depth]) as captured:
+        model.hidden_states(ids, images, torch.ones_like(ids))
+    return captured.states[0][:, layout.patch_index]
+
+
+def visual_qa_loss(model: nn.Module, head: QAHead, batch: VisualQABatch, depth: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of the batch's answers, read by `head` from the grid tokens' states at `depth`
+    (`grid_states`) of `model` (an `EncoderFreeVLM`)."""
+    grid = grid_states(model, batch.pixels, depth)  # (B, N, C)
     logits = head(grid[batch.owner].float(), batch.ids, batch.lengths)  # (Q, answers)
     return F.cross_entropy(logits.float(), batch.targets)
