@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from monovlm.config import ConfigError, VisionConfig
+from monovlm.data.images import image_to_tensor, load_image
 from monovlm.data.datasets import DatasetError
 from monovlm.model.embedders import build_embedder
 from monovlm.train.build import build_model
@@ -59,10 +60,14 @@ def test_each_step_draws_its_own_images_with_all_their_questions(user_qa):
     for other in (data.batch(4), data.batch(3, micro_batch=1), data.batch(3, rank=1)):
         assert not torch.equal(batch.pixels, other.pixels)
     assert batch.pixels.shape == (6, 3, 32, 32) and batch.owner.tolist() == [i for i in range(6) for _ in range(2)]
+    # the pixels are the model's own input for that file, exactly
+    first = data.task.images[0]
+    assert torch.equal(data.pixels(0), image_to_tensor(load_image(first.path), VISION))
     # each image's colour question is answered with the colour its pixels show
+    mean, std = (torch.tensor(values).view(3, 1) for values in (VISION.image_mean, VISION.image_std))
     colour_rows = batch.targets != data.task.answer_index["yes"]
     for image, target in zip(batch.owner[colour_rows].tolist(), batch.targets[colour_rows].tolist()):
-        red, _, blue = batch.pixels[image].flatten(1).amax(dim=1).tolist()
+        red, _, blue = (batch.pixels[image].flatten(1) * std + mean).amax(dim=1).tolist()
         assert data.task.answers[target] == ("red" if red > blue else "blue")
 
 

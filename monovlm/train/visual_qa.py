@@ -35,12 +35,12 @@ from monovlm.data.datasets import SkipReport
 from monovlm.data.image_files import DataSource, iter_pixels
 from monovlm.train.vit_qa import QAHead, QATask, QuestionVocabulary, qa_task, square_side, to_square
 
-CACHE_BYTES = 256 * 2**20  # decoded images kept in memory (uint8); beyond it images are read from disk each time
+CACHE_BYTES = 512 * 2**20  # decoded images kept in memory; beyond it images are read from disk each time
 
 
 @dataclass
 class VisualQABatch:
-    pixels: torch.Tensor  # (B, 3, S, S) float in [0, 1]
+    pixels: torch.Tensor  # (B, 3, S, S) normalised, as the model reads images
     ids: torch.Tensor  # (Q, L) question word ids, right-padded
     lengths: torch.Tensor  # (Q,)
     owner: torch.Tensor  # (Q,) the row of `pixels` each question is about
@@ -66,21 +66,21 @@ class VisualQAData:
         self.image_ids = sorted(task.by_image)
         self.vocabulary = QuestionVocabulary([pair.question for pairs in task.by_image.values() for pair in pairs])
         self.skipped = SkipReport()
-        self.cache: dict[int, torch.Tensor | None] = {}  # image index -> (3, S, S) uint8, None when unreadable
+        self.cache: dict[int, torch.Tensor | None] = {}  # image index -> its pixels, None when unreadable
         self.cached_bytes = 0
 
     def pixels(self, index: int) -> torch.Tensor | None:
-        """(3, S, S) float in [0, 1], or None for an unreadable image (counted once)."""
+        """(3, S, S) model input (normalised as the model reads it), or None for an unreadable image (counted
+        once)."""
         if index in self.cache:
-            found = self.cache[index]
-            return None if found is None else found.float() / 255
+            return self.cache[index]
         loaded = list(iter_pixels([self.task.images[index]], self.vision, self.skipped))
         pixels = to_square(loaded[0][1], self.side) if loaded else None
-        stored = None if pixels is None else (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
-        if stored is None or self.cached_bytes + stored.numel() <= CACHE_BYTES:
-            self.cache[index] = stored
-            self.cached_bytes += 0 if stored is None else stored.numel()
-        return None if stored is None else stored.float() / 255
+        size = 0 if pixels is None else pixels.numel() * pixels.element_size()
+        if self.cached_bytes + size <= CACHE_BYTES:
+            self.cache[index] = pixels
+            self.cached_bytes += size
+        return pixels
 
     def batch(self, global_step: int, micro_batch: int = 0, rank: int = 0) -> VisualQABatch | None:
         """The images and questions of one micro-batch; None when none of the drawn images could be read."""
