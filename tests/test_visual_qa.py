@@ -3,47 +3,32 @@
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 
 from monovlm.config import ConfigError, VisionConfig
-from monovlm.data.images import image_to_tensor, load_image
 from monovlm.data.datasets import DatasetError
+from monovlm.data.images import image_to_tensor, load_image
+from monovlm.model.align import HiddenCapture
 from monovlm.model.embedders import build_embedder
 from monovlm.train.build import build_model
 from monovlm.train.dry_run import dry_run
 from monovlm.train.parts import part_of
 from monovlm.train.recipe import describe_recipe, load_recipe, recipe_from_dict
 from monovlm.train.trainer import TrainOptions, train
-from monovlm.model.align import HiddenCapture
 from monovlm.train.visual_qa import (grid_states, grid_tokens, visual_qa_data, visual_qa_head,
                                      visual_qa_loss)
 
+from image_folder import write_colour_qa
+
 VISION = VisionConfig(embedder="conv", patch_size=8, merge=1, embedder_width=16, max_pixels=32 * 32)
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
 
 
 def write_user_qa(root, n=48, seed=0):
-    """A user's LLaVA QA folder: n plain 32×32 PNGs, a coloured square on a noisy background each, and one record per
-    question ("What colour is the square?" -> red/blue, 50/50 blind; "Is there a square?" -> yes), no side files."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    records = []
-    for index in range(n):
-        colour = ["red", "blue"][index % 2]
-        pixels = rng.integers(0, 50, (32, 32, 3), dtype=np.uint8)
-        top, left = rng.integers(0, 20, size=2)
-        pixels[top:top + 12, left:left + 12] = COLOURS[colour]
-        Image.fromarray(pixels).save(root / f"images/{index}.png")
-        for number, (question, answer) in enumerate([("What colour is the square?", colour),
-                                                     ("Is there a square?", "yes")]):
-            records.append({"id": f"{index}_{number}", "image": f"images/{index}.png", "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
-    (root / "qa.json").write_text(json.dumps(records))
-    return root
+    """A user's LLaVA QA folder: plain PNGs of a red or blue square, one record per question, no side files."""
+    return write_colour_qa(root, n, seed, multi_turn=False)
 
 
 @pytest.fixture(scope="module")

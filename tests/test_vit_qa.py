@@ -12,31 +12,10 @@ from monovlm.data.datasets import DatasetError, SkipReport
 from monovlm.train.vit_pretrain import pretrain_vit
 from monovlm.train.vit_qa import pretrain_vit_qa, read_qa_pairs
 
+from image_folder import write_colour_qa
+
 TINY = EncoderConfig(width=32, depth=1, heads=2, mlp_ratio=2.0)
 VISION = VisionConfig(patch_size=8, merge=1, max_pixels=32 * 32)
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
-
-
-def write_colour_qa(root, n=60, seed=0):
-    """n 32×32 images, each a coloured square at a random place on a dark noisy background, and a QA file asking
-    its colour ("What colour is the square?" -> red/blue) — answerable from the image only, 50/50 blind."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    records = []
-    for index in range(n):
-        colour = ["red", "blue"][index % 2]
-        pixels = rng.integers(0, 50, (32, 32, 3), dtype=np.uint8)
-        top, left = rng.integers(0, 20, size=2)
-        pixels[top:top + 12, left:left + 12] = COLOURS[colour]
-        Image.fromarray(pixels).save(root / f"images/{index}.png")
-        records.append({"id": str(index), "image": f"images/{index}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": colour},
-            {"from": "human", "value": "Describe the picture."},
-            {"from": "gpt", "value": "A small coloured square on a dark background."}]})
-    (root / "qa.json").write_text(json.dumps(records))
-    return root
-
-
 @pytest.fixture(scope="module")
 def colour_qa(tmp_path_factory):
     return write_colour_qa(tmp_path_factory.mktemp("colour_qa"))

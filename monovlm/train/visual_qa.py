@@ -47,8 +47,7 @@ class VisualQABatch:
     targets: torch.Tensor  # (Q,) answer classes
 
     def to(self, device: torch.device | str) -> "VisualQABatch":
-        return VisualQABatch(*(t.to(device) if t is not self.lengths else t
-                               for t in (self.pixels, self.ids, self.lengths, self.owner, self.targets)))
+        return VisualQABatch(*(t.to(device) for t in (self.pixels, self.ids, self.lengths, self.owner, self.targets)))
 
 
 class VisualQAData:
