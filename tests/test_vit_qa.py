@@ -16,6 +16,8 @@ from image_folder import write_colour_qa
 
 TINY = EncoderConfig(width=32, depth=1, heads=2, mlp_ratio=2.0)
 VISION = VisionConfig(patch_size=8, merge=1, max_pixels=32 * 32)
+
+
 @pytest.fixture(scope="module")
 def colour_qa(tmp_path_factory):
     return write_colour_qa(tmp_path_factory.mktemp("colour_qa"))

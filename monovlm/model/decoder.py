@@ -366,9 +366,11 @@ class Decoder(nn.Module):
         vision_mask: torch.Tensor | None = None,
         grid_positions: torch.Tensor | None = None,
         turn_ids: torch.Tensor | None = None,
+        num_blocks: int | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states (B, T, C) before the output head. `turn_ids` (B, T), training only: 0 for
-        shared tokens, k for the tokens of isolated turn k (see `turn_inputs`)."""
+        shared tokens, k for the tokens of isolated turn k (see `turn_inputs`). `num_blocks`: run only the first
+        that many blocks and return their output, without the final norm (no cache)."""
         x = self.embed(input_ids, inputs_embeds)  # (B, T, C)
         if cache is not None:
             cache.check_room(x.shape[1])
@@ -381,6 +383,12 @@ class Decoder(nn.Module):
             start = cache.next_position if cache is not None and cache.length > 0 else None
             position_ids = self.default_positions(segment_ids, x.shape[:2], start, x.device, vision_mask)
         inputs = self.layer_inputs(x, attention_mask, position_ids, cache, vision_mask, grid_positions)
+        if num_blocks is not None:
+            if cache is not None:
+                raise ValueError("num_blocks reads an inner block's output; it takes no KV cache")
+            for block in self.layers[:num_blocks]:
+                x = self.run_block(block, x, inputs, None)
+            return x
         for block in self.layers:
             x = self.run_block(block, x, inputs, cache)
         if cache is not None:

@@ -171,14 +171,16 @@ class EncoderFreeVLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None = None,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      cache: KVCache | None = None, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, turn_ids: torch.Tensor | None = None,
+                      num_blocks: int | None = None) -> torch.Tensor:
         """The decoder's final-norm hidden states (B, T, C) for input_ids (B, T) with images scattered in; `turn_ids`
-        (B, T) for training rows of isolated turns (`Decoder.turn_inputs`)."""
+        (B, T) for training rows of isolated turns (`Decoder.turn_inputs`); `num_blocks` (`Decoder.hidden_states`):
+        the output of the first that many blocks instead."""
         embeds, vision_mask = self.embed(input_ids, images)
         grid = self.grid_positions(input_ids, images) if self.config.decoder.native_rope and images else None
         return self.decoder.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
                                           position_ids=position_ids, cache=cache, vision_mask=vision_mask,
-                                          grid_positions=grid, turn_ids=turn_ids)
+                                          grid_positions=grid, turn_ids=turn_ids, num_blocks=num_blocks)
 
     def grid_positions(self, input_ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
         """Native RoPE's (row, column) of each token (B, T, 2): a patch's place in its image's grid; 0 for text,

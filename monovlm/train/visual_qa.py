@@ -128,14 +128,11 @@ def grid_states(model: nn.Module, pixels: torch.Tensor, depth: int) -> torch.Ten
     placeholders only, no text)."""
     if depth == 0:
         return grid_tokens(model.embedder, pixels)
-    from monovlm.model.align import HiddenCapture
-
     images = list(pixels)
     layout = model.embedder.token_layout(images[0])
     ids = torch.full((len(images), layout.num_tokens), model.image_token_id, device=pixels.device)  # (B, N)
-    with HiddenCapture(model.decoder, [depth]) as captured:
-        model.hidden_states(ids, images, torch.ones_like(ids))
-    return captured.states[0][:, layout.patch_index]
+    states = model.hidden_states(ids, images, torch.ones_like(ids), num_blocks=depth)  # blocks after `depth` skipped
+    return states[:, layout.patch_index]
 
 
 def visual_qa_loss(model: nn.Module, head: QAHead, batch: VisualQABatch, depth: int = 0) -> torch.Tensor:
