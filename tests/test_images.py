@@ -32,6 +32,7 @@ from monovlm.data.images import (
     load_image,
     num_image_tokens,
     patchify,
+    random_shifts,
     resized_size,
 )
 from monovlm.data.layout import TokenLayout
@@ -546,3 +547,19 @@ def test_image_path_under_resolves_links_and_refuses_what_leaves_the_folder(tmp_
         assert "escapes the image root" in str(pytest.raises(ImagePathError, image_path_under, root, name).value)
     assert "cannot be resolved" in str(pytest.raises(ImagePathError, image_path_under, root, "loop.png").value)
     assert "cannot be resolved" in str(pytest.raises(ImagePathError, image_path_under, root, "a\0.png").value)
+
+
+def test_random_shifts_translate_each_image_within_the_bound_and_draw_by_key():
+    images = []
+    for _ in range(6):
+        image = torch.zeros(3, 16, 16)
+        image[:, 8, 8] = 1.0  # one bright pixel on a flat background: where it lands is the shift
+        images.append(image)
+    shifted = random_shifts(images, 3, "seed/step")
+    offsets = [tuple(int(v) - 8 for v in torch.nonzero(image[0])[0]) for image in shifted]
+    assert all(max(abs(dy), abs(dx)) <= 3 for dy, dx in offsets)
+    assert len(set(offsets)) > 1  # each image its own draw
+    assert all(torch.equal(a, b) for a, b in zip(shifted, random_shifts(images, 3, "seed/step")))
+    other = random_shifts(images, 3, "seed/next step")
+    assert any(not torch.equal(a, b) for a, b in zip(shifted, other))
+    assert all(a is b for a, b in zip(random_shifts(images, 0, "seed/step"), images))

@@ -9,7 +9,7 @@ import torch
 
 from monovlm.data.synthetic import synthesize
 from monovlm.train.parts import part_of
-from monovlm.train.recipe import recipe_from_dict
+from monovlm.train.recipe import recipe_from_dict, recipe_to_dict
 from monovlm.train.trainer import TrainOptions, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -114,6 +114,18 @@ def test_a_stage_with_prior_weighting_trains_and_weighs_the_loss_otherwise(data_
     assert train(options(recipe, data_root, tmp_path / "flat")).losses[0] == pytest.approx(plain.losses[0], rel=1e-5)
 
 
+def test_shifted_images_train_otherwise_and_resume_exactly(data_root, tmp_path):
+    recipe = tiny_recipe()
+    plain = train(options(recipe, data_root, tmp_path / "plain", stop_after=5))
+    for stage in recipe.stages:
+        stage.image_shift = 4
+    full = train(options(recipe, data_root, tmp_path / "full"))
+    assert full.losses[0] != plain.losses[0]  # the same first batch, its images shifted
+    train(options(recipe, data_root, tmp_path / "cut", stop_after=8))
+    resumed = train(options(recipe, data_root, tmp_path / "cut", resume=True))
+    assert resumed.losses == full.losses[7:]  # the shifts are drawn by step: a resumed run draws the same
+
+
 def test_a_stage_can_train_the_llms_attention_alone(data_root, tmp_path):
     """`attention` (Mono-InternVL's EViP alignment stage): q/k/v/o of every layer move; the LLM's FFNs, norms and
     embeddings do not."""
@@ -203,6 +215,14 @@ def test_stage_settings_are_checked():
         tiny_recipe(data=[])
     with pytest.raises(ConfigError, match="one true/false per data file"):
         tiny_recipe(data=["a.json", "b.json"], group_by_image=[True])
+    for shift in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match="image_shift"):
+            tiny_recipe(image_shift=shift)
+    values = recipe_to_dict(tiny_recipe(image_shift=2))
+    values["stages"][1]["align"] = True
+    recipe_from_dict({**values, "align": {"teacher": "vit"}})  # a teacher that reads the shifted pixels
+    with pytest.raises(ConfigError, match="precomputed for the unshifted images"):
+        recipe_from_dict({**values, "align": {"teacher": "features:teacher.safetensors"}})
     from monovlm.train.recipe import AlignConfig
 
     with pytest.raises(ConfigError, match="whiten_images=0"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import random
 import re
 import stat
 import threading
@@ -448,6 +449,17 @@ def shift_image(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     height, width = image.shape[1:]
     padded = F.pad(image[None].float(), (pad, pad, pad, pad), mode="replicate")[0]
     return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width].to(image.dtype)
+
+
+def random_shifts(images: Sequence[torch.Tensor], max_shift: int, key: str) -> list[torch.Tensor]:
+    """Each (C, H, W) image translated by its own (dy, dx), each drawn uniformly from [-max_shift, max_shift] by `key`
+    (e.g. seed, step and micro-batch: a resumed run draws the same). Training-time augmentation: a patch embedder is
+    not shift-equivariant below its patch, so a shape must be learnt at every offset to the patch grid."""
+    if max_shift <= 0:
+        return list(images)
+    draw = random.Random(key)
+    return [shift_image(image, draw.randint(-max_shift, max_shift), draw.randint(-max_shift, max_shift))
+            for image in images]
 
 
 def group_by_size(images: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:

@@ -82,6 +82,10 @@ class StageConfig:
     # add the auxiliary loss of [visual_qa]: a small head answers the stage's short-answer questions from the
     # embedder's visual tokens (train/visual_qa.py)
     visual_qa: bool = False
+    # training-time augmentation: each image translated by up to this many pixels (drawn per image and step from the
+    # seed; the uncovered border repeats the edge), so a patch embedder meets each shape at every offset to its patch
+    # grid. Answers about position within a few pixels would change: keep it 0 for such data
+    image_shift: int = 0
     eval_every: int = 0  # optimizer steps between evals (0 = only at the end of the stage)
     # yes/no questions: "grouped" (as the data has them), "singles" (taken out of the image-grouped conversations and
     # read as samples of their own), "balanced" (singles, re-sampled so each question wording's answers are equally
@@ -128,6 +132,9 @@ class StageConfig:
                 flag for _, _, flag in self.data_files)):
             raise ConfigError(f"stage {self.name!r}: isolate_turns = {self.isolate_turns!r} needs true/false and "
                               "group_by_image = true (it lays out the conversations group_by_image merges)")
+        if isinstance(self.image_shift, bool) or not isinstance(self.image_shift, int) or self.image_shift < 0:
+            raise ConfigError(f"stage {self.name!r}: image_shift = {self.image_shift!r} must be a whole number of "
+                              "pixels, 0 or more")
         if self.loss_norm not in LOSS_NORMS:
             raise ConfigError(f"stage {self.name!r}: loss_norm {self.loss_norm!r} is not one of {LOSS_NORMS}")
         if self.loss_weighting not in ("none", "prior") or self.prior_power < 0:
@@ -348,6 +355,11 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r} has no [[stages]]")
         if any(stage.align for stage in self.stages) and self.align is None:
             raise ConfigError(f"recipe {self.name!r}: a stage sets align = true but there is no [align] table")
+        shifted = [stage.name for stage in self.stages if stage.align and stage.image_shift]
+        if shifted and self.align.teacher.startswith("features:"):
+            raise ConfigError(f"recipe {self.name!r}: stage(s) {shifted} shift their images (image_shift) but the "
+                              "align teacher's features are precomputed for the unshifted images; use image_shift = 0 "
+                              "there, or a teacher that reads pixels (vit, hf:PATH)")
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):  # overrides and resume checks address stages by name
             raise ConfigError(f"recipe {self.name!r}: stage names must be unique, got {names}")

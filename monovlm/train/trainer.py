@@ -35,6 +35,7 @@ from tqdm import tqdm
 from monovlm.config import ConfigError
 from monovlm.data.collate import Batch
 from monovlm.data.datasets import DatasetError, read_records
+from monovlm.data.images import random_shifts
 from monovlm.data.processor import IGNORE_INDEX, Processor
 from monovlm.files import write_folder_atomic
 from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy, per_sample_token_weights
@@ -666,6 +667,9 @@ class Trainer:
             if batch is None:
                 continue
             batch = batch.to(info.device)
+            if stage.image_shift:
+                batch.images = random_shifts(batch.images, stage.image_shift,
+                                             f"image_shift/{self.recipe.seed}/{global_step}/{index}/{info.rank}")
             weights = None if weights is None else weights.to(info.device)
             if main:  # what the decoder read (FLOPs)
                 seen_tokens += batch.num_tokens
