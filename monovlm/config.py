@@ -299,10 +299,14 @@ class EncoderConfig:
     # patch size, then a 1×1 conv: "Early convolutions help transformers see better", Xiao et al. 2021; a small ViT
     # learns shapes from few images far sooner). "conv" needs a power-of-two patch size
     stem: str = "patch"
+    # "conv": 3×3 convs per halving (the first strided); each more one widens what a patch's feature sees
+    stem_depth: int = 1
 
     def __post_init__(self) -> None:
         if self.stem not in ("patch", "conv"):
             raise ConfigError(f"encoder stem={self.stem!r} is not 'patch' or 'conv'")
+        if type(self.stem_depth) is not int or self.stem_depth < 1:
+            raise ConfigError(f"encoder stem_depth={self.stem_depth!r} must be an integer >= 1")
         if self.width % self.heads:
             raise ConfigError(f"encoder width={self.width} must be divisible by heads={self.heads}")
         if self.depth < 1:

@@ -1,5 +1,6 @@
 """EVE's patch-aligning layer: grid-token selection, hook capture, the aligner's loss, teacher grids, teachers."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -32,6 +33,7 @@ from monovlm.model.teachers import (
     precompute_features,
 )
 from monovlm.model.vlm import EncoderFreeVLM
+from monovlm.train.recipe import AlignConfig
 
 TEXT, CLS, SEP = -3, -1, -2
 
@@ -384,9 +386,9 @@ def test_vit_teacher_patch_size_keeps_the_students_image_sizes(tmp_path):
     with pytest.raises(ValueError, match="teacher_patch_size=3 must divide the model's 8 pixels per token"):
         teacher_vision(vision, 3)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
-    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
-                            teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
-                            whiten=False)
+    align = AlignConfig(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
+                        teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
+                        whiten=False)
     teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
     assert teacher.vit.patch_size == 8
     assert [tuple(f.shape) for f in teacher([torch.randn(3, 32, 32)])] == [(4, 4, 16)]  # one feature per token
@@ -402,19 +404,23 @@ def test_vit_teacher_is_reused_only_with_the_same_settings_and_data(tmp_path, mo
     monkeypatch.setattr(vit_pretrain, "pretrain_vit", lambda *a, **k: calls.append(k["steps"]) or original(*a, **k))
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
-    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
-                            teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
-                            whiten=False)
+    align = AlignConfig(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
+                        teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
+                        whiten=False)
     build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)
     build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False)  # resume: reused
     assert calls == [2]
-    build_teacher(SimpleNamespace(**{**vars(align), "teacher_steps": 3}), vision, tmp_path / "data", tmp_path / "run",
+    build_teacher(dataclasses.replace(align, teacher_steps=3), vision, tmp_path / "data", tmp_path / "run",
                   progress=False)
     assert calls == [2, 3] and "pretraining the teacher again" in capsys.readouterr().out
     synthesize(tmp_path / "data", n=12, seed=1, image_size=32, progress=False)  # other images, same folder
-    build_teacher(SimpleNamespace(**{**vars(align), "teacher_steps": 3}), vision, tmp_path / "data", tmp_path / "run",
+    build_teacher(dataclasses.replace(align, teacher_steps=3), vision, tmp_path / "data", tmp_path / "run",
                   progress=False)
     assert calls == [2, 3, 3]
+    deeper = dataclasses.replace(align, teacher_steps=3, teacher_stem="conv", teacher_stem_depth=2)
+    teacher = build_teacher(deeper, vision, tmp_path / "data", tmp_path / "run", progress=False)
+    assert calls == [2, 3, 3, 3]  # another stem: pretrained again, and the saved ViT has it
+    assert teacher.vit.config.stem == "conv" and teacher.vit.config.stem_depth == 2
 
 
 def test_whitened_teacher_has_unit_covariance_on_its_fit_images():
@@ -445,17 +451,16 @@ def test_build_teacher_whitens_when_the_recipe_asks(tmp_path):
 
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
-    align = SimpleNamespace(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
-                            teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
-                            whiten=True,
-                            whiten_images=8)
+    align = AlignConfig(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
+                        teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, teacher_objective="labels",
+                        whiten=True, whiten_images=8)
     teacher = build_teacher(align, vision, tmp_path / "data", tmp_path / "run", progress=False,
                             sources=["captions.json"])
     assert isinstance(teacher, WhitenedTeacher) and teacher.feature_dim == 16
     from monovlm.train.flops import teacher_params
 
     assert teacher_params(teacher) == sum(p.numel() for p in teacher.teacher.vit.parameters()) > 0
-    plain = build_teacher(SimpleNamespace(**{**vars(align), "whiten": False}), vision, tmp_path / "data",
+    plain = build_teacher(dataclasses.replace(align, whiten=False), vision, tmp_path / "data",
                           tmp_path / "run", progress=False)  # reuses the pretrained ViT in RUN/teacher
     image = torch.randn(3, 32, 32)
     expected = (plain([image])[0] - teacher.mean) @ teacher.transform
@@ -560,7 +565,7 @@ def tiny_vit_align(**overrides):
     values = dict(teacher="vit", teacher_objective="mae", teacher_width=16, teacher_depth=1, teacher_heads=2,
                   teacher_stem="patch", teacher_steps=2, teacher_lr=1e-3, teacher_patch_size=8, whiten=False,
                   whiten_images=8)
-    return SimpleNamespace(**{**values, **overrides})
+    return AlignConfig(**{**values, **overrides})
 
 
 def test_float16_teacher_features_train_under_bf16_autocast():

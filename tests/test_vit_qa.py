@@ -80,13 +80,13 @@ def test_qa_objective_through_pretrain_vit_and_its_errors(colour_qa, tmp_path):
 
 
 def test_qa_vit_teacher_through_build_teacher(colour_qa, tmp_path):
-    from types import SimpleNamespace
+    from monovlm.train.recipe import AlignConfig
 
     from monovlm.model.teachers import TEACHER_SETTINGS_FILE, build_teacher
 
-    align = SimpleNamespace(teacher="vit", teacher_objective="qa", teacher_width=16, teacher_depth=1, teacher_heads=2,
-                            teacher_stem="patch", teacher_steps=3, teacher_lr=1e-3, teacher_patch_size=8, whiten=False,
-                            whiten_images=8)
+    align = AlignConfig(teacher="vit", teacher_objective="qa", teacher_width=16, teacher_depth=1, teacher_heads=2,
+                        teacher_stem="patch", teacher_steps=3, teacher_lr=1e-3, teacher_patch_size=8, whiten=False,
+                        whiten_images=8)
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     teacher = build_teacher(align, vision, colour_qa, tmp_path / "run", progress=False, sources=[("qa.json", None)])
     features = teacher([torch.zeros(3, 32, 32)])

@@ -328,6 +328,8 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
                 "vision": teacher_vision(vision, align.teacher_patch_size).to_dict(), "data_sha256": digest.hexdigest()}
     if align.teacher_stem != "patch":  # only when set: teachers pretrained before the option still match
         settings["stem"] = align.teacher_stem
+    if align.teacher_stem_depth != 1:
+        settings["stem_depth"] = align.teacher_stem_depth
     return json.loads(json.dumps(settings))  # as read back from the file: tuples become lists
 
 
@@ -386,7 +388,6 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
         if align.teacher_objective not in TEACHER_OBJECTIVES:
             raise ValueError(f"[align] teacher_objective={align.teacher_objective!r} is not one of "
                              f"{TEACHER_OBJECTIVES}")
-        from monovlm.config import EncoderConfig
         from monovlm.model.vit import load_vit, save_vit
         from monovlm.train.vit_pretrain import pretrain_vit
 
@@ -398,8 +399,7 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
             if _read_json_or_none(folder / TEACHER_SETTINGS_FILE) != made_with:
                 if (folder / "vit.json").is_file():
                     print(f"{folder} was pretrained with other settings or data: pretraining the teacher again")
-                config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth,
-                                       heads=align.teacher_heads, stem=align.teacher_stem)
+                config = align.teacher_encoder()
                 report: dict = {}
                 vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
                                    steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,

@@ -114,7 +114,7 @@ class ViT(nn.Module):
         sincos_position_embedding(1, 1, config.width)  # fail at construction, not at the first forward
         self.config = config
         self.patch_size = patch_size
-        self.patch_embed = (conv_stem(config.width, patch_size) if config.stem == "conv"
+        self.patch_embed = (conv_stem(config.width, patch_size, config.stem_depth) if config.stem == "conv"
                             else nn.Conv2d(3, config.width, patch_size, stride=patch_size))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width)

@@ -122,8 +122,7 @@ def plan_teacher(recipe: Recipe, vision: VisionConfig, data_root: Path | None) -
         from monovlm.model.teachers import teacher_vision
         from monovlm.model.vit import ViT
 
-        config = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads,
-                               stem=align.teacher_stem)
+        config = align.teacher_encoder()
         with torch.device("meta"):
             vit = ViT(config, teacher_vision(vision, align.teacher_patch_size).patch_size)
         return TeacherPlan(count(vit), align.teacher_width, "its pretraining before the stages is not planned")
@@ -602,8 +601,7 @@ def _random_teacher(recipe: Recipe, config: VLMConfig, teacher: TeacherPlan, dev
         from monovlm.model.teachers import ViTTeacher, teacher_vision
         from monovlm.model.vit import ViT
 
-        encoder = EncoderConfig(width=align.teacher_width, depth=align.teacher_depth, heads=align.teacher_heads,
-                                stem=align.teacher_stem)
+        encoder = align.teacher_encoder()
         vit = ViTTeacher(ViT(encoder, teacher_vision(config.vision, align.teacher_patch_size).patch_size).to(device))
         return lambda images, layouts: vit(images, None)
     return lambda images, layouts: [torch.randn(layout.rows, layout.cols, teacher.feature_dim, device=device)

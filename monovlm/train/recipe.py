@@ -206,6 +206,7 @@ class AlignConfig:
     teacher_depth: int = 3
     teacher_heads: int = 4
     teacher_stem: str = "patch"  # the "vit" teacher's patch stem: "patch" or "conv" (see EncoderConfig.stem)
+    teacher_stem_depth: int = 1  # "conv": 3×3 convs per halving; more see a wider area per patch (whole shapes)
     # the "vit" teacher's patch side in pixels; None = the model's patch_size. It must divide the model's pixels per
     # token (so the student's images patchify exactly); a teacher patch of one whole token (e.g. 8 for eve's 4×2)
     # costs ~4× less per pretraining step than a 4 px one
@@ -221,6 +222,11 @@ class AlignConfig:
     # the teacher's feature space then weighs the same in the loss, not only its few high-variance ones
     whiten: bool = False
     whiten_images: int = 512
+
+    def teacher_encoder(self) -> EncoderConfig:
+        """The "vit" teacher's shape."""
+        return EncoderConfig(width=self.teacher_width, depth=self.teacher_depth, heads=self.teacher_heads,
+                             stem=self.teacher_stem, stem_depth=self.teacher_stem_depth)
 
     def __post_init__(self) -> None:
         if self.whiten_images <= 0:
