@@ -297,14 +297,15 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     # the patch stem: "patch" (one strided conv per patch, ViT's) or "conv" (stride-2 3×3 convs with GELU down to the
     # patch size, then a 1×1 conv: "Early convolutions help transformers see better", Xiao et al. 2021; a small ViT
-    # learns shapes from few images far sooner). "conv" needs a power-of-two patch size
+    # learns shapes from few images far sooner) or "cnn" (a small CNN with BatchNorm and max-pooling, features that see
+    # whole shapes: see model/vit.py cnn_stem). "conv" and "cnn" need a power-of-two patch size
     stem: str = "patch"
     # "conv": 3×3 convs per halving (the first strided); each more one widens what a patch's feature sees
     stem_depth: int = 1
 
     def __post_init__(self) -> None:
-        if self.stem not in ("patch", "conv"):
-            raise ConfigError(f"encoder stem={self.stem!r} is not 'patch' or 'conv'")
+        if self.stem not in ("patch", "conv", "cnn"):
+            raise ConfigError(f"encoder stem={self.stem!r} is not 'patch', 'conv' or 'cnn'")
         if type(self.stem_depth) is not int or self.stem_depth < 1:
             raise ConfigError(f"encoder stem_depth={self.stem_depth!r} must be an integer >= 1")
         if self.width % self.heads:

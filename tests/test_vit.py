@@ -115,7 +115,7 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config == vit.config and loaded.patch_size == 4
     pixels = torch.randn(2, 3, 8, 20)
     with torch.no_grad():
-        assert torch.equal(loaded(pixels), vit(pixels))
+        assert torch.equal(loaded.eval()(pixels), vit(pixels))  # eval: the saved running statistics, not the batch's
 
 
 def test_load_names_a_missing_tensor_and_the_file(tmp_path):
@@ -160,4 +160,31 @@ def test_the_conv_stem_gives_the_same_grid_and_sees_across_patch_borders():
     with pytest.raises(ConfigError, match="power-of-two"):
         ViT(EncoderConfig(width=32, depth=1, heads=2, stem="conv"), 6)
     with pytest.raises(ConfigError, match="stem"):
-        EncoderConfig(stem="cnn")
+        EncoderConfig(stem="mlp")
+
+
+def test_the_cnn_stem_sees_whole_shapes_and_saves_its_batch_statistics(tmp_path):
+    """`stem = "cnn"`: the same (rows, cols) grid; a token's feature depends on pixels well beyond its own patch and
+    its neighbours' (39 px around a patch of 8), and the BatchNorm statistics learnt in training are saved with it."""
+    from monovlm.config import ConfigError, EncoderConfig
+    from monovlm.model.vit import ViT, load_vit, save_vit
+
+    torch.manual_seed(0)
+    vit = ViT(EncoderConfig(width=32, depth=1, heads=2, stem="cnn"), 8)
+    pixels = torch.randn(2, 3, 48, 48)
+    vit.train()
+    vit(pixels)  # one training forward: the running statistics move off their start
+    vit.eval()
+    moved = pixels.clone()
+    moved[:, :, 14:16, 14:16] += 5.0  # pixels of token (1, 1): seen by token (0, 0) (the conv stem's would not
+    # see them: 15 px around it), not by token (5, 5)
+    before, after = vit.embed(pixels), vit.embed(moved)
+    assert before.shape == (2, 6, 6, 32)
+    assert (after[0, 0, 0] - before[0, 0, 0]).abs().max().item() > 1e-6
+    assert torch.equal(after[0, 5, 5], before[0, 5, 5])
+    save_vit(vit, tmp_path / "vit")
+    loaded = load_vit(tmp_path / "vit")
+    assert loaded.config.stem == "cnn"
+    assert torch.equal(loaded.eval()(pixels), vit(pixels))  # eval: the saved running statistics, not the batch's
+    with pytest.raises(ConfigError, match="power-of-two"):
+        ViT(EncoderConfig(width=32, depth=1, heads=2, stem="cnn"), 6)

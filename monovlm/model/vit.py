@@ -104,6 +104,36 @@ def conv_stem(width: int, patch_size: int, depth: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
 
 
+def cnn_stem(width: int, patch_size: int) -> nn.Sequential:
+    """pixels (B, 3, H, W) -> (B, width, H/patch, W/patch) through a small CNN (a VQA baseline's image tower): a
+    stride-2 5×5 conv to 32 channels and a 3×3 conv to 64, then per further halving a 2×2 max-pool and a 3×3 conv to
+    `width`, each conv with BatchNorm and ReLU, and a 1×1 conv to `width`. Its features see 39 px around a patch of 8
+    (whole shapes), and it learns kinds of shape from a few thousand images far sooner than the "conv" stem."""
+    steps = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**steps != patch_size:
+        raise ConfigError(f"a cnn stem needs a power-of-two patch size >= 2, got {patch_size}")
+
+    def conv(channels_in: int, channels_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(channels_in, channels_out, kernel, stride=stride, padding=kernel // 2),
+                nn.BatchNorm2d(channels_out), nn.ReLU()]
+
+    layers = conv(3, 32, 5, stride=2) + conv(32, 64, 3)
+    channels = 64
+    for _ in range(steps - 1):
+        layers += [nn.MaxPool2d(2)] + conv(channels, width, 3)
+        channels = width
+    return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
+
+
+def patch_stem(config: EncoderConfig, patch_size: int) -> nn.Module:
+    """The encoder's patch stem (see EncoderConfig.stem)."""
+    if config.stem == "conv":
+        return conv_stem(config.width, patch_size, config.stem_depth)
+    if config.stem == "cnn":
+        return cnn_stem(config.width, patch_size)
+    return nn.Conv2d(3, config.width, patch_size, stride=patch_size)
+
+
 class ViT(nn.Module):
     """pixels (B, 3, H, W) -> patch features (B, H/patch, W/patch, width); `features` takes images of mixed sizes."""
 
@@ -114,8 +144,7 @@ class ViT(nn.Module):
         sincos_position_embedding(1, 1, config.width)  # fail at construction, not at the first forward
         self.config = config
         self.patch_size = patch_size
-        self.patch_embed = (conv_stem(config.width, patch_size, config.stem_depth) if config.stem == "conv"
-                            else nn.Conv2d(3, config.width, patch_size, stride=patch_size))
+        self.patch_embed = patch_stem(config, patch_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width)
         self.apply(_init_weights)

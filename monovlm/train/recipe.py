@@ -205,7 +205,7 @@ class AlignConfig:
     teacher_width: int = 128
     teacher_depth: int = 3
     teacher_heads: int = 4
-    teacher_stem: str = "patch"  # the "vit" teacher's patch stem: "patch" or "conv" (see EncoderConfig.stem)
+    teacher_stem: str = "patch"  # the "vit" teacher's patch stem: "patch", "conv" or "cnn" (see EncoderConfig.stem)
     teacher_stem_depth: int = 1  # "conv": 3×3 convs per halving; more see a wider area per patch (whole shapes)
     # the "vit" teacher's patch side in pixels; None = the model's patch_size. It must divide the model's pixels per
     # token (so the student's images patchify exactly); a teacher patch of one whole token (e.g. 8 for eve's 4×2)
