@@ -56,6 +56,8 @@ def test_qa_teacher_learns_the_answers_from_the_image_and_is_deterministic(colou
     assert report_a["images"] == 60
     # 3 held-out images (5%): the colour is in the pixels only, half the answers each way
     assert report_a["held_out_accuracy"] == 1.0
+    right, asked = map(sum, zip(*report_a["held_out_by_answer"].values()))
+    assert right == asked == len(report_a["held_out_predictions"])
     losses = report_a["losses"]
     assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
     assert report_a["losses"] == report_b["losses"]
@@ -114,3 +116,14 @@ def test_images_of_several_sizes_are_read_as_one_square(tmp_path):
     pretrain_vit_qa(root, ["qa.json"], TINY, VISION, steps=60, images_per_batch=8, lr=3e-3, seed=0,
                     progress=False, report=report)
     assert report["images"] == 40 and np.mean(report["losses"][-5:]) < 0.5 * np.mean(report["losses"][:5])
+
+
+def test_held_out_accuracy_is_split_by_answer_type_and_by_answer():
+    from monovlm.train.vit_qa import held_out_by_answer, held_out_by_type
+
+    predictions = [("Is it red?", "yes", "yes"), ("Is it blue?", "no", "yes"), ("What shape?", "star", "star"),
+                   ("What shape?", "ring", "star"), ("What shape?", "ring", "star"), ("How many?", "2", "2")]
+    assert held_out_by_type(predictions) == {"number": (1, 1), "other": (1, 3), "yes/no": (1, 2)}
+    by_answer = held_out_by_answer(predictions)
+    assert by_answer == {"ring": (0, 2), "yes": (1, 1), "no": (0, 1), "star": (1, 1), "2": (1, 1)}
+    assert next(iter(by_answer)) == "ring"  # most asked first: a never-given answer stands out

@@ -43,6 +43,7 @@ from monovlm.data.image_files import DataImage, DataSource, data_images, iter_pi
 from monovlm.data.images import shift_image
 from monovlm.data.shards import read_data_records
 from monovlm.data.yes_no import question_replies
+from monovlm.eval.metrics import answer_type
 from monovlm.model.vit import ViT
 from monovlm.train.schedule import lr_factor
 
@@ -297,8 +298,10 @@ def pretrain_vit_qa(
     predictions: list[tuple[str, str, str]] = []
     accuracy, majority = _held_out_accuracy(held_out, batch_of, logits_of, answers, predictions)
     # one summary line, with or without progress bars: it says whether the teacher learnt anything
+    by_type = held_out_by_type(predictions)
     print(f"pretrain vit (qa): {task.questions} questions about {len(image_ids)} images, {len(answers)} answers; "
-          f"held-out accuracy {100 * accuracy:.1f}% (most frequent answer {100 * majority:.1f}%)")
+          f"held-out accuracy {100 * accuracy:.1f}% (most frequent answer {100 * majority:.1f}%)"
+          + "".join(f"; {kind} {100 * right / total:.1f}% of {total}" for kind, (right, total) in by_type.items()))
     for faults in (listing, skipped):
         if faults.skipped:
             print(f"pretrain vit (qa): {faults.summary()}")
@@ -306,8 +309,28 @@ def pretrain_vit_qa(
         report.update(losses=losses, seconds=time.perf_counter() - started, questions=task.questions,
                       images=len(image_ids), answers=len(answers), left_out=task.left_out,
                       held_out_accuracy=accuracy, majority_share=majority, held_out_predictions=predictions,
+                      held_out_by_type=by_type, held_out_by_answer=held_out_by_answer(predictions),
                       skipped=skipped.summary())
     return vit
+
+
+def held_out_by_type(predictions: Sequence[tuple[str, str, str]]) -> dict[str, tuple[int, int]]:
+    """(right, asked) per VQA answer type (yes/no, number, other) of (question, answer, predicted) triples."""
+    return dict(sorted(_tally(predictions, answer_type).items()))
+
+
+def held_out_by_answer(predictions: Sequence[tuple[str, str, str]]) -> dict[str, tuple[int, int]]:
+    """(right, asked) per reference answer, most asked first: a teacher that never gives some answers (e.g. no kind of
+    shape) shows it here even where its overall accuracy looks fine."""
+    return dict(sorted(_tally(predictions, lambda answer: answer).items(), key=lambda item: -item[1][1]))
+
+
+def _tally(predictions: Sequence[tuple[str, str, str]], group) -> dict[str, tuple[int, int]]:
+    counts: dict[str, tuple[int, int]] = {}
+    for _, answer, predicted in predictions:
+        right, total = counts.get(group(answer), (0, 0))
+        counts[group(answer)] = (right + (answer == predicted), total + 1)
+    return counts
 
 
 @torch.no_grad()
