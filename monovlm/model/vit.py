@@ -147,7 +147,9 @@ class ViT(nn.Module):
         self.patch_embed = patch_stem(config, patch_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width)
-        self.apply(_init_weights)
+        # the cnn stem keeps PyTorch's conv init (BatchNorm follows each conv): it learns kinds of shape sooner so
+        own_init = set(self.patch_embed.modules()) if config.stem == "cnn" else set()
+        self.apply(lambda module: None if module in own_init else _init_weights(module))
 
     @property
     def width(self) -> int:
