@@ -310,8 +310,8 @@ class EncoderConfig:
             raise ConfigError(f"encoder stem_depth={self.stem_depth!r} must be an integer >= 1")
         if self.width % self.heads:
             raise ConfigError(f"encoder width={self.width} must be divisible by heads={self.heads}")
-        if self.depth < 1:
-            raise ConfigError(f"encoder depth={self.depth} must be >= 1")
+        if self.depth < (0 if self.stem == "cnn" else 1):  # a CNN's features stand alone; a patch's need layers
+            raise ConfigError(f"encoder depth={self.depth} must be >= 1 (0, no transformer layers, with stem 'cnn')")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -188,3 +188,7 @@ def test_the_cnn_stem_sees_whole_shapes_and_saves_its_batch_statistics(tmp_path)
     assert torch.equal(loaded.eval()(pixels), vit(pixels))  # eval: the saved running statistics, not the batch's
     with pytest.raises(ConfigError, match="power-of-two"):
         ViT(EncoderConfig(width=32, depth=1, heads=2, stem="cnn"), 6)
+    alone = ViT(EncoderConfig(width=32, depth=0, heads=2, stem="cnn"), 8)  # the CNN with no transformer layers
+    assert len(alone.blocks) == 0 and alone(pixels).shape == (2, 6, 6, 32)
+    with pytest.raises(ConfigError, match="depth=0"):
+        EncoderConfig(width=32, depth=0, heads=2, stem="conv")

@@ -203,7 +203,7 @@ class AlignConfig:
     teacher_steps: int = 300  # pretraining steps of the "vit" teacher
     teacher_lr: float = 2e-3
     teacher_width: int = 128
-    teacher_depth: int = 3
+    teacher_depth: int = 3  # transformer layers; 0 with teacher_stem = "cnn" (the CNN's features alone)
     teacher_heads: int = 4
     teacher_stem: str = "patch"  # the "vit" teacher's patch stem: "patch", "conv" or "cnn" (see EncoderConfig.stem)
     teacher_stem_depth: int = 1  # "conv": 3×3 convs per halving; more see a wider area per patch (whole shapes)
