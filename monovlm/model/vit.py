@@ -84,13 +84,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _halvings(patch_size: int, stem: str) -> int:
+    """log2(patch_size): how many times a stem halves the image to reach one pixel per patch."""
+    steps = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**steps != patch_size:
+        raise ConfigError(f"a {stem} stem needs a power-of-two patch size >= 2, got {patch_size}")
+    return steps
+
+
 def conv_stem(width: int, patch_size: int, depth: int = 1) -> nn.Sequential:
     """pixels (B, 3, H, W) -> (B, width, H/patch, W/patch) through log2(patch) stride-2 3×3 convs (channels doubling
     up to width/2, GELU after each), each followed by `depth - 1` more 3×3 convs at its resolution, and a 1×1 conv to
     `width`."""
-    steps = patch_size.bit_length() - 1
-    if patch_size < 2 or 2**steps != patch_size:
-        raise ConfigError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+    steps = _halvings(patch_size, "conv")
     if depth < 1:
         raise ConfigError(f"a conv stem needs depth >= 1 (3×3 convs per halving), got {depth}")
     layers: list[nn.Module] = []
@@ -109,9 +115,7 @@ def cnn_stem(width: int, patch_size: int) -> nn.Sequential:
     stride-2 5×5 conv to 32 channels and a 3×3 conv to 64, then per further halving a 2×2 max-pool and a 3×3 conv to
     `width`, each conv with BatchNorm and ReLU, and a 1×1 conv to `width`. Its features see 39 px around a patch of 8
     (whole shapes), and it learns kinds of shape from a few thousand images far sooner than the "conv" stem."""
-    steps = patch_size.bit_length() - 1
-    if patch_size < 2 or 2**steps != patch_size:
-        raise ConfigError(f"a cnn stem needs a power-of-two patch size >= 2, got {patch_size}")
+    steps = _halvings(patch_size, "cnn")
 
     def conv(channels_in: int, channels_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
         return [nn.Conv2d(channels_in, channels_out, kernel, stride=stride, padding=kernel // 2),
@@ -147,7 +151,8 @@ class ViT(nn.Module):
         self.patch_embed = patch_stem(config, patch_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width)
-        # the cnn stem keeps PyTorch's conv init (BatchNorm follows each conv): it learns kinds of shape sooner so
+        # the cnn stem keeps PyTorch's conv init (BatchNorm follows each conv): with it a teacher learnt kinds of shape
+        # sooner than with xavier's (docs/experiments.md)
         own_init = set(self.patch_embed.modules()) if config.stem == "cnn" else set()
         self.apply(lambda module: None if module in own_init else _init_weights(module))
 

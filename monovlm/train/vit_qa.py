@@ -328,8 +328,9 @@ def held_out_by_answer(predictions: Sequence[tuple[str, str, str]]) -> dict[str,
 def _tally(predictions: Sequence[tuple[str, str, str]], group) -> dict[str, tuple[int, int]]:
     counts: dict[str, tuple[int, int]] = {}
     for _, answer, predicted in predictions:
-        right, total = counts.get(group(answer), (0, 0))
-        counts[group(answer)] = (right + (answer == predicted), total + 1)
+        key = group(answer)
+        right, total = counts.get(key, (0, 0))
+        counts[key] = (right + (answer == predicted), total + 1)
     return counts
 
 
