@@ -13,6 +13,7 @@ from monovlm.infer.generate import GenerationConfig, generate
 from monovlm.model.decoder import Decoder
 from monovlm.model.embedders import build_embedder
 from monovlm.model.vlm import EncoderFreeVLM
+from monovlm.train.parts import set_trainable
 from monovlm.tokenizer import add_image_special_tokens, train_bpe_tokenizer
 from tiny_vlm import assert_packed_equals_unpacked
 
@@ -28,6 +29,8 @@ VISION_SETTINGS = {
                                    stem="conv"),
     "eve+patch+conv-stem": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32,
                                         max_pixels=64 * 64, stem="patch+conv"),
+    "eve+cnn-stem": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64,
+                                 stem="cnn"),
 }
 
 
@@ -219,8 +222,31 @@ def test_patch_plus_conv_stem_is_the_patch_stem_plus_the_conv_stem():
         torch.testing.assert_close(summed(pixels), patch)
 
 
+def test_a_frozen_cnn_stem_normalises_with_its_running_statistics_and_keeps_them(tokenizer):
+    """`stem = "cnn"` in a stage that does not train the embedder: its BatchNorm layers use and keep the statistics
+    they were trained to (the tokens equal those of eval mode), while a trained embedder's move with each batch."""
+    model, _ = build(tokenizer, VISION_SETTINGS["eve+cnn-stem"])
+    norms = [m for m in model.embedder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 3  # 5×5 s2, 3×3, pool + 3×3
+    images = [torch.randn(3, 16, 16) * 2 + 1, torch.randn(3, 16, 16) * 2 + 1]
+    model.train()
+    model.embedder(images)  # trained: the running statistics move towards this batch's
+    trained_mean = norms[0].running_mean.clone()
+    assert trained_mean.abs().max().item() > 1e-3
+    with torch.no_grad():
+        expected = model.eval().embedder(images)
+    model.train()
+    set_trainable(model, ["decoder"])
+    frozen = model.embedder(images)
+    assert torch.equal(norms[0].running_mean, trained_mean)
+    for got, want in zip(frozen, expected):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("settings, match", [
     (dict(embedder="linear", patch_size=8, merge=1, stem="conv"), "linear embedder has no stem"),
+    (dict(embedder="linear", patch_size=8, merge=1, stem="cnn"), "linear embedder has no stem"),
+    (dict(embedder="eve", patch_size=6, merge=2, stem="cnn"), "power of two"),
     (dict(embedder="linear", patch_size=8, merge=1, stem="patch+conv"), "linear embedder has no stem"),
     (dict(embedder="eve", patch_size=6, merge=2, stem="conv"), "power of two"),
     (dict(embedder="eve", patch_size=4, merge=2, stem="convnext"), "stem='convnext'"),
@@ -231,7 +257,7 @@ def test_stem_settings_are_checked(settings, match):
         VisionConfig(**settings)
 
 
-@pytest.mark.parametrize("kind", ["eve", "eve+context", "eve+conv-stem", "eve+patch+conv-stem"])
+@pytest.mark.parametrize("kind", ["eve", "eve+context", "eve+conv-stem", "eve+patch+conv-stem", "eve+cnn-stem"])
 def test_save_load_round_trip_and_generation(tokenizer, tmp_path, kind):
     model, processor = build(tokenizer, VISION_SETTINGS[kind], expert_mlp=True)
     model.save(tmp_path, tokenizer)

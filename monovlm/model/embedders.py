@@ -9,7 +9,7 @@
   yields exactly as many tokens as the `conv` embedder with the same VisionConfig.
 
 `eve` and `conv` take `stem = "conv"` in place of their first strided conv: stride-2 3×3 convs down to the patch
-(`"patch+conv"`: both, added).
+(`"patch+conv"`: both, added), or `stem = "cnn"`: a small BatchNorm CNN.
 
 Every embedder returns, per image, the token sequence the decoder sees: [CLS] row 1, SEP, row 2, SEP, ... — CLS and
 the row separator are learned vectors, included when the config asks for them. That order is
@@ -28,7 +28,7 @@ from torch import nn
 from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.images import group_by_size
 from monovlm.data.layout import TokenLayout, pooled_grid
-from monovlm.model.vit import ViT, conv_stem
+from monovlm.model.vit import ViT, cnn_stem, conv_stem
 
 
 class Embedder(nn.Module):
@@ -144,7 +144,9 @@ class LinearEmbedder(Embedder):
 
 def patch_stem(config: VisionConfig, bias: bool) -> nn.Module:
     """pixels (B, 3, H, W) -> (B, embedder_width, H/patch, W/patch): one strided conv (`stem = "patch"`), a conv
-    stem (`stem = "conv"`) or the sum of both (`"patch+conv"`)."""
+    stem (`stem = "conv"`), the sum of both (`"patch+conv"`) or a small CNN (`"cnn"`)."""
+    if config.stem == "cnn":
+        return cnn_stem(config.embedder_width, config.patch_size)
     # only the layers the stem uses are built: an unused one would shift the initial values of every later layer
     patch = None if config.stem == "conv" else nn.Conv2d(3, config.embedder_width, config.patch_size,
                                                           stride=config.patch_size, bias=bias)

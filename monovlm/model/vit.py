@@ -110,6 +110,16 @@ def conv_stem(width: int, patch_size: int, depth: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that, once its parameters are frozen (a stage that does not train its part), normalises with the
+    running statistics it was trained to and leaves them as they are, as at inference — in training mode too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.weight.requires_grad:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 def cnn_stem(width: int, patch_size: int) -> nn.Sequential:
     """pixels (B, 3, H, W) -> (B, width, H/patch, W/patch) through a small CNN (a VQA baseline's image tower): a
     stride-2 5×5 conv to 32 channels and a 3×3 conv to 64, then per further halving a 2×2 max-pool and a 3×3 conv to
@@ -119,7 +129,7 @@ def cnn_stem(width: int, patch_size: int) -> nn.Sequential:
 
     def conv(channels_in: int, channels_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
         return [nn.Conv2d(channels_in, channels_out, kernel, stride=stride, padding=kernel // 2),
-                nn.BatchNorm2d(channels_out), nn.ReLU()]
+                BatchNorm2d(channels_out), nn.ReLU()]
 
     layers = conv(3, 32, 5, stride=2) + conv(32, 64, 3)
     channels = 64

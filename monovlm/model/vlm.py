@@ -250,7 +250,8 @@ class EncoderFreeVLM(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "EncoderFreeVLM":
-        """A saved model folder -> the model in `dtype` (float32 by default, whatever dtype its weights file stores)."""
+        """A saved model folder -> the model in `dtype` (float32 by default, whatever dtype its weights file stores),
+        in eval mode as `transformers` loads models (a "cnn" stem's BatchNorm then uses its saved statistics)."""
         from monovlm.model.hf import CheckpointError, load_safetensors_strict, read_json
 
         folder = Path(path)
@@ -261,4 +262,4 @@ class EncoderFreeVLM(nn.Module):
             raise CheckpointError(f"{folder / CONFIG_FILE} is not a monovlm encoder-free VLM config (model_type)")
         model = cls(VLMConfig.from_dict(values))
         load_safetensors_strict(model, folder / WEIGHTS_FILE, device)
-        return model.to(device=device, dtype=dtype)
+        return model.to(device=device, dtype=dtype).eval()

@@ -556,6 +556,7 @@ class Trainer:
         stream = stage_stream(stage, dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,
                               info.world_size, num_workers=num_workers,
                               prefetch=self.recipe.data.prefetch, pin_memory=info.device.type == "cuda")
+        module.train()  # a resumed checkpoint loads in eval mode
         trainable = set_trainable(module, stage.train)
         wrapped = wrap(module, info, options.strategy, self.recipe.fsdp_param_dtype, self.recipe.fsdp_cpu_offload)
         optimizer = torch.optim.AdamW(param_groups(module, stage.lr, stage.weight_decay), lr=stage.lr,
