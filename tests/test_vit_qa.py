@@ -97,6 +97,29 @@ def test_qa_vit_teacher_through_build_teacher(colour_qa, tmp_path):
     assert made_with["objective"] == "qa"
 
 
+def test_the_pretrained_teacher_is_kept_when_only_the_students_embedder_changes(colour_qa, tmp_path, capsys):
+    from monovlm.model.teachers import build_teacher
+    from monovlm.train.recipe import AlignConfig
+
+    align = AlignConfig(teacher="vit", teacher_objective="qa", teacher_width=16, teacher_depth=1, teacher_heads=2,
+                        teacher_steps=3, teacher_patch_size=8, whiten=False)
+    vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
+    weights = tmp_path / "run" / "teacher" / "vit.safetensors"
+
+    def build(vision: VisionConfig) -> bool:
+        """Whether this build pretrained the teacher again."""
+        build_teacher(align, vision, colour_qa, tmp_path / "run", progress=False, sources=[("qa.json", None)])
+        return "pretraining the teacher again" in capsys.readouterr().out
+
+    build(vision)
+    first = weights.read_bytes()
+    student = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32, stem="cnn",
+                           embedder_width=64, embedder_context=3)
+    assert not build(student)  # the student's stem, width and context: the teacher never reads them
+    assert weights.read_bytes() == first
+    assert build(VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=48 * 48))  # its images change
+
+
 def test_images_of_several_sizes_are_read_as_one_square(tmp_path):
     """A user's images come in many sizes: each is read whole at the largest patch-multiple square that fits
     max_pixels, so a batch is one tensor; the classifier still learns colours from them."""

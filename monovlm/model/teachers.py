@@ -310,10 +310,17 @@ def _read_json_or_none(path: Path) -> Any:
         return None
 
 
+# the student's embedder, which a "vit" teacher's pretraining never reads: a change to these keeps RUN/teacher
+_STUDENT_ONLY_VISION = {field.name: field.default for field in dataclasses.fields(VisionConfig)
+                        if field.name in ("embedder", "embedder_width", "embedder_heads", "embedder_context",
+                                          "embedder_context_layers", "patch_bias", "stem", "stem_depth",
+                                          "image_position")}
+
+
 def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Sequence) -> dict[str, Any]:
     """What a pretrained "vit" teacher depends on: its settings, the image geometry and the data it read (the hash
     of scenes.json for "labels", of the data files for "mae"). RUN/teacher is reused (resume, a second run into the
-    same folder) only when all of these match."""
+    same folder) only when all of these match; the student's own embedder settings are recorded at their defaults."""
     root = Path(data_root)
     digest = hashlib.sha256()
     if align.teacher_objective == "labels":
@@ -325,7 +332,8 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
         digest.update(file.read_bytes() if file.is_file() else b"(missing)")
     settings = {"objective": align.teacher_objective, "width": align.teacher_width, "depth": align.teacher_depth,
                 "heads": align.teacher_heads, "steps": align.teacher_steps, "lr": align.teacher_lr,
-                "vision": teacher_vision(vision, align.teacher_patch_size).to_dict(), "data_sha256": digest.hexdigest()}
+                "vision": {**teacher_vision(vision, align.teacher_patch_size).to_dict(), **_STUDENT_ONLY_VISION},
+                "data_sha256": digest.hexdigest()}
     if align.teacher_stem != "patch":  # only when set: teachers pretrained before the option still match
         settings["stem"] = align.teacher_stem
     if align.teacher_stem_depth != 1:
