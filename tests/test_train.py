@@ -50,9 +50,11 @@ def options(recipe, data_root, run_dir, **overrides):
     return TrainOptions(**values)
 
 
-@pytest.mark.parametrize("group_by_length,mixture", [(False, False), (True, False), (False, True)])
-def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path, group_by_length, mixture):
+@pytest.mark.parametrize("group_by_length,mixture,stem", [(False, False, "patch"), (True, False, "patch"),
+                                                           (False, True, "patch"), (False, False, "cnn")])
+def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path, group_by_length, mixture, stem):
     recipe = tiny_recipe(group_by_length=group_by_length)
+    recipe.model.vision["stem"] = stem  # "cnn": BatchNorm, which trains on batch statistics after a resume too
     if mixture:  # the QA stage reads the eve recipe's kind of mixture: grouped conversations twice, drills once
         qa = recipe.stages[1]
         qa.data, qa.repeat = ["instruct_train_no_existence.json", "existence_train.json"], [2, 1]
