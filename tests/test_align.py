@@ -694,3 +694,35 @@ def test_an_hf_teacher_is_stored_in_the_runs_autocast_dtype(tmp_path):
     reference, features = full([image])[0], half([image])[0].float()
     assert not torch.equal(features, reference)
     torch.testing.assert_close(features, reference, atol=0.1, rtol=0.05)
+
+
+def test_init_stem_names_what_does_not_match():
+    """`[align] init_stem` copies the teacher's stem into the student: a stem, patch side, width or teacher that
+    cannot be copied is a ConfigError naming each mismatch; a matching pair copies so that both stems agree."""
+    from monovlm.config import ConfigError, EncoderConfig, VisionConfig
+    from monovlm.model.embedders import build_embedder
+    from monovlm.model.teachers import check_stem_init, init_stem_from_teacher
+    from monovlm.model.vit import ViT
+    from monovlm.train.recipe import AlignConfig
+
+    align = AlignConfig(teacher_width=16, teacher_depth=0, teacher_stem="cnn", teacher_patch_size=8, init_stem=True)
+    vision = VisionConfig(embedder="eve", patch_size=8, merge=1, embedder_width=16, stem="cnn", max_pixels=32 * 32)
+    check_stem_init(align, vision)
+    with pytest.raises(ConfigError, match=r"stem: student 'patch', teacher 'cnn'"):
+        check_stem_init(align, dataclasses.replace(vision, stem="patch"))
+    with pytest.raises(ConfigError, match=r"patch side: student 4, teacher 8.*width: student 32, teacher 16"):
+        check_stem_init(align, dataclasses.replace(vision, patch_size=4, merge=2, embedder_width=32))
+    with pytest.raises(ConfigError, match="not monovlm's own"):
+        check_stem_init(dataclasses.replace(align, teacher="hf:/models/siglip"), vision)
+    with pytest.raises(ConfigError, match="embedder 'linear' has no patch stem"):
+        check_stem_init(dataclasses.replace(align, teacher_stem="patch"),
+                        dataclasses.replace(vision, embedder="linear", stem="patch"))
+
+    torch.manual_seed(0)
+    vit = ViT(EncoderConfig(width=16, depth=0, heads=2, stem="cnn"), 8).eval()
+    vit.patch_embed[1].running_mean.uniform_(-1, 1)  # statistics a trained teacher would have
+    embedder = build_embedder(vision, 32).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    assert not torch.allclose(embedder.stem(pixels), vit.patch_embed(pixels))
+    init_stem_from_teacher(embedder, vit)
+    assert torch.equal(embedder.stem(pixels), vit.patch_embed(pixels))  # (2, 16, 4, 4) each

@@ -70,6 +70,38 @@ def test_resume_gives_the_uninterrupted_loss_sequence(data_root, tmp_path, group
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
+def test_init_stem_starts_the_embedder_as_the_teacher_and_resumes_exactly(data_root, tmp_path):
+    """`[align] init_stem`: the embedder's CNN stem starts as the pretrained teacher's (weights and BatchNorm
+    statistics: a first stage that does not train the embedder keeps them), and a resumed run does not copy it
+    again over the stem trained so far."""
+    from monovlm.model.vit import load_vit
+    from monovlm.train.recipe import AlignConfig
+
+    recipe = tiny_recipe()
+    recipe.model.vision["stem"] = "cnn"
+    recipe.align = AlignConfig(teacher_steps=2, teacher_width=16, teacher_depth=0, teacher_stem="cnn", heads=2,
+                               init_stem=True)
+    recipe.stages[0].train = ["decoder"]
+    recipe.stages[1].align = True
+    recipe.stages[1].train = [*recipe.stages[1].train, "align"]
+    first_stage = train(options(recipe, data_root, tmp_path / "first", stop_after=4))
+    teacher_stem = load_vit(tmp_path / "first" / "teacher").patch_embed.state_dict()
+    stem = first_stage.model.embedder.patch_conv.state_dict()
+    assert stem.keys() == teacher_stem.keys()
+    for name, tensor in teacher_stem.items():
+        assert torch.equal(stem[name], tensor), name
+    assert teacher_stem["1.running_mean"].abs().sum() > 0  # the teacher's statistics, not a fresh BatchNorm's
+
+    full = train(options(recipe, data_root, tmp_path / "full"))
+    assert full.losses[:4] == first_stage.losses
+    assert not torch.equal(full.model.embedder.patch_conv.state_dict()["0.weight"], teacher_stem["0.weight"])
+    train(options(recipe, data_root, tmp_path / "cut", stop_after=8))
+    resumed = train(options(recipe, data_root, tmp_path / "cut", resume=True))
+    assert resumed.losses == full.losses[7:]
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
 def test_resuming_a_finished_run_says_so_and_runs_only_added_stages(data_root, tmp_path, capsys):
     recipe = tiny_recipe()
     full = train(options(recipe, data_root, tmp_path / "run"))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from monovlm.config import VisionConfig
+from monovlm.config import ConfigError, VisionConfig
 from monovlm.data.image_files import DataSource, data_images, iter_pixels
 
 # Defaults when a folder has no preprocessor_config.json: OpenAI CLIP's and SigLIP's published normalisation.
@@ -367,6 +367,34 @@ def resolve_features_path(spec_path: str, data_root) -> Path:
         raise FileNotFoundError(f"precomputed teacher features {path} do not exist (a relative features: path is read "
                                 f"under the data root, --data {data_root}); write them with `monovlm teacher features`")
     return path
+
+
+STEM_EMBEDDERS = {"eve": "stem", "conv": "patch_conv"}  # embedder -> the attribute holding its patch stem
+
+
+def check_stem_init(align, vision: VisionConfig) -> None:
+    """Why `[align] init_stem` cannot copy the teacher's stem into the student (a ConfigError), or nothing."""
+    teacher_patch = align.teacher_patch_size or vision.patch_size
+    mismatches = [f"{name}: student {student!r}, teacher {teacher!r}" for name, student, teacher in (
+        ("stem", vision.stem, align.teacher_stem), ("patch side", vision.patch_size, teacher_patch),
+        ("width", vision.embedder_width, align.teacher_width)) if student != teacher]
+    if align.teacher != "vit":
+        mismatches.insert(0, f"teacher is {align.teacher!r}, not monovlm's own \"vit\"")
+    if vision.embedder not in STEM_EMBEDDERS:
+        mismatches.insert(0, f"embedder {vision.embedder!r} has no patch stem of its own (use one of "
+                             f"{sorted(STEM_EMBEDDERS)})")
+    if mismatches:
+        raise ConfigError("[align] init_stem = true copies the teacher's patch stem into the student's embedder, "
+                          "which needs the same stem, patch side and width on both sides; here: " + "; ".join(mismatches)
+                          + " (set [model.vision] stem / patch_size / embedder_width and [align] teacher_stem / "
+                          "teacher_patch_size / teacher_width alike)")
+
+
+def init_stem_from_teacher(embedder: torch.nn.Module, vit: torch.nn.Module) -> None:
+    """The embedder's patch stem takes the teacher ViT's patch stem weights and buffers (BatchNorm running
+    statistics included); checked first with `check_stem_init`."""
+    stem = getattr(embedder, STEM_EMBEDDERS[embedder.config.embedder])
+    stem.load_state_dict(vit.patch_embed.state_dict())
 
 
 def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True,

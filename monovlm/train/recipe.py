@@ -222,6 +222,10 @@ class AlignConfig:
     # the teacher's feature space then weighs the same in the loss, not only its few high-variance ones
     whiten: bool = False
     whiten_images: int = 512
+    # the student's patch stem starts as the pretrained "vit" teacher's (its weights and BatchNorm statistics): the
+    # tokens hold what the teacher learnt from step 0. Needs the same stem, patch side and width on both sides
+    # ([model.vision] stem = teacher_stem, patch_size = teacher_patch_size, embedder_width = teacher_width)
+    init_stem: bool = False
 
     def teacher_encoder(self) -> EncoderConfig:
         """The "vit" teacher's shape."""

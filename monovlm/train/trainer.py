@@ -452,12 +452,19 @@ class Trainer:
                               "(e.g. [1, 2, 4])")
         from monovlm.model.align import PatchAligner, eve_layers
         from monovlm.data.image_files import stage_sources
-        from monovlm.model.teachers import build_teacher
+        from monovlm.model.teachers import build_teacher, check_stem_init, init_stem_from_teacher
 
+        if align.init_stem:
+            check_stem_init(align, model.config.vision)  # before the teacher's pretraining, not after
         # the teacher (pretrained, whitened) reads the images of the data files the recipe trains on
         self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info,
                                      progress=self.options.progress, sources=stage_sources(self.recipe.stages),
                                      hf_dtype=None if self.dtype == "float32" else getattr(torch, self.dtype))
+        if align.init_stem and state is None:  # on resume the checkpoint holds the stem as trained so far
+            from monovlm.model.vit import load_vit
+
+            init_stem_from_teacher(model.embedder, load_vit(self.run_dir / "teacher").to(self.info.device))
+            self.log("the embedder's patch stem starts as the teacher's ([align] init_stem)")
         num_layers = model.config.decoder.num_layers
         self.align_layers = align.layers if align.layers is not None else eve_layers(num_layers)
         generator_state = torch.get_rng_state()
