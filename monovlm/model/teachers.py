@@ -387,7 +387,7 @@ def check_stem_init(align, vision: VisionConfig) -> None:
         raise ConfigError("[align] init_stem = true copies the teacher's patch stem into the student's embedder, "
                           "which needs the same stem, patch side and width on both sides; here: " + "; ".join(mismatches)
                           + " (set [model.vision] stem / patch_size / embedder_width and [align] teacher_stem / "
-                          "teacher_patch_size / teacher_width alike)")
+                          "teacher_patch_size / teacher_width alike, or [align] init_stem = false)")
 
 
 def init_stem_from_teacher(embedder: torch.nn.Module, vit: torch.nn.Module) -> None:
