@@ -141,7 +141,7 @@ class DecoderConfig:
 
 EMBEDDER_KINDS = ("linear", "eve", "conv")
 IMAGE_POSITIONS = ("marker", "after_text")
-VISION_STEMS = ("patch", "conv", "patch+conv", "cnn")
+VISION_STEMS = ("patch", "conv", "patch+conv", "cnn", "patch+cnn")
 
 
 @dataclass
@@ -170,7 +170,8 @@ class VisionConfig:
     # with GELU down to the patch, "Early convolutions help transformers see better"): a few local layers that can
     # tell a star from a hexagon inside the token, where one linear map of the pixels cannot; or "patch+conv": the
     # sum of both, so a patch's colour stays one linear read of its pixels beside what the convs make of its shape;
-    # or "cnn": a small BatchNorm CNN (model/vit.py cnn_stem), whose features see whole small shapes
+    # or "cnn": a small BatchNorm CNN (model/vit.py cnn_stem), whose features see whole small shapes; or "patch+cnn":
+    # the CNN and the patch stem, added (with `[align] init_stem` the CNN starts as the teacher's, the patch stem at 0)
     stem: str = "patch"
     stem_depth: int = 1  # 3×3 convs per halving of the conv stem (its first one strided)
     # where a user turn's images sit among its tokens, in training and at inference alike: "marker" (where the

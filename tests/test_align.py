@@ -726,3 +726,15 @@ def test_init_stem_names_what_does_not_match():
     assert not torch.allclose(embedder.stem(pixels), vit.patch_embed(pixels))
     init_stem_from_teacher(embedder, vit)
     assert torch.equal(embedder.stem(pixels), vit.patch_embed(pixels))  # (2, 16, 4, 4) each
+
+    # "patch+cnn": the CNN part takes the teacher's, the patch part starts at 0 (and trains): the sum is the teacher's
+    summed = dataclasses.replace(vision, stem="patch+cnn")
+    check_stem_init(align, summed)
+    with pytest.raises(ConfigError, match=r"stem: student 'patch\+cnn', teacher 'conv'"):
+        check_stem_init(dataclasses.replace(align, teacher_stem="conv"), summed)
+    embedder = build_embedder(summed, 32).eval()
+    init_stem_from_teacher(embedder, vit)
+    assert torch.equal(embedder.stem(pixels), vit.patch_embed(pixels))
+    assert all(p.requires_grad and not p.any() for p in embedder.stem.patch.parameters())
+    embedder.stem(pixels).square().sum().backward()
+    assert embedder.stem.patch.weight.grad.abs().sum() > 0

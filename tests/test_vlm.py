@@ -31,6 +31,8 @@ VISION_SETTINGS = {
                                         max_pixels=64 * 64, stem="patch+conv"),
     "eve+cnn-stem": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32, max_pixels=64 * 64,
                                  stem="cnn"),
+    "eve+patch+cnn-stem": VisionConfig(embedder="eve", patch_size=4, merge=2, embedder_width=32,
+                                       max_pixels=64 * 64, stem="patch+cnn"),
 }
 
 
@@ -257,7 +259,8 @@ def test_stem_settings_are_checked(settings, match):
         VisionConfig(**settings)
 
 
-@pytest.mark.parametrize("kind", ["eve", "eve+context", "eve+conv-stem", "eve+patch+conv-stem", "eve+cnn-stem"])
+@pytest.mark.parametrize("kind", ["eve", "eve+context", "eve+conv-stem", "eve+patch+conv-stem", "eve+cnn-stem",
+                                  "eve+patch+cnn-stem"])
 def test_save_load_round_trip_and_generation(tokenizer, tmp_path, kind):
     model, processor = build(tokenizer, VISION_SETTINGS[kind], expert_mlp=True)
     model.save(tmp_path, tokenizer)

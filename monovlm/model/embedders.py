@@ -9,7 +9,7 @@
   yields exactly as many tokens as the `conv` embedder with the same VisionConfig.
 
 `eve` and `conv` take `stem = "conv"` in place of their first strided conv: stride-2 3×3 convs down to the patch
-(`"patch+conv"`: both, added), or `stem = "cnn"`: a small BatchNorm CNN.
+(`"patch+conv"`: both, added), or `stem = "cnn"`: a small BatchNorm CNN (`"patch+cnn"`: it and the patch stem, added).
 
 Every embedder returns, per image, the token sequence the decoder sees: [CLS] row 1, SEP, row 2, SEP, ... — CLS and
 the row separator are learned vectors, included when the config asks for them. That order is
@@ -144,7 +144,8 @@ class LinearEmbedder(Embedder):
 
 def patch_stem(config: VisionConfig, bias: bool) -> nn.Module:
     """pixels (B, 3, H, W) -> (B, embedder_width, H/patch, W/patch): one strided conv (`stem = "patch"`), a conv
-    stem (`stem = "conv"`), the sum of both (`"patch+conv"`) or a small CNN (`"cnn"`)."""
+    stem (`stem = "conv"`), the sum of both (`"patch+conv"`), a small CNN (`"cnn"`) or the sum of it and the patch
+    stem (`"patch+cnn"`)."""
     if config.stem == "cnn":
         return cnn_stem(config.embedder_width, config.patch_size)
     # only the layers the stem uses are built: an unused one would shift the initial values of every later layer
@@ -152,12 +153,15 @@ def patch_stem(config: VisionConfig, bias: bool) -> nn.Module:
                                                           stride=config.patch_size, bias=bias)
     if config.stem == "patch":
         return patch
+    if config.stem == "patch+cnn":
+        return SummedStems(patch, cnn_stem(config.embedder_width, config.patch_size))
     convs = conv_stem(config.embedder_width, config.patch_size, config.stem_depth)
     return convs if config.stem == "conv" else SummedStems(patch, convs)
 
 
 class SummedStems(nn.Module):
-    """Two stems side by side, their outputs added: the patch stem's linear view of each patch and the conv stem's."""
+    """Two stems side by side, their outputs added: the patch stem's linear view of each patch and the conv stem's
+    (or the CNN's)."""
 
     def __init__(self, patch: nn.Module, convs: nn.Module):
         super().__init__()

@@ -375,8 +375,10 @@ STEM_EMBEDDERS = {"eve": "stem", "conv": "patch_conv"}  # embedder -> the attrib
 def check_stem_init(align, vision: VisionConfig) -> None:
     """Why `[align] init_stem` cannot copy the teacher's stem into the student (a ConfigError), or nothing."""
     teacher_patch = align.teacher_patch_size or vision.patch_size
+    # a summed stem ("patch+cnn") takes the teacher's stem into its second part
+    stem_matches = vision.stem.removeprefix("patch+") == align.teacher_stem
     mismatches = [f"{name}: student {student!r}, teacher {teacher!r}" for name, student, teacher in (
-        ("stem", vision.stem, align.teacher_stem), ("patch side", vision.patch_size, teacher_patch),
+        ("stem", vision.stem if not stem_matches else align.teacher_stem, align.teacher_stem), ("patch side", vision.patch_size, teacher_patch),
         ("width", vision.embedder_width, align.teacher_width)) if student != teacher]
     if align.teacher != "vit":
         mismatches.insert(0, f"teacher is {align.teacher!r}, not monovlm's own \"vit\"")
@@ -392,8 +394,15 @@ def check_stem_init(align, vision: VisionConfig) -> None:
 
 def init_stem_from_teacher(embedder: torch.nn.Module, vit: torch.nn.Module) -> None:
     """The embedder's patch stem takes the teacher ViT's patch stem weights and buffers (BatchNorm running
-    statistics included); checked first with `check_stem_init`."""
+    statistics included); checked first with `check_stem_init`. A summed stem ("patch+cnn", "patch+conv"): its
+    CNN (convs) takes them and its patch part starts at zero, so the stem's output is the teacher's."""
     stem = getattr(embedder, STEM_EMBEDDERS[embedder.config.embedder])
+    if embedder.config.stem.startswith("patch+"):
+        stem.convs.load_state_dict(vit.patch_embed.state_dict())
+        with torch.no_grad():
+            for tensor in stem.patch.parameters():
+                tensor.zero_()
+        return
     stem.load_state_dict(vit.patch_embed.state_dict())
 
 
