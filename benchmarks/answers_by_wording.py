@@ -8,7 +8,8 @@ model answers from the image and which from the wording alone; shape and colour 
 The blind twin is not the wording's prior: a model that looks answers "no" to "Is there a red star?" about a blank
 image, which is right for the blank image and mostly wrong for the test's. With `--train` (the training file), a
 column "prior" scores each question's most frequent training answer for its wording: the accuracy of answering from
-the wording alone, the figure a model has to beat by reading the image.
+the wording alone, the figure a model has to beat by reading the image (a wording the training file never asks
+scores 0).
 
     python benchmarks/answers_by_wording.py runs/eval/final/report.json [--task llava] [--train DATA/instruct.json]
 """

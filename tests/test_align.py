@@ -732,6 +732,11 @@ def test_init_stem_names_what_does_not_match():
     check_stem_init(align, summed)
     with pytest.raises(ConfigError, match=r"stem: student 'patch\+cnn', teacher 'conv'"):
         check_stem_init(dataclasses.replace(align, teacher_stem="conv"), summed)
+    with pytest.raises(ConfigError, match=r"stem depth: student 1, teacher 2"):
+        check_stem_init(dataclasses.replace(align, teacher_stem="conv", teacher_stem_depth=2),
+                        dataclasses.replace(vision, stem="patch+conv"))
+    with pytest.raises(ConfigError, match=r"stem 'patch': only a 'cnn' or 'conv' stem"):
+        check_stem_init(dataclasses.replace(align, teacher_stem="patch"), dataclasses.replace(vision, stem="patch"))
     embedder = build_embedder(summed, 32).eval()
     init_stem_from_teacher(embedder, vit)
     assert torch.equal(embedder.stem(pixels), vit.patch_embed(pixels))

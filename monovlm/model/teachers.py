@@ -375,11 +375,16 @@ STEM_EMBEDDERS = {"eve": "stem", "conv": "patch_conv"}  # embedder -> the attrib
 def check_stem_init(align, vision: VisionConfig) -> None:
     """Why `[align] init_stem` cannot copy the teacher's stem into the student (a ConfigError), or nothing."""
     teacher_patch = align.teacher_patch_size or vision.patch_size
-    # a summed stem ("patch+cnn") takes the teacher's stem into its second part
-    stem_matches = vision.stem.removeprefix("patch+") == align.teacher_stem
-    mismatches = [f"{name}: student {student!r}, teacher {teacher!r}" for name, student, teacher in (
-        ("stem", vision.stem if not stem_matches else align.teacher_stem, align.teacher_stem), ("patch side", vision.patch_size, teacher_patch),
-        ("width", vision.embedder_width, align.teacher_width)) if student != teacher]
+    copied = vision.stem.removeprefix("patch+")  # a summed stem ("patch+cnn") takes the teacher's into its second part
+    mismatches = [] if copied == align.teacher_stem else [
+        f"stem: student {vision.stem!r}, teacher {align.teacher_stem!r}"]
+    if copied == "patch":  # the embedder's strided conv and the ViT's differ in their bias
+        mismatches.append("stem 'patch': only a 'cnn' or 'conv' stem (alone or after 'patch+') is copied")
+    if copied == "conv" and vision.stem_depth != align.teacher_stem_depth:
+        mismatches.append(f"stem depth: student {vision.stem_depth!r}, teacher {align.teacher_stem_depth!r}")
+    mismatches += [f"{name}: student {student!r}, teacher {teacher!r}" for name, student, teacher in (
+        ("patch side", vision.patch_size, teacher_patch), ("width", vision.embedder_width, align.teacher_width))
+        if student != teacher]
     if align.teacher != "vit":
         mismatches.insert(0, f"teacher is {align.teacher!r}, not monovlm's own \"vit\"")
     if vision.embedder not in STEM_EMBEDDERS:
@@ -387,7 +392,8 @@ def check_stem_init(align, vision: VisionConfig) -> None:
                              f"{sorted(STEM_EMBEDDERS)})")
     if mismatches:
         raise ConfigError("[align] init_stem = true copies the teacher's patch stem into the student's embedder, "
-                          "which needs the same stem, patch side and width on both sides; here: " + "; ".join(mismatches)
+                          "which needs the same stem (cnn or conv), patch side and width on both sides; here: "
+                          + "; ".join(mismatches)
                           + " (set [model.vision] stem / patch_size / embedder_width and [align] teacher_stem / "
                           "teacher_patch_size / teacher_width alike, or [align] init_stem = false)")
 
