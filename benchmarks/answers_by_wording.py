@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from monovlm.data.processor import IMAGE_MARKER
 from second_world import wording
 
 
@@ -46,7 +47,7 @@ def wording_priors(records: list[dict]) -> dict[str, str]:
     for record in records:
         turns = record.get("conversations", [])
         for question, answer in zip(turns[::2], turns[1::2]):
-            text = question["value"].replace("<image>", "").strip()
+            text = question["value"].replace(IMAGE_MARKER, "").strip()
             answers[wording(text)][answer["value"].strip().lower()] += 1
     return {key: counts.most_common(1)[0][0] for key, counts in answers.items()}
 

@@ -153,9 +153,8 @@ def patch_stem(config: VisionConfig, bias: bool) -> nn.Module:
                                                           stride=config.patch_size, bias=bias)
     if config.stem == "patch":
         return patch
-    if config.stem == "patch+cnn":
-        return SummedStems(patch, cnn_stem(config.embedder_width, config.patch_size))
-    convs = conv_stem(config.embedder_width, config.patch_size, config.stem_depth)
+    convs = (cnn_stem(config.embedder_width, config.patch_size) if config.stem == "patch+cnn"
+             else conv_stem(config.embedder_width, config.patch_size, config.stem_depth))
     return convs if config.stem == "conv" else SummedStems(patch, convs)
 
 
