@@ -80,10 +80,13 @@ class ViTTeacher:
 
     @torch.no_grad()
     def __call__(self, images: Sequence[torch.Tensor], keys: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """Runs where the ViT's weights are; the features come back on the images' device."""
         if not images:
             return []
         self.vit.eval()  # stays in eval even if someone called .train() on it in between
-        return [features.detach() for features in self.vit.features(list(images))]
+        device = next(self.vit.parameters()).device
+        features = self.vit.features([image.to(device) for image in images])
+        return [f.detach().to(images[0].device) for f in features]
 
 
 class HFVisionTeacher:
@@ -255,6 +258,9 @@ class PrecomputedTeacher:
         device = images[0].device if images else torch.device("cpu")
         return [self.get(key).to(device) for key in keys]
 
+    def to(self, *args, **kwargs) -> "PrecomputedTeacher":
+        return self  # features follow the images' device at each call
+
 
 def precompute_features(teacher: Teacher, images_with_keys: Iterable[tuple[str, torch.Tensor]],
                         out_path: str | os.PathLike, batch_size: int = 16,
@@ -413,7 +419,8 @@ def init_stem_from_teacher(embedder: torch.nn.Module, vit: torch.nn.Module) -> N
 
 
 def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True,
-                  sources: Sequence | None = None, hf_dtype: torch.dtype | None = None) -> Teacher:
+                  sources: Sequence | None = None, hf_dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> Teacher:
     """The teacher an [align] recipe table names, ZCA-whitened when `align.whiten` (any teacher):
 
     - "vit": monovlm's own small ViT, pretrained once with `align.teacher_objective` — "mae" (masked patch
@@ -427,12 +434,15 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
     `data_root`; `monovlm.data.image_files.stage_sources(recipe.stages)`); None = those of the recipe the trainer
     recorded in RUN/recipe.json. `hf_dtype`: an "hf:" teacher's weights are stored in it (the trainer passes its
     bf16 autocast dtype: the teacher runs without grad, its matmuls in bf16 anyway, and a SigLIP-so400m then takes
-    0.8 GiB per device instead of 1.6).
+    0.8 GiB per device instead of 1.6). `device`: where the teacher runs and its whitening is applied (the trainer
+    passes its own: a teacher left on the CPU beside a CUDA model would fail, or crawl); the "vit" objectives
+    pretrain on the CPU.
     """
     spec = align.teacher
     is_main = info is None or info.is_main
     if spec.startswith("hf:"):
-        teacher = HFVisionTeacher.from_folder(spec[3:], vision=vision, dtype=hf_dtype or torch.float32)
+        teacher = HFVisionTeacher.from_folder(spec[3:], vision=vision, dtype=hf_dtype or torch.float32,
+                                              device=device)
     elif spec.startswith("features:"):
         teacher = PrecomputedTeacher(resolve_features_path(spec[len("features:"):], data_root))
     elif spec == "vit":
@@ -463,13 +473,13 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
             import torch.distributed as dist
 
             dist.barrier()  # other ranks wait for rank 0's teacher
-        teacher = ViTTeacher(load_vit(folder))
+        teacher = ViTTeacher(load_vit(folder).to(device))
     else:
         raise ValueError(f"unknown teacher {spec!r}: use 'vit', 'hf:PATH' or 'features:PATH'")
     if align.whiten:
         if sources is None:
             sources = recorded_sources(run_dir)
-        teacher = whiten_on_data(teacher, vision, data_root, sources, align.whiten_images)
+        teacher = whiten_on_data(teacher, vision, data_root, sources, align.whiten_images).to(device)
     return teacher
 
 

@@ -459,7 +459,8 @@ class Trainer:
         # the teacher (pretrained, whitened) reads the images of the data files the recipe trains on
         self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info,
                                      progress=self.options.progress, sources=stage_sources(self.recipe.stages),
-                                     hf_dtype=None if self.dtype == "float32" else getattr(torch, self.dtype))
+                                     hf_dtype=None if self.dtype == "float32" else getattr(torch, self.dtype),
+                                     device=self.info.device)
         if align.init_stem and state is None:  # on resume the checkpoint holds the stem as trained so far
             from monovlm.model.vit import load_vit
 
