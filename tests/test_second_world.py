@@ -172,3 +172,31 @@ def test_cnn_baseline_trains_and_reports_per_category(world, tmp_path):
     for model in ("cnn", "cnn, grey image", "blind"):
         accuracy = result["accuracy"][model]
         assert set(accuracy) == set(result["n"]) and all(0.0 <= v <= 100.0 for v in accuracy.values())
+
+
+def test_binding_errors_rebuild_the_test_scenes_and_split_wrong_answers(world):
+    """benchmarks/binding_errors.py: the scenes it rebuilds are the generator's, and a wrong colour answer is counted
+    as another shape's when some other shape in the image has that colour, as absent when none has."""
+    from binding_errors import split_answers, test_scene
+
+    out, generated = world
+    for index in range(6):
+        assert test_scene(index, seed=3) == generated.scenes[f"images/test_{index:05d}.png"]
+    records = [r for r in json.loads((out / "instruct_test.json").read_text()) if r["category"] == "colour"]
+    predictions, expected = [], Counter()
+    for record in records:
+        colours = {shape.colour for shape in generated.scenes[record["image"]].shapes}
+        answer = record["conversations"][1]["value"]
+        others = sorted(colours - {answer})
+        absent = sorted(set(COLOURS) - colours)
+        for prediction, outcome in ((answer, "right"), (others[0] if others else None, "other"), (absent[0], "absent")):
+            if prediction is None:
+                continue
+            predictions.append({"id": record["id"], "group": "colour", "prediction": prediction,
+                                "score": float(prediction == answer)})
+            count = len(generated.scenes[record["image"]].shapes)
+            expected[("colour", "3+" if count >= 3 else str(count), outcome)] += 1
+    assert any(key[2] == "other" for key in expected)  # the fixture has images of several shapes
+    table = split_answers(predictions, seed=3)
+    for (group, count, outcome), number in expected.items():
+        assert table[(group, count)][outcome] == number
