@@ -28,7 +28,7 @@ def measure(recipe, stage: str, steps: int, warmup: int, checkpointing: bool, de
     """One stage's measured steps -> a table row (seconds, rates, memory)."""
     report = dry_run(recipe, steps=steps, dtype=dtype, checkpointing=checkpointing, stage=stage, device=device)
     plan = next(s for s in report.stages if s.name == report.measured.stage)
-    timed = report.measured.step_seconds[warmup:] or report.measured.step_seconds[-1:]
+    timed = report.measured.step_seconds[warmup:]  # main() keeps steps > warmup
     seconds = statistics.median(timed)
     return {"stage": plan.name, "checkpointing": checkpointing, "tokens": plan.tokens, "tflops_step": plan.flops / 1e12,
             "seconds": seconds, "tokens_per_s": plan.tokens / seconds, "tflops_per_s": plan.flops / seconds / 1e12,

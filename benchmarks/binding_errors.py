@@ -54,7 +54,7 @@ def split_answers(predictions: list[dict], seed: int, size: int = 64) -> dict[tu
 
 
 def markdown(name: str, table: dict[tuple[str, str], Counter]) -> str:
-    lines = [f"{name}", "", "| question | shapes in the image | questions | right | wrong: another shape's | "
+    lines = [name, "", "| question | shapes in the image | questions | right | wrong: another shape's | "
              "wrong: absent from the image |", "|---|---|---:|---:|---:|---:|"]
     for (group, count), row in sorted(table.items()):
         total = row["questions"]

@@ -234,51 +234,21 @@ def test_the_command_measures_the_stage_it_is_told(capsys):
     assert "measured: stage 'instruct'" in capsys.readouterr().out
 
 
-def test_bench_train_step_reports_each_stage_and_setting(tmp_path, monkeypatch):
+def test_bench_train_step_reports_each_stage_and_setting(monkeypatch):
     """benchmarks/bench_train_step.py: one row per (stage, checkpointing), its tokens and TFLOPs the dry run's plan,
     its rates consistent with its step time (the figures a GPU check writes into BENCHMARKS.md)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_train_step
 
     monkeypatch.setattr(bench_train_step, "measure_peak_flops", lambda dtype, device: 1e12)  # no timed burst here
-    path = tmp_path / "tiny.toml"
-    path.write_text("""
-name = "tiny"
-seed = 0
-[model]
-vocab_size = 300
-[model.decoder]
-hidden_size = 32
-intermediate_size = 64
-num_layers = 2
-num_heads = 2
-num_kv_heads = 1
-[model.vision]
-embedder = "conv"
-patch_size = 8
-merge = 2
-embedder_width = 16
-max_pixels = 1024
-[[stages]]
-name = "caption"
-data = "captions.json"
-template = "plain"
-train = ["embedder"]
-batch_size = 2
-max_length = 64
-[[stages]]
-name = "qa"
-data = "instruct.json"
-train = ["embedder", "decoder"]
-batch_size = 2
-max_length = 64
-""")
-    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", str(path), "--device", "cpu", "--dtype", "float32",
+    planned = recipe(batch_size=2, max_length=64)
+    monkeypatch.setattr(bench_train_step, "load_recipe", lambda name, overrides: planned)
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "tiny", "--device", "cpu", "--dtype", "float32",
                                       "--steps", "3", "--warmup", "1", "--checkpointing", "off", "on"])
     rows, markdown_table = [], bench_train_step.table
     monkeypatch.setattr(bench_train_step, "table", lambda measured, peak, spec: rows.extend(measured) or "")
     bench_train_step.main()
-    plan = dry_run(bench_train_step.load_recipe(path))
+    plan = dry_run(planned)
     assert [(r["stage"], r["checkpointing"]) for r in rows] == [("caption", False), ("caption", True),
                                                                 ("qa", False), ("qa", True)]
     for row in rows:
