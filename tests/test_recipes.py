@@ -352,11 +352,21 @@ def test_the_family_switches_leave_a_loaded_llms_text_logits_unchanged(tmp_path,
     ("llava", []),
     ("eve", ["data.no_captions=instruct"]),  # QA data only
     ("eve-vqa", []),  # short-answer QA data, no captions: the teacher learns the answers
+    ("eve-vqa", ["align.teacher_questions=4", "stages.instruct.teacher_questions=true"]),  # and asks more
 ])
 def test_every_generic_recipe_trains_on_a_user_folder(name, overrides, tmp_path):
     """The default teacher / encoder init included: nothing here was written by `monovlm data synth`."""
     captions = "data.no_captions=instruct" not in overrides and name != "eve-vqa"
     data = write_user_folder(tmp_path / "mine", captions=captions)
+    asks = "align.teacher_questions=4" in overrides
+    if asks:  # yes/no questions for the teacher to ask of the other images: "Is the shape red?" of a blue one
+        records = json.loads((data / "instruct.json").read_text())
+        for i, record in enumerate(records):
+            colour = list(COLOURS)[i % 3]
+            answer = "yes" if record["conversations"][1]["value"] == colour else "no"
+            record["conversations"] += [{"from": "human", "value": f"Is the shape {colour}?"},
+                                        {"from": "gpt", "value": answer}]
+        (data / "instruct.json").write_text(json.dumps(records))
     assert main(train_args(name, data, tmp_path / "run", overrides)) == 0
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [m for m in metrics if "loss" in m]
@@ -365,6 +375,11 @@ def test_every_generic_recipe_trains_on_a_user_folder(name, overrides, tmp_path)
     if load_recipe(name).align is not None:
         assert any(m["align"] > 0 for m in losses)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    if asks:  # what the tiny teacher answers is tests/test_teacher_questions.py's; here: written where stages read
+        asked = json.loads((tmp_path / "run" / "teacher" / "questions.json").read_text())
+        own = {record["image"]: {turn["value"] for turn in record["conversations"]}
+               for record in json.loads((data / "instruct.json").read_text())}
+        assert isinstance(asked, list) and all(record["image"] in own for record in asked)
 
 
 @pytest.mark.slow  # a training run per recipe

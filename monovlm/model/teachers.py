@@ -307,6 +307,7 @@ def teacher_vision(vision: VisionConfig, patch_size: int | None) -> VisionConfig
 
 
 TEACHER_SETTINGS_FILE = "made_with.json"
+TEACHER_QUESTIONS_FILE = "questions.json"  # [align] teacher_questions: the teacher's own yes/no questions and answers
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -344,6 +345,8 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
         settings["stem"] = align.teacher_stem
     if align.teacher_stem_depth != 1:
         settings["stem_depth"] = align.teacher_stem_depth
+    if align.teacher_questions:
+        settings["questions"] = {"per_image": align.teacher_questions, "confidence": align.teacher_confidence}
     return json.loads(json.dumps(settings))  # as read back from the file: tuples become lists
 
 
@@ -464,10 +467,13 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
                 report: dict = {}
                 vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
                                    steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,
-                                   lr=align.teacher_lr, seed=0, report=report, progress=progress)
+                                   lr=align.teacher_lr, seed=0, report=report, progress=progress,
+                                   questions=align.teacher_questions, confidence=align.teacher_confidence)
                 save_vit(vit, folder)
-                (folder / "pretrain_report.json").write_text(
-                    json.dumps({k: v for k, v in report.items() if k != "losses"}, indent=1))
+                if align.teacher_questions:
+                    (folder / TEACHER_QUESTIONS_FILE).write_text(json.dumps(report["teacher_questions"]))
+                (folder / "pretrain_report.json").write_text(json.dumps(
+                    {k: v for k, v in report.items() if k not in ("losses", "teacher_questions")}, indent=1))
                 (folder / TEACHER_SETTINGS_FILE).write_text(json.dumps(made_with, indent=1) + "\n")
         if info is not None and info.enabled:
             import torch.distributed as dist

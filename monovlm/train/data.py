@@ -21,6 +21,7 @@ batch is consumed, so `state()` never counts a batch that was prefetched but not
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -47,20 +48,24 @@ def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig, seed: i
     return Processor(tokenizer, vision, config, token_pools=stage.token_pools, pool_seed=seed)
 
 
-def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
-                  seed: int = 0) -> LlavaDataset | ShardDataset | MixedDataset:
+def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path, seed: int = 0,
+                  teacher_questions: Path | None = None) -> LlavaDataset | ShardDataset | MixedDataset:
     """A stage's data file (and image folder), relative to the data root; several files make a `MixedDataset`
     (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled). With
     `stage.yes_no` "singles" or "balanced", each file is two parts: its records without the single yes/no
     questions, and those questions alone (see data/yes_no.py; `seed` draws the balancing repeats); with "weighted",
     the files are read as they are and the yes/no replies' losses weighted per wording over all of them; with "open",
     without their yes/no questions (also those inside conversations). `stage.isolate_turns` applies to the files
-    grouped by image. A data
+    grouped by image. With `stage.teacher_questions`, each file's records come with the teacher's questions about
+    its images (`teacher_questions`: RUN/teacher/questions.json), before any of the above. A data
     "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
+    asked = read_teacher_questions(teacher_questions) if stage.teacher_questions else None
 
     def open_data(file: str, **options) -> LlavaDataset | ShardDataset:
         options["isolate_turns"] = stage.isolate_turns and options.get("group_by_image", False)
+        if asked is not None:
+            options["select"] = with_teacher_questions(asked, options.get("select"))
         path = Path(data_root) / file
         if path.is_dir():  # a shard folder holds its images: no image root
             return ShardDataset(path, processor, **options)
@@ -87,6 +92,24 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path,
     if len(parts) == 1 and parts[0][1] == 1:
         return parts[0][0]
     return MixedDataset(parts)
+
+
+def read_teacher_questions(path: Path | None) -> list[dict]:
+    """The teacher's questions file ([align] teacher_questions), a clear error when it is not there."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"the stage reads the teacher's questions (teacher_questions = true) but {path} does "
+                                "not exist: it is written when the \"qa\" teacher is pretrained with [align] "
+                                "teacher_questions > 0")
+    return json.loads(Path(path).read_text())
+
+
+def with_teacher_questions(asked: list[dict], select=None):
+    """A `select` for a data file's records: them and the teacher's questions about their images, then `select`."""
+    def chosen(records: list[dict]) -> list[dict]:
+        images = {record.get("image") for record in records if isinstance(record, dict)}
+        records = list(records) + [question for question in asked if question["image"] in images]
+        return select(records) if select is not None else records
+    return chosen
 
 
 def stage_stream(stage: StageConfig, dataset: LlavaDataset, batch_size: int, seed: int, pad_id: int, rank: int = 0,

@@ -96,6 +96,9 @@ class StageConfig:
     # at this share of a question-answer stage, one more eval: model vs blind per answer type, warning about any type
     # answered no better than with a blank image (the plateau of a model that does not look); 0 turns it off
     blind_check: float = 0.5
+    # also read the yes/no questions the "qa" teacher asked of this stage's images and answered itself ([align]
+    # teacher_questions; RUN/teacher/questions.json), merged with each image's own questions as the data's are
+    teacher_questions: bool = False
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
     init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
     # weight of the next-token loss: 0 makes a distillation-only stage (BREEN's pre-alignment, HoVLE's first stage),
@@ -226,6 +229,13 @@ class AlignConfig:
     # tokens hold what the teacher learnt from step 0. Needs the same stem, patch side and width on both sides
     # ([model.vision] stem = teacher_stem, patch_size = teacher_patch_size, embedder_width = teacher_width)
     init_stem: bool = False
+    # with teacher_objective = "qa": after its pretraining the teacher asks each training image this many yes/no
+    # questions drawn from the other images' (a yes/no question can be asked of any image; an open one presumes what
+    # it names) and answers them itself; the answers it gives with at least `teacher_confidence` are kept, in each
+    # wording's own share of "yes" (the data's prior stays as it was), in RUN/teacher/questions.json for the stages
+    # that set teacher_questions = true. More questions whose answer only the image gives, the teacher's labels
+    teacher_questions: int = 0
+    teacher_confidence: float = 0.9
 
     def teacher_encoder(self) -> EncoderConfig:
         """The "vit" teacher's shape."""
@@ -237,6 +247,13 @@ class AlignConfig:
             raise ConfigError(f"[align] whiten_images={self.whiten_images} must be positive")
         if self.target not in ALIGN_TARGETS:
             raise ConfigError(f"[align] target={self.target!r} is not one of {ALIGN_TARGETS}")
+        if self.teacher_questions < 0 or not 0.0 < self.teacher_confidence <= 1.0:
+            raise ConfigError(f"[align] teacher_questions={self.teacher_questions} must be >= 0 and "
+                              f"teacher_confidence={self.teacher_confidence} a probability in (0, 1]")
+        if self.teacher_questions and (self.teacher != "vit" or self.teacher_objective != "qa"):
+            raise ConfigError(f"[align] teacher_questions={self.teacher_questions}: only a \"vit\" teacher with "
+                              f"teacher_objective = \"qa\" answers questions (this one: teacher={self.teacher!r}, "
+                              f"teacher_objective={self.teacher_objective!r})")
 
 
 @dataclass
@@ -370,6 +387,11 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: stage(s) {shifted} shift their images (image_shift) but the "
                               "align teacher's features are precomputed for the unshifted images; use image_shift = 0 "
                               "there, or a teacher that reads pixels (vit, hf:PATH)")
+        asking = [stage.name for stage in self.stages if stage.teacher_questions]
+        if asking and (self.align is None or not self.align.teacher_questions):
+            raise ConfigError(f"recipe {self.name!r}: stage(s) {asking} read the teacher's questions "
+                              "(teacher_questions = true) but [align] teacher_questions is 0: set it to how many "
+                              "questions the teacher asks of each image")
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):  # overrides and resume checks address stages by name
             raise ConfigError(f"recipe {self.name!r}: stage names must be unique, got {names}")

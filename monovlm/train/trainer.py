@@ -38,6 +38,7 @@ from monovlm.data.datasets import DatasetError, read_records
 from monovlm.data.images import random_shifts
 from monovlm.data.processor import IGNORE_INDEX, Processor
 from monovlm.files import write_folder_atomic
+from monovlm.model.teachers import TEACHER_QUESTIONS_FILE
 from monovlm.model.vlm import EncoderFreeVLM, labelled_cross_entropy, per_sample_token_weights
 from monovlm.tokenizer import Tokenizer
 from monovlm.train import checkpoint as ckpt
@@ -558,7 +559,8 @@ class Trainer:
             model.decoder.init_experts_from_text()
         processor = stage_processor(stage, tokenizer, model.config.vision, seed=self.recipe.seed)
         model.config.processor = processor.config  # saved with the model: inference uses the last stage's template
-        dataset = stage_dataset(stage, processor, options.data_root, seed=self.recipe.seed)
+        dataset = stage_dataset(stage, processor, options.data_root, seed=self.recipe.seed,
+                                teacher_questions=self.run_dir / "teacher" / TEACHER_QUESTIONS_FILE)
         pad_id = tokenizer.pad_id or 0
         num_workers = resolve_workers(self.recipe.data.num_workers)
         stream = stage_stream(stage, dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,

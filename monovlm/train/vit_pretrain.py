@@ -482,10 +482,15 @@ def pretrain_vit(
     seed: int = 0,
     progress: bool = True,
     report: dict[str, Any] | None = None,
+    questions: int = 0,
+    confidence: float = 0.9,
 ) -> ViT:
     """Pretrain a ViT with `objective` (see the module docstring): "mae" on the images that the LLaVA data files
     `sources` ((file, image root) pairs or file names, relative to `data_root`) name; "labels" on `data_root`'s
-    synthetic scenes.json (its train split; `sources` is not read)."""
+    synthetic scenes.json (its train split; `sources` is not read). `questions`, `confidence`: "qa" only, the yes/no
+    questions its classifier then asks of each image (see `pretrain_vit_qa`)."""
+    if questions and objective != "qa":
+        raise ValueError(f"only the 'qa' objective's classifier answers questions; {objective!r} was asked to")
     if objective == "labels":
         return pretrain_vit_labels(data_root, config, vision, steps, batch_size=batch_size, lr=lr, seed=seed,
                                    progress=progress, report=report)
@@ -495,7 +500,7 @@ def pretrain_vit(
         raise ValueError(f"the {objective!r} objective reads the recipe's data files; none were given")
     if objective == "qa":
         return pretrain_vit_qa(data_root, sources, config, vision, steps, lr=lr, seed=seed, progress=progress,
-                               report=report)
+                               report=report, teacher_questions=questions, confidence=confidence)
     listing = SkipReport()
     images = data_images(data_root, sources, listing)
     if progress and listing.skipped:

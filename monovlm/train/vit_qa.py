@@ -41,8 +41,9 @@ from monovlm.config import EncoderConfig, VisionConfig
 from monovlm.data.datasets import DatasetError, SkipReport
 from monovlm.data.image_files import DataImage, DataSource, data_images, iter_pixels
 from monovlm.data.images import shift_image
+from monovlm.data.processor import IMAGE_MARKER
 from monovlm.data.shards import read_data_records
-from monovlm.data.yes_no import question_replies
+from monovlm.data.yes_no import Wordings, question_replies, yes_no_word
 from monovlm.eval.metrics import answer_type
 from monovlm.model.vit import ViT
 from monovlm.train.schedule import lr_factor
@@ -204,6 +205,8 @@ def pretrain_vit_qa(
     seed: int = 0,
     progress: bool = True,
     report: dict[str, Any] | None = None,
+    teacher_questions: int = 0,
+    confidence: float = 0.9,
 ) -> ViT:
     """Train a ViT (patch `vision.patch_size`, images at `vision`'s resize policy) as the image tower of a
     short-answer QA classifier on the data files' questions (see the module docstring); return it in eval mode.
@@ -211,7 +214,9 @@ def pretrain_vit_qa(
 
     `report`, if given, receives: losses (per step), seconds, questions, images, answers (classes), left_out (questions
     whose answer is too rare to be a class), held_out_accuracy and majority_share (on the held-out images'
-    questions), held_out_predictions ((question, answer, predicted) each), skipped (the unreadable-image summary)."""
+    questions), held_out_predictions ((question, answer, predicted) each), skipped (the unreadable-image summary).
+    With `teacher_questions` > 0 it also receives teacher_questions: the trained classifier's own yes/no questions about
+    every image (`ask_questions`, answers given with at least `confidence`)."""
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
     listing = SkipReport()
@@ -305,6 +310,12 @@ def pretrain_vit_qa(
     for faults in (listing, skipped):
         if faults.skipped:
             print(f"pretrain vit (qa): {faults.summary()}")
+    if report is not None and teacher_questions > 0:
+        asked = ask_questions(task, lambda chosen: batch_of(chosen, shift=False)[0], logits_of, teacher_questions,
+                              confidence, seed=seed, progress=progress)
+        report["teacher_questions"] = asked
+        print(f"pretrain vit (qa): asked {teacher_questions} yes/no questions of each image, kept {len(asked)} answers "
+              f"({sum(r['conversations'][1]['value'] == 'yes' for r in asked)} yes)")
     if report is not None:
         report.update(losses=losses, seconds=time.perf_counter() - started, questions=task.questions,
                       images=len(image_ids), answers=len(answers), left_out=task.left_out,
@@ -312,6 +323,79 @@ def pretrain_vit_qa(
                       held_out_by_type=by_type, held_out_by_answer=held_out_by_answer(predictions),
                       skipped=skipped.summary())
     return vit
+
+
+def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence: float, seed: int = 0,
+                  progress: bool = False) -> list[dict[str, Any]]:
+    """The trained classifier's own yes/no questions, as LLaVA records: each image of `task` is asked `per_image`
+    question texts drawn from the data's yes/no questions about other images (as often as the data asks each, none it
+    was asked already), and answered yes or no (the classifier's two logits). An answer is kept when its probability
+    is at least `confidence`; then, within each wording (`Wordings`), answers are dropped at random until "yes" has
+    the share it has in the data, so the wording predicts no more and no less than it did, and only the image tells
+    the kept answers apart.
+
+    `pixels_of(image indices) -> list of (3, S, S)` (unreadable images left out) and `logits_of(pixels, pairs,
+    owner)` are the pretraining's own."""
+    pool = [pair for pairs in task.by_image.values() for pair in pairs if yes_no_word(pair.answer)]
+    if not pool or not {"yes", "no"} <= set(task.answer_index):
+        return []  # no yes/no questions to ask, or the data never answers one of the two
+    yes_no_ids = [task.answer_index["yes"], task.answer_index["no"]]
+    wordings = Wordings(pair.question for pair in pool)
+    yes_share: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for pair in pool:
+        counts = yes_share[wordings(pair.question)]
+        counts[0] += pair.answer == "yes"
+        counts[1] += 1
+    rng = random.Random(seed)
+    kept: dict[str, list[tuple[str, int, str]]] = defaultdict(list)  # wording -> (question, image, answer)
+    indices = sorted(task.by_image)
+    for start in tqdm(range(0, len(indices), 32), desc="teacher questions", disable=not progress):
+        readable = [index for index in indices[start:start + 32] if pixels_of([index])]  # read once, cached
+        asked: list[QAPair] = []
+        owner: list[int] = []
+        for row, index in enumerate(readable):
+            already = {pair.question for pair in task.by_image[index]}
+            mine: set[str] = set()
+            for _ in range(per_image * 20):  # draws repeat: a data set's yes/no texts are few
+                if len(mine) == per_image:
+                    break
+                question = pool[rng.randrange(len(pool))].question
+                if question not in already and question not in mine:
+                    mine.add(question)
+                    asked.append(QAPair(index, question, ""))
+                    owner.append(row)
+        if not asked:
+            continue
+        with torch.no_grad():
+            logits = logits_of(pixels_of(readable), asked, torch.tensor(owner))  # (Q, answers)
+        p_yes = logits[:, yes_no_ids].softmax(-1)[:, 0]  # (Q,): a yes/no question is answered yes or no
+        for pair, p in zip(asked, p_yes.tolist()):
+            if max(p, 1 - p) >= confidence:
+                kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p >= 0.5 else "no"))
+    records = []
+    for wording, answered in kept.items():
+        yes, total = yes_share[wording]
+        answered = _in_proportion(answered, yes / total, rng)
+        for question, index, answer in answered:
+            text = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
+            records.append({"id": f"teacher_q{len(records)}", "image": task.images[index].key, "conversations": [
+                {"from": "human", "value": text}, {"from": "gpt", "value": answer}]})
+    return records
+
+
+def _in_proportion(answered: list[tuple[str, int, str]], yes_share: float,
+                   rng: random.Random) -> list[tuple[str, int, str]]:
+    """The largest random subset of `answered` whose share of "yes" is `yes_share` (none when the data's wording is
+    always one answer: a teacher's answer there could only add the other)."""
+    yes = [a for a in answered if a[2] == "yes"]
+    no = [a for a in answered if a[2] == "no"]
+    if not 0.0 < yes_share < 1.0:
+        return []
+    if len(yes) * (1 - yes_share) > len(no) * yes_share:
+        yes = rng.sample(yes, int(len(no) * yes_share / (1 - yes_share)))
+    else:
+        no = rng.sample(no, int(len(yes) * (1 - yes_share) / yes_share))
+    return sorted(yes + no, key=lambda a: (a[1], a[0]))
 
 
 def held_out_by_type(predictions: Sequence[tuple[str, str, str]]) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,175 @@
+"""[align] teacher_questions: the "qa" teacher asks each training image yes/no questions drawn from the other images'
+and answers them itself; stages with teacher_questions = true read them beside the data's own."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monovlm.config import ConfigError, VisionConfig
+from monovlm.data.image_files import DataImage
+from monovlm.data.processor import Processor
+from monovlm.model.teachers import TEACHER_QUESTIONS_FILE, TEACHER_SETTINGS_FILE, build_teacher
+from monovlm.train.data import stage_dataset
+from monovlm.train.recipe import AlignConfig, StageConfig, load_recipe
+from monovlm.train.vit_qa import QAPair, QATask, ask_questions
+
+from image_folder import COLOURS
+from tiny_vlm import small_tokenizer
+
+RED, BLUE = "<image>\nIs the square red?", "<image>\nIs the square blue?"
+
+
+def write_square_questions(root, n: int = 80, seed: int = 0):
+    """n 32×32 images of a red or blue square (blue on every third); image i is asked one of the two colour questions (even i:
+    the red one), so the other is there to ask. Returns root."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    records = []
+    for index in range(n):
+        colour = "blue" if index % 3 == 0 else "red"
+        pixels = rng.integers(0, 50, (32, 32, 3), dtype=np.uint8)
+        top, left = rng.integers(0, 20, size=2)
+        pixels[top:top + 12, left:left + 12] = COLOURS[colour]
+        Image.fromarray(pixels).save(root / f"images/{index}.png")
+        question = RED if index % 2 == 0 else BLUE
+        answer = "yes" if (question == RED) == (colour == "red") else "no"
+        records.append({"id": str(index), "image": f"images/{index}.png", "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+    (root / "qa.json").write_text(json.dumps(records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    return write_square_questions(tmp_path_factory.mktemp("squares"))
+
+
+def scripted_task(images: int = 40):
+    """Image i asked "red?" (yes on even i) and, on every fourth image, "blue?" (yes on i = 0 mod 8, else no): each
+    wording says yes half the time. The scripted classifiers below answer from the pixels, which are the index."""
+    by_image = {}
+    for i in range(images):
+        pairs = [QAPair(i, RED, "yes" if i % 2 == 0 else "no")]
+        if i % 4 == 0:
+            pairs.append(QAPair(i, BLUE, "yes" if i % 8 == 0 else "no"))
+        by_image[i] = pairs
+    return QATask([DataImage(f"images/{i}.png", None) for i in range(images)], by_image, ["yes", "no"],
+                  {"yes": 0, "no": 1}, 0)
+
+
+def pixels_of(indices):
+    return [torch.tensor(float(i)) for i in indices]
+
+
+def test_asked_questions_are_new_to_the_image_and_confidently_answered():
+    task = scripted_task()
+    calls = []
+
+    def logits_of(pixels, pairs, owner):  # sure "no" on images 1 (mod 4), sure "yes" on 2, unsure on 3
+        calls.append(len(pixels))
+        rows = []
+        for pair, row in zip(pairs, owner.tolist()):
+            image = int(pixels[row])
+            assert image == pair.image  # each question is asked of its own image's pixels
+            p_yes = {1: 0.01, 2: 0.99, 3: 0.6}.get(image % 4, 0.5)
+            rows.append([p_yes, 1 - p_yes])
+        return torch.tensor(rows).log()
+
+    records = ask_questions(task, pixels_of, logits_of, per_image=2, confidence=0.9)
+    assert calls and max(calls) <= 32  # a few images at a time
+    # every image was asked "red?": only "blue?" is new, to the images not asked it (i != 0 mod 4); those with
+    # an unsure answer (3 mod 4) are left out; 10 sure yes and 10 sure no keep the data's share of 1/2
+    images = sorted(int(r["image"].split("/")[1].split(".")[0]) for r in records)
+    assert images == [i for i in range(40) if i % 4 in (1, 2)]
+    for record in records:
+        image = int(record["image"].split("/")[1].split(".")[0])
+        assert [t["value"] for t in record["conversations"]] == [BLUE, "yes" if image % 4 == 2 else "no"]
+        assert record["conversations"][0]["from"] == "human" and record["conversations"][1]["from"] == "gpt"
+    assert len({r["id"] for r in records}) == len(records)
+
+
+def test_the_kept_answers_have_the_datas_yes_share_per_wording():
+    task = scripted_task()  # "red?": yes on 20 of 40 images; asked of new images below
+    for i in range(40, 80):  # 40 more images, asked only "blue?"
+        task.by_image[i] = [QAPair(i, BLUE, "no" if i % 3 else "yes")]
+        task.images.append(DataImage(f"images/{i}.png", None))
+
+    def logits_of(pixels, pairs, owner):  # a sure teacher: "yes" to "red?" on 3 images of 4
+        rows = [[0.99, 0.01] if int(pixels[row]) % 4 else [0.01, 0.99] for row in owner.tolist()]
+        return torch.tensor(rows).log()
+
+    records = ask_questions(task, pixels_of, logits_of, per_image=1, confidence=0.9)
+    red = [r["conversations"][1]["value"] for r in records if r["conversations"][0]["value"] == RED]
+    # 40 new images asked "red?": 30 sure yes, 10 sure no; the data's share is 1/2, so 10 of each are kept
+    assert red.count("yes") == red.count("no") == 10
+    assert all(r["image"] in {f"images/{i}.png" for i in range(40, 80)} for r in records
+               if r["conversations"][0]["value"] == RED)
+
+
+def test_a_qa_teacher_writes_right_answers_to_new_questions(squares, tmp_path, capsys):
+    align = AlignConfig(teacher="vit", teacher_objective="qa", teacher_width=32, teacher_depth=1, teacher_heads=2,
+                        teacher_stem="patch", teacher_steps=80, teacher_lr=3e-3, teacher_patch_size=8,
+                        teacher_questions=1, teacher_confidence=0.8)
+    vision = VisionConfig(embedder="eve", patch_size=8, merge=1, max_pixels=32 * 32)
+    build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)])
+    folder = tmp_path / "run" / "teacher"
+    asked = json.loads((folder / TEACHER_QUESTIONS_FILE).read_text())
+    data = {r["image"]: r["conversations"][0]["value"] for r in json.loads((squares / "qa.json").read_text())}
+    assert len(asked) >= 20
+    right = 0
+    for record in asked:
+        question, answer = (turn["value"] for turn in record["conversations"])
+        assert question in (RED, BLUE) and question != data[record["image"]]  # the other colour's question
+        colour = "blue" if int(record["image"].split("/")[1].split(".")[0]) % 3 == 0 else "red"
+        right += answer == ("yes" if (question == RED) == (colour == "red") else "no")
+    assert right / len(asked) >= 0.9
+    made_with = json.loads((folder / TEACHER_SETTINGS_FILE).read_text())
+    assert made_with["questions"] == {"per_image": 1, "confidence": 0.8}
+    assert "asked 1 yes/no questions of each image" in capsys.readouterr().out
+    report = json.loads((folder / "pretrain_report.json").read_text())
+    assert "teacher_questions" not in report  # they have their own file
+
+    # the same settings keep the teacher and its questions; another number of questions pretrains it again
+    build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)])
+    assert "pretraining the teacher again" not in capsys.readouterr().out
+    align.teacher_questions = 2
+    build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)])
+    assert "pretraining the teacher again" in capsys.readouterr().out
+
+
+def test_a_stage_reads_the_teachers_questions_with_each_images_own(squares, tmp_path):
+    asked = [{"id": "t0", "image": "images/0.png", "conversations": [
+        {"from": "human", "value": BLUE}, {"from": "gpt", "value": "no"}]},
+        {"id": "t1", "image": "images/elsewhere.png", "conversations": [
+            {"from": "human", "value": RED}, {"from": "gpt", "value": "yes"}]}]
+    path = tmp_path / TEACHER_QUESTIONS_FILE
+    path.write_text(json.dumps(asked))
+    processor = Processor(small_tokenizer(), VisionConfig(embedder="eve", patch_size=8, merge=1, max_pixels=32 * 32))
+
+    def records(**options):
+        stage = StageConfig(name="s", data="qa.json", group_by_image=True, **options)
+        return stage_dataset(stage, processor, squares, teacher_questions=path).records
+
+    with_teacher = records(teacher_questions=True)
+    first = next(r for r in with_teacher if r["image"] == "images/0.png")
+    values = [t["value"].replace("<image>\n", "") for t in first["conversations"]]
+    assert sorted(zip(values[::2], values[1::2])) == [("Is the square blue?", "no"), ("Is the square red?", "no")]
+    assert all(r["image"] != "images/elsewhere.png" for r in with_teacher)  # not an image of this file
+    plain = records()
+    assert sum(len(r["conversations"]) for r in with_teacher) == sum(len(r["conversations"]) for r in plain) + 2
+    assert records(teacher_questions=True, yes_no="open") == []  # every question here is yes/no: all left out
+    with pytest.raises(FileNotFoundError, match="teacher_questions"):
+        stage_dataset(StageConfig(name="s", data="qa.json", teacher_questions=True), processor, squares,
+                      teacher_questions=tmp_path / "missing.json")
+
+
+def test_recipe_errors_name_what_is_missing():
+    with pytest.raises(ConfigError, match="teacher_objective"):
+        load_recipe("eve", ["align.teacher_questions=4"])  # eve's teacher learns by masked patches
+    with pytest.raises(ConfigError, match=r"\[align\] teacher_questions is 0"):
+        load_recipe("eve-vqa", ["stages.instruct.teacher_questions=true", "align.teacher_questions=0"])
+    with pytest.raises(ConfigError, match="teacher_confidence"):
+        load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_confidence=0"])
