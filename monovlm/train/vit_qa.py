@@ -354,16 +354,17 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
         asked: list[QAPair] = []
         owner: list[int] = []
         for row, index in enumerate(readable):
-            already = {pair.question for pair in task.by_image[index]}
-            mine: set[str] = set()
+            already = {_plain(pair.question) for pair in task.by_image[index]}  # asked first or in a later turn
+            new = 0
             for _ in range(per_image * 20):  # draws repeat: a data set's yes/no texts are few
-                if len(mine) == per_image:
+                if new == per_image:
                     break
                 question = pool[rng.randrange(len(pool))].question
-                if question not in already and question not in mine:
-                    mine.add(question)
+                if _plain(question) not in already:
+                    already.add(_plain(question))
                     asked.append(QAPair(index, question, ""))
                     owner.append(row)
+                    new += 1
         if not asked:
             continue
         with torch.no_grad():
@@ -381,6 +382,11 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
             records.append({"id": f"teacher_q{len(records)}", "image": task.images[index].key, "conversations": [
                 {"from": "human", "value": text}, {"from": "gpt", "value": answer}]})
     return records
+
+
+def _plain(question: str) -> str:
+    """A question's text without the image marker a first turn carries."""
+    return question.replace(IMAGE_MARKER, "").strip()
 
 
 def _in_proportion(answered: list[tuple[str, int, str]], yes_share: float,
