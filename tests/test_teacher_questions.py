@@ -173,3 +173,14 @@ def test_recipe_errors_name_what_is_missing():
         load_recipe("eve-vqa", ["stages.instruct.teacher_questions=true", "align.teacher_questions=0"])
     with pytest.raises(ConfigError, match="teacher_confidence"):
         load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_confidence=0"])
+
+
+def test_a_question_asked_in_a_later_turn_is_not_asked_again():
+    task = scripted_task(8)
+    for i in range(8):  # every image asked "blue?" too, in a later turn: no marker
+        task.by_image[i] = [QAPair(i, RED, "yes"), QAPair(i, BLUE.replace("<image>\n", ""), "no")] * 5
+
+    def logits_of(pixels, pairs, owner):
+        raise AssertionError(f"nothing is left to ask, yet {[p.question for p in pairs]} were asked")
+
+    assert ask_questions(task, pixels_of, logits_of, per_image=3, confidence=0.5) == []
