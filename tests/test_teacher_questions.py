@@ -23,8 +23,8 @@ RED, BLUE = "<image>\nIs the square red?", "<image>\nIs the square blue?"
 
 
 def write_square_questions(root, n: int = 80, seed: int = 0):
-    """n 32×32 images of a red or blue square (blue on every third); image i is asked one of the two colour questions (even i:
-    the red one), so the other is there to ask. Returns root."""
+    """n 32×32 images of a red or blue square (blue on every third); image i is asked one of the two colour
+    questions (even i: the red one), so the other is there to ask. Returns root."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     records = []
