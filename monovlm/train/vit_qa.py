@@ -219,6 +219,8 @@ def pretrain_vit_qa(
     every image (`ask_questions`, answers given with at least `confidence`)."""
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
+    if teacher_questions and report is None:
+        raise ValueError("teacher_questions are returned in `report`: pass a dict")
     listing = SkipReport()
     task = qa_task(data_root, sources, listing)
     images, by_image, answers = task.images, task.by_image, task.answers
