@@ -107,6 +107,15 @@ def question_replies(record: dict[str, Any]) -> list[tuple[str, str]]:
     return pairs
 
 
+def wording_answers(asked: list[tuple[str, str]]) -> tuple[Wordings, dict[str, dict[str, int]]]:
+    """The `Wordings` of (question, "yes" | "no") pairs, and each wording's count of either answer."""
+    wordings = Wordings(question for question, _ in asked)
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"yes": 0, "no": 0})
+    for question, answer in asked:
+        counts[wordings(question)][answer] += 1
+    return wordings, counts
+
+
 class WordingBalance:
     """Loss weights for yes/no replies that make each wording's "yes" and "no" weigh the same in total.
 
@@ -118,11 +127,7 @@ class WordingBalance:
 
     def __init__(self, records: list[dict[str, Any]]):
         asked = [(question, yes_no_word(reply)) for record in records for question, reply in question_replies(record)]
-        asked = [(question, answer) for question, answer in asked if answer is not None]
-        self.wordings = Wordings(question for question, _ in asked)
-        counts: dict[str, dict[str, int]] = defaultdict(lambda: {"yes": 0, "no": 0})
-        for question, answer in asked:
-            counts[self.wordings(question)][answer] += 1
+        self.wordings, counts = wording_answers([(question, answer) for question, answer in asked if answer])
         self.weights: dict[tuple[str, str], float] = {}
         for key, count in counts.items():
             total = count["yes"] + count["no"]

@@ -43,7 +43,7 @@ from monovlm.data.image_files import DataImage, DataSource, data_images, iter_pi
 from monovlm.data.images import shift_image
 from monovlm.data.processor import IMAGE_MARKER
 from monovlm.data.shards import read_data_records
-from monovlm.data.yes_no import Wordings, question_replies, yes_no_word
+from monovlm.data.yes_no import question_replies, wording_answers, yes_no_word
 from monovlm.eval.metrics import answer_type
 from monovlm.model.vit import ViT
 from monovlm.train.schedule import lr_factor
@@ -342,12 +342,7 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
     if not pool or not {"yes", "no"} <= set(task.answer_index):
         return []  # no yes/no questions to ask, or the data never answers one of the two
     yes_no_ids = [task.answer_index["yes"], task.answer_index["no"]]
-    wordings = Wordings(pair.question for pair in pool)
-    yes_share: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for pair in pool:
-        counts = yes_share[wordings(pair.question)]
-        counts[0] += pair.answer == "yes"
-        counts[1] += 1
+    wordings, counts = wording_answers([(pair.question, pair.answer) for pair in pool])
     rng = random.Random(seed)
     kept: dict[str, list[tuple[str, int, str]]] = defaultdict(list)  # wording -> (question, image, answer)
     indices = sorted(task.by_image)
@@ -377,8 +372,7 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
                 kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p >= 0.5 else "no"))
     records = []
     for wording, answered in kept.items():
-        yes, total = yes_share[wording]
-        answered = _in_proportion(answered, yes / total, rng)
+        answered = _in_proportion(answered, counts[wording]["yes"] / sum(counts[wording].values()), rng)
         for question, index, answer in answered:
             text = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
             records.append({"id": f"teacher_q{len(records)}", "image": task.images[index].key, "conversations": [
