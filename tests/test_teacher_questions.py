@@ -109,6 +109,24 @@ def test_the_kept_answers_have_the_datas_yes_share_per_wording():
                if r["conversations"][0]["value"] == RED)
 
 
+@pytest.mark.parametrize("even", [False, True])
+def test_even_answers_keep_half_yes_in_each_wording(even):
+    """"red?" is yes on a quarter of the data's images; a sure teacher says yes to it on 30 of 40 new ones. Kept in
+    the data's share: 3 yes beside the 10 no; `even`: 10 and 10, so the wording predicts none of the teacher's."""
+    task = QATask([DataImage(f"images/{i}.png", None) for i in range(80)],
+                  {i: [QAPair(i, RED, "yes" if i % 4 == 0 else "no")] if i < 40
+                   else [QAPair(i, BLUE, "no" if i % 3 else "yes")] for i in range(80)},
+                  ["yes", "no"], {"yes": 0, "no": 1}, 0)
+
+    def logits_of(pixels, pairs, owner):
+        rows = [[0.99, 0.01] if int(pixels[row]) % 4 else [0.01, 0.99] for row in owner.tolist()]
+        return torch.tensor(rows).log()
+
+    records = ask_questions(task, pixels_of, logits_of, per_image=1, confidence=0.9, even=even)
+    red = [r["conversations"][1]["value"] for r in records if r["conversations"][0]["value"] == RED]
+    assert (red.count("yes"), red.count("no")) == ((10, 10) if even else (3, 10))
+
+
 def test_a_qa_teacher_writes_right_answers_to_new_questions(squares, tmp_path, capsys):
     align = AlignConfig(teacher="vit", teacher_objective="qa", teacher_width=32, teacher_depth=1, teacher_heads=2,
                         teacher_stem="patch", teacher_steps=80, teacher_lr=3e-3, teacher_patch_size=8,
@@ -132,12 +150,18 @@ def test_a_qa_teacher_writes_right_answers_to_new_questions(squares, tmp_path, c
     report = json.loads((folder / "pretrain_report.json").read_text())
     assert "teacher_questions" not in report  # they have their own file
 
-    # the same settings keep the teacher and its questions; another number of questions pretrains it again
+    # the same settings keep the teacher and its questions; another number of questions, or another share of yes,
+    # pretrains it again
     build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)])
     assert "pretraining the teacher again" not in capsys.readouterr().out
     align.teacher_questions = 2
     build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)])
     assert "pretraining the teacher again" in capsys.readouterr().out
+    align.teacher_yes_share = "even"
+    build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)])
+    assert "pretraining the teacher again" in capsys.readouterr().out
+    made_with = json.loads((folder / TEACHER_SETTINGS_FILE).read_text())
+    assert made_with["questions"] == {"per_image": 2, "confidence": 0.8, "yes_share": "even"}
 
 
 def test_a_stage_reads_the_teachers_questions_with_each_images_own(squares, tmp_path):
@@ -160,7 +184,10 @@ def test_a_stage_reads_the_teachers_questions_with_each_images_own(squares, tmp_
     assert all(r["image"] != "images/elsewhere.png" for r in with_teacher)  # not an image of this file
     plain = records()
     assert sum(len(r["conversations"]) for r in with_teacher) == sum(len(r["conversations"]) for r in plain) + 2
-    assert records(teacher_questions=True, yes_no="open") == []  # every question here is yes/no: all left out
+    assert records(yes_no="open") == []  # every question of the data here is yes/no: all left out
+    # in "open" the teacher's stay: only they are left, in their own records (one per image)
+    assert [(r["image"], r["conversations"]) for r in records(teacher_questions=True, yes_no="open")] == [
+        ("images/0.png", asked[0]["conversations"])]
     with pytest.raises(FileNotFoundError, match="teacher_questions"):
         stage_dataset(StageConfig(name="s", data="qa.json", teacher_questions=True), processor, squares,
                       teacher_questions=tmp_path / "missing.json")
@@ -173,6 +200,8 @@ def test_recipe_errors_name_what_is_missing():
         load_recipe("eve-vqa", ["stages.instruct.teacher_questions=true", "align.teacher_questions=0"])
     with pytest.raises(ConfigError, match="teacher_confidence"):
         load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_confidence=0"])
+    with pytest.raises(ConfigError, match="teacher_yes_share"):
+        load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_yes_share=balanced"])
 
 
 def test_a_question_asked_in_a_later_turn_is_not_asked_again():

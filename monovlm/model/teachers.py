@@ -347,6 +347,8 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
         settings["stem_depth"] = align.teacher_stem_depth
     if align.teacher_questions:
         settings["questions"] = {"per_image": align.teacher_questions, "confidence": align.teacher_confidence}
+        if align.teacher_yes_share != "data":  # only when set: teachers that asked before the option still match
+            settings["questions"]["yes_share"] = align.teacher_yes_share
     return json.loads(json.dumps(settings))  # as read back from the file: tuples become lists
 
 
@@ -468,7 +470,8 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
                 vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
                                    steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,
                                    lr=align.teacher_lr, seed=0, report=report, progress=progress,
-                                   questions=align.teacher_questions, confidence=align.teacher_confidence)
+                                   questions=align.teacher_questions, confidence=align.teacher_confidence,
+                                   even_answers=align.teacher_yes_share == "even")
                 save_vit(vit, folder)
                 if align.teacher_questions:
                     (folder / TEACHER_QUESTIONS_FILE).write_text(json.dumps(report["teacher_questions"]))

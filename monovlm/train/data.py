@@ -57,15 +57,17 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path, see
     the files are read as they are and the yes/no replies' losses weighted per wording over all of them; with "open",
     without their yes/no questions (also those inside conversations). `stage.isolate_turns` applies to the files
     grouped by image. With `stage.teacher_questions`, each file's records come with the teacher's questions about
-    its images (`teacher_questions`: RUN/teacher/questions.json), before any of the above. A data
-    "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
+    its images (`teacher_questions`: RUN/teacher/questions.json), before any of the above; with "open", after it (the
+    teacher's yes/no questions are kept: with [align] teacher_yes_share = "even" the wording predicts none of them).
+    A data "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
     asked = read_teacher_questions(teacher_questions) if stage.teacher_questions else None
 
     def open_data(file: str, **options) -> LlavaDataset | ShardDataset:
         options["isolate_turns"] = stage.isolate_turns and options.get("group_by_image", False)
-        if asked is not None:
-            options["select"] = with_teacher_questions(asked, options.get("select"))
+        if asked is not None:  # in "open" the teacher's join after the data's yes/no are out
+            options["select"] = with_teacher_questions(asked, options.get("select"),
+                                                       select_first=stage.yes_no == "open")
         path = Path(data_root) / file
         if path.is_dir():  # a shard folder holds its images: no image root
             return ShardDataset(path, processor, **options)
@@ -103,12 +105,15 @@ def read_teacher_questions(path: Path | None) -> list[dict]:
     return json.loads(Path(path).read_text())
 
 
-def with_teacher_questions(asked: list[dict], select=None):
-    """A `select` for a data file's records: them and the teacher's questions about their images, then `select`."""
+def with_teacher_questions(asked: list[dict], select=None, select_first: bool = False):
+    """A `select` for a data file's records: them and the teacher's questions about their images, then `select`
+    (with `select_first`, `select` of the records, then the teacher's questions)."""
     def chosen(records: list[dict]) -> list[dict]:
         images = {record.get("image") for record in records if isinstance(record, dict)}
-        records = list(records) + [question for question in asked if question["image"] in images]
-        return select(records) if select is not None else records
+        theirs = [question for question in asked if question["image"] in images]
+        if select is None:
+            return list(records) + theirs
+        return select(records) + theirs if select_first else select(list(records) + theirs)
     return chosen
 
 

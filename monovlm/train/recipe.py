@@ -97,7 +97,8 @@ class StageConfig:
     # answered no better than with a blank image (the plateau of a model that does not look); 0 turns it off
     blind_check: float = 0.5
     # also read the yes/no questions the "qa" teacher asked of this stage's images and answered itself ([align]
-    # teacher_questions; RUN/teacher/questions.json), merged with each image's own questions as the data's are
+    # teacher_questions; RUN/teacher/questions.json), merged with each image's own questions as the data's are; with
+    # yes_no = "open" they stay when the data's yes/no go (set [align] teacher_yes_share = "even" for that)
     teacher_questions: bool = False
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
     init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
@@ -195,6 +196,7 @@ class StageConfig:
 
 
 ALIGN_TARGETS = ("patches", "queries")
+TEACHER_YES_SHARES = ("data", "even")
 
 
 @dataclass
@@ -236,6 +238,10 @@ class AlignConfig:
     # that set teacher_questions = true. More questions whose answer only the image gives, the teacher's labels
     teacher_questions: int = 0
     teacher_confidence: float = 0.9
+    # the share of "yes" kept in each wording of the teacher's questions: "data" (the wording's own in the data) or
+    # "even" (half: the wording predicts none of the teacher's answers, so a stage with yes_no = "open" can read
+    # them among the questions only the image answers)
+    teacher_yes_share: str = "data"
 
     def teacher_encoder(self) -> EncoderConfig:
         """The "vit" teacher's shape."""
@@ -250,6 +256,9 @@ class AlignConfig:
         if self.teacher_questions < 0 or not 0.0 < self.teacher_confidence <= 1.0:
             raise ConfigError(f"[align] teacher_questions={self.teacher_questions} must be >= 0 and "
                               f"teacher_confidence={self.teacher_confidence} a probability in (0, 1]")
+        if self.teacher_yes_share not in TEACHER_YES_SHARES:
+            raise ConfigError(f"[align] teacher_yes_share={self.teacher_yes_share!r} is not one of "
+                              f"{TEACHER_YES_SHARES}")
         if self.teacher_questions and (self.teacher != "vit" or self.teacher_objective != "qa"):
             raise ConfigError(f"[align] teacher_questions={self.teacher_questions}: only a \"vit\" teacher with "
                               f"teacher_objective = \"qa\" answers questions (this one: teacher={self.teacher!r}, "

@@ -207,6 +207,7 @@ def pretrain_vit_qa(
     report: dict[str, Any] | None = None,
     teacher_questions: int = 0,
     confidence: float = 0.9,
+    even_answers: bool = False,
 ) -> ViT:
     """Train a ViT (patch `vision.patch_size`, images at `vision`'s resize policy) as the image tower of a
     short-answer QA classifier on the data files' questions (see the module docstring); return it in eval mode.
@@ -216,7 +217,8 @@ def pretrain_vit_qa(
     whose answer is too rare to be a class), held_out_accuracy and majority_share (on the held-out images'
     questions), held_out_predictions ((question, answer, predicted) each), skipped (the unreadable-image summary).
     With `teacher_questions` > 0 it also receives teacher_questions: the trained classifier's own yes/no questions about
-    every image (`ask_questions`, answers given with at least `confidence`)."""
+    every image (`ask_questions`, answers given with at least `confidence`; with `even_answers` half of each wording's
+    kept answers are "yes")."""
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
     if teacher_questions and report is None:
@@ -314,7 +316,7 @@ def pretrain_vit_qa(
             print(f"pretrain vit (qa): {faults.summary()}")
     if report is not None and teacher_questions > 0:
         asked = ask_questions(task, lambda chosen: batch_of(chosen, shift=False)[0], logits_of, teacher_questions,
-                              confidence, seed=seed, progress=progress)
+                              confidence, seed=seed, progress=progress, even=even_answers)
         report["teacher_questions"] = asked
         print(f"pretrain vit (qa): asked {teacher_questions} yes/no questions of each image, kept {len(asked)} answers "
               f"({sum(r['conversations'][1]['value'] == 'yes' for r in asked)} yes)")
@@ -328,13 +330,13 @@ def pretrain_vit_qa(
 
 
 def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence: float, seed: int = 0,
-                  progress: bool = False) -> list[dict[str, Any]]:
+                  progress: bool = False, even: bool = False) -> list[dict[str, Any]]:
     """The trained classifier's own yes/no questions, as LLaVA records: each image of `task` is asked `per_image`
     question texts drawn from the data's yes/no questions about other images (as often as the data asks each, none it
     was asked already), and answered yes or no (the classifier's two logits). An answer is kept when its probability
     is at least `confidence`; then, within each wording (`Wordings`), answers are dropped at random until "yes" has
     the share it has in the data, so the wording predicts no more and no less than it did, and only the image tells
-    the kept answers apart.
+    the kept answers apart. With `even`, until "yes" has half of each wording's: the wording then predicts none of them.
 
     `pixels_of(image indices) -> list of (3, S, S)` (unreadable images left out) and `logits_of(pixels, pairs,
     owner)` are the pretraining's own."""
@@ -372,7 +374,8 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
                 kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p >= 0.5 else "no"))
     records = []
     for wording, answered in kept.items():
-        answered = _in_proportion(answered, counts[wording]["yes"] / sum(counts[wording].values()), rng)
+        yes_share = 0.5 if even else counts[wording]["yes"] / sum(counts[wording].values())
+        answered = _in_proportion(answered, yes_share, rng)
         for question, index, answer in answered:
             text = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
             records.append({"id": f"teacher_q{len(records)}", "image": task.images[index].key, "conversations": [
