@@ -425,7 +425,7 @@ def init_stem_from_teacher(embedder: torch.nn.Module, vit: torch.nn.Module) -> N
 
 def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, progress: bool = True,
                   sources: Sequence | None = None, hf_dtype: torch.dtype | None = None,
-                  device: str | torch.device = "cpu") -> Teacher:
+                  device: str | torch.device = "cpu", pretrain_dtype: torch.dtype | None = None) -> Teacher:
     """The teacher an [align] recipe table names, ZCA-whitened when `align.whiten` (any teacher):
 
     - "vit": monovlm's own small ViT, pretrained once with `align.teacher_objective` — "mae" (masked patch
@@ -441,7 +441,9 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
     bf16 autocast dtype: the teacher runs without grad, its matmuls in bf16 anyway, and a SigLIP-so400m then takes
     0.8 GiB per device instead of 1.6). `device`: where the teacher runs and its whitening is applied (the trainer
     passes its own: a teacher left on the CPU beside a CUDA model would fail, or crawl); the "vit" objectives
-    pretrain on the CPU.
+    pretrain on the CPU, "qa" in `pretrain_dtype` autocast when given (the trainer passes bfloat16 where this CPU has
+    native bf16 matmuls and the run is not float32). The dtype is not among the settings a kept teacher must match:
+    a run resumed elsewhere keeps its teacher.
     """
     spec = align.teacher
     is_main = info is None or info.is_main
@@ -471,7 +473,7 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
                                    steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,
                                    lr=align.teacher_lr, seed=0, report=report, progress=progress,
                                    questions=align.teacher_questions, confidence=align.teacher_confidence,
-                                   even_answers=align.teacher_yes_share == "even")
+                                   even_answers=align.teacher_yes_share == "even", autocast=pretrain_dtype)
                 save_vit(vit, folder)
                 if align.teacher_questions:
                     (folder / TEACHER_QUESTIONS_FILE).write_text(json.dumps(report["teacher_questions"]))

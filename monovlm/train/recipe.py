@@ -401,6 +401,11 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: stage(s) {asking} read the teacher's questions "
                               "(teacher_questions = true) but [align] teacher_questions is 0: set it to how many "
                               "questions the teacher asks of each image")
+        open_asking = [stage.name for stage in self.stages if stage.teacher_questions and stage.yes_no == "open"]
+        if open_asking and self.align.teacher_yes_share != "even":
+            raise ConfigError(f"recipe {self.name!r}: stage(s) {open_asking} leave the yes/no questions out (yes_no = "
+                              "\"open\") but read the teacher's, whose answers keep each wording's prior: set [align] "
+                              "teacher_yes_share = \"even\"")
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):  # overrides and resume checks address stages by name
             raise ConfigError(f"recipe {self.name!r}: stage names must be unique, got {names}")

@@ -357,6 +357,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------------------
     # set-up
 
+    def teacher_pretrain_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of a "vit" teacher's pretraining, which runs on the CPU whatever the run's device:
+        bfloat16 when the run autocasts and this CPU has native bf16 matmuls, else None (float32)."""
+        if self.dtype == "float32" or autocast_dtype("cpu")[0] != "bfloat16":
+            return None
+        return torch.bfloat16
+
     def log(self, message: str) -> None:
         if self.info.is_main:
             tqdm.write(message)
@@ -461,7 +468,7 @@ class Trainer:
         self.teacher = build_teacher(align, model.config.vision, self.options.data_root, self.run_dir, self.info,
                                      progress=self.options.progress, sources=stage_sources(self.recipe.stages),
                                      hf_dtype=None if self.dtype == "float32" else getattr(torch, self.dtype),
-                                     device=self.info.device)
+                                     device=self.info.device, pretrain_dtype=self.teacher_pretrain_dtype())
         if align.init_stem and state is None:  # on resume the checkpoint holds the stem as trained so far
             from monovlm.model.vit import load_vit
 

@@ -208,6 +208,7 @@ def pretrain_vit_qa(
     teacher_questions: int = 0,
     confidence: float = 0.9,
     even_answers: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> ViT:
     """Train a ViT (patch `vision.patch_size`, images at `vision`'s resize policy) as the image tower of a
     short-answer QA classifier on the data files' questions (see the module docstring); return it in eval mode.
@@ -218,7 +219,8 @@ def pretrain_vit_qa(
     questions), held_out_predictions ((question, answer, predicted) each), skipped (the unreadable-image summary).
     With `teacher_questions` > 0 it also receives teacher_questions: the trained classifier's own yes/no questions about
     every image (`ask_questions`, answers given with at least `confidence`; with `even_answers` half of each wording's
-    kept answers are "yes")."""
+    kept answers are "yes"). `autocast`: the CPU autocast dtype of its forward passes (bfloat16 where the CPU has
+    native bf16 matmuls: about 1.5× faster; None: float32); the weights stay float32."""
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
     if teacher_questions and report is None:
@@ -269,10 +271,11 @@ def pretrain_vit_qa(
         return pixels, questions, torch.tensor(owner, dtype=torch.long)
 
     def logits_of(pixels, questions, owner) -> torch.Tensor:
-        grids = torch.stack(vit.features(pixels))  # (B, rows, cols, W): images of one size (checked per batch)
-        patches = grids.flatten(1, 2)[owner]  # (Q, N, W)
-        ids, lengths = vocabulary.encode([pair.question for pair in questions])
-        return head(patches, ids, lengths)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            grids = torch.stack(vit.features(pixels))  # (B, rows, cols, W): images of one size (checked per batch)
+            patches = grids.flatten(1, 2)[owner]  # (Q, N, W)
+            ids, lengths = vocabulary.encode([pair.question for pair in questions])
+            return head(patches, ids, lengths).float()
 
     losses: list[float] = []
     vit.train()
@@ -321,7 +324,8 @@ def pretrain_vit_qa(
         print(f"pretrain vit (qa): asked {teacher_questions} yes/no questions of each image, kept {len(asked)} answers "
               f"({sum(r['conversations'][1]['value'] == 'yes' for r in asked)} yes)")
     if report is not None:
-        report.update(losses=losses, seconds=time.perf_counter() - started, questions=task.questions,
+        report.update(losses=losses, seconds=time.perf_counter() - started, dtype=str(autocast or torch.float32),
+                      questions=task.questions,
                       images=len(image_ids), answers=len(answers), left_out=task.left_out,
                       held_out_accuracy=accuracy, majority_share=majority, held_out_predictions=predictions,
                       held_out_by_type=by_type, held_out_by_answer=held_out_by_answer(predictions),
