@@ -65,6 +65,20 @@ def pixels_of(indices):
     return [torch.tensor(float(i)) for i in indices]
 
 
+def squares_teacher() -> tuple[AlignConfig, VisionConfig]:
+    """A tiny "qa" teacher for the squares, asking one question of each image."""
+    align = AlignConfig(teacher="vit", teacher_objective="qa", teacher_width=32, teacher_depth=1, teacher_heads=2,
+                        teacher_stem="patch", teacher_steps=80, teacher_lr=3e-3, teacher_patch_size=8,
+                        teacher_questions=1, teacher_confidence=0.8)
+    return align, VisionConfig(embedder="eve", patch_size=8, merge=1, max_pixels=32 * 32)
+
+
+def right_answer(question: str, image: str) -> str:
+    """The squares' true answer to a colour question about images/N.png (blue on every third)."""
+    colour = "blue" if int(image.split("/")[1].split(".")[0]) % 3 == 0 else "red"
+    return "yes" if (question == RED) == (colour == "red") else "no"
+
+
 def test_asked_questions_are_new_to_the_image_and_confidently_answered():
     task = scripted_task()
     calls = []
@@ -129,10 +143,7 @@ def test_even_answers_keep_half_yes_in_each_wording(even):
 
 
 def test_a_qa_teacher_writes_right_answers_to_new_questions(squares, tmp_path, capsys):
-    align = AlignConfig(teacher="vit", teacher_objective="qa", teacher_width=32, teacher_depth=1, teacher_heads=2,
-                        teacher_stem="patch", teacher_steps=80, teacher_lr=3e-3, teacher_patch_size=8,
-                        teacher_questions=1, teacher_confidence=0.8)
-    vision = VisionConfig(embedder="eve", patch_size=8, merge=1, max_pixels=32 * 32)
+    align, vision = squares_teacher()
     build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)])
     folder = tmp_path / "run" / "teacher"
     asked = json.loads((folder / TEACHER_QUESTIONS_FILE).read_text())
@@ -142,8 +153,7 @@ def test_a_qa_teacher_writes_right_answers_to_new_questions(squares, tmp_path, c
     for record in asked:
         question, answer = (turn["value"] for turn in record["conversations"])
         assert question in (RED, BLUE) and question != data[record["image"]]  # the other colour's question
-        colour = "blue" if int(record["image"].split("/")[1].split(".")[0]) % 3 == 0 else "red"
-        right += answer == ("yes" if (question == RED) == (colour == "red") else "no")
+        right += answer == right_answer(question, record["image"])
     assert right / len(asked) >= 0.9
     made_with = json.loads((folder / TEACHER_SETTINGS_FILE).read_text())
     assert made_with["questions"] == {"per_image": 1, "confidence": 0.8}
@@ -168,10 +178,7 @@ def test_a_qa_teacher_writes_right_answers_to_new_questions(squares, tmp_path, c
 def test_a_qa_teacher_pretrained_under_bf16_autocast_answers_as_well(squares, tmp_path):
     """The trainer pretrains a "qa" teacher under bf16 autocast where the CPU has native bf16 (about 1.5× faster);
     the weights stay float32 and the answers stay right."""
-    align = AlignConfig(teacher="vit", teacher_objective="qa", teacher_width=32, teacher_depth=1, teacher_heads=2,
-                        teacher_stem="patch", teacher_steps=80, teacher_lr=3e-3, teacher_patch_size=8,
-                        teacher_questions=1, teacher_confidence=0.8)
-    vision = VisionConfig(embedder="eve", patch_size=8, merge=1, max_pixels=32 * 32)
+    align, vision = squares_teacher()
     build_teacher(align, vision, squares, tmp_path / "run", progress=False, sources=[("qa.json", None)],
                   pretrain_dtype=torch.bfloat16)
     folder = tmp_path / "run" / "teacher"
@@ -179,9 +186,8 @@ def test_a_qa_teacher_pretrained_under_bf16_autocast_answers_as_well(squares, tm
     assert report["dtype"] == "torch.bfloat16" and report["held_out_accuracy"] >= 0.9
     assert all(p.dtype == torch.float32 for p in load_vit(folder).parameters())
     asked = json.loads((folder / TEACHER_QUESTIONS_FILE).read_text())
-    right = sum(turns[1]["value"] == ("yes" if (turns[0]["value"] == RED) == (int(
-        record["image"].split("/")[1].split(".")[0]) % 3 != 0) else "no")
-        for record in asked for turns in [record["conversations"]])
+    right = sum(reply["value"] == right_answer(question["value"], record["image"])
+                for record in asked for question, reply in [record["conversations"]])
     assert len(asked) >= 20 and right / len(asked) >= 0.9
 
 
