@@ -157,7 +157,7 @@ def test_a_qa_teacher_writes_right_answers_to_new_questions(squares, tmp_path, c
     assert right / len(asked) >= 0.9
     made_with = json.loads((folder / TEACHER_SETTINGS_FILE).read_text())
     assert made_with["questions"] == {"per_image": 1, "confidence": 0.8}
-    assert "asked 1 yes/no questions of each image" in capsys.readouterr().out
+    assert "asked 1 yes/no and 0 open questions of each image" in capsys.readouterr().out
     report = json.loads((folder / "pretrain_report.json").read_text())
     assert "teacher_questions" not in report  # they have their own file
 
@@ -212,9 +212,13 @@ def test_a_stage_reads_the_teachers_questions_with_each_images_own(squares, tmp_
     plain = records()
     assert sum(len(r["conversations"]) for r in with_teacher) == sum(len(r["conversations"]) for r in plain) + 2
     assert records(yes_no="open") == []  # every question of the data here is yes/no: all left out
-    # in "open" the teacher's stay: only they are left, in their own records (one per image)
-    assert [(r["image"], r["conversations"]) for r in records(teacher_questions=True, yes_no="open")] == [
-        ("images/0.png", asked[0]["conversations"])]
+    # in "open" the teacher's yes/no go too, unless its answers are even (then the wording predicts none of them):
+    # then only they are left, in their own records (one per image)
+    assert records(teacher_questions=True, yes_no="open") == []
+    even = stage_dataset(StageConfig(name="s", data="qa.json", group_by_image=True, teacher_questions=True,
+                                     yes_no="open"), processor, squares, teacher_questions=path,
+                         even_teacher_answers=True).records
+    assert [(r["image"], r["conversations"]) for r in even] == [("images/0.png", asked[0]["conversations"])]
     with pytest.raises(FileNotFoundError, match="teacher_questions"):
         stage_dataset(StageConfig(name="s", data="qa.json", teacher_questions=True), processor, squares,
                       teacher_questions=tmp_path / "missing.json")
@@ -223,7 +227,7 @@ def test_a_stage_reads_the_teachers_questions_with_each_images_own(squares, tmp_
 def test_recipe_errors_name_what_is_missing():
     with pytest.raises(ConfigError, match="teacher_objective"):
         load_recipe("eve", ["align.teacher_questions=4"])  # eve's teacher learns by masked patches
-    with pytest.raises(ConfigError, match=r"\[align\] teacher_questions is 0"):
+    with pytest.raises(ConfigError, match=r"\[align\] teacher_questions and teacher_open_questions are 0"):
         load_recipe("eve-vqa", ["stages.instruct.teacher_questions=true", "align.teacher_questions=0"])
     with pytest.raises(ConfigError, match="teacher_confidence"):
         load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_confidence=0"])
@@ -233,6 +237,12 @@ def test_recipe_errors_name_what_is_missing():
         load_recipe("eve-vqa", ["align.teacher_questions=4", "stages.open.teacher_questions=true"])
     load_recipe("eve-vqa", ["align.teacher_questions=4", "stages.open.teacher_questions=true",
                             "align.teacher_yes_share=even"])
+    # the teacher's open questions are what a stage without yes/no reads
+    load_recipe("eve-vqa", ["align.teacher_open_questions=2", "stages.open.teacher_questions=true"])
+    with pytest.raises(ConfigError, match="teacher_open_questions=-1"):
+        load_recipe("eve-vqa", ["align.teacher_open_questions=-1"])
+    with pytest.raises(ConfigError, match="teacher_objective"):
+        load_recipe("eve", ["align.teacher_open_questions=2"])
 
 
 def test_a_question_asked_in_a_later_turn_is_not_asked_again():
@@ -244,3 +254,82 @@ def test_a_question_asked_in_a_later_turn_is_not_asked_again():
         raise AssertionError(f"nothing is left to ask, yet {[p.question for p in pairs]} were asked")
 
     assert ask_questions(task, pixels_of, logits_of, per_image=3, confidence=0.5) == []
+
+
+COLOUR, SHADE = "<image>\nWhat colour is the square?", "<image>\nWhich colour does the square have?"
+
+
+def test_open_questions_are_new_to_the_image_and_kept_when_the_teacher_is_sure():
+    """Image i was asked one of two colour wordings (even i: COLOUR); the other is asked of it. The scripted classifier
+    is sure on i = 1, 2 (mod 4) (blue on multiples of 3, else red) and unsure on the rest; a yes/no answer class
+    is never given to an open question."""
+    images = 40
+    task = QATask([DataImage(f"images/{i}.png", None) for i in range(images)],
+                  {i: [QAPair(i, COLOUR if i % 2 == 0 else SHADE, "blue" if i % 3 == 0 else "red")]
+                   for i in range(images)},
+                  ["red", "blue", "yes", "no"], {"red": 0, "blue": 1, "yes": 2, "no": 3}, 0)
+
+    def logits_of(pixels, pairs, owner):
+        rows = []
+        for pair, row in zip(pairs, owner.tolist()):
+            image = int(pixels[row])
+            if pair.question == RED:  # a sure yes on even images, a sure no on odd ones
+                rows.append([0.01, 0.01, 0.97, 0.01] if image % 2 == 0 else [0.01, 0.01, 0.01, 0.97])
+                continue
+            sure = image % 4 in (1, 2)
+            p_blue = (0.97 if image % 3 == 0 else 0.02) if sure else 0.5
+            rows.append([(1 - p_blue) * 0.99, p_blue * 0.99, 0.005, 0.005])
+        return torch.tensor(rows).log()
+
+    records = ask_questions(task, pixels_of, logits_of, per_image=0, confidence=0.9, open_per_image=1)
+    asked = {int(r["image"].split("/")[1].split(".")[0]): r["conversations"] for r in records}
+    assert sorted(asked) == [i for i in range(images) if i % 4 in (1, 2)]  # the unsure ones are left out
+    for image, (question, reply) in asked.items():
+        assert question["value"] == (SHADE if image % 2 == 0 else COLOUR)  # the wording it was not asked
+        assert reply["value"] == ("blue" if image % 3 == 0 else "red")
+    # beside yes/no questions (images 0 and 1 were asked "red?": yes, no): each kind drawn from its own pool
+    task.by_image[0].append(QAPair(0, RED, "yes"))
+    task.by_image[1].append(QAPair(1, RED, "no"))
+    mixed = ask_questions(task, pixels_of, logits_of, per_image=1, confidence=0.9, open_per_image=1)
+    yes_no = [r for r in mixed if r["conversations"][0]["value"] == RED]
+    assert {r["image"] for r in yes_no} <= {f"images/{i}.png" for i in range(2, images)}
+    assert all(r["conversations"][1]["value"] == ("yes" if int(r["image"].split("/")[1].split(".")[0]) % 2 == 0
+                                                  else "no") for r in yes_no)
+    assert len(yes_no) >= 30  # 19 sure yes and 19 sure no, kept in the data's share of 1/2
+    opened = sorted((r["image"], r["conversations"][0]["value"], r["conversations"][1]["value"])
+                    for r in mixed if r not in yes_no)
+    assert opened == sorted((r["image"], r["conversations"][0]["value"], r["conversations"][1]["value"])
+                            for r in records)  # the same open questions and answers as asked alone
+
+
+def write_colour_questions(root, n: int = 80, seed: int = 0):
+    """The squares again, each asked "What colour is the square?" (red or blue) or, on every fourth image, the other
+    wording; returns root."""
+    write_square_questions(root, n, seed)
+    records = []
+    for index in range(n):
+        colour = "blue" if index % 3 == 0 else "red"
+        records.append({"id": str(index), "image": f"images/{index}.png", "conversations": [
+            {"from": "human", "value": SHADE if index % 4 == 0 else COLOUR}, {"from": "gpt", "value": colour}]})
+    (root / "colours.json").write_text(json.dumps(records))
+    return root
+
+
+def test_a_qa_teacher_answers_open_questions_right(tmp_path, capsys):
+    root = write_colour_questions(tmp_path / "data")
+    align, vision = squares_teacher()
+    align.teacher_questions, align.teacher_open_questions = 0, 1
+    build_teacher(align, vision, root, tmp_path / "run", progress=False, sources=[("colours.json", None)])
+    folder = tmp_path / "run" / "teacher"
+    asked = json.loads((folder / TEACHER_QUESTIONS_FILE).read_text())
+    assert len(asked) >= 40
+    for record in asked:
+        question, reply = (turn["value"] for turn in record["conversations"])
+        index = int(record["image"].split("/")[1].split(".")[0])
+        assert question == (COLOUR if index % 4 == 0 else SHADE)  # the wording not asked of it
+    right = sum(record["conversations"][1]["value"] == ("blue" if int(record["image"].split("/")[1].split(".")[0])
+                                                        % 3 == 0 else "red") for record in asked)
+    assert right / len(asked) >= 0.9
+    made_with = json.loads((folder / TEACHER_SETTINGS_FILE).read_text())
+    assert made_with["questions"] == {"per_image": 0, "confidence": 0.8, "open_per_image": 1}
+    assert "asked 0 yes/no and 1 open questions of each image" in capsys.readouterr().out

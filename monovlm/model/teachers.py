@@ -345,10 +345,12 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
         settings["stem"] = align.teacher_stem
     if align.teacher_stem_depth != 1:
         settings["stem_depth"] = align.teacher_stem_depth
-    if align.teacher_questions:
+    if align.asks_questions:
         settings["questions"] = {"per_image": align.teacher_questions, "confidence": align.teacher_confidence}
         if align.teacher_yes_share != "data":  # only when set: teachers that asked before the option still match
             settings["questions"]["yes_share"] = align.teacher_yes_share
+        if align.teacher_open_questions:
+            settings["questions"]["open_per_image"] = align.teacher_open_questions
     return json.loads(json.dumps(settings))  # as read back from the file: tuples become lists
 
 
@@ -473,9 +475,10 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
                                    steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,
                                    lr=align.teacher_lr, seed=0, report=report, progress=progress,
                                    questions=align.teacher_questions, confidence=align.teacher_confidence,
-                                   even_answers=align.teacher_yes_share == "even", autocast=pretrain_dtype)
+                                   even_answers=align.teacher_yes_share == "even", autocast=pretrain_dtype,
+                                   open_questions=align.teacher_open_questions)
                 save_vit(vit, folder)
-                if align.teacher_questions:
+                if align.asks_questions:
                     (folder / TEACHER_QUESTIONS_FILE).write_text(json.dumps(report["teacher_questions"]))
                 (folder / "pretrain_report.json").write_text(json.dumps(
                     {k: v for k, v in report.items() if k not in ("losses", "teacher_questions")}, indent=1))

@@ -49,7 +49,8 @@ def stage_processor(stage: StageConfig, tokenizer, vision: VisionConfig, seed: i
 
 
 def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path, seed: int = 0,
-                  teacher_questions: Path | None = None) -> LlavaDataset | ShardDataset | MixedDataset:
+                  teacher_questions: Path | None = None,
+                  even_teacher_answers: bool = False) -> LlavaDataset | ShardDataset | MixedDataset:
     """A stage's data file (and image folder), relative to the data root; several files make a `MixedDataset`
     (each file grouped by image on its own, so a file read twice gives each conversation twice, not doubled). With
     `stage.yes_no` "singles" or "balanced", each file is two parts: its records without the single yes/no
@@ -57,8 +58,9 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path, see
     the files are read as they are and the yes/no replies' losses weighted per wording over all of them; with "open",
     without their yes/no questions (also those inside conversations). `stage.isolate_turns` applies to the files
     grouped by image. With `stage.teacher_questions`, each file's records come with the teacher's questions about
-    its images (`teacher_questions`: RUN/teacher/questions.json), before any of the above; with "open", after it (the
-    teacher's yes/no questions are kept: with [align] teacher_yes_share = "even" the wording predicts none of them).
+    its images (`teacher_questions`: RUN/teacher/questions.json), before any of the above; with "open", its open
+    questions, and its yes/no ones only with `even_teacher_answers` ([align] teacher_yes_share = "even": the wording
+    predicts none of them), after the data's yes/no are out.
     A data "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
     asked = read_teacher_questions(teacher_questions) if stage.teacher_questions else None
@@ -67,7 +69,8 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path, see
         options["isolate_turns"] = stage.isolate_turns and options.get("group_by_image", False)
         if asked is not None:  # in "open" the teacher's join after the data's yes/no are out
             options["select"] = with_teacher_questions(asked, options.get("select"),
-                                                       select_first=stage.yes_no == "open")
+                                                       select_first=stage.yes_no == "open",
+                                                       keep_theirs=even_teacher_answers)
         path = Path(data_root) / file
         if path.is_dir():  # a shard folder holds its images: no image root
             return ShardDataset(path, processor, **options)
@@ -105,15 +108,18 @@ def read_teacher_questions(path: Path | None) -> list[dict]:
     return json.loads(Path(path).read_text())
 
 
-def with_teacher_questions(asked: list[dict], select=None, select_first: bool = False):
+def with_teacher_questions(asked: list[dict], select=None, select_first: bool = False, keep_theirs: bool = False):
     """A `select` for a data file's records: them and the teacher's questions about their images, then `select`
-    (with `select_first`, `select` of the records, then the teacher's questions)."""
+    (with `select_first`, `select` of the records, then the teacher's questions: all of them with `keep_theirs`,
+    else those `select` keeps)."""
     def chosen(records: list[dict]) -> list[dict]:
         images = {record.get("image") for record in records if isinstance(record, dict)}
         theirs = [question for question in asked if question["image"] in images]
         if select is None:
             return list(records) + theirs
-        return select(records) + theirs if select_first else select(list(records) + theirs)
+        if select_first:
+            return select(records) + (theirs if keep_theirs else select(theirs))
+        return select(list(records) + theirs)
     return chosen
 
 

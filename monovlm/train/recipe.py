@@ -96,9 +96,10 @@ class StageConfig:
     # at this share of a question-answer stage, one more eval: model vs blind per answer type, warning about any type
     # answered no better than with a blank image (the plateau of a model that does not look); 0 turns it off
     blind_check: float = 0.5
-    # also read the yes/no questions the "qa" teacher asked of this stage's images and answered itself ([align]
-    # teacher_questions; RUN/teacher/questions.json), merged with each image's own questions as the data's are; with
-    # yes_no = "open" they stay when the data's yes/no go (set [align] teacher_yes_share = "even" for that)
+    # also read the questions the "qa" teacher asked of this stage's images and answered itself ([align]
+    # teacher_questions, teacher_open_questions; RUN/teacher/questions.json), merged with each image's own questions
+    # as the data's are; with yes_no = "open", its open ones, and its yes/no ones with [align] teacher_yes_share =
+    # "even" (the wording then predicts none of them)
     teacher_questions: bool = False
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
     init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
@@ -242,6 +243,16 @@ class AlignConfig:
     # "even" (half: the wording predicts none of the teacher's answers, so a stage with yes_no = "open" can read
     # them among the questions only the image answers)
     teacher_yes_share: str = "data"
+    # also this many open questions (short answers other than yes/no: colours, kinds) drawn from the other images' and
+    # answered by the teacher, each kept when it gives its answer with at least `teacher_confidence`: more questions
+    # only the image answers, for the stages that read open ones (a stage with yes_no = "open" reads these and, with
+    # teacher_yes_share = "even", the yes/no ones)
+    teacher_open_questions: int = 0
+
+    @property
+    def asks_questions(self) -> bool:
+        """The "qa" teacher asks questions of the images after its pretraining (RUN/teacher/questions.json)."""
+        return self.teacher_questions > 0 or self.teacher_open_questions > 0
 
     def teacher_encoder(self) -> EncoderConfig:
         """The "vit" teacher's shape."""
@@ -253,14 +264,16 @@ class AlignConfig:
             raise ConfigError(f"[align] whiten_images={self.whiten_images} must be positive")
         if self.target not in ALIGN_TARGETS:
             raise ConfigError(f"[align] target={self.target!r} is not one of {ALIGN_TARGETS}")
-        if self.teacher_questions < 0 or not 0.0 < self.teacher_confidence <= 1.0:
-            raise ConfigError(f"[align] teacher_questions={self.teacher_questions} must be >= 0 and "
-                              f"teacher_confidence={self.teacher_confidence} a probability in (0, 1]")
+        if self.teacher_questions < 0 or self.teacher_open_questions < 0 or not 0.0 < self.teacher_confidence <= 1.0:
+            raise ConfigError(f"[align] teacher_questions={self.teacher_questions} and teacher_open_questions="
+                              f"{self.teacher_open_questions} must be >= 0 and teacher_confidence="
+                              f"{self.teacher_confidence} a probability in (0, 1]")
         if self.teacher_yes_share not in TEACHER_YES_SHARES:
             raise ConfigError(f"[align] teacher_yes_share={self.teacher_yes_share!r} is not one of "
                               f"{TEACHER_YES_SHARES}")
-        if self.teacher_questions and (self.teacher != "vit" or self.teacher_objective != "qa"):
-            raise ConfigError(f"[align] teacher_questions={self.teacher_questions}: only a \"vit\" teacher with "
+        if self.asks_questions and (self.teacher != "vit" or self.teacher_objective != "qa"):
+            raise ConfigError(f"[align] teacher_questions={self.teacher_questions}, teacher_open_questions="
+                              f"{self.teacher_open_questions}: only a \"vit\" teacher with "
                               f"teacher_objective = \"qa\" answers questions (this one: teacher={self.teacher!r}, "
                               f"teacher_objective={self.teacher_objective!r})")
 
@@ -397,15 +410,15 @@ class Recipe:
                               "align teacher's features are precomputed for the unshifted images; use image_shift = 0 "
                               "there, or a teacher that reads pixels (vit, hf:PATH)")
         asking = [stage.name for stage in self.stages if stage.teacher_questions]
-        if asking and (self.align is None or not self.align.teacher_questions):
+        if asking and (self.align is None or not self.align.asks_questions):
             raise ConfigError(f"recipe {self.name!r}: stage(s) {asking} read the teacher's questions "
-                              "(teacher_questions = true) but [align] teacher_questions is 0: set it to how many "
-                              "questions the teacher asks of each image")
+                              "(teacher_questions = true) but [align] teacher_questions and teacher_open_questions are "
+                              "0: set how many questions the teacher asks of each image")
         open_asking = [stage.name for stage in self.stages if stage.teacher_questions and stage.yes_no == "open"]
-        if open_asking and self.align.teacher_yes_share != "even":
+        if open_asking and self.align.teacher_yes_share != "even" and not self.align.teacher_open_questions:
             raise ConfigError(f"recipe {self.name!r}: stage(s) {open_asking} leave the yes/no questions out (yes_no = "
-                              "\"open\") but read the teacher's, whose answers keep each wording's prior: set [align] "
-                              "teacher_yes_share = \"even\"")
+                              "\"open\") and would read only the teacher's yes/no ones, whose answers keep each "
+                              "wording's prior: set [align] teacher_yes_share = \"even\", or teacher_open_questions")
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):  # overrides and resume checks address stages by name
             raise ConfigError(f"recipe {self.name!r}: stage names must be unique, got {names}")

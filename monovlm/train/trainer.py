@@ -567,7 +567,9 @@ class Trainer:
         processor = stage_processor(stage, tokenizer, model.config.vision, seed=self.recipe.seed)
         model.config.processor = processor.config  # saved with the model: inference uses the last stage's template
         dataset = stage_dataset(stage, processor, options.data_root, seed=self.recipe.seed,
-                                teacher_questions=self.run_dir / "teacher" / TEACHER_QUESTIONS_FILE)
+                                teacher_questions=self.run_dir / "teacher" / TEACHER_QUESTIONS_FILE,
+                                even_teacher_answers=self.recipe.align is not None
+                                and self.recipe.align.teacher_yes_share == "even")
         pad_id = tokenizer.pad_id or 0
         num_workers = resolve_workers(self.recipe.data.num_workers)
         stream = stage_stream(stage, dataset, stage.batch_size, self.recipe.seed + stage_index, pad_id, info.rank,

@@ -486,13 +486,14 @@ def pretrain_vit(
     confidence: float = 0.9,
     even_answers: bool = False,
     autocast: torch.dtype | None = None,
+    open_questions: int = 0,
 ) -> ViT:
     """Pretrain a ViT with `objective` (see the module docstring): "mae" on the images that the LLaVA data files
     `sources` ((file, image root) pairs or file names, relative to `data_root`) name; "labels" on `data_root`'s
-    synthetic scenes.json (its train split; `sources` is not read). `questions`, `confidence`, `even_answers`: "qa"
-    only, the yes/no questions its classifier then asks of each image; `autocast`: "qa" only, its CPU autocast dtype
+    synthetic scenes.json (its train split; `sources` is not read). `questions`, `open_questions`, `confidence`,
+    `even_answers`: "qa" only, the yes/no and open questions its classifier then asks of each image; `autocast`: "qa" only, its CPU autocast dtype
     (see `pretrain_vit_qa`)."""
-    if questions and objective != "qa":
+    if (questions or open_questions) and objective != "qa":
         raise ValueError(f"only the 'qa' objective's classifier answers questions; {objective!r} was asked to")
     if objective == "labels":
         return pretrain_vit_labels(data_root, config, vision, steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -504,7 +505,7 @@ def pretrain_vit(
     if objective == "qa":
         return pretrain_vit_qa(data_root, sources, config, vision, steps, lr=lr, seed=seed, progress=progress,
                                report=report, teacher_questions=questions, confidence=confidence,
-                               even_answers=even_answers, autocast=autocast)
+                               even_answers=even_answers, autocast=autocast, open_questions=open_questions)
     listing = SkipReport()
     images = data_images(data_root, sources, listing)
     if progress and listing.skipped:

@@ -209,6 +209,7 @@ def pretrain_vit_qa(
     confidence: float = 0.9,
     even_answers: bool = False,
     autocast: torch.dtype | None = None,
+    open_questions: int = 0,
 ) -> ViT:
     """Train a ViT (patch `vision.patch_size`, images at `vision`'s resize policy) as the image tower of a
     short-answer QA classifier on the data files' questions (see the module docstring); return it in eval mode.
@@ -217,13 +218,13 @@ def pretrain_vit_qa(
     `report`, if given, receives: losses (per step), seconds, questions, images, answers (classes), left_out (questions
     whose answer is too rare to be a class), held_out_accuracy and majority_share (on the held-out images'
     questions), held_out_predictions ((question, answer, predicted) each), skipped (the unreadable-image summary).
-    With `teacher_questions` > 0 it also receives teacher_questions: the trained classifier's own yes/no questions about
-    every image (`ask_questions`, answers given with at least `confidence`; with `even_answers` half of each wording's
-    kept answers are "yes"). `autocast`: the CPU autocast dtype of its forward passes (bfloat16 where the CPU has
+    With `teacher_questions` or `open_questions` > 0 it also receives teacher_questions: the trained classifier's own
+    yes/no and open questions about every image (`ask_questions`, answers given with at least `confidence`; with
+    `even_answers` half of each wording's kept yes/no answers are "yes"). `autocast`: the CPU autocast dtype of its forward passes (bfloat16 where the CPU has
     native bf16 matmuls: about 1.5× faster; None: float32); the weights stay float32."""
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
-    if teacher_questions and report is None:
+    if (teacher_questions or open_questions) and report is None:
         raise ValueError("teacher_questions are returned in `report`: pass a dict")
     listing = SkipReport()
     task = qa_task(data_root, sources, listing)
@@ -317,12 +318,15 @@ def pretrain_vit_qa(
     for faults in (listing, skipped):
         if faults.skipped:
             print(f"pretrain vit (qa): {faults.summary()}")
-    if report is not None and teacher_questions > 0:
+    if report is not None and (teacher_questions > 0 or open_questions > 0):
         asked = ask_questions(task, lambda chosen: batch_of(chosen, shift=False)[0], logits_of, teacher_questions,
-                              confidence, seed=seed, progress=progress, even=even_answers)
+                              confidence, seed=seed, progress=progress, even=even_answers,
+                              open_per_image=open_questions)
         report["teacher_questions"] = asked
-        print(f"pretrain vit (qa): asked {teacher_questions} yes/no questions of each image, kept {len(asked)} answers "
-              f"({sum(r['conversations'][1]['value'] == 'yes' for r in asked)} yes)")
+        answers = Counter(r["conversations"][1]["value"] for r in asked)
+        print(f"pretrain vit (qa): asked {teacher_questions} yes/no and {open_questions} open questions of each "
+              f"image, kept {len(asked)} answers ({answers['yes']} yes, {answers['no']} no, "
+              f"{len(asked) - answers['yes'] - answers['no']} open)")
     if report is not None:
         report.update(losses=losses, seconds=time.perf_counter() - started, dtype=str(autocast or torch.float32),
                       questions=task.questions,
@@ -334,57 +338,80 @@ def pretrain_vit_qa(
 
 
 def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence: float, seed: int = 0,
-                  progress: bool = False, even: bool = False) -> list[dict[str, Any]]:
-    """The trained classifier's own yes/no questions, as LLaVA records: each image of `task` is asked `per_image`
-    question texts drawn from the data's yes/no questions about other images (as often as the data asks each, none it
-    was asked already), and answered yes or no (the classifier's two logits). An answer is kept when its probability
-    is at least `confidence`; then, within each wording (`Wordings`), answers are dropped at random until "yes" has
-    the share it has in the data, so the wording predicts no more and no less than it did, and only the image tells
-    the kept answers apart. With `even`, until "yes" has half of each wording's: the wording then predicts none of them.
+                  progress: bool = False, even: bool = False, open_per_image: int = 0) -> list[dict[str, Any]]:
+    """The trained classifier's own questions, as LLaVA records: each image of `task` is asked `per_image` question
+    texts drawn from the data's yes/no questions about other images (as often as the data asks each, none it was
+    asked already), and answered yes or no (the classifier's two logits). An answer is kept when its probability is
+    at least `confidence`; then, within each wording (`Wordings`), answers are dropped at random until "yes" has the
+    share it has in the data, so the wording predicts no more and no less than it did, and only the image tells the
+    kept answers apart. With `even`, until "yes" has half of each wording's: the wording then predicts none of them.
+
+    With `open_per_image`, each image is also asked that many of the other images' open questions (short answers
+    other than yes/no), each answer kept when the classifier gives it at least `confidence` among all answers. An
+    open question presumes what it names ("What colour is the star?"): asked of an image without a star, the
+    classifier is seldom that sure, and such a question is not one a test asks.
 
     `pixels_of(image indices) -> list of (3, S, S)` (unreadable images left out) and `logits_of(pixels, pairs,
     owner)` are the pretraining's own."""
-    pool = [pair for pairs in task.by_image.values() for pair in pairs if yes_no_word(pair.answer)]
-    if not pool or not {"yes", "no"} <= set(task.answer_index):
-        return []  # no yes/no questions to ask, or the data never answers one of the two
-    yes_no_ids = [task.answer_index["yes"], task.answer_index["no"]]
-    wordings, counts = wording_answers([(pair.question, pair.answer) for pair in pool])
+    yes_no_pool = [pair for pairs in task.by_image.values() for pair in pairs if yes_no_word(pair.answer)]
+    if not {"yes", "no"} <= set(task.answer_index):
+        yes_no_pool = []  # the data never answers one of the two
+    open_pool = [pair for pairs in task.by_image.values() for pair in pairs if not yes_no_word(pair.answer)]
+    draws = [(pool, count) for pool, count in ((yes_no_pool, per_image), (open_pool, open_per_image)) if pool and count]
+    if not draws:
+        return []
+    wordings, counts = wording_answers([(pair.question, pair.answer) for pair in yes_no_pool])
     rng = random.Random(seed)
     kept: dict[str, list[tuple[str, int, str]]] = defaultdict(list)  # wording -> (question, image, answer)
+    kept_open: list[tuple[str, int, str]] = []
     indices = sorted(task.by_image)
     for start in tqdm(range(0, len(indices), 32), desc="teacher questions", disable=not progress):
         readable = [index for index in indices[start:start + 32] if pixels_of([index])]  # read once, cached
         asked: list[QAPair] = []
         owner: list[int] = []
+        yes_no: list[bool] = []  # per asked question: drawn from the yes/no ones
         for row, index in enumerate(readable):
             already = {_plain(pair.question) for pair in task.by_image[index]}  # asked first or in a later turn
-            new = 0
-            for _ in range(per_image * 20):  # draws repeat: a data set's yes/no texts are few
-                if new == per_image:
-                    break
-                question = pool[rng.randrange(len(pool))].question
-                if _plain(question) not in already:
-                    already.add(_plain(question))
-                    asked.append(QAPair(index, question, ""))
-                    owner.append(row)
-                    new += 1
+            for pool, count in draws:
+                drawn = _draw(pool, count, already, rng)
+                asked += [QAPair(index, question, "") for question in drawn]
+                owner += [row] * len(drawn)
+                yes_no += [pool is yes_no_pool] * len(drawn)
         if not asked:
             continue
         with torch.no_grad():
             logits = logits_of(pixels_of(readable), asked, torch.tensor(owner))  # (Q, answers)
-        p_yes = logits[:, yes_no_ids].softmax(-1)[:, 0]  # (Q,): a yes/no question is answered yes or no
-        for pair, p in zip(asked, p_yes.tolist()):
-            if max(p, 1 - p) >= confidence:
-                kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p >= 0.5 else "no"))
+        for pair, row_logits, is_yes_no in zip(asked, logits, yes_no):
+            if is_yes_no:  # answered yes or no: the two logits
+                p_yes = row_logits[[task.answer_index["yes"], task.answer_index["no"]]].softmax(-1)[0].item()
+                if max(p_yes, 1 - p_yes) >= confidence:
+                    kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p_yes >= 0.5 else "no"))
+            else:
+                p, answer = row_logits.softmax(-1).max(-1)
+                if p.item() >= confidence:
+                    kept_open.append((pair.question, pair.image, task.answers[answer.item()]))
+    answered = [a for wording, answers in kept.items()
+                for a in _in_proportion(answers, 0.5 if even else counts[wording]["yes"] / sum(counts[wording].values()),
+                                        rng)]
     records = []
-    for wording, answered in kept.items():
-        yes_share = 0.5 if even else counts[wording]["yes"] / sum(counts[wording].values())
-        answered = _in_proportion(answered, yes_share, rng)
-        for question, index, answer in answered:
-            text = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
-            records.append({"id": f"teacher_q{len(records)}", "image": task.images[index].key, "conversations": [
-                {"from": "human", "value": text}, {"from": "gpt", "value": answer}]})
+    for question, index, answer in answered + kept_open:
+        text = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
+        records.append({"id": f"teacher_q{len(records)}", "image": task.images[index].key, "conversations": [
+            {"from": "human", "value": text}, {"from": "gpt", "value": answer}]})
     return records
+
+
+def _draw(pool: list[QAPair], count: int, already: set[str], rng: random.Random) -> list[str]:
+    """Up to `count` question texts drawn from `pool` (as often as it holds each), none of `already` (updated)."""
+    drawn: list[str] = []
+    for _ in range(count * 20):  # draws repeat: a data set's question texts are few
+        if len(drawn) == count:
+            break
+        question = pool[rng.randrange(len(pool))].question
+        if _plain(question) not in already:
+            already.add(_plain(question))
+            drawn.append(question)
+    return drawn
 
 
 def _plain(question: str) -> str:
