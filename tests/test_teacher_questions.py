@@ -303,33 +303,43 @@ def test_open_questions_are_new_to_the_image_and_kept_when_the_teacher_is_sure()
 
 
 def write_colour_questions(root, n: int = 80, seed: int = 0):
-    """The squares again, each asked "What colour is the square?" (red or blue) or, on every fourth image, the other
-    wording; returns root."""
+    """The squares again, but every fourth image (i = 3 mod 4) has none: it is asked "Is the square red?" (no); the
+    others are asked their square's colour, in one wording on even i ("What colour is the square?"), in the other on
+    odd i.
+    Returns root."""
     write_square_questions(root, n, seed)
     records = []
     for index in range(n):
-        colour = "blue" if index % 3 == 0 else "red"
+        if index % 4 == 3:
+            Image.fromarray(np.random.default_rng(index).integers(0, 50, (32, 32, 3), dtype=np.uint8)).save(
+                root / f"images/{index}.png")
+            question, answer = RED, "no"
+        else:
+            question, answer = COLOUR if index % 2 == 0 else SHADE, "blue" if index % 3 == 0 else "red"
         records.append({"id": str(index), "image": f"images/{index}.png", "conversations": [
-            {"from": "human", "value": SHADE if index % 4 == 0 else COLOUR}, {"from": "gpt", "value": colour}]})
+            {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
     (root / "colours.json").write_text(json.dumps(records))
     return root
 
 
-def test_a_qa_teacher_answers_open_questions_right(tmp_path, capsys):
+def test_a_qa_teacher_answers_open_questions_right_and_not_those_about_what_is_absent(tmp_path, capsys):
+    """Asked of an image without a square, "What colour is the square?" has no answer; a teacher without the
+    "unanswerable" class gives one anyway (it kept all 20 such questions), this one keeps none of them."""
     root = write_colour_questions(tmp_path / "data")
     align, vision = squares_teacher()
-    align.teacher_questions, align.teacher_open_questions = 0, 1
+    align.teacher_questions, align.teacher_open_questions, align.teacher_steps = 0, 1, 400
     build_teacher(align, vision, root, tmp_path / "run", progress=False, sources=[("colours.json", None)])
     folder = tmp_path / "run" / "teacher"
     asked = json.loads((folder / TEACHER_QUESTIONS_FILE).read_text())
-    assert len(asked) >= 40
+    index = {record["id"]: int(record["image"].split("/")[1].split(".")[0]) for record in asked}
+    assert [record for record in asked if index[record["id"]] % 4 == 3] == []  # none about the blank images
+    assert len(asked) >= 30  # of the 60 with a square
     for record in asked:
         question, reply = (turn["value"] for turn in record["conversations"])
-        index = int(record["image"].split("/")[1].split(".")[0])
-        assert question == (COLOUR if index % 4 == 0 else SHADE)  # the wording not asked of it
-    right = sum(record["conversations"][1]["value"] == ("blue" if int(record["image"].split("/")[1].split(".")[0])
-                                                        % 3 == 0 else "red") for record in asked)
-    assert right / len(asked) >= 0.9
+        assert question == (SHADE if index[record["id"]] % 2 == 0 else COLOUR)  # the wording not asked of it
+        assert reply == ("blue" if index[record["id"]] % 3 == 0 else "red")
+    report = json.loads((folder / "pretrain_report.json").read_text())
+    assert 0.0 <= report["unanswerable_own"] <= 1.0 and 0.0 <= report["unanswerable_drawn"] <= 1.0
     made_with = json.loads((folder / TEACHER_SETTINGS_FILE).read_text())
     assert made_with["questions"] == {"per_image": 0, "confidence": 0.8, "open_per_image": 1}
     assert "asked 0 yes/no and 1 open questions of each image" in capsys.readouterr().out

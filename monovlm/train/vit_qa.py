@@ -18,6 +18,14 @@ LLaVA QA records and images; data with captions only has no short answers and is
 Batches are a few images with all of their questions (the ViT runs once per image). A held-out share of the images
 (at most 200) measures the head's exact-match accuracy at the end, beside the most frequent answer's share, so a
 teacher that learnt nothing shows it.
+
+A teacher that will ask open questions of other images (`open_questions`) also learns when one cannot be answered:
+an open question presumes what it names ("What colour is the star?"), and one drawn from another image's often names
+something this image lacks. Each batch adds, per image, one open question drawn from another image with the target
+"unanswerable" (an extra class). Such a draw is answerable by chance now and then, so the class also fires on some
+answerable questions, but on those the image's own questions (always answerable) outweigh it; where what the question
+names is absent, every target it ever saw was "unanswerable". The kept answers are those it gives surely and not as
+unanswerable.
 """
 
 from __future__ import annotations
@@ -52,6 +60,11 @@ MAX_ANSWER_WORDS = 3
 MAX_ANSWERS = 1000  # answer classes; rarer answers' questions are left out (counted)
 _WORD = re.compile(r"[a-z0-9']+")
 _PAD, _UNKNOWN = 0, 1
+
+# the loss weight of a drawn question's "unanswerable" target: one in a few draws is answerable by chance, and there
+# the image's own questions, at full weight, must still win; where the question names what is absent, the class is
+# the only target it ever sees, at any weight
+UNANSWERABLE_WEIGHT = 0.1
 
 
 def question_words(text: str) -> list[str]:
@@ -235,10 +248,16 @@ def pretrain_vit_qa(
     held_out, train_ids = image_ids[:held_count], image_ids[held_count:]
     vocabulary = QuestionVocabulary([pair.question for i in train_ids for pair in by_image[i]])
 
+    # open questions drawn from other images, targets "unanswerable" (the extra class `len(answers)`): a teacher that
+    # asks open questions learns which of them an image cannot answer (module docstring)
+    open_pool = [pair for i in train_ids for pair in by_image[i] if not yes_no_word(pair.answer)] \
+        if open_questions else []
+    unanswerable = len(answers)
+    draw_rng = random.Random(seed + 1)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
         vit = ViT(config, vision.patch_size)
-        head = QAHead(config.width, len(vocabulary), len(answers))
+        head = QAHead(config.width, len(vocabulary), len(answers) + bool(open_pool))
     parameters = [p for m in (vit, head) for p in m.parameters()]
     decay = [p for p in parameters if p.dim() >= 2]
     no_decay = [p for p in parameters if p.dim() < 2]
@@ -298,7 +317,14 @@ def pretrain_vit_qa(
         if not questions:
             raise ValueError(f"none of the {len(images)} images could be read:\n{skipped.summary()}")
         targets = task.targets(questions)
-        loss = F.cross_entropy(logits_of(pixels, questions, owner), targets)
+        if open_pool:
+            drawn, drawn_owner = other_images_questions(questions, owner, open_pool, draw_rng)
+            weights = torch.cat([torch.ones(len(questions)), torch.full((len(drawn),), UNANSWERABLE_WEIGHT)])
+            targets = torch.cat([targets, torch.full((len(drawn),), unanswerable)])
+            logits = logits_of(pixels, questions + drawn, torch.cat([owner, drawn_owner]))
+            loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / len(questions)
+        else:
+            loss = F.cross_entropy(logits_of(pixels, questions, owner), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -310,11 +336,16 @@ def pretrain_vit_qa(
     head.eval()
     predictions: list[tuple[str, str, str]] = []
     accuracy, majority = _held_out_accuracy(held_out, batch_of, logits_of, answers, predictions)
+    flagged = _flagged_unanswerable(held_out, batch_of, logits_of, open_pool, unanswerable,
+                                    random.Random(seed + 2)) if open_pool else None
     # one summary line, with or without progress bars: it says whether the teacher learnt anything
     by_type = held_out_by_type(predictions)
     print(f"pretrain vit (qa): {task.questions} questions about {len(image_ids)} images, {len(answers)} answers; "
           f"held-out accuracy {100 * accuracy:.1f}% (most frequent answer {100 * majority:.1f}%)"
           + "".join(f"; {kind} {100 * right / total:.1f}% of {total}" for kind, (right, total) in by_type.items()))
+    if flagged is not None:
+        print(f"pretrain vit (qa): called unanswerable {100 * flagged[0]:.1f}% of the held-out images' own open "
+              f"questions and {100 * flagged[1]:.1f}% of open questions drawn from other images")
     for faults in (listing, skipped):
         if faults.skipped:
             print(f"pretrain vit (qa): {faults.summary()}")
@@ -334,6 +365,8 @@ def pretrain_vit_qa(
                       held_out_accuracy=accuracy, majority_share=majority, held_out_predictions=predictions,
                       held_out_by_type=by_type, held_out_by_answer=held_out_by_answer(predictions),
                       skipped=skipped.summary())
+        if flagged is not None:
+            report["unanswerable_own"], report["unanswerable_drawn"] = flagged
     return vit
 
 
@@ -347,9 +380,9 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
     kept answers apart. With `even`, until "yes" has half of each wording's: the wording then predicts none of them.
 
     With `open_per_image`, each image is also asked that many of the other images' open questions (short answers
-    other than yes/no), each answer kept when the classifier gives it at least `confidence` among all answers. An
-    open question presumes what it names ("What colour is the star?"): asked of an image without a star, the
-    classifier is seldom that sure, and such a question is not one a test asks.
+    other than yes/no), each answer kept when the classifier gives it at least `confidence` among all answers, and
+    not when its most likely class is the one past the answers: "unanswerable" (the teacher of `open_questions`
+    learns it, see the module docstring), an open question that presumes what the image lacks.
 
     `pixels_of(image indices) -> list of (3, S, S)` (unreadable images left out) and `logits_of(pixels, pairs,
     owner)` are the pretraining's own."""
@@ -388,7 +421,7 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
                     kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p_yes >= 0.5 else "no"))
             else:
                 p, answer = row_logits.softmax(-1).max(-1)
-                if p.item() >= confidence:
+                if p.item() >= confidence and answer.item() < len(task.answers):  # not "unanswerable"
                     kept_open.append((pair.question, pair.image, task.answers[answer.item()]))
     answered = [a for wording, answers in kept.items()
                 for a in _in_proportion(answers, 0.5 if even else counts[wording]["yes"] / sum(counts[wording].values()),
@@ -454,6 +487,47 @@ def _tally(predictions: Sequence[tuple[str, str, str]], group) -> dict[str, tupl
     return counts
 
 
+def other_images_questions(questions: Sequence[QAPair], owner: torch.Tensor, pool: Sequence[QAPair],
+                           rng: random.Random) -> tuple[list[QAPair], torch.Tensor]:
+    """Per image of a batch (`owner` rows of `questions`), one open question from `pool` about another image and
+    not asked of this one (none where a few draws find none): (the questions, their rows)."""
+    asked: dict[int, set[str]] = defaultdict(set)
+    images: dict[int, int] = {}
+    for pair, row in zip(questions, owner.tolist()):
+        asked[row].add(_plain(pair.question))
+        images[row] = pair.image
+    drawn, rows = [], []
+    for row, image in images.items():
+        for _ in range(8):
+            pair = pool[rng.randrange(len(pool))]
+            if pair.image != image and _plain(pair.question) not in asked[row]:
+                drawn.append(QAPair(image, pair.question, ""))
+                rows.append(row)
+                break
+    return drawn, torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def _flagged_unanswerable(held_out: Sequence[int], batch_of, logits_of, pool: Sequence[QAPair], unanswerable: int,
+                          rng: random.Random) -> tuple[float, float]:
+    """The share of the held-out images' own open questions the head calls unanswerable, and of open questions drawn
+    from other images (some of which are answerable by chance)."""
+    own = own_flagged = drawn_total = drawn_flagged = 0
+    for start in range(0, len(held_out), 32):
+        pixels, questions, owner = batch_of(held_out[start:start + 32], shift=False)
+        if not questions:
+            continue
+        drawn, drawn_owner = other_images_questions(questions, owner, pool, rng)
+        predicted = logits_of(pixels, questions + drawn, torch.cat([owner, drawn_owner])).argmax(dim=-1)
+        is_open = torch.tensor([not yes_no_word(pair.answer) for pair in questions] + [False] * len(drawn))
+        flagged = predicted == unanswerable
+        own += int(is_open.sum())
+        own_flagged += int((flagged & is_open).sum())
+        drawn_total += len(drawn)
+        drawn_flagged += int(flagged[len(questions):].sum())
+    return own_flagged / max(own, 1), drawn_flagged / max(drawn_total, 1)
+
+
 @torch.no_grad()
 def _held_out_accuracy(held_out: Sequence[int], batch_of, logits_of, answers: Sequence[str],
                        predictions: list[tuple[str, str, str]]) -> tuple[float, float]:
@@ -464,7 +538,8 @@ def _held_out_accuracy(held_out: Sequence[int], batch_of, logits_of, answers: Se
         pixels, questions, owner = batch_of(held_out[start:start + 32], shift=False)
         if not questions:
             continue
-        predicted = logits_of(pixels, questions, owner).argmax(dim=-1).tolist()
+        logits = logits_of(pixels, questions, owner)[:, :len(answers)]  # each asks of its own image: answerable
+        predicted = logits.argmax(dim=-1).tolist()
         predictions += [(pair.question, pair.answer, answers[p]) for p, pair in zip(predicted, questions)]
         correct += sum(answers[p] == pair.answer for p, pair in zip(predicted, questions))
         majority += sum(pair.answer == answers[0] for pair in questions)
