@@ -21,6 +21,7 @@ from image_folder import COLOURS
 from tiny_vlm import small_tokenizer
 
 RED, BLUE = "<image>\nIs the square red?", "<image>\nIs the square blue?"
+COLOUR, SHADE = "<image>\nWhat colour is the square?", "<image>\nWhich colour does the square have?"
 
 
 def write_square_questions(root, n: int = 80, seed: int = 0):
@@ -195,7 +196,9 @@ def test_a_stage_reads_the_teachers_questions_with_each_images_own(squares, tmp_
     asked = [{"id": "t0", "image": "images/0.png", "conversations": [
         {"from": "human", "value": BLUE}, {"from": "gpt", "value": "no"}]},
         {"id": "t1", "image": "images/elsewhere.png", "conversations": [
-            {"from": "human", "value": RED}, {"from": "gpt", "value": "yes"}]}]
+            {"from": "human", "value": RED}, {"from": "gpt", "value": "yes"}]},
+        {"id": "t2", "image": "images/0.png", "conversations": [
+            {"from": "human", "value": COLOUR}, {"from": "gpt", "value": "red"}]}]
     path = tmp_path / TEACHER_QUESTIONS_FILE
     path.write_text(json.dumps(asked))
     processor = Processor(small_tokenizer(), VisionConfig(embedder="eve", patch_size=8, merge=1, max_pixels=32 * 32))
@@ -204,18 +207,25 @@ def test_a_stage_reads_the_teachers_questions_with_each_images_own(squares, tmp_
         stage = StageConfig(name="s", data="qa.json", group_by_image=True, **options)
         return stage_dataset(stage, processor, squares, teacher_questions=path).records
 
+    def pairs_of(records_, image="images/0.png"):
+        first = next(r for r in records_ if r["image"] == image)
+        values = [t["value"].replace("<image>\n", "") for t in first["conversations"]]
+        return sorted(zip(values[::2], values[1::2]))
+
+    red, blue, colour = ("Is the square red?", "no"), ("Is the square blue?", "no"), ("What colour is the square?", "red")
     with_teacher = records(teacher_questions=True)
-    first = next(r for r in with_teacher if r["image"] == "images/0.png")
-    values = [t["value"].replace("<image>\n", "") for t in first["conversations"]]
-    assert sorted(zip(values[::2], values[1::2])) == [("Is the square blue?", "no"), ("Is the square red?", "no")]
+    assert pairs_of(with_teacher) == [blue, red, colour]
     assert all(r["image"] != "images/elsewhere.png" for r in with_teacher)  # not an image of this file
     plain = records()
-    assert sum(len(r["conversations"]) for r in with_teacher) == sum(len(r["conversations"]) for r in plain) + 2
+    assert sum(len(r["conversations"]) for r in with_teacher) == sum(len(r["conversations"]) for r in plain) + 4
+    assert pairs_of(records(teacher_questions="yes/no")) == [blue, red]  # one kind of the teacher's questions
+    assert pairs_of(records(teacher_questions="open")) == [red, colour]
     assert records(yes_no="open") == []  # every question of the data here is yes/no: all left out
-    # in "open" the teacher's yes/no go too, unless its answers are even (then the wording predicts none of them):
-    # then only they are left, in their own records (one per image)
-    assert records(teacher_questions=True, yes_no="open") == []
-    even = stage_dataset(StageConfig(name="s", data="qa.json", group_by_image=True, teacher_questions=True,
+    # in "open" the teacher's open questions stay; its yes/no go too, unless its answers are even (then the wording
+    # predicts none of them); they are left in their own records (one per image)
+    assert [(r["image"], r["conversations"]) for r in records(teacher_questions=True, yes_no="open")] == [
+        ("images/0.png", asked[2]["conversations"])]
+    even = stage_dataset(StageConfig(name="s", data="qa.json", group_by_image=True, teacher_questions="yes/no",
                                      yes_no="open"), processor, squares, teacher_questions=path,
                          even_teacher_answers=True).records
     assert [(r["image"], r["conversations"]) for r in even] == [("images/0.png", asked[0]["conversations"])]
@@ -239,6 +249,10 @@ def test_recipe_errors_name_what_is_missing():
                             "align.teacher_yes_share=even"])
     # the teacher's open questions are what a stage without yes/no reads
     load_recipe("eve-vqa", ["align.teacher_open_questions=2", "stages.open.teacher_questions=true"])
+    with pytest.raises(ConfigError, match=r"\[.open.\].*teacher_yes_share = \"even\""):  # its yes/no only
+        load_recipe("eve-vqa", ["align.teacher_open_questions=2", "stages.open.teacher_questions=yes/no"])
+    with pytest.raises(ConfigError, match="teacher_questions='some'"):
+        load_recipe("eve-vqa", ["stages.instruct.teacher_questions=some"])
     with pytest.raises(ConfigError, match="teacher_open_questions=-1"):
         load_recipe("eve-vqa", ["align.teacher_open_questions=-1"])
     with pytest.raises(ConfigError, match="teacher_objective"):
@@ -255,8 +269,6 @@ def test_a_question_asked_in_a_later_turn_is_not_asked_again():
 
     assert ask_questions(task, pixels_of, logits_of, per_image=3, confidence=0.5) == []
 
-
-COLOUR, SHADE = "<image>\nWhat colour is the square?", "<image>\nWhich colour does the square have?"
 
 
 def test_open_questions_are_new_to_the_image_and_kept_when_the_teacher_is_sure():

@@ -37,7 +37,7 @@ from monovlm.data.collate import Batch, collate, collate_packed, length_grouped_
 from monovlm.data.datasets import LlavaDataset, MixedDataset, SkippedSample, SkipReport
 from monovlm.data.processor import ProcessedSample, Processor
 from monovlm.data.shards import ShardDataset
-from monovlm.data.yes_no import WordingBalance, without_yes_no, without_yes_no_turns, yes_no_singles
+from monovlm.data.yes_no import WordingBalance, without_yes_no, without_yes_no_turns, yes_no_singles, yes_no_word
 from monovlm.train.recipe import StageConfig
 
 
@@ -58,12 +58,17 @@ def stage_dataset(stage: StageConfig, processor: Processor, data_root: Path, see
     the files are read as they are and the yes/no replies' losses weighted per wording over all of them; with "open",
     without their yes/no questions (also those inside conversations). `stage.isolate_turns` applies to the files
     grouped by image. With `stage.teacher_questions`, each file's records come with the teacher's questions about
-    its images (`teacher_questions`: RUN/teacher/questions.json), before any of the above; with "open", its open
-    questions, and its yes/no ones only with `even_teacher_answers` ([align] teacher_yes_share = "even": the wording
-    predicts none of them), after the data's yes/no are out.
+    its images (`teacher_questions`: RUN/teacher/questions.json; `stage.teacher_questions` "yes/no" or "open": only
+    those), before any of the above; with "open", its open questions, and its yes/no ones only with
+    `even_teacher_answers` ([align] teacher_yes_share = "even": the wording predicts none of them), after the data's
+    yes/no are out.
     A data "file" that is a shard folder (`monovlm data shard`) is read the same way, its images from its tars."""
     image_root = Path(data_root) / stage.image_root if stage.image_root else None
     asked = read_teacher_questions(teacher_questions) if stage.teacher_questions else None
+    if stage.teacher_questions in ("yes/no", "open"):  # only that kind of the teacher's questions
+        wanted_yes_no = stage.teacher_questions == "yes/no"
+        asked = [record for record in asked
+                 if (yes_no_word(record["conversations"][1]["value"]) is not None) == wanted_yes_no]
 
     def open_data(file: str, **options) -> LlavaDataset | ShardDataset:
         options["isolate_turns"] = stage.isolate_turns and options.get("group_by_image", False)

@@ -34,6 +34,7 @@ PARTS = ("embedder", "encoder", "projector", "decoder", "experts", "align", "att
 
 
 LOSS_NORMS = ("token", "sample")
+TEACHER_QUESTION_KINDS = (False, True, "yes/no", "open")  # a stage's teacher_questions: none, all, or one kind
 
 
 @dataclass
@@ -99,8 +100,8 @@ class StageConfig:
     # also read the questions the "qa" teacher asked of this stage's images and answered itself ([align]
     # teacher_questions, teacher_open_questions; RUN/teacher/questions.json), merged with each image's own questions
     # as the data's are; with yes_no = "open", its open ones, and its yes/no ones with [align] teacher_yes_share =
-    # "even" (the wording then predicts none of them)
-    teacher_questions: bool = False
+    # "even" (the wording then predicts none of them). "yes/no" or "open": only those of the teacher's questions
+    teacher_questions: bool | str = False
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end of the stage)
     init_experts: bool = False  # copy language weights into the vision experts at the start of this stage
     # weight of the next-token loss: 0 makes a distillation-only stage (BREEN's pre-alignment, HoVLE's first stage),
@@ -123,6 +124,9 @@ class StageConfig:
         self.betas = tuple(self.betas)
         if self.yes_no not in YES_NO_MODES:
             raise ConfigError(f"stage {self.name!r}: yes_no={self.yes_no!r} is not one of {YES_NO_MODES}")
+        if self.teacher_questions not in TEACHER_QUESTION_KINDS:
+            raise ConfigError(f"stage {self.name!r}: teacher_questions={self.teacher_questions!r} is not one of "
+                              f"{TEACHER_QUESTION_KINDS}")
         if not 0.0 <= self.blind_check <= 1.0:
             raise ConfigError(f"stage {self.name!r}: blind_check={self.blind_check!r} must be a share between 0 and 1")
         unknown = [p for p in self.train if p not in PARTS]
@@ -414,8 +418,10 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: stage(s) {asking} read the teacher's questions "
                               "(teacher_questions = true) but [align] teacher_questions and teacher_open_questions are "
                               "0: set how many questions the teacher asks of each image")
-        open_asking = [stage.name for stage in self.stages if stage.teacher_questions and stage.yes_no == "open"]
-        if open_asking and self.align.teacher_yes_share != "even" and not self.align.teacher_open_questions:
+        open_asking = [stage.name for stage in self.stages if stage.teacher_questions in (True, "yes/no")
+                       and stage.yes_no == "open" and (stage.teacher_questions == "yes/no"
+                                                       or not self.align.teacher_open_questions)]
+        if open_asking and self.align.teacher_yes_share != "even":
             raise ConfigError(f"recipe {self.name!r}: stage(s) {open_asking} leave the yes/no questions out (yes_no = "
                               "\"open\") and would read only the teacher's yes/no ones, whose answers keep each "
                               "wording's prior: set [align] teacher_yes_share = \"even\", or teacher_open_questions")

@@ -233,8 +233,9 @@ def pretrain_vit_qa(
     questions), held_out_predictions ((question, answer, predicted) each), skipped (the unreadable-image summary).
     With `teacher_questions` or `open_questions` > 0 it also receives teacher_questions: the trained classifier's own
     yes/no and open questions about every image (`ask_questions`, answers given with at least `confidence`; with
-    `even_answers` half of each wording's kept yes/no answers are "yes"). `autocast`: the CPU autocast dtype of its forward passes (bfloat16 where the CPU has
-    native bf16 matmuls: about 1.5× faster; None: float32); the weights stay float32."""
+    `even_answers` half of each wording's kept yes/no answers are "yes"); with `open_questions`, unanswerable_own and
+    unanswerable_drawn (`_flagged_unanswerable`). `autocast`: the CPU autocast dtype of its forward passes (bfloat16
+    where the CPU has native bf16 matmuls: about 1.5× faster; None: float32); the weights stay float32."""
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
     if (teacher_questions or open_questions) and report is None:
@@ -423,9 +424,10 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
                 p, answer = row_logits.softmax(-1).max(-1)
                 if p.item() >= confidence and answer.item() < len(task.answers):  # not "unanswerable"
                     kept_open.append((pair.question, pair.image, task.answers[answer.item()]))
-    answered = [a for wording, answers in kept.items()
-                for a in _in_proportion(answers, 0.5 if even else counts[wording]["yes"] / sum(counts[wording].values()),
-                                        rng)]
+    answered = []
+    for wording, answers in kept.items():
+        yes_share = 0.5 if even else counts[wording]["yes"] / sum(counts[wording].values())
+        answered += _in_proportion(answers, yes_share, rng)
     records = []
     for question, index, answer in answered + kept_open:
         text = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
