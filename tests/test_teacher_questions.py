@@ -238,15 +238,17 @@ def test_recipe_errors_name_what_is_missing():
     with pytest.raises(ConfigError, match="teacher_objective"):
         load_recipe("eve", ["align.teacher_questions=4"])  # eve's teacher learns by masked patches
     with pytest.raises(ConfigError, match=r"\[align\] teacher_questions and teacher_open_questions are 0"):
-        load_recipe("eve-vqa", ["stages.instruct.teacher_questions=true", "align.teacher_questions=0"])
+        load_recipe("eve-vqa", ["stages.instruct.teacher_questions=true", "align.teacher_questions=0",
+                                "align.teacher_open_questions=0"])
     with pytest.raises(ConfigError, match="teacher_confidence"):
         load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_confidence=0"])
     with pytest.raises(ConfigError, match="teacher_yes_share"):
         load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_yes_share=balanced"])
     with pytest.raises(ConfigError, match=r"\[.open.\].*teacher_yes_share = \"even\""):
-        load_recipe("eve-vqa", ["align.teacher_questions=4", "stages.open.teacher_questions=true"])
-    load_recipe("eve-vqa", ["align.teacher_questions=4", "stages.open.teacher_questions=true",
-                            "align.teacher_yes_share=even"])
+        load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_open_questions=0",
+                                "stages.open.teacher_questions=true"])
+    load_recipe("eve-vqa", ["align.teacher_questions=4", "align.teacher_open_questions=0",
+                            "stages.open.teacher_questions=true", "align.teacher_yes_share=even"])
     # the teacher's open questions are what a stage without yes/no reads
     load_recipe("eve-vqa", ["align.teacher_open_questions=2", "stages.open.teacher_questions=true"])
     with pytest.raises(ConfigError, match=r"\[.open.\].*teacher_yes_share = \"even\""):  # its yes/no only
