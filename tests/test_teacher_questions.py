@@ -354,6 +354,7 @@ def test_a_qa_teacher_answers_open_questions_right_and_not_those_about_what_is_a
         assert reply == ("blue" if index[record["id"]] % 3 == 0 else "red")
     report = json.loads((folder / "pretrain_report.json").read_text())
     assert 0.0 <= report["unanswerable_own"] <= 1.0 and 0.0 <= report["unanswerable_drawn"] <= 1.0
+    assert report["answers"] == 3  # the answer classes (red, blue, no), not the kinds of reply it kept
     made_with = json.loads((folder / TEACHER_SETTINGS_FILE).read_text())
     assert made_with["questions"] == {"per_image": 0, "confidence": 0.8, "open_per_image": 1}
     assert "asked 0 yes/no and 1 open questions of each image" in capsys.readouterr().out

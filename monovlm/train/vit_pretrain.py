@@ -491,8 +491,8 @@ def pretrain_vit(
     """Pretrain a ViT with `objective` (see the module docstring): "mae" on the images that the LLaVA data files
     `sources` ((file, image root) pairs or file names, relative to `data_root`) name; "labels" on `data_root`'s
     synthetic scenes.json (its train split; `sources` is not read). `questions`, `open_questions`, `confidence`,
-    `even_answers`: "qa" only, the yes/no and open questions its classifier then asks of each image; `autocast`: "qa" only, its CPU autocast dtype
-    (see `pretrain_vit_qa`)."""
+    `even_answers`: "qa" only, the yes/no and open questions its classifier then asks of each image; `autocast`: "qa"
+    only, its CPU autocast dtype (see `pretrain_vit_qa`)."""
     if (questions or open_questions) and objective != "qa":
         raise ValueError(f"only the 'qa' objective's classifier answers questions; {objective!r} was asked to")
     if objective == "labels":

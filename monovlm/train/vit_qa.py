@@ -355,10 +355,10 @@ def pretrain_vit_qa(
                               confidence, seed=seed, progress=progress, even=even_answers,
                               open_per_image=open_questions)
         report["teacher_questions"] = asked
-        answers = Counter(r["conversations"][1]["value"] for r in asked)
+        replies = Counter(r["conversations"][1]["value"] for r in asked)
         print(f"pretrain vit (qa): asked {teacher_questions} yes/no and {open_questions} open questions of each "
-              f"image, kept {len(asked)} answers ({answers['yes']} yes, {answers['no']} no, "
-              f"{len(asked) - answers['yes'] - answers['no']} open)")
+              f"image, kept {len(asked)} answers ({replies['yes']} yes, {replies['no']} no, "
+              f"{len(asked) - replies['yes'] - replies['no']} open)")
     if report is not None:
         report.update(losses=losses, seconds=time.perf_counter() - started, dtype=str(autocast or torch.float32),
                       questions=task.questions,
