@@ -394,6 +394,7 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
     draws = [(pool, count) for pool, count in ((yes_no_pool, per_image), (open_pool, open_per_image)) if pool and count]
     if not draws:
         return []
+    yes_no_ids = [task.answer_index["yes"], task.answer_index["no"]] if yes_no_pool else []
     wordings, counts = wording_answers([(pair.question, pair.answer) for pair in yes_no_pool])
     rng = random.Random(seed)
     kept: dict[str, list[tuple[str, int, str]]] = defaultdict(list)  # wording -> (question, image, answer)
@@ -415,15 +416,15 @@ def ask_questions(task: QATask, pixels_of, logits_of, per_image: int, confidence
             continue
         with torch.no_grad():
             logits = logits_of(pixels_of(readable), asked, torch.tensor(owner))  # (Q, answers)
-        for pair, row_logits, is_yes_no in zip(asked, logits, yes_no):
-            if is_yes_no:  # answered yes or no: the two logits
-                p_yes = row_logits[[task.answer_index["yes"], task.answer_index["no"]]].softmax(-1)[0].item()
-                if max(p_yes, 1 - p_yes) >= confidence:
-                    kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p_yes >= 0.5 else "no"))
-            else:
-                p, answer = row_logits.softmax(-1).max(-1)
-                if p.item() >= confidence and answer.item() < len(task.answers):  # not "unanswerable"
-                    kept_open.append((pair.question, pair.image, task.answers[answer.item()]))
+        # (Q,) each: a yes/no question is answered yes or no (the two logits), an open one by the most likely class
+        p_yes = logits[:, yes_no_ids].softmax(-1)[:, 0].tolist() if yes_no_ids else [0.0] * len(asked)
+        p_best, best = (values.tolist() for values in logits.softmax(-1).max(-1))
+        for pair, is_yes_no, p, p_answer, answer in zip(asked, yes_no, p_yes, p_best, best):
+            if is_yes_no:
+                if max(p, 1 - p) >= confidence:
+                    kept[wordings(pair.question)].append((pair.question, pair.image, "yes" if p >= 0.5 else "no"))
+            elif p_answer >= confidence and answer < len(task.answers):  # not "unanswerable"
+                kept_open.append((pair.question, pair.image, task.answers[answer]))
     answered = []
     for wording, answers in kept.items():
         yes_share = 0.5 if even else counts[wording]["yes"] / sum(counts[wording].values())
