@@ -345,6 +345,8 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
         settings["stem"] = align.teacher_stem
     if align.teacher_stem_depth != 1:
         settings["stem_depth"] = align.teacher_stem_depth
+    if align.teacher_head != "film":
+        settings["head"] = align.teacher_head
     if align.asks_questions:
         settings["questions"] = {"per_image": align.teacher_questions, "confidence": align.teacher_confidence}
         if align.teacher_yes_share != "data":  # only when set: teachers that asked before the option still match
@@ -476,12 +478,16 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
                                    lr=align.teacher_lr, seed=0, report=report, progress=progress,
                                    questions=align.teacher_questions, confidence=align.teacher_confidence,
                                    even_answers=align.teacher_yes_share == "even", autocast=pretrain_dtype,
-                                   open_questions=align.teacher_open_questions)
+                                   open_questions=align.teacher_open_questions, head=align.teacher_head)
                 save_vit(vit, folder)
+                if align.teacher_head == "lookup":  # its attention maps are look supervision's targets
+                    from monovlm.train.vit_qa import save_qa_head
+
+                    save_qa_head(folder, *report["qa_head"])
                 if align.asks_questions:
                     (folder / TEACHER_QUESTIONS_FILE).write_text(json.dumps(report["teacher_questions"]))
                 (folder / "pretrain_report.json").write_text(json.dumps(
-                    {k: v for k, v in report.items() if k not in ("losses", "teacher_questions")}, indent=1))
+                    {k: v for k, v in report.items() if k not in ("losses", "teacher_questions", "qa_head")}, indent=1))
                 (folder / TEACHER_SETTINGS_FILE).write_text(json.dumps(made_with, indent=1) + "\n")
         if info is not None and info.enabled:
             import torch.distributed as dist

@@ -111,6 +111,11 @@ class StageConfig:
     # HoVLE: the weight of a loss (1 - cos) pulling each text token's state after the pre-buffer (the holistic
     # embedding, [model.decoder] pre_buffer_layers) towards its own input embedding, the vector the LLM reads for it
     text_distill: float = 0.0
+    # weight of look supervision (train/look.py): the answer position's attention over the image at decoder layer
+    # `look_layer` (None: the middle one) pulled towards where the "qa" teacher's lookup head looks for the same
+    # question. Needs isolate_turns and [align] teacher_head = "lookup"
+    look: float = 0.0
+    look_layer: int | None = None
     # V2PE's training: each micro-batch's visual tokens advance the position by a step drawn from this list (V2PE:
     # 1, 1/2, 1/4, ... 1/256), so the model serves any of them; the saved model keeps [model.decoder]
     # visual_position_step (`monovlm eval --visual-position-step` evaluates others)
@@ -158,6 +163,11 @@ class StageConfig:
                 type(pool) is int and pool >= 1 for pool in self.token_pools)):
             raise ConfigError(f"stage {self.name!r}: token_pools {self.token_pools!r} must be a non-empty list of "
                               "integers >= 1")
+        if self.look < 0:
+            raise ConfigError(f"stage {self.name!r}: look = {self.look} must be >= 0")
+        if self.look > 0 and self.isolate_turns is not True:
+            raise ConfigError(f"stage {self.name!r}: look = {self.look} reads each question's own turn: it needs "
+                              "group_by_image = true and isolate_turns = true")
         if self.lm_weight < 0 or self.text_distill < 0:
             raise ConfigError(f"stage {self.name!r}: lm_weight ({self.lm_weight}) and text_distill "
                               f"({self.text_distill}) must be >= 0")
@@ -202,6 +212,7 @@ class StageConfig:
 
 ALIGN_TARGETS = ("patches", "queries")
 TEACHER_YES_SHARES = ("data", "even")
+TEACHER_HEADS = ("film", "lookup")  # the "qa" teacher's classifier heads (train/vit_qa.py)
 
 
 @dataclass
@@ -210,6 +221,9 @@ class AlignConfig:
     # how the "vit" teacher is pretrained: "mae" (masked patch prediction on the images of the recipe's data files:
     # any data) or "labels" (the synthetic scenes' dense colour/shape/word labels: `monovlm data synth` data only)
     teacher_objective: str = "mae"
+    # the "qa" objective's classifier head: "film" (the question scales every patch feature, then a max-pool) or
+    # "lookup" (the question's query attends over the patches: features a decoder's attention can look up)
+    teacher_head: str = "film"
     teacher_steps: int = 300  # pretraining steps of the "vit" teacher
     teacher_lr: float = 2e-3
     teacher_width: int = 128
@@ -272,6 +286,12 @@ class AlignConfig:
             raise ConfigError(f"[align] teacher_questions={self.teacher_questions} and teacher_open_questions="
                               f"{self.teacher_open_questions} must be >= 0 and teacher_confidence="
                               f"{self.teacher_confidence} a probability in (0, 1]")
+        if self.teacher_head not in TEACHER_HEADS:
+            raise ConfigError(f"[align] teacher_head={self.teacher_head!r} is not one of {TEACHER_HEADS}")
+        if self.teacher_head != "film" and (self.teacher != "vit" or self.teacher_objective != "qa"):
+            raise ConfigError(f"[align] teacher_head={self.teacher_head!r} is the head of a \"vit\" teacher with "
+                              f"teacher_objective = \"qa\" (this one: teacher={self.teacher!r}, "
+                              f"teacher_objective={self.teacher_objective!r})")
         if self.teacher_yes_share not in TEACHER_YES_SHARES:
             raise ConfigError(f"[align] teacher_yes_share={self.teacher_yes_share!r} is not one of "
                               f"{TEACHER_YES_SHARES}")
@@ -425,6 +445,11 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: stage(s) {open_asking} leave the yes/no questions out (yes_no = "
                               "\"open\") and would read only the teacher's yes/no ones, whose answers keep each "
                               "wording's prior: set [align] teacher_yes_share = \"even\", or teacher_open_questions")
+        looking = [stage.name for stage in self.stages if stage.look > 0]
+        if looking and (self.align is None or self.align.teacher_head != "lookup"):
+            raise ConfigError(f"recipe {self.name!r}: stage(s) {looking} set look > 0, which reads where the \"qa\" "
+                              "teacher's lookup head looks: set [align] teacher = \"vit\", teacher_objective = "
+                              "\"qa\" and teacher_head = \"lookup\"")
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):  # overrides and resume checks address stages by name
             raise ConfigError(f"recipe {self.name!r}: stage names must be unique, got {names}")

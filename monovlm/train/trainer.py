@@ -142,15 +142,16 @@ class TrainModule(nn.Module):
     def forward(self, batch: Batch, teacher=None, align_layers=None,
                 token_weights: torch.Tensor | None = None, prior_power: float = 0.0,
                 text_distill: float = 0.0, visual_qa=None, visual_qa_weight: float = 0.0,
-                main: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                main: bool = True, look=None, look_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (summed cross-entropy over labelled tokens, each scaled by `token_weights` when given — and, with
         `prior_power` > 0, by PRIOR-style weights (`prior.py`) —, the auxiliary loss: align loss (or 0) plus, with
         `text_distill` > 0, that weight times HoVLE's text distillation after the pre-buffer, plus, with a
         `visual_qa` batch (`visual_qa.VisualQABatch`), `visual_qa_weight` times the visual QA head's loss on it).
-        `main=False` leaves the batch's own losses out (zeros; the decoder does not run): a visual-QA-only stage."""
+        `main=False` leaves the batch's own losses out (zeros; the decoder does not run): a visual-QA-only stage.
+        With `look` (`look.LookSupervision`), `look_weight` times the look loss joins the auxiliary loss."""
         if main:
             ce_sum, auxiliary = self.main_losses(batch, teacher, align_layers, token_weights, prior_power,
-                                                 text_distill)
+                                                 text_distill, look, look_weight)
         else:
             ce_sum = auxiliary = torch.zeros((), device=batch.input_ids.device)
         self.visual_qa_value = None
@@ -163,7 +164,8 @@ class TrainModule(nn.Module):
         return ce_sum, auxiliary
 
     def main_losses(self, batch: Batch, teacher, align_layers, token_weights: torch.Tensor | None,
-                    prior_power: float, text_distill: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    prior_power: float, text_distill: float, look=None,
+                    look_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's own losses: `forward`'s without visual QA."""
         model = self.model
         images = batch.images or None
@@ -177,11 +179,15 @@ class TrainModule(nn.Module):
         depths = list(align_layers) if use_align else []
         if text_distill > 0:
             depths.append(model.config.decoder.pre_buffer_layers)  # the output of the holistic embedding
-        if self.compiled_loss is not None and bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
-            ce_sum, states = self.compiled_forward(batch, token_weights, depths)
-        else:  # eager; also a micro-batch without labels (its zero loss would be one more graph to compile)
-            ce_sum, states = self.eager_forward(batch, token_weights, depths)
+        capture = look.capture(model) if look is not None else contextlib.nullcontext()
+        with capture as captured:
+            if self.compiled_loss is not None and look is None and bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
+                ce_sum, states = self.compiled_forward(batch, token_weights, depths)
+            else:  # eager; also a micro-batch without labels (its zero loss would be one more graph to compile)
+                ce_sum, states = self.eager_forward(batch, token_weights, depths)
         auxiliary = ce_sum.new_zeros(())
+        if look is not None:
+            auxiliary = auxiliary + look_weight * look.loss(model, batch, captured.args)
         if text_distill > 0:
             from monovlm.model.align import text_distillation_loss
 
@@ -345,6 +351,7 @@ class Trainer:
         self.run_dir = Path(options.run_dir)
         self.metrics_path = self.run_dir / run_folder.METRICS_FILE
         self.teacher = None
+        self.look = None  # the running stage's look supervision (train/look.py), if it sets look > 0
         self.align_layers = None
         self.visual_qa_data = None  # visual_qa.VisualQAData when a stage sets visual_qa
         self.device_peak = None  # FLOP/s of one device, measured on the main rank (the one that logs MFU)
@@ -593,6 +600,7 @@ class Trainer:
                     if num_workers else ""))
         flops_token = flops_per_token(model, stage.max_length // 2)
         teacher_param_count = teacher_params(self.teacher) if stage.align else 0
+        self.look = self.look_supervision(stage, model, tokenizer)
         bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name,
                    disable=not (options.progress and info.is_main), dynamic_ncols=True)
         for step in range(start_step, stage.steps):
@@ -703,7 +711,7 @@ class Trainer:
                 ce_sum, align = wrapped(batch, self.teacher if stage.align else None, self.align_layers, weights,
                                         stage.prior_power if stage.loss_weighting == "prior" else 0.0,
                                         stage.text_distill, None if qa_batch is None else qa_batch.to(info.device),
-                                        qa_weight, main)
+                                        qa_weight, main, look=self.look, look_weight=stage.look)
                 loss = (stage.lm_weight * ce_sum * info.world_size / max(global_units, 1.0)
                         + align / stage.grad_accum)
             if loss.requires_grad:  # not in a visual-QA-only micro-batch none of whose images could be read
@@ -720,6 +728,19 @@ class Trainer:
         align_mean = all_reduce_sum(align_total, info).item() / info.world_size
         qa_mean = all_reduce_sum(qa_total, info).item() / info.world_size
         return StepLosses(ce_mean, align_mean, seen_tokens, visual_tokens, qa_mean, qa_weight)
+
+    def look_supervision(self, stage: StageConfig, model: EncoderFreeVLM, tokenizer: Tokenizer):
+        """The stage's `look.LookSupervision` (None when its look weight is 0): the teacher's lookup head from
+        RUN/teacher, the student's attention at `look_layer` (default: the middle layer)."""
+        if stage.look <= 0:
+            return None
+        from monovlm.train.look import LookSupervision, TeacherLook
+
+        layers = model.config.decoder.num_layers
+        layer = stage.look_layer if stage.look_layer is not None else layers // 2
+        if not 0 <= layer < layers:
+            raise ConfigError(f"stage {stage.name!r}: look_layer = {layer} is not a layer of the {layers}-layer decoder")
+        return LookSupervision(TeacherLook(self.run_dir / "teacher", tokenizer, self.info.device), layer)
 
     @staticmethod
     def optimizer_step(module: TrainModule, optimizer: torch.optim.Optimizer, stage: StageConfig,

@@ -487,12 +487,13 @@ def pretrain_vit(
     even_answers: bool = False,
     autocast: torch.dtype | None = None,
     open_questions: int = 0,
+    head: str = "film",
 ) -> ViT:
     """Pretrain a ViT with `objective` (see the module docstring): "mae" on the images that the LLaVA data files
     `sources` ((file, image root) pairs or file names, relative to `data_root`) name; "labels" on `data_root`'s
     synthetic scenes.json (its train split; `sources` is not read). `questions`, `open_questions`, `confidence`,
     `even_answers`: "qa" only, the yes/no and open questions its classifier then asks of each image; `autocast`: "qa"
-    only, its CPU autocast dtype (see `pretrain_vit_qa`)."""
+    only, its CPU autocast dtype, and `head`, its classifier's head (see `pretrain_vit_qa`)."""
     if (questions or open_questions) and objective != "qa":
         raise ValueError(f"only the 'qa' objective's classifier answers questions; {objective!r} was asked to")
     if objective == "labels":
@@ -505,7 +506,8 @@ def pretrain_vit(
     if objective == "qa":
         return pretrain_vit_qa(data_root, sources, config, vision, steps, lr=lr, seed=seed, progress=progress,
                                report=report, teacher_questions=questions, confidence=confidence,
-                               even_answers=even_answers, autocast=autocast, open_questions=open_questions)
+                               even_answers=even_answers, autocast=autocast, open_questions=open_questions,
+                               head=head)
     listing = SkipReport()
     images = data_images(data_root, sources, listing)
     if progress and listing.skipped:

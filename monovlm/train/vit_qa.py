@@ -30,6 +30,7 @@ unanswerable.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -42,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -131,6 +133,82 @@ class QAHead(nn.Module):
         h = self.mix(F.gelu(patches * (1 + gamma[:, None]) + beta[:, None]))  # (Q, N, W)
         pooled = torch.cat([h.amax(dim=1), h.mean(dim=1), q], dim=-1)  # (Q, 2W + width)
         return self.out(pooled)
+
+
+class LookupQAHead(nn.Module):
+    """The same contract as `QAHead`, read the way a decoder reads visual tokens: the question's query attends over
+    the patches (`heads` heads, keys and values linear in the patch features), and the pooled values with q go
+    through an MLP. A teacher trained through it must make what a question names (a kind, a colour, both) findable by
+    a dot product at the patches where it is, and its attributes readable there by a linear map: the lookup the
+    student's decoder makes from its answer position over the aligned visual tokens. FiLM instead combines
+    question and patch nonlinearly at every patch before its max-pool, which no attention layer can copy."""
+
+    def __init__(self, feature_width: int, vocab: int, answers: int, width: int = 128, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.embed = nn.Embedding(vocab, width, padding_idx=_PAD)
+        self.gru = nn.GRU(width, width, batch_first=True)
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(feature_width, width)
+        self.value = nn.Linear(feature_width, width)
+        self.out = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, answers))
+
+    def question(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(Q, L), (Q,) -> the GRU's last state (Q, width)."""
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        return self.gru(packed)[1][0]
+
+    def weights(self, patches: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """patches (Q, N, W), q (Q, width) -> each head's attention over the patches (Q, H, N)."""
+        query = self.query(q).unflatten(-1, (self.heads, self.head_dim))  # (Q, H, d)
+        keys = self.key(patches).unflatten(-1, (self.heads, self.head_dim))  # (Q, N, H, d)
+        return (torch.einsum("qhd,qnhd->qhn", query, keys) * self.head_dim**-0.5).softmax(dim=-1)
+
+    def forward(self, patches: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        q = self.question(ids, lengths)  # (Q, width)
+        values = self.value(patches).unflatten(-1, (self.heads, self.head_dim))  # (Q, N, H, d)
+        pooled = torch.einsum("qhn,qnhd->qhd", self.weights(patches, q), values).flatten(1)  # (Q, width)
+        return self.out(torch.cat([pooled, q], dim=-1))
+
+    def look(self, patches: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Where the head looks for each question: its attention over the patches averaged over heads (Q, N)."""
+        return self.weights(patches, self.question(ids, lengths)).mean(dim=1)
+
+
+QA_HEADS = {"film": QAHead, "lookup": LookupQAHead}
+QA_HEAD_WEIGHTS, QA_HEAD_CONFIG = "qa_head.safetensors", "qa_head.json"
+
+
+def save_qa_head(folder: str | os.PathLike, head: nn.Module, vocabulary: "QuestionVocabulary") -> None:
+    """The trained classifier head and its question vocabulary beside the teacher's ViT (what look supervision reads:
+    `monovlm.train.look`)."""
+    folder = Path(folder)
+    kind = next(name for name, cls in QA_HEADS.items() if type(head) is cls)
+    config = {"kind": kind, "feature_width": head.key.in_features if kind == "lookup" else head.mix.in_features,
+              "vocab": head.embed.num_embeddings, "answers": head.out[-1].out_features,
+              "width": head.embed.embedding_dim, "words": vocabulary.index}
+    if kind == "lookup":
+        config["heads"] = head.heads
+    save_file({name: tensor.detach().contiguous() for name, tensor in head.state_dict().items()},
+              str(folder / QA_HEAD_WEIGHTS))
+    (folder / QA_HEAD_CONFIG).write_text(json.dumps(config))
+
+
+def load_qa_head(folder: str | os.PathLike) -> tuple[nn.Module, "QuestionVocabulary"]:
+    """(head in eval mode, its vocabulary) as `save_qa_head` wrote them; a clear error when the teacher has none."""
+    folder = Path(folder)
+    if not (folder / QA_HEAD_CONFIG).is_file():
+        raise FileNotFoundError(f"{folder} holds no {QA_HEAD_CONFIG}: the \"qa\" teacher saves its classifier head "
+                                "when it is pretrained with [align] teacher_head = \"lookup\"")
+    config = json.loads((folder / QA_HEAD_CONFIG).read_text())
+    options = {"heads": config["heads"]} if config["kind"] == "lookup" else {}
+    head = QA_HEADS[config["kind"]](config["feature_width"], config["vocab"], config["answers"], config["width"],
+                                    **options)
+    head.load_state_dict(load_file(str(folder / QA_HEAD_WEIGHTS)))
+    vocabulary = QuestionVocabulary([])
+    vocabulary.index = dict(config["words"])
+    return head.eval(), vocabulary
 
 
 class QuestionVocabulary:
@@ -223,6 +301,7 @@ def pretrain_vit_qa(
     even_answers: bool = False,
     autocast: torch.dtype | None = None,
     open_questions: int = 0,
+    head: str = "film",
 ) -> ViT:
     """Train a ViT (patch `vision.patch_size`, images at `vision`'s resize policy) as the image tower of a
     short-answer QA classifier on the data files' questions (see the module docstring); return it in eval mode.
@@ -235,7 +314,10 @@ def pretrain_vit_qa(
     yes/no and open questions about every image (`ask_questions`, answers given with at least `confidence`; with
     `even_answers` half of each wording's kept yes/no answers are "yes"); with `open_questions`, unanswerable_own and
     unanswerable_drawn (`_flagged_unanswerable`). `autocast`: the CPU autocast dtype of its forward passes (bfloat16
-    where the CPU has native bf16 matmuls: about 1.5× faster; None: float32); the weights stay float32."""
+    where the CPU has native bf16 matmuls: about 1.5× faster; None: float32); the weights stay float32. `head`: the
+    classifier's head, "film" (`QAHead`) or "lookup" (`LookupQAHead`)."""
+    if head not in QA_HEADS:
+        raise ValueError(f"teacher head {head!r} is not one of {tuple(QA_HEADS)}")
     if steps <= 0 or images_per_batch <= 0:
         raise ValueError(f"steps={steps} and images_per_batch={images_per_batch} must be positive")
     if (teacher_questions or open_questions) and report is None:
@@ -258,7 +340,7 @@ def pretrain_vit_qa(
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(seed)
         vit = ViT(config, vision.patch_size)
-        head = QAHead(config.width, len(vocabulary), len(answers) + bool(open_pool))
+        head = QA_HEADS[head](config.width, len(vocabulary), len(answers) + bool(open_pool))
     parameters = [p for m in (vit, head) for p in m.parameters()]
     decay = [p for p in parameters if p.dim() >= 2]
     no_decay = [p for p in parameters if p.dim() < 2]
@@ -360,6 +442,7 @@ def pretrain_vit_qa(
               f"image, kept {len(asked)} answers ({replies['yes']} yes, {replies['no']} no, "
               f"{len(asked) - replies['yes'] - replies['no']} open)")
     if report is not None:
+        report["qa_head"] = (head, vocabulary)  # `save_qa_head` writes them beside the ViT
         report.update(losses=losses, seconds=time.perf_counter() - started, dtype=str(autocast or torch.float32),
                       questions=task.questions,
                       images=len(image_ids), answers=len(answers), left_out=task.left_out,

@@ -1,0 +1,162 @@
+"""Look supervision: the answer position's attention over the image, taught by the teacher's own look.
+
+A decoder answers "What colour is the ring?" by attending from the answer position to the ring's visual tokens and
+reading their colour there. On short-answer VQA data the visual tokens hold the kinds and colours (a linear probe
+finds them at each shape), yet the answers name another shape's colour about half the time when the image holds two:
+the attention lands on the wrong shape (`benchmarks/answer_attention.py`). The next-token loss rewards the right look
+only through the answer, one token at the end of four layers.
+
+The "qa" teacher with the lookup head (`[align] teacher_head = "lookup"`, `vit_qa.LookupQAHead`) answers the same
+questions by the same kind of lookup: the question's query attends over its patch features. Its attention map for a
+question is where the answer is to be found. This loss asks the student's answer position, at one decoder layer
+(`look_layer`, the attention averaged over its heads, restricted to the image's grid tokens), to look where the
+teacher looks:
+
+    labelled turn k of an isolated-turn row (`isolate_turns`): its question's tokens, decoded -> the teacher's
+      vocabulary -> LookupQAHead.look(teacher features of the row's image) -> map (N,) over the teacher's grid
+    the student's attention at layer L from the position that predicts the answer's first token, over the row's
+      image grid tokens (softmax over them alone) -> (N,)
+    loss = KL(teacher map || student attention), averaged over the turns
+
+The teacher's grid must be the student's token grid (`teacher_patch_size` = the model's pixels per token). Rows
+without an image, or turns whose question has no word the teacher knows, are left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from monovlm.data.collate import Batch
+from monovlm.model.vit import load_vit
+from monovlm.train.vit_qa import load_qa_head
+
+ROLE_LINES = {"user", "assistant", "system", "human", "gpt"}  # chat-template role names between the turns' texts
+
+
+def labelled_turns(labels: torch.Tensor, turn_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, turn id, position of the turn's first labelled token) of each labelled turn (id > 0) of isolated-turn
+    rows; labels and turn_ids (B, T)."""
+    found = []
+    labelled = labels != -100
+    for row in range(labels.shape[0]):
+        seen: set[int] = set()
+        for position in labelled[row].nonzero()[:, 0].tolist():
+            turn = int(turn_ids[row, position])
+            if turn > 0 and turn not in seen:
+                seen.add(turn)
+                found.append((row, turn, position))
+    return found
+
+
+def question_text(tokenizer, ids: list[int]) -> str:
+    """The words of a turn's tokens before its answer: special tokens and role lines ("assistant") left out."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return " ".join(line for line in text.splitlines() if line.strip().lower() not in ROLE_LINES).strip()
+
+
+class TeacherLook:
+    """The teacher's attention maps for the questions of a training batch (module docstring)."""
+
+    def __init__(self, teacher_dir: str | Path, tokenizer, device: torch.device | str = "cpu"):
+        folder = Path(teacher_dir)
+        self.vit = load_vit(folder).to(device).eval()
+        self.head, self.vocabulary = load_qa_head(folder)
+        if not hasattr(self.head, "look"):
+            raise ValueError(f"the teacher in {folder} has a {type(self.head).__name__}, which has no attention map "
+                             "to look with: look supervision needs [align] teacher_head = \"lookup\"")
+        self.head.to(device).eval()
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def maps(self, batch: Batch, turns: list[tuple[int, int, int]], image_of_row: list[int]) -> torch.Tensor:
+        """(n, N) the teacher's map for each turn's question over its row's image (N = the teacher's grid cells)."""
+        features = torch.stack(self.vit.features(batch.images)).flatten(1, 2)  # (I, N, W)
+        questions = [question_text(self.tokenizer, batch.input_ids[row][
+            (batch.turn_ids[row] == turn) & (torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+                                             < position)].tolist()) for row, turn, position in turns]
+        ids, lengths = self.vocabulary.encode(questions)
+        owner = torch.tensor([image_of_row[row] for row, _, _ in turns], device=features.device)
+        return self.head.look(features[owner].float(), ids.to(features.device), lengths)
+
+
+def student_look(attention: nn.Module, captured: tuple, queries: torch.Tensor, rows: torch.Tensor,
+                 grid_positions: torch.Tensor) -> torch.Tensor:
+    """(n, N) log attention of each query position over its row's image grid tokens at one layer, averaged over the
+    heads. `captured`: that layer's attention inputs (x (B, T, C), LayerInputs) from its forward; queries (n,) the
+    positions, rows (n,) their rows; grid_positions (n, N) the positions of each row's grid tokens, row-major."""
+    x, inputs = captured[0], captured[1]
+    q, k, _ = attention.project_qkv(x, inputs.cos, inputs.sin, inputs.routing, inputs.hw)  # (B, H, T, D)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    query = q[rows, :, queries].float()  # (n, H, D)
+    keys = k[rows[:, None], :, grid_positions].float().repeat_interleave(heads // kv_heads, dim=2)  # (n, N, H, D)
+    scores = torch.einsum("nhd,nmhd->nhm", query, keys) * attention.head_dim**-0.5  # (n, H, N)
+    return scores.softmax(dim=-1).mean(dim=1).clamp_min(1e-8).log()  # (n, N)
+
+
+def look_loss(student_log: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student), averaged over the turns; both (n, N), the student's as log-probabilities."""
+    teacher = teacher / teacher.sum(dim=-1, keepdim=True)
+    return (teacher * (teacher.clamp_min(1e-8).log() - student_log)).sum(dim=-1).mean()
+
+
+class LookSupervision:
+    """The look loss of a training batch: `TeacherLook`'s maps against the student's attention at `layer`."""
+
+    def __init__(self, teacher: TeacherLook, layer: int):
+        self.teacher = teacher
+        self.layer = layer
+
+    def capture(self, model) -> "_Capture":
+        """A context that records the look layer's attention inputs during the model's forward."""
+        return _Capture(model.decoder.layers[self.layer].attn)
+
+    def loss(self, model, batch: Batch, captured: tuple) -> torch.Tensor:
+        """The batch's look loss (a zero when it has no labelled turn with an image)."""
+        zero = captured[0].new_zeros(()).float()
+        if batch.turn_ids is None or not batch.images:
+            return zero
+        layout = model.visual_layout(batch.input_ids, batch.images)
+        image_of_row, grids = [], []
+        for row in range(batch.input_ids.shape[0]):
+            patches = layout.patch_mask[row].nonzero()[:, 0]  # (N,) this row's grid tokens
+            if len(patches) == 0:
+                image_of_row.append(-1)
+                grids.append(None)
+                continue
+            image = int(layout.image_index[row, patches[0]])
+            cols = layout.grids[image][1]
+            order = (layout.grid_row[row, patches] * cols + layout.grid_col[row, patches]).argsort()
+            image_of_row.append(image)
+            grids.append(patches[order])
+        turns = [turn for turn in labelled_turns(batch.labels, batch.turn_ids) if grids[turn[0]] is not None]
+        if not turns:
+            return zero
+        teacher = self.teacher.maps(batch, turns, image_of_row)  # (n, N)
+        grid_positions = torch.stack([grids[row] for row, _, _ in turns])  # (n, N): one image size per batch
+        if grid_positions.shape[1] != teacher.shape[1]:
+            raise ValueError(f"look supervision: the teacher's grid has {teacher.shape[1]} cells and the student's "
+                             f"{grid_positions.shape[1]} tokens; set [align] teacher_patch_size to the model's pixels "
+                             "per token")
+        rows = torch.tensor([row for row, _, _ in turns], device=grid_positions.device)
+        queries = torch.tensor([position - 1 for _, _, position in turns], device=grid_positions.device)
+        attention = model.decoder.layers[self.layer].attn
+        return look_loss(student_look(attention, captured, queries, rows, grid_positions), teacher.to(zero.device))
+
+
+class _Capture:
+    def __init__(self, attention: nn.Module):
+        self.attention = attention
+        self.args: tuple | None = None
+
+    def __enter__(self) -> "_Capture":
+        self.handle = self.attention.register_forward_pre_hook(self._record)
+        return self
+
+    def _record(self, _module, args) -> None:
+        self.args = args
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
