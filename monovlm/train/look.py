@@ -33,22 +33,18 @@ from monovlm.data.collate import Batch
 from monovlm.model.vit import load_vit
 from monovlm.train.vit_qa import load_qa_head
 
+MAX_CACHED_QUESTIONS = 100_000
 ROLE_LINES = {"user", "assistant", "system", "human", "gpt"}  # chat-template role names between the turns' texts
 
 
 def labelled_turns(labels: torch.Tensor, turn_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     """(row, turn id, position of the turn's first labelled token) of each labelled turn (id > 0) of isolated-turn
-    rows; labels and turn_ids (B, T)."""
-    found = []
-    labelled = labels != -100
-    for row in range(labels.shape[0]):
-        seen: set[int] = set()
-        for position in labelled[row].nonzero()[:, 0].tolist():
-            turn = int(turn_ids[row, position])
-            if turn > 0 and turn not in seen:
-                seen.add(turn)
-                found.append((row, turn, position))
-    return found
+    rows, in row and position order; labels and turn_ids (B, T). A turn's reply is one run of labelled tokens."""
+    labelled = (labels != -100) & (turn_ids > 0)  # (B, T)
+    continues = torch.zeros_like(labelled)
+    continues[:, 1:] = labelled[:, :-1] & (turn_ids[:, 1:] == turn_ids[:, :-1])
+    rows, positions = (labelled & ~continues).nonzero(as_tuple=True)
+    return list(zip(rows.tolist(), turn_ids[rows, positions].tolist(), positions.tolist()))
 
 
 def question_text(tokenizer, ids: list[int]) -> str:
@@ -69,14 +65,23 @@ class TeacherLook:
                              "to look with: look supervision needs [align] teacher_head = \"lookup\"")
         self.head.to(device).eval()
         self.tokenizer = tokenizer
+        self.texts: dict[tuple[int, ...], str] = {}  # a question's tokens -> its words: data repeat their questions
+
+    def question(self, ids: list[int]) -> str:
+        key = tuple(ids)
+        if key not in self.texts:
+            if len(self.texts) >= MAX_CACHED_QUESTIONS:  # data of many distinct questions: start over
+                self.texts.clear()
+            self.texts[key] = question_text(self.tokenizer, ids)
+        return self.texts[key]
 
     @torch.no_grad()
     def maps(self, batch: Batch, turns: list[tuple[int, int, int]], image_of_row: list[int]) -> torch.Tensor:
         """(n, N) the teacher's map for each turn's question over its row's image (N = the teacher's grid cells)."""
         features = torch.stack(self.vit.features(batch.images)).flatten(1, 2)  # (I, N, W)
-        questions = [question_text(self.tokenizer, batch.input_ids[row][
-            (batch.turn_ids[row] == turn) & (torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
-                                             < position)].tolist()) for row, turn, position in turns]
+        before = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+        questions = [self.question(batch.input_ids[row][(batch.turn_ids[row] == turn) & (before < position)].tolist())
+                     for row, turn, position in turns]
         ids, lengths = self.vocabulary.encode(questions)
         owner = torch.tensor([image_of_row[row] for row, _, _ in turns], device=features.device)
         return self.head.look(features[owner].float(), ids.to(features.device), lengths)

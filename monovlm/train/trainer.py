@@ -96,15 +96,17 @@ class StepLosses:
     """One optimizer step's losses, averaged over all ranks, and what this rank read."""
 
     ce: float
-    align: float  # the auxiliary losses but visual QA's, weighted
+    align: float  # the auxiliary losses but visual QA's and look supervision's, weighted
     seen_tokens: int  # non-pad tokens of this rank's micro-batches
     visual_tokens: int  # image tokens among them
     visual_qa: float = 0.0  # the visual QA head's mean cross-entropy (unweighted; 0 when off)
     visual_qa_weight: float = 0.0
+    look: float = 0.0  # look supervision's mean KL (unweighted; 0 when off)
+    look_weight: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.ce + self.align + self.visual_qa_weight * self.visual_qa
+        return self.ce + self.align + self.visual_qa_weight * self.visual_qa + self.look_weight * self.look
 
 
 @dataclass
@@ -137,6 +139,7 @@ class TrainModule(nn.Module):
         self.visual_qa_head = visual_qa_head
         self.visual_qa_depth = visual_qa_depth  # where the head reads: 0 the embedder's tokens, d decoder block d
         self.visual_qa_value = None  # the last forward's visual QA cross-entropy, detached (for the log)
+        self.look_value = None  # the last forward's look loss, detached (for the log)
         self.compiled_loss = compiled_decoder_loss() if compile else None
 
     def forward(self, batch: Batch, teacher=None, align_layers=None,
@@ -149,6 +152,7 @@ class TrainModule(nn.Module):
         `visual_qa` batch (`visual_qa.VisualQABatch`), `visual_qa_weight` times the visual QA head's loss on it).
         `main=False` leaves the batch's own losses out (zeros; the decoder does not run): a visual-QA-only stage.
         With `look` (`look.LookSupervision`), `look_weight` times the look loss joins the auxiliary loss."""
+        self.look_value = None
         if main:
             ce_sum, auxiliary = self.main_losses(batch, teacher, align_layers, token_weights, prior_power,
                                                  text_distill, look, look_weight)
@@ -187,7 +191,9 @@ class TrainModule(nn.Module):
                 ce_sum, states = self.eager_forward(batch, token_weights, depths)
         auxiliary = ce_sum.new_zeros(())
         if look is not None:
-            auxiliary = auxiliary + look_weight * look.loss(model, batch, captured.args)
+            look_loss = look.loss(model, batch, captured.args)
+            self.look_value = look_loss.detach()
+            auxiliary = auxiliary + look_weight * look_loss
         if text_distill > 0:
             from monovlm.model.align import text_distillation_loss
 
@@ -622,6 +628,7 @@ class Trainer:
             record = {"stage": stage.name, "step": step + 1, "global_step": global_step, "loss": losses.total,
                       "ce": losses.ce, "align": losses.align, **({"visual_qa": losses.visual_qa}
                                                                   if stage.visual_qa else {}),
+                      **({"look": losses.look} if stage.look > 0 else {}),
                       "lr": stage.lr * factor, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "mfu": mfu, "flops": step_flops,
                       "skipped": stream.report.skipped, "elapsed_s": round(time.time() - self.started, 2)}
@@ -685,6 +692,7 @@ class Trainer:
         ce_total = torch.zeros((), device=info.device)
         align_total = torch.zeros((), device=info.device)
         qa_total = torch.zeros((), device=info.device)
+        look_total = torch.zeros((), device=info.device)
         qa_weight = self.recipe.visual_qa.weight if stage.visual_qa else 0.0
         qa_module = wrapped.module if hasattr(wrapped, "module") else wrapped  # DDP's wrapper holds it as .module
         main = stage.lm_weight > 0 or stage.align or stage.text_distill > 0  # else a visual-QA-only stage
@@ -721,13 +729,18 @@ class Trainer:
             if qa_value is not None:  # logged on its own, not inside "align"
                 qa_total += qa_value.float() / stage.grad_accum
                 align = align - qa_weight * qa_value
+            look_value = qa_module.look_value
+            if look_value is not None:  # logged on its own too
+                look_total += look_value.float() / stage.grad_accum
+                align = align - stage.look * look_value
             align_total += align.detach().float() / stage.grad_accum
         if stage.position_steps:
             model.set_visual_position_step(own_step)
         ce_mean = all_reduce_sum(ce_total, info).item() / max(global_units, 1.0)
         align_mean = all_reduce_sum(align_total, info).item() / info.world_size
         qa_mean = all_reduce_sum(qa_total, info).item() / info.world_size
-        return StepLosses(ce_mean, align_mean, seen_tokens, visual_tokens, qa_mean, qa_weight)
+        look_mean = all_reduce_sum(look_total, info).item() / info.world_size
+        return StepLosses(ce_mean, align_mean, seen_tokens, visual_tokens, qa_mean, qa_weight, look_mean, stage.look)
 
     def look_supervision(self, stage: StageConfig, model: EncoderFreeVLM, tokenizer: Tokenizer):
         """The stage's `look.LookSupervision` (None when its look weight is 0): the teacher's lookup head from
@@ -739,7 +752,8 @@ class Trainer:
         layers = model.config.decoder.num_layers
         layer = stage.look_layer if stage.look_layer is not None else layers // 2
         if not 0 <= layer < layers:
-            raise ConfigError(f"stage {stage.name!r}: look_layer = {layer} is not a layer of the {layers}-layer decoder")
+            raise ConfigError(f"stage {stage.name!r}: look_layer = {layer} is not a layer of the {layers}-layer "
+                              "decoder")
         return LookSupervision(TeacherLook(self.run_dir / "teacher", tokenizer, self.info.device), layer)
 
     @staticmethod
