@@ -11,7 +11,7 @@ from monovlm.config import ConfigError, EncoderConfig, ProcessorConfig
 from monovlm.data.collate import collate
 from monovlm.data.processor import Processor
 from monovlm.model.vit import ViT, save_vit
-from monovlm.train.look import (LookSupervision, TeacherLook, labelled_turns, look_loss, question_text,
+from monovlm.train.look import (LookSupervision, TeacherLook, labelled_turns, look_loss, on_grid, question_text,
                                 student_look)
 from monovlm.train.recipe import load_recipe
 from monovlm.train.vit_qa import LookupQAHead, QuestionVocabulary, load_qa_head, save_qa_head
@@ -137,6 +137,8 @@ def test_the_teachers_maps_are_its_heads_look_at_each_rows_question_and_image(tm
     batch = isolated_batch(tokenizer, model)
     turns = labelled_turns(batch.labels, batch.turn_ids)
     maps = TeacherLook(tmp_path, tokenizer).maps(batch, turns, [1, 0])  # row 0 reads image 1: the owner is used
+    assert [tuple(m.shape) for m in maps] == [(4, 4)] * 5
+    maps = torch.stack([m.flatten() for m in maps])
     with torch.no_grad():
         features = torch.stack(vit.eval().features(batch.images)).flatten(1, 2)  # (2, 16, 32)
         asked = questions + questions[1:]
@@ -146,14 +148,55 @@ def test_the_teachers_maps_are_its_heads_look_at_each_rows_question_and_image(tm
     assert not torch.allclose(maps[1], maps[3])  # the same question about the other image looks elsewhere
 
 
+def saved_teacher(folder, questions):
+    torch.manual_seed(0)
+    vit = ViT(EncoderConfig(width=32, depth=0, heads=4, stem="cnn"), 8)
+    vocabulary = QuestionVocabulary(questions)
+    save_vit(vit, folder)
+    save_qa_head(folder, LookupQAHead(feature_width=32, vocab=len(vocabulary), answers=4, width=32, heads=4),
+                 vocabulary)
+    return folder
+
+
+def test_images_of_different_sizes_in_one_batch_each_get_their_own_loss(tmp_path, tokenizer):
+    """A 32×32 and a 32×48 picture (4×4 and 4×6 grid tokens) in one batch: the batch's look loss is the turns' mean
+    of the loss each row gives alone."""
+    model, _ = build_vlm(tokenizer)
+    look = LookSupervision(TeacherLook(saved_teacher(tmp_path, [q for q, _ in PAIRS]), tokenizer), layer=1)
+    processor = Processor(tokenizer, model.config.vision, ProcessorConfig(template="chatml"))
+    rows = [processor.process(merged(), images=[picture(32, 32, 1)], isolate_turns=True),
+            processor.process(merged(PAIRS[1:]), images=[picture(32, 48, 2)], isolate_turns=True)]
+
+    def loss_of(batch):
+        with torch.no_grad(), look.capture(model) as captured:
+            model.hidden_states(batch.input_ids, batch.images, batch.attention_mask, turn_ids=batch.turn_ids)
+        return look.loss(model, batch, captured.args).item()
+
+    together = loss_of(collate(rows, pad_id=0))
+    alone = [loss_of(collate([row], pad_id=0)) for row in rows]
+    assert together == pytest.approx((3 * alone[0] + 2 * alone[1]) / 5, rel=1e-5)
+    assert alone[0] > 0 and alone[1] > 0
+
+
+def test_a_teacher_map_on_another_grid_is_resampled_to_the_students():
+    coarse = torch.tensor([[0.7, 0.1], [0.1, 0.1]])
+    fine = on_grid(coarse, 4, 4).view(4, 4)
+    assert fine.sum().item() == pytest.approx(1.0)
+    assert fine[:2, :2].sum() > 0.5 and fine[:2, :2].sum() > 3 * fine[2:, 2:].sum()
+    assert torch.equal(on_grid(coarse, 2, 2), coarse.flatten())
+
+
 def test_look_needs_isolated_turns_and_a_lookup_teacher():
-    load_recipe("eve-vqa", ["align.teacher_head=lookup", "stages.instruct.look=0.5"])
+    recipe = load_recipe("eve-vqa")  # it shows every answer where to look
+    assert recipe.align.teacher_head == "lookup" and all(stage.look > 0 for stage in recipe.stages)
     with pytest.raises(ConfigError, match="teacher_head"):
-        load_recipe("eve-vqa", ["stages.instruct.look=0.5"])
+        load_recipe("eve-vqa", ["align.teacher_head=film"])
+    load_recipe("eve-vqa", ["align.teacher_head=film", "stages.open.look=0", "stages.instruct.look=0"])
     with pytest.raises(ConfigError, match="isolate_turns"):
-        load_recipe("eve-vqa", ["align.teacher_head=lookup", "stages.instruct.look=0.5",
-                                "stages.instruct.isolate_turns=false"])
+        load_recipe("eve-vqa", ["stages.instruct.isolate_turns=false"])
     with pytest.raises(ConfigError, match="teacher_head"):
         load_recipe("eve-vqa", ["align.teacher_head=attention"])
     with pytest.raises(ConfigError, match="qa"):
-        load_recipe("eve-vqa", ["align.teacher_head=lookup", "align.teacher_objective=mae"])
+        load_recipe("eve-vqa", ["align.teacher_objective=mae"])
+    with pytest.raises(ConfigError, match="look"):
+        load_recipe("eve-vqa", ["stages.open.look=-1"])

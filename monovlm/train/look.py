@@ -18,8 +18,8 @@ teacher looks:
       image grid tokens (softmax over them alone) -> (N,)
     loss = KL(teacher map || student attention), averaged over the turns
 
-The teacher's grid must be the student's token grid (`teacher_patch_size` = the model's pixels per token). Rows
-without an image, or turns whose question has no word the teacher knows, are left out.
+The teacher's map is resampled to the student's token grid where the two differ (a `teacher_patch_size` that is not
+the model's pixels per token). Rows without an image are left out.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monovlm.data.collate import Batch
@@ -76,15 +77,38 @@ class TeacherLook:
         return self.texts[key]
 
     @torch.no_grad()
-    def maps(self, batch: Batch, turns: list[tuple[int, int, int]], image_of_row: list[int]) -> torch.Tensor:
-        """(n, N) the teacher's map for each turn's question over its row's image (N = the teacher's grid cells)."""
-        features = torch.stack(self.vit.features(batch.images)).flatten(1, 2)  # (I, N, W)
+    def maps(self, batch: Batch, turns: list[tuple[int, int, int]], image_of_row: list[int]) -> list[torch.Tensor]:
+        """The teacher's map for each turn's question over its row's image: (rows, cols) of the teacher's grid, which
+        sums to 1. Images of one grid size are asked together."""
+        grids = self.vit.features(batch.images)  # [(rows, cols, W)] one per image
         before = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
         questions = [self.question(batch.input_ids[row][(batch.turn_ids[row] == turn) & (before < position)].tolist())
                      for row, turn, position in turns]
-        ids, lengths = self.vocabulary.encode(questions)
-        owner = torch.tensor([image_of_row[row] for row, _, _ in turns], device=features.device)
-        return self.head.look(features[owner].float(), ids.to(features.device), lengths)
+        maps: list[torch.Tensor | None] = [None] * len(turns)
+        for shape, chosen in _grouped(turns, lambda row: tuple(grids[image_of_row[row]].shape[:2])).items():
+            features = torch.stack([grids[image_of_row[turns[i][0]]] for i in chosen]).flatten(1, 2)  # (n, N, W)
+            ids, lengths = self.vocabulary.encode([questions[i] for i in chosen])
+            looks = self.head.look(features.float(), ids.to(features.device), lengths)  # (n, N)
+            for i, look in zip(chosen, looks):
+                maps[i] = look.view(shape)
+        return maps
+
+
+def _grouped(turns: list[tuple[int, int, int]], key) -> dict:
+    """Indices of `turns` grouped by key(row)."""
+    groups: dict = {}
+    for index, (row, _, _) in enumerate(turns):
+        groups.setdefault(key(row), []).append(index)
+    return groups
+
+
+def on_grid(look: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A teacher map (r, c) on the student's token grid (rows·cols,), summing to 1: resampled when the grids differ
+    (a teacher patch that is not the model's pixels per token)."""
+    if look.shape != (rows, cols):
+        look = F.interpolate(look[None, None], size=(rows, cols), mode="bilinear", align_corners=False)[0, 0]
+    look = look.flatten().clamp_min(0)
+    return look / look.sum().clamp_min(1e-12)
 
 
 def student_look(attention: nn.Module, captured: tuple, queries: torch.Tensor, rows: torch.Tensor,
@@ -119,7 +143,7 @@ class LookSupervision:
         return _Capture(model.decoder.layers[self.layer].attn)
 
     def loss(self, model, batch: Batch, captured: tuple) -> torch.Tensor:
-        """The batch's look loss (a zero when it has no labelled turn with an image)."""
+        """The batch's look loss, averaged over its labelled turns (a zero when none has an image)."""
         zero = captured[0].new_zeros(()).float()
         if batch.turn_ids is None or not batch.images:
             return zero
@@ -139,16 +163,16 @@ class LookSupervision:
         turns = [turn for turn in labelled_turns(batch.labels, batch.turn_ids) if grids[turn[0]] is not None]
         if not turns:
             return zero
-        teacher = self.teacher.maps(batch, turns, image_of_row)  # (n, N)
-        grid_positions = torch.stack([grids[row] for row, _, _ in turns])  # (n, N): one image size per batch
-        if grid_positions.shape[1] != teacher.shape[1]:
-            raise ValueError(f"look supervision: the teacher's grid has {teacher.shape[1]} cells and the student's "
-                             f"{grid_positions.shape[1]} tokens; set [align] teacher_patch_size to the model's pixels "
-                             "per token")
-        rows = torch.tensor([row for row, _, _ in turns], device=grid_positions.device)
-        queries = torch.tensor([position - 1 for _, _, position in turns], device=grid_positions.device)
+        teacher = self.teacher.maps(batch, turns, image_of_row)
         attention = model.decoder.layers[self.layer].attn
-        return look_loss(student_look(attention, captured, queries, rows, grid_positions), teacher.to(zero.device))
+        total = zero
+        for shape, chosen in _grouped(turns, lambda row: layout.grids[image_of_row[row]]).items():
+            rows = torch.tensor([turns[i][0] for i in chosen], device=zero.device)
+            queries = torch.tensor([turns[i][2] - 1 for i in chosen], device=zero.device)  # predicts the answer
+            positions = torch.stack([grids[turns[i][0]] for i in chosen])  # (n, N) the images' grid tokens
+            target = torch.stack([on_grid(teacher[i], *shape) for i in chosen]).to(zero.device)  # (n, N)
+            total = total + look_loss(student_look(attention, captured, queries, rows, positions), target) * len(chosen)
+        return total / len(turns)
 
 
 class _Capture:
