@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monovlm.data.collate import Batch
+from monovlm.data.processor import IGNORE_INDEX
 from monovlm.model.vit import load_vit
 from monovlm.train.vit_qa import load_qa_head
 
@@ -41,7 +42,7 @@ ROLE_LINES = {"user", "assistant", "system", "human", "gpt"}  # chat-template ro
 def labelled_turns(labels: torch.Tensor, turn_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     """(row, turn id, position of the turn's first labelled token) of each labelled turn (id > 0) of isolated-turn
     rows, in row and position order; labels and turn_ids (B, T). A turn's reply is one run of labelled tokens."""
-    labelled = (labels != -100) & (turn_ids > 0)  # (B, T)
+    labelled = (labels != IGNORE_INDEX) & (turn_ids > 0)  # (B, T)
     continues = torch.zeros_like(labelled)
     continues[:, 1:] = labelled[:, :-1] & (turn_ids[:, 1:] == turn_ids[:, :-1])
     rows, positions = (labelled & ~continues).nonzero(as_tuple=True)
