@@ -12,8 +12,11 @@ recipe's data files whose answer has at most three words:
 
 The FiLM-then-max-pool head (as in FiLM, Perez et al. 2018) asks "is what the question names anywhere?", so the
 gradient reaches the patches where the object is, and their features must say its colour *and* kind. Only the ViT is
-kept (the head is discarded); its patch features become the align loss's targets. It needs nothing but the user's
-LLaVA QA records and images; data with captions only has no short answers and is refused with a pointer to "mae".
+kept (the FiLM head is discarded); its patch features become the align loss's targets. With `head = "lookup"` the
+head is an attention instead (`LookupQAHead`: the question's query attends over the patches, as a decoder reads
+them), saved beside the ViT (`save_qa_head`): where it looks for a question is look supervision's target
+(`monovlm.train.look`). It needs nothing but the user's LLaVA QA records and images; data with captions only has no
+short answers and is refused with a pointer to "mae".
 
 Batches are a few images with all of their questions (the ViT runs once per image). A held-out share of the images
 (at most 200) measures the head's exact-match accuracy at the end, beside the most frequent answer's share, so a
