@@ -399,9 +399,10 @@ def test_vit_teacher_is_reused_only_with_the_same_settings_and_data(tmp_path, mo
     from monovlm.model.teachers import build_teacher
     from monovlm.train import vit_pretrain
 
-    calls = []
+    calls, seeds = [], []
     original = vit_pretrain.pretrain_vit
-    monkeypatch.setattr(vit_pretrain, "pretrain_vit", lambda *a, **k: calls.append(k["steps"]) or original(*a, **k))
+    monkeypatch.setattr(vit_pretrain, "pretrain_vit",
+                        lambda *a, **k: calls.append(k["steps"]) or seeds.append(k["seed"]) or original(*a, **k))
     vision = VisionConfig(embedder="eve", patch_size=4, merge=2, max_pixels=32 * 32)
     synthesize(tmp_path / "data", n=12, seed=0, image_size=32, progress=False)
     align = AlignConfig(teacher="vit", teacher_width=16, teacher_depth=1, teacher_heads=2, teacher_stem="patch",
@@ -421,6 +422,9 @@ def test_vit_teacher_is_reused_only_with_the_same_settings_and_data(tmp_path, mo
     teacher = build_teacher(deeper, vision, tmp_path / "data", tmp_path / "run", progress=False)
     assert calls == [2, 3, 3, 3]  # another stem: pretrained again, and the saved ViT has it
     assert teacher.vit.config.stem == "conv" and teacher.vit.config.stem_depth == 2
+    build_teacher(dataclasses.replace(deeper, teacher_seed=1), vision, tmp_path / "data", tmp_path / "run",
+                  progress=False)
+    assert calls == [2, 3, 3, 3, 3] and seeds == [0, 0, 0, 0, 1]  # another teacher seed: pretrained again with it
 
 
 def test_whitened_teacher_has_unit_covariance_on_its_fit_images():

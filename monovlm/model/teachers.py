@@ -347,6 +347,8 @@ def _vit_teacher_settings(align, vision: VisionConfig, data_root, sources: Seque
         settings["stem_depth"] = align.teacher_stem_depth
     if align.teacher_head != "film":
         settings["head"] = align.teacher_head
+    if align.teacher_seed:
+        settings["seed"] = align.teacher_seed
     if align.asks_questions:
         settings["questions"] = {"per_image": align.teacher_questions, "confidence": align.teacher_confidence}
         if align.teacher_yes_share != "data":  # only when set: teachers that asked before the option still match
@@ -475,7 +477,7 @@ def build_teacher(align, vision: VisionConfig, data_root, run_dir, info=None, pr
                 report: dict = {}
                 vit = pretrain_vit(data_root, config, teacher_vision(vision, align.teacher_patch_size),
                                    steps=align.teacher_steps, objective=align.teacher_objective, sources=sources,
-                                   lr=align.teacher_lr, seed=0, report=report, progress=progress,
+                                   lr=align.teacher_lr, seed=align.teacher_seed, report=report, progress=progress,
                                    questions=align.teacher_questions, confidence=align.teacher_confidence,
                                    even_answers=align.teacher_yes_share == "even", autocast=pretrain_dtype,
                                    open_questions=align.teacher_open_questions, head=align.teacher_head)

@@ -226,6 +226,8 @@ class AlignConfig:
     teacher_head: str = "film"
     teacher_steps: int = 300  # pretraining steps of the "vit" teacher
     teacher_lr: float = 2e-3
+    teacher_seed: int = 0  # the "vit" teacher's init and data order; apart from the recipe's seed (one teacher serves
+    # runs of every seed), set to see how much the teacher's pretraining varies
     teacher_width: int = 128
     teacher_depth: int = 3  # transformer layers; 0 with teacher_stem = "cnn" (the CNN's features alone)
     teacher_heads: int = 4
