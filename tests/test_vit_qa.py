@@ -79,6 +79,13 @@ def test_qa_objective_through_pretrain_vit_and_its_errors(colour_qa, tmp_path):
                      progress=False)
     with pytest.raises(DatasetError, match="nothere.json"):
         pretrain_vit(colour_qa, TINY, VISION, steps=1, objective="qa", sources=["nothere.json"], progress=False)
+    linked = tmp_path / "linked"  # the images a link to another folder: every record skipped, and the error says so
+    linked.mkdir()
+    (linked / "images").symlink_to(colour_qa / "images")
+    (linked / "qa.json").write_text((colour_qa / "qa.json").read_text())
+    with pytest.raises(DatasetError, match=r"no usable question(.|\n)*image path escapes the root") as error:
+        pretrain_vit(linked, TINY, VISION, steps=1, objective="qa", sources=["qa.json"], progress=False)
+    assert "teacher_objective = 'mae'" not in str(error.value)
 
 
 def test_qa_vit_teacher_through_build_teacher(colour_qa, tmp_path):

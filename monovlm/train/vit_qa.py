@@ -260,6 +260,9 @@ def qa_task(data_root: str | os.PathLike, sources: Sequence[DataSource | str], r
     images, pairs = read_qa_pairs(data_root, sources, report)
     if not pairs:
         files = ", ".join(str(s if isinstance(s, str) else s[0]) for s in sources)
+        if report is not None and report.skipped:  # their records were unusable (e.g. every image path escapes)
+            raise DatasetError(f"{objective} found no usable question with a short answer in {files}:\n"
+                               f"{report.summary()}")
         raise DatasetError(f"{objective} learns from questions with short answers (at most {MAX_ANSWER_WORDS} "
                            f"words), and {files} have none: {fallback}")
     answers = [answer for answer, _ in Counter(pair.answer for pair in pairs).most_common(MAX_ANSWERS)]
