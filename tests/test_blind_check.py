@@ -34,6 +34,7 @@ def test_blind_gaps_flags_the_type_answered_as_with_a_blank_image():
     # paired noise: differences are 1 on 16 questions, 0 on 4 -> variance 0.8 - 0.64 = 0.16; 2 * sqrt(0.16 / 20)
     assert gaps["other"].noise == pytest.approx(2 * (0.16 / 20) ** 0.5)
     assert "<- at blind" in gaps["yes/no"].line() and "<- at blind" not in gaps["other"].line()
+    assert gaps["yes/no"].line(trained=False).endswith("(not trained in this stage)")
 
 
 def test_records_without_a_category_are_grouped_by_answer_type(tmp_path):
@@ -69,6 +70,20 @@ def test_the_trainer_compares_with_blind_on_training_questions_and_warns(tmp_pat
     assert [e["global_step"] for e in evals] == [2, 4]  # the blind check at half the stage, and the stage's end
     assert all(e["eval_on"] == "16 training questions of qa.json" and "yes/no" in e["blind"] for e in evals)
     assert out.count("WARNING: stage 'qa'") == 2 and "yes/no answered no better than with a blank image" in out
+
+
+def test_a_stage_without_yes_no_questions_is_not_warned_of_them(tmp_path, capsys):
+    from image_folder import write_colour_qa
+
+    data = write_colour_qa(tmp_path / "data", n=16, multi_turn=False)  # "What colour ...?" and "Is there a square?"
+    recipe = tiny_recipe()
+    recipe.stages[0].yes_no = "open"  # trains the colour questions only
+    train(TrainOptions(recipe=recipe, data_root=data, run_dir=tmp_path / "run", progress=False,
+                       measure_peak=False, dtype="float32", eval_data="instruct_test.json"))
+    out = capsys.readouterr().out
+    yes_no_lines = [line for line in out.splitlines() if line.strip().startswith("yes/no")]
+    assert len(yes_no_lines) == 2 and all(line.endswith("(not trained in this stage)") for line in yes_no_lines)
+    assert not any("yes/no" in line for line in out.splitlines() if line.startswith("WARNING"))
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,12 @@ class BlindGap:
         """The image raises the accuracy by more than noise (and by at least one point)."""
         return self.model - self.blind > max(self.noise, 0.01)
 
-    def line(self) -> str:
-        verdict = "" if self.looks else "  <- at blind: answers from the wording alone"
+    def line(self, trained: bool = True) -> str:
+        """One log line; `trained=False` for a type the stage does not train (no plateau to warn of)."""
+        if not trained:
+            verdict = "  (not trained in this stage)"
+        else:
+            verdict = "" if self.looks else "  <- at blind: answers from the wording alone"
         return (f"{self.group:<12} {self.questions:>5}  model {100 * self.model:5.1f}%  "
                 f"blind {100 * self.blind:5.1f}%  (±{100 * self.noise:.1f})  "
                 f"same answer as blind {100 * self.same_answers:5.1f}%{verdict}")

@@ -810,12 +810,11 @@ class Trainer:
                       "eval": scores.accuracy, "blind": blind.accuracy, "eval_on": source}
             result.evals.append(record)
             self.write_metrics(record)
-            self.log(f"eval @ step {global_step} on {source}:\n" + "\n".join("  " + gap.line() for gap in gaps))
             # a stage trained without yes/no questions (yes_no = "open") is not expected to answer them yet
             untrained = yes_no_groups(records) if stage.yes_no == "open" else set()
+            self.log(f"eval @ step {global_step} on {source}:\n"
+                     + "\n".join("  " + gap.line(trained=gap.group not in untrained) for gap in gaps))
             flat = [gap.group for gap in gaps if not gap.looks and gap.group not in untrained]
-            if untrained:
-                self.log(f"  ({', '.join(sorted(untrained))}: not trained in this stage, yes_no = \"open\")")
             if flat:
                 self.log(f"WARNING: stage {stage.name!r} at step {global_step}: {', '.join(flat)} answered no better "
                          "than with a blank image — the model answers them from the question's wording, not the "
